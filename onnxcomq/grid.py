@@ -1,0 +1,125 @@
+"""Quantization grids (docs: ../shared/docs/comq.md, "Quantizer grid").
+
+A grid is, per output row i, the values ``level * scale_i`` for integer levels ``lo_i <= level <= hi_i``, with
+``scale_i = lam * delta_i`` (delta from min-max or max-abs, lam the shrink factor). With lam = 1 (the official
+default) this is exactly the official code's ``bit_code`` table, so float64 codes can be compared bit for bit.
+
+In ONNX terms ``zero_point_i = -lo_i`` (asymmetric, unsigned codes ``level - lo_i`` in ``0 .. 2^b-1``) or ``0``
+(symmetric, signed codes ``level`` in ``-2^(b-1) .. 2^(b-1)-1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .backend import array_module
+
+SCHEMES = ("asym", "sym")
+GRANULARITIES = ("channel", "tensor")
+
+
+@dataclass
+class Grid:
+    """Per-row grid parameters; all arrays have shape (m,) and live in the solver's array module."""
+
+    scale: object  # float, > 0 (lam * delta)
+    lo: object  # float holding integers: lowest level
+    hi: object  # float holding integers: highest level
+    bits: int
+    scheme: str
+    granularity: str
+
+    @property
+    def levels(self) -> int:
+        return 1 << self.bits
+
+    def values(self, level):
+        """Grid values of integer levels (m, n): level * scale per row."""
+        return level * self.scale[:, None]
+
+    def nearest(self, t, rows=None):
+        """Nearest grid point of ``t`` per row; ties go to the lower level (the official ``torch.min`` rule).
+
+        ``t`` is (m,) (one value per row) or (m, k). Returns ``(value, level)`` with ``level`` a float array of
+        integers. The floor of t / scale is only a guess: the choice between its two neighbours compares the exact
+        grid values, so a guess that is off near an integer still lands on the nearest point.
+        """
+        xp = array_module(t)
+        scale, inv, lo, hi1 = self.scale, self._inv, self.lo, self._hi1
+        if t.ndim == 2:
+            scale, inv, lo, hi1 = scale[:, None], inv[:, None], lo[:, None], hi1[:, None]
+        k = xp.clip(xp.floor(t * inv), lo, hi1)
+        a = k * scale
+        k1 = k + 1
+        b = k1 * scale
+        take_b = xp.abs(t - b) < xp.abs(t - a)
+        return xp.where(take_b, b, a), xp.where(take_b, k1, k)
+
+    @property
+    def _inv(self):
+        return 1 / self.scale
+
+    @property
+    def _hi1(self):
+        return self.hi - 1
+
+    def zero_point(self):
+        """ONNX zero point per row: -lo for asym (unsigned codes), 0 for sym (signed codes)."""
+        xp = array_module(self.lo)
+        return -self.lo if self.scheme == "asym" else xp.zeros_like(self.lo)
+
+    def codes(self, level):
+        """Integer codes stored in the model for float ``level`` (m, n)."""
+        return level - self.lo[:, None] if self.scheme == "asym" else level
+
+
+def make_grid(W, bits: int, scheme: str = "asym", granularity: str = "channel", lam: float = 1.0,
+              zero_in_range: bool = True) -> Grid:
+    """Initial grid from the weights W (m, n).
+
+    asym/channel is the official min-max grid: delta_i = (max_i - min_i) / (2^b - 1), lo_i = round(min_i / delta_i).
+    With ``zero_in_range`` the range is widened to contain 0 (what ONNX zero points need: then 0 <= -lo <= 2^b-1);
+    the official code does not widen it. sym: delta_i = max_i |w| / (2^(b-1) - 1), levels -2^(b-1) .. 2^(b-1)-1.
+    tensor granularity: one delta for the layer from the average over rows (the paper's average-infinity-norm
+    initialization), broadcast to all rows.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    if not lam > 0:
+        raise ValueError(f"lambda (grid shrink factor) must be > 0, got {lam}")
+    xp = array_module(W)
+    m = W.shape[0]
+    nlev = 1 << bits
+    if scheme == "asym":
+        wmax = W.max(axis=1)
+        wmin = W.min(axis=1)
+        if zero_in_range:
+            wmax = xp.maximum(wmax, 0)
+            wmin = xp.minimum(wmin, 0)
+        span = wmax - wmin
+        absmax = xp.maximum(xp.abs(wmax), xp.abs(wmin))
+        if granularity == "tensor":
+            span = xp.full(m, span.mean(), dtype=W.dtype)
+            absmax = xp.full(m, absmax.mean(), dtype=W.dtype)
+            wmin = xp.full(m, wmin.mean(), dtype=W.dtype)
+        # constant rows (span 0): a step that still puts the constant on the grid; all-zero rows: any step.
+        delta = xp.where(span > 0, span, xp.where(absmax > 0, absmax, 1)) / (nlev - 1)
+        delta = delta.astype(W.dtype)
+        lo = xp.round(wmin / delta)
+        if zero_in_range:
+            lo = xp.minimum(xp.maximum(lo, -(nlev - 1)), 0)
+        hi = lo + (nlev - 1)
+    else:
+        qmax = (nlev >> 1) - 1
+        absmax = xp.abs(W).max(axis=1)
+        if granularity == "tensor":
+            absmax = xp.full(m, absmax.mean(), dtype=W.dtype)
+        delta = (xp.where(absmax > 0, absmax, 1) / qmax).astype(W.dtype)
+        lo = xp.full(m, -(nlev >> 1), dtype=W.dtype)
+        hi = xp.full(m, qmax, dtype=W.dtype)
+    return Grid(scale=(lam * delta).astype(W.dtype), lo=lo.astype(W.dtype), hi=hi.astype(W.dtype), bits=bits,
+                scheme=scheme, granularity=granularity)

@@ -1,0 +1,264 @@
+"""COMQ solver: closed-form coordinate descent on integer codes, plus scale updates (../shared/docs/comq.md).
+
+Pure functions over an array module ``xp`` (numpy or cupy): the same code runs on the CPU and on a GPU.
+
+Problem, per layer: minimize  ||X W^T - X Q^T||_F^2 = sum_i e_i^T G e_i  with G = X^T X, e_i = w_i - q_i.
+State: Q (m, n) and R = (W - Q) G (m, n). The coordinate update of (i, j) moves q_ij to the grid point nearest to
+t_ij = q_ij + R_ij / G_jj, and after a change q_old - q_new = d, R_i += d * G_j,: .
+
+Speed: the step loop is blocked like GPTQ's lazy batch updates (exact: the same codes in float64). For a block of B
+steps each row's B coordinates S_i are gathered with their sub-Gram G[S_i, S_i]; the steps inside the block only touch
+those; then the block's changes D (m, B) update all of R at once: one GEMM ``D @ G[S, :]`` for an order shared by all
+rows (cyclic), and a scatter + GEMM for per-row (greedy) orders.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .backend import array_module, get_xp, to_numpy
+from .grid import GRANULARITIES, SCHEMES, Grid, make_grid
+
+ORDERS = ("greedy", "cyclic")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How one layer is quantized. Defaults are the improved configuration; ``official()`` is the paper's code."""
+
+    bits: int = 4
+    granularity: str = "channel"  # channel | tensor
+    scheme: str = "asym"  # asym (min-max grid with zero point) | sym (zero point 0, TensorRT)
+    order: str = "greedy"  # greedy (per-row |W_ij| sqrt(G_jj) descending) | cyclic
+    sweeps: int = 3
+    scale_update: bool = True  # closed-form scale update after each sweep (paper)
+    lam: float = 1.0  # grid shrink factor ("scalar" in the official code)
+    zero_in_range: bool = True  # widen the asym min-max range to contain 0 (needed for ONNX zero points)
+    dtype: str = "float32"  # float32 | float64
+    block_size: int = 0  # steps per lazy block; 0 = choose from the shape
+
+    @classmethod
+    def official(cls, bits: int = 4, lam: float = 1.0, **kw) -> "SolverConfig":
+        """The official COMQ code's exact configuration: greedy, one sweep, asym per-channel min-max, no scale update."""
+        base = dict(bits=bits, granularity="channel", scheme="asym", order="greedy", sweeps=1, scale_update=False,
+                    lam=lam, zero_in_range=False)
+        base.update(kw)
+        return cls(**base)
+
+    def validate(self) -> "SolverConfig":
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be an integer in 2..8, got {self.bits!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if not isinstance(self.sweeps, int) or self.sweeps < 1:
+            raise ValueError(f"sweeps must be an integer >= 1, got {self.sweeps!r}")
+        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam > 0):
+            raise ValueError(f"lambda must be a finite number > 0, got {self.lam!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.block_size < 0:
+            raise ValueError(f"block_size must be >= 0, got {self.block_size}")
+        return self
+
+
+@dataclass
+class QuantResult:
+    """Result for one layer, as host (numpy) arrays.
+
+    ``qweight = scale[:, None] * (codes - zero_point[:, None])`` (exactly: level * scale, see grid.py).
+    """
+
+    codes: np.ndarray  # int32 (m, n): unsigned 0..2^b-1 (asym) or signed -2^(b-1)..2^(b-1)-1 (sym)
+    scale: np.ndarray  # (m,) float
+    zero_point: np.ndarray  # int32 (m,)
+    qweight: np.ndarray  # (m, n) dequantized weight, the solver's dtype
+    objective: float  # sum_i e_i^T G e_i of the final weights (float64 evaluation)
+    history: list = field(default_factory=list)  # objective after each sweep / scale update, in order
+    bits: int = 0
+    scheme: str = "asym"
+    granularity: str = "channel"
+
+
+def _check_inputs(xp, W, G):
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D (out_channels, fan_in), got shape {tuple(W.shape)}")
+    m, n = W.shape
+    if G.shape != (n, n):
+        raise ValueError(f"G must be ({n}, {n}) to match W of shape {tuple(W.shape)}, got {tuple(G.shape)}")
+    if m == 0 or n == 0:
+        raise ValueError(f"W is empty (shape {tuple(W.shape)})")
+    if not bool(xp.isfinite(W).all()):
+        raise ValueError("W contains NaN or Inf")
+    if not bool(xp.isfinite(G).all()):
+        raise ValueError("G (the layer's input Gram matrix X^T X) contains NaN or Inf: check the calibration data")
+
+
+def objective(W, Q, G) -> float:
+    """sum_i (w_i - q_i)^T G (w_i - q_i): the product in the arrays' dtype, the sum in float64."""
+    E = W - Q
+    return float(((E @ G) * E).sum(dtype="float64"))
+
+
+def greedy_order(W, g):
+    """Per-row order of coordinates, |W_ij| * sqrt(G_jj) descending (stable: ties keep column order)."""
+    xp = array_module(W)
+    score = xp.abs(W) * xp.sqrt(xp.maximum(g, 0))[None, :]
+    if xp is np:
+        return np.argsort(-score, axis=1, kind="stable")
+    return xp.argsort(-score, axis=1)  # cupy's argsort is stable (radix sort)
+
+
+def _prepare(W, G, cfg: SolverConfig, xp):
+    cfg = cfg.validate()
+    if xp is None:
+        xp = array_module(W) if array_module(G) is array_module(W) else np
+    dt = xp.float32 if cfg.dtype == "float32" else xp.float64
+    W = xp.asarray(W, dtype=dt)
+    G = xp.asarray(G, dtype=dt)
+    _check_inputs(xp, W, G)
+    return cfg, xp, W, G
+
+
+def _result(xp, W, G, grid: Grid, Q, level, history) -> QuantResult:
+    codes = grid.codes(level)
+    return QuantResult(
+        codes=to_numpy(codes).astype(np.int32),
+        scale=to_numpy(grid.scale).astype(W.dtype),
+        zero_point=to_numpy(grid.zero_point()).astype(np.int32),
+        qweight=to_numpy(Q),
+        objective=objective(W, Q, G),
+        history=history,
+        bits=grid.bits, scheme=grid.scheme, granularity=grid.granularity,
+    )
+
+
+def rtn_quantize(W, G, cfg: SolverConfig = SolverConfig(), xp=None) -> QuantResult:
+    """Round-to-nearest on the same initial grid as COMQ (the baseline every report compares against)."""
+    cfg, xp, W, G = _prepare(W, G, cfg, xp)
+    grid = make_grid(W, cfg.bits, cfg.scheme, cfg.granularity, cfg.lam, cfg.zero_in_range)
+    Q, level = grid.nearest(W)
+    return _result(xp, W, G, grid, Q, level, [objective(W, Q, G)])
+
+
+def _default_block(m: int, n: int, per_row: bool) -> int:
+    if per_row:
+        # the gathered sub-Grams are m * B * B; keep them around 16 M elements
+        return int(max(16, min(128, n, math.isqrt(max(1, (1 << 24) // max(m, 1))))))
+    return int(min(128, n))
+
+
+def _sweep(xp, W, Q, level, R, G, g, gsafe, grid: Grid, order, block: int, sub: int = 16):
+    """One exact pass over all coordinates in ``order`` ((n,) shared or (m, n) per row); updates Q, level, R.
+
+    Inside a block the arrays are held transposed, (B, m), so that each step reads and writes contiguous rows.
+    """
+    m, n = W.shape
+    per_row = order.ndim == 2
+    Qf, Lf, Wf, Rf = Q.reshape(-1), level.reshape(-1), W.reshape(-1), R.reshape(-1)
+    row_base = (xp.arange(m) * n)[None, :]
+    for t0 in range(0, n, block):
+        t1 = min(t0 + block, n)
+        B = t1 - t0
+        if per_row:
+            S = order[:, t0:t1].T  # (B, m): the coordinate of row i at step t0 + k
+            flat = row_base + S
+            Rb, Qb, Lb, Wb = Rf[flat], Qf[flat], Lf[flat], Wf[flat]
+            gb, gs = g[S], gsafe[S]
+            # Gs[k, l, i] = G[S[k, i], S[l, i]]
+            Gs = G.reshape(-1)[S[:, None, :] * n + S[None, :, :]]
+        else:
+            S = order[t0:t1]
+            Rb, Qb, Lb, Wb = (xp.ascontiguousarray(a[:, S].T) for a in (R, Q, level, W))
+            gb, gs = g[S][:, None], gsafe[S][:, None]
+            Gs = G[S][:, S][:, :, None]
+        Q0 = Qb.copy()
+        for a in range(0, B, sub):
+            e = min(a + sub, B)
+            for t in range(a, e):
+                target = xp.where(gb[t] > 0, Qb[t] + Rb[t] / gs[t], Wb[t])
+                q, lv = grid.nearest(target)
+                d = Qb[t] - q
+                Qb[t] = q
+                Lb[t] = lv
+                if t + 1 < e:
+                    Rb[t + 1:e] += Gs[t, t + 1:e] * d[None, :]
+            if e < B:
+                Dsub = Q0[a:e] - Qb[a:e]  # (s, m)
+                if per_row:
+                    Rb[e:] += xp.einsum("si,ski->ki", Dsub, Gs[a:e, e:])
+                else:
+                    Rb[e:] += Gs[e:, a:e, 0] @ Dsub
+        D = Q0 - Qb  # (B, m)
+        if per_row:
+            Qf[flat] = Qb
+            Lf[flat] = Lb
+            Dsp = xp.zeros_like(R)
+            Dsp.reshape(-1)[flat] = D
+            R += Dsp @ G
+        else:
+            Q[:, S] = Qb.T
+            level[:, S] = Lb.T
+            R += D.T @ G[S, :]
+
+
+def _scale_update(xp, W, level, G, grid: Grid):
+    """Closed-form best scale for fixed integer levels (per row, or one per layer); keeps the old one if not > 0.
+
+    q_i = scale_i * c_i with integer levels c_i, so scale_i = (c_i^T G w_i) / (c_i^T G c_i).
+    """
+    C = level
+    CG = C @ G
+    num = (CG * W).sum(axis=1)
+    den = (CG * C).sum(axis=1)
+    if grid.granularity == "tensor":
+        num = xp.full_like(num, num.sum())
+        den = xp.full_like(den, den.sum())
+    ok = (den > 0) & (num > 0)
+    new = xp.where(ok, num / xp.where(ok, den, 1), grid.scale)
+    grid.scale = new.astype(W.dtype)
+
+
+def comq_quantize(W, G, cfg: SolverConfig = SolverConfig(), xp=None) -> QuantResult:
+    """Quantize one layer's weight W (m, n) given its input Gram G = X^T X (n, n) with COMQ.
+
+    ``xp`` selects numpy or cupy (default: the module of W). Returns host arrays (``QuantResult``).
+    """
+    cfg, xp, W, G = _prepare(W, G, cfg, xp)
+    m, n = W.shape
+    grid = make_grid(W, cfg.bits, cfg.scheme, cfg.granularity, cfg.lam, cfg.zero_in_range)
+    g = xp.ascontiguousarray(xp.diagonal(G)).copy()
+    gsafe = xp.where(g > 0, g, 1)
+    Q = W.copy()  # the official start: Q = W, so R = (W - Q) G = 0
+    level = xp.zeros_like(W)
+    R = xp.zeros_like(W)
+    per_row = cfg.order == "greedy"
+    order = greedy_order(W, g) if per_row else xp.arange(n)
+    block = cfg.block_size or _default_block(m, n, per_row)
+    history = []
+    for _ in range(cfg.sweeps):
+        _sweep(xp, W, Q, level, R, G, g, gsafe, grid, order, block)
+        history.append(objective(W, Q, G))
+        if cfg.scale_update:
+            _scale_update(xp, W, level, G, grid)
+            Q = grid.values(level)
+            R = (W - Q) @ G
+            history.append(objective(W, Q, G))
+    return _result(xp, W, G, grid, Q, level, history)
+
+
+def quantize_layer(W, G, cfg: SolverConfig = SolverConfig(), device: str = "cpu"):
+    """COMQ and RTN of one layer on ``device`` ("cpu", "gpu", "auto"); returns (comq_result, rtn_result)."""
+    xp = get_xp(device)
+    Wd, Gd = xp.asarray(W), xp.asarray(G)
+    return comq_quantize(Wd, Gd, cfg, xp), rtn_quantize(Wd, Gd, cfg, xp)
+
+
+__all__ = ["SolverConfig", "QuantResult", "comq_quantize", "rtn_quantize", "objective", "greedy_order",
+           "quantize_layer", "replace"]

@@ -1,0 +1,246 @@
+"""Solver tests: exactness against the plain float64 step loop, monotonicity, COMQ <= RTN, grids, edge cases.
+
+Every case runs on NumPy; the same cases run on CuPy when a CUDA device is present (skipped otherwise).
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import reference as ref
+from onnxcomq.backend import gpu_available, to_numpy
+from onnxcomq.grid import make_grid
+from onnxcomq.solver import SolverConfig, comq_quantize, greedy_order, objective, rtn_quantize
+
+BACKENDS = ["numpy", pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not gpu_available(), reason="no CUDA device: GPU tests skipped")])]
+
+
+@pytest.fixture(params=BACKENDS)
+def xp(request):
+    if request.param == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
+def problem(m, n, seed, kind="random", N=None):
+    """(W, G) with G = X^T X from N calibration rows; 'correlated' has strongly correlated features."""
+    rng = np.random.default_rng(seed)
+    N = N or max(4 * n, 64)
+    if kind == "random":
+        X = rng.standard_normal((N, n))
+    else:  # low-rank structure + noise, uneven feature scales, a mean offset (like post-ReLU activations)
+        Z = rng.standard_normal((N, max(2, n // 4)))
+        X = Z @ rng.standard_normal((Z.shape[1], n)) + 0.1 * rng.standard_normal((N, n))
+        X = X * rng.uniform(0.2, 3.0, n) + rng.uniform(-1, 1, n)
+    W = rng.standard_normal((m, n)) * rng.uniform(0.5, 2.0, (m, 1))
+    return W, X.T @ X
+
+
+def run_reference(W, G, cfg: SolverConfig):
+    grid = make_grid(W, cfg.bits, cfg.scheme, cfg.granularity, cfg.lam, cfg.zero_in_range)
+    order = greedy_order(W, np.diag(G)) if cfg.order == "greedy" else np.arange(W.shape[1])
+    return ref.step_loop(W, G, grid.scale, grid.lo, grid.hi, order, sweeps=cfg.sweeps,
+                         scale_update=cfg.scale_update, per_tensor=cfg.granularity == "tensor")
+
+
+EXACT_CASES = [
+    # (m, n, order, sweeps, block_size)
+    (6, 13, "cyclic", 1, 0),
+    (9, 37, "greedy", 1, 16),
+    (5, 70, "greedy", 3, 16),
+    (7, 50, "cyclic", 3, 16),
+    (4, 33, "cyclic", 1, 8),
+    (11, 64, "greedy", 1, 0),
+    (3, 129, "greedy", 1, 32),
+]
+
+
+@pytest.mark.parametrize("m,n,order,sweeps,block", EXACT_CASES)
+@pytest.mark.parametrize("kind", ["random", "correlated"])
+def test_official_codes_equal_step_loop(xp, m, n, order, sweeps, block, kind):
+    W, G = problem(m, n, seed=m * 1000 + n, kind=kind)
+    cfg = SolverConfig.official(bits=3, order=order, sweeps=sweeps, dtype="float64", block_size=block)
+    got = comq_quantize(xp.asarray(W), xp.asarray(G), cfg)
+    Q, level, scale = run_reference(W, G, cfg)
+    np.testing.assert_array_equal(got.qweight, Q)
+    np.testing.assert_array_equal(got.codes, level - make_grid(W, 3, zero_in_range=False).lo[:, None])
+
+
+@pytest.mark.parametrize("scheme,granularity", [("asym", "channel"), ("sym", "channel"), ("asym", "tensor"),
+                                                ("sym", "tensor")])
+@pytest.mark.parametrize("order", ["greedy", "cyclic"])
+def test_improved_configs_equal_step_loop(xp, scheme, granularity, order):
+    """Sweeps + scale updates, every scheme and granularity, against the step loop with the same extras."""
+    W, G = problem(8, 45, seed=7, kind="correlated")
+    cfg = SolverConfig(bits=4, scheme=scheme, granularity=granularity, order=order, sweeps=3, scale_update=True,
+                       lam=1.0, dtype="float64", block_size=16)
+    got = comq_quantize(xp.asarray(W), xp.asarray(G), cfg)
+    Q, level, scale = run_reference(W, G, cfg)
+    # the scale update sums in another order than the reference: codes exact, values to rounding
+    grid = make_grid(W, 4, scheme, granularity)
+    np.testing.assert_array_equal(got.codes, grid.codes(level))
+    np.testing.assert_allclose(got.scale, scale, rtol=1e-12)
+    np.testing.assert_allclose(got.qweight, Q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("order", ["greedy", "cyclic"])
+@pytest.mark.parametrize("scale_update", [False, True])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_objective_never_increases(xp, order, scale_update, dtype):
+    W, G = problem(16, 60, seed=3, kind="correlated")
+    cfg = SolverConfig(bits=3, order=order, sweeps=4, scale_update=scale_update, dtype=dtype)
+    h = comq_quantize(xp.asarray(W), xp.asarray(G), cfg).history
+    assert len(h) == 4 * (2 if scale_update else 1)
+    tol = 1e-9 if dtype == "float64" else 1e-4
+    for before, after in zip(h, h[1:]):
+        assert after <= before * (1 + tol), h
+
+
+@pytest.mark.parametrize("kind", ["random", "correlated"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("official", [True, False])
+def test_comq_beats_rtn(xp, kind, bits, official):
+    W, G = problem(24, 48, seed=bits, kind=kind)
+    cfg = SolverConfig.official(bits=bits) if official else SolverConfig(bits=bits)
+    c = comq_quantize(xp.asarray(W), xp.asarray(G), cfg)
+    r = rtn_quantize(xp.asarray(W), xp.asarray(G), cfg)
+    assert c.objective <= r.objective
+    # RTN is the nearest grid point of every weight: check it against brute force
+    grid = make_grid(W.astype(np.float32), bits, cfg.scheme, cfg.granularity, cfg.lam, cfg.zero_in_range)
+    table, levels = ref.grid_table(grid.scale.astype(np.float64), grid.lo, grid.hi)
+    for i in range(W.shape[0]):
+        idx = np.abs(table[i][None, :] - W[i].astype(np.float32)[:, None]).argmin(axis=1)
+        np.testing.assert_allclose(r.qweight[i], table[i][idx], rtol=1e-6)
+
+
+def test_improved_beats_official_on_every_problem():
+    ratios = []
+    for seed in range(6):
+        for kind in ("random", "correlated"):
+            for bits in (2, 3, 4):
+                W, G = problem(20, 40, seed=seed, kind=kind)
+                off = comq_quantize(W, G, SolverConfig.official(bits=bits, dtype="float64"))
+                imp = comq_quantize(W, G, SolverConfig(bits=bits, dtype="float64"))
+                assert imp.objective < off.objective, (seed, kind, bits)
+                ratios.append(imp.objective / off.objective)
+    print(f"improved / official objective: mean {np.mean(ratios):.3f}, max {np.max(ratios):.3f}")
+    assert np.mean(ratios) < 0.95
+
+
+@pytest.mark.parametrize("scheme", ["asym", "sym"])
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_codes_in_grid_and_dequantize(xp, scheme, granularity, bits):
+    W, G = problem(10, 30, seed=bits, kind="correlated")
+    W[0] = np.abs(W[0]) + 1.0  # a row with one sign: the asym range must still hold 0
+    res = comq_quantize(xp.asarray(W), xp.asarray(G), SolverConfig(bits=bits, scheme=scheme,
+                                                                   granularity=granularity))
+    lo, hi = (0, (1 << bits) - 1) if scheme == "asym" else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+    assert res.codes.min() >= lo and res.codes.max() <= hi
+    assert res.zero_point.min() >= lo and res.zero_point.max() <= hi
+    if scheme == "sym":
+        assert (res.zero_point == 0).all()
+    if granularity == "tensor":
+        assert np.unique(res.scale).size == 1 and np.unique(res.zero_point).size == 1
+    assert (res.scale > 0).all()
+    deq = res.scale[:, None] * (res.codes - res.zero_point[:, None]).astype(np.float32)
+    np.testing.assert_allclose(deq, res.qweight, rtol=1e-6, atol=1e-7)
+
+
+def test_nearest_matches_bruteforce_with_ties():
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((50, 20))
+    grid = make_grid(W, 3, zero_in_range=False)
+    table, levels = ref.grid_table(grid.scale, grid.lo, grid.hi)
+    # random points, points outside the grid, exact grid points and exact midpoints (ties go to the lower level)
+    mid = (table[:, :-1] + table[:, 1:]) / 2
+    cols = [rng.uniform(table[:, 0] - 1, table[:, -1] + 1) for _ in range(30)]
+    cols += [table[:, k] for k in range(table.shape[1])] + [mid[:, k] for k in range(mid.shape[1])]
+    for t in cols:
+        q, lv = grid.nearest(t)
+        qb, lb = ref.nearest_bruteforce(table, levels, t)
+        np.testing.assert_array_equal(q, qb)
+        np.testing.assert_array_equal(lv, lb)
+
+
+def test_dead_inputs_constant_rows_zero_weights(xp):
+    W, G = problem(6, 20, seed=1)
+    G[:, [3, 7]] = 0
+    G[[3, 7], :] = 0  # dead input features
+    W[2] = 0.37  # constant row
+    W[4] = 0.0  # all-zero row
+    for cfg in (SolverConfig.official(bits=4, dtype="float64"), SolverConfig(bits=4, dtype="float64")):
+        res = comq_quantize(xp.asarray(W), xp.asarray(G), cfg)
+        assert np.isfinite(res.qweight).all() and np.isfinite(res.objective)
+        np.testing.assert_allclose(res.qweight[2], W[2], rtol=1e-12)
+        np.testing.assert_array_equal(res.qweight[4], 0.0)
+        rtn = rtn_quantize(W, G, cfg)
+        if not cfg.scale_update:  # a dead coordinate keeps the nearest grid point of its weight
+            np.testing.assert_array_equal(res.qweight[:, [3, 7]], rtn.qweight[:, [3, 7]])
+        assert res.objective <= rtn.objective
+    zero = comq_quantize(np.zeros((3, 5)), np.zeros((5, 5)), SolverConfig(bits=2))
+    assert (zero.qweight == 0).all() and zero.objective == 0
+
+
+@pytest.mark.parametrize("bad", ["nan_w", "inf_g", "shape", "ndim"])
+def test_bad_inputs_raise_clear_errors(bad):
+    W, G = problem(4, 6, seed=0)
+    if bad == "nan_w":
+        W[1, 2] = np.nan
+        match = "W contains NaN"
+    elif bad == "inf_g":
+        G[0, 0] = np.inf
+        match = "G .* contains NaN or Inf"
+    elif bad == "shape":
+        G = G[:5, :5]
+        match = r"G must be \(6, 6\)"
+    else:
+        W = W[None]
+        match = "W must be 2-D"
+    with pytest.raises(ValueError, match=match):
+        comq_quantize(W, G, SolverConfig())
+
+
+@pytest.mark.parametrize("field,value", [("bits", 1), ("bits", 9), ("order", "random"), ("sweeps", 0),
+                                         ("lam", 0.0), ("lam", float("nan")), ("scheme", "x"),
+                                         ("granularity", "row")])
+def test_bad_config_raises(field, value):
+    W, G = problem(4, 6, seed=0)
+    with pytest.raises(ValueError, match=field if field != "lam" else "lambda"):
+        comq_quantize(W, G, SolverConfig(**{field: value}))
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 6), n=st.integers(1, 40), bits=st.integers(2, 8), seed=st.integers(0, 10_000),
+       order=st.sampled_from(["greedy", "cyclic"]), block=st.sampled_from([0, 1, 5, 16]),
+       scheme=st.sampled_from(["asym", "sym"]))
+def test_property_blocked_equals_step_loop(m, n, bits, seed, order, block, scheme):
+    W, G = problem(m, n, seed=seed, kind="correlated", N=max(2, n // 2))  # also rank-deficient G
+    cfg = SolverConfig(bits=bits, order=order, sweeps=2, scale_update=True, scheme=scheme, dtype="float64",
+                       block_size=block)
+    got = comq_quantize(W, G, cfg)
+    Q, level, _ = run_reference(W, G, cfg)
+    np.testing.assert_array_equal(got.codes, make_grid(W, bits, scheme).codes(level))
+    np.testing.assert_allclose(got.qweight, Q, rtol=1e-12, atol=1e-14)
+    assert got.objective <= rtn_quantize(W, G, cfg).objective * (1 + 1e-12) + 1e-12
+
+
+def test_objective_helper_matches_definition():
+    W, G = problem(5, 9, seed=2)
+    Q = np.round(W)
+    X = np.linalg.cholesky(G + 1e-9 * np.eye(9)).T  # G = X^T X
+    direct = np.linalg.norm(X @ W.T - X @ Q.T) ** 2
+    assert objective(W, Q, G) == pytest.approx(direct, rel=1e-6)
+    assert objective(W, Q, G) == pytest.approx(ref.objective(W, Q, G), rel=1e-12)
+
+
+def test_float32_close_to_float64(xp):
+    W, G = problem(32, 64, seed=11, kind="correlated")
+    f64 = comq_quantize(xp.asarray(W), xp.asarray(G), SolverConfig(bits=4, dtype="float64"))
+    f32 = comq_quantize(xp.asarray(W), xp.asarray(G), SolverConfig(bits=4, dtype="float32"))
+    assert f32.qweight.dtype == np.float32
+    assert abs(f32.objective - f64.objective) <= 0.02 * f64.objective
+    assert (f32.codes == f64.codes).mean() > 0.97
+    assert to_numpy(xp.asarray(f32.qweight)).shape == W.shape
