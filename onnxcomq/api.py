@@ -1,0 +1,207 @@
+"""The pipeline: read graph -> capture statistics -> solve -> emit QDQ -> verify.
+
+    model = onnxcomq.quantize("model.onnx", "calib.npz", onnxcomq.QuantizeConfig(bits=4))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .backend import get_xp
+from .calib import Calibration, model_inputs
+from .capture import collect_stats
+from .emit import QuantizedWeight, emit_qdq
+from .errors import UserError
+from .graph import SUPPORTED_OPS, find_layers, load_weight
+from .modelio import prepare_model
+from .solver import SolverConfig, comq_quantize, objective, rtn_quantize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizeConfig:
+    """Everything that decides the output. ``official=True`` selects the official COMQ code's configuration
+    (greedy order, one sweep, asymmetric per-channel min-max grid, no scale update), whatever the other fields say."""
+
+    bits: int = 4
+    granularity: str = "channel"  # channel | tensor
+    scheme: str = "asym"  # asym | sym
+    order: str = "greedy"  # greedy | cyclic
+    sweeps: int = 3
+    scale_update: bool = True
+    lam: float = 1.0
+    method: str = "comq"  # comq | rtn (round-to-nearest baseline on the same grid)
+    official: bool = False
+    batch_size: int = 32
+    max_samples: int | None = None
+    device: str = "auto"  # auto | cpu | gpu
+    dtype: str = "float32"
+    op_types: tuple = SUPPORTED_OPS
+    exclude: tuple = ()
+
+    def solver_config(self) -> SolverConfig:
+        if self.official:
+            cfg = SolverConfig.official(bits=self.bits, lam=self.lam, dtype=self.dtype)
+        else:
+            cfg = SolverConfig(bits=self.bits, granularity=self.granularity, scheme=self.scheme, order=self.order,
+                               sweeps=self.sweeps, scale_update=self.scale_update, lam=self.lam, dtype=self.dtype)
+        try:
+            return cfg.validate()
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    def validate(self) -> "QuantizeConfig":
+        self.solver_config()
+        if self.method not in ("comq", "rtn"):
+            raise UserError(f"method must be comq or rtn, got {self.method!r}")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise UserError(f"device must be auto, cpu or gpu, got {self.device!r}")
+        return self
+
+
+@dataclass
+class LayerReport:
+    node: str
+    op_type: str
+    weight: str
+    shape: list
+    groups: int
+    bits: int
+    rows: int  # calibration rows of X
+    comq_error: float  # ||X (W - Q)^T||^2 / ||X W^T||^2 of the chosen weights
+    rtn_error: float  # the same for round-to-nearest on the same initial grid
+    seconds: float
+    fallback_rtn: bool = False  # COMQ did not beat RTN on this layer, RTN was kept
+    consumers: list = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    layers: list
+    skipped: list
+    config: dict
+    samples: int
+    capture_seconds: float
+    solve_seconds: float
+    total_seconds: float = 0.0
+    float_bytes: int = 0
+    quant_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _rel(num: float, den: float) -> float:
+    return float(num / den) if den > 0 else 0.0
+
+
+def run(model_or_path, calibration, config: QuantizeConfig | None = None, progress: bool = False):
+    """Quantize and return ``(quantized ModelProto, Report)``."""
+    config = (config or QuantizeConfig()).validate()
+    t_start = time.perf_counter()
+    model = prepare_model(model_or_path)
+    layers, skipped = find_layers(model, op_types=tuple(config.op_types), exclude=tuple(config.exclude))
+    if not layers:
+        why = "; ".join(f"{s.node}: {s.reason}" for s in skipped[:5]) or "it has no Conv, Gemm or MatMul node"
+        raise UserError(f"no quantizable layer found ({why})")
+    calib = calibration if isinstance(calibration, Calibration) else Calibration(
+        calibration, model_inputs(model), batch_size=config.batch_size, max_samples=config.max_samples)
+
+    specs = {}
+    for layer in layers:
+        for _, spec in layer.consumers:
+            specs[spec] = layer.groups
+    bar = _bar(progress, total=calib.num_samples, desc="capture", unit="sample")
+    t0 = time.perf_counter()
+    try:
+        stats, samples = collect_stats(model, specs, calib, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    t_capture = time.perf_counter() - t0
+
+    scfg = config.solver_config()
+    xp = get_xp(config.device)
+    qweights, reports = [], []
+    t0 = time.perf_counter()
+    bar = _bar(progress, total=len(layers), desc="solve", unit="layer")
+    for layer in layers:
+        tl = time.perf_counter()
+        w = load_weight(model, layer.weight)
+        mats = layer.to_matrices(w)
+        grams = [sum(stats[spec].G[k] for _, spec in layer.consumers) for k in range(layer.groups)]
+        rows = sum(stats[spec].rows for _, spec in layer.consumers)
+        codes, deq, scales, zps = [], [], [], []
+        num_c = num_r = den = 0.0
+        fallback = False
+        for k, (Wk, Gk) in enumerate(zip(mats, grams)):
+            Wd = xp.asarray(Wk.astype(np.float64 if scfg.dtype == "float64" else np.float32))
+            Gd = xp.asarray(Gk.astype(Wd.dtype))
+            rtn = rtn_quantize(Wd, Gd, scfg, xp)
+            res = rtn if config.method == "rtn" else comq_quantize(Wd, Gd, scfg, xp)
+            G64 = Gk
+            o_r = objective(Wk.astype(np.float64), rtn.qweight.astype(np.float64), G64)
+            o_c = objective(Wk.astype(np.float64), res.qweight.astype(np.float64), G64)
+            if o_c > o_r:  # COMQ is a descent from Q = W, not from RTN: never ship something worse than RTN
+                res, o_c, fallback = rtn, o_r, True
+            num_c += o_c
+            num_r += o_r
+            den += objective(Wk.astype(np.float64), np.zeros_like(Wk, np.float64), G64)
+            codes.append(res.codes)
+            deq.append(res.qweight)
+            scales.append(res.scale)
+            zps.append(res.zero_point)
+        scale = np.concatenate(scales)
+        zp = np.concatenate(zps)
+        if scfg.granularity == "tensor":
+            if np.unique(scale).size > 1 or np.unique(zp).size > 1:
+                raise UserError(f"{layer.node}: per-tensor granularity with {layer.groups} conv groups is not "
+                                "supported (each group gets its own scale); use --granularity channel")
+            scale, zp = scale[:1].reshape(()), zp[:1].reshape(())
+        qweights.append(QuantizedWeight(layer.weight, layer.from_matrices(codes), scale, zp, layer.axis,
+                                        scfg.bits, signed=scfg.scheme == "sym"))
+        reports.append(LayerReport(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), layer.groups,
+                                   scfg.bits, rows, _rel(num_c, den), _rel(num_r, den),
+                                   time.perf_counter() - tl, fallback, [c for c, _ in layer.consumers]))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    t_solve = time.perf_counter() - t0
+
+    meta = {"method": config.method, "bits": scfg.bits, "granularity": scfg.granularity, "scheme": scfg.scheme,
+            "order": scfg.order, "sweeps": scfg.sweeps, "scale_update": scfg.scale_update, "lambda": scfg.lam,
+            "official": config.official, "calibration_samples": samples}
+    out = emit_qdq(model, qweights, meta)
+    report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)
+    report.total_seconds = time.perf_counter() - t_start
+    report.float_bytes = model.ByteSize()
+    report.quant_bytes = out.ByteSize()
+    return out, report
+
+
+def quantize(model_or_path, calibration, config: QuantizeConfig | None = None) -> onnx.ModelProto:
+    """Quantize a float ONNX model (path or ModelProto) with COMQ; returns the QDQ ModelProto.
+
+    ``calibration``: an .npz path (keys = input names), a folder of .npy/.npz, a dict of arrays, an iterable of
+    feed dicts, an onnxruntime CalibrationDataReader, or "random" (smoke tests only).
+    """
+    return run(model_or_path, calibration, config)[0]
+
+
+def _bar(enabled: bool, **kw):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(leave=False, dynamic_ncols=True, **kw)
+
+
+__all__ = ["QuantizeConfig", "Report", "LayerReport", "quantize", "run"]

@@ -1,0 +1,176 @@
+"""Stage 2: stream calibration batches through onnxruntime and accumulate each layer's Gram matrix G = X^T X.
+
+One pass: the layers' input tensors are added as extra graph outputs, every batch is run once, and each captured
+tensor is turned into X chunk by chunk (conv: im2col with the conv's own stride/pads/dilations, per group; MatMul and
+Gemm: leading dims flattened) and folded into G in float32 GEMMs accumulated in float64. Only G (and the column sums
+and row count) is kept: peak memory does not grow with the number of calibration samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .errors import UserError
+from .graph import XSpec
+
+CHUNK_ROWS = 8192  # rows of X per GEMM: large enough to keep the GEMMs efficient, small enough for the cache
+
+
+def conv_pads(spec: XSpec, spatial: tuple) -> tuple:
+    """Begin/end pads for each spatial axis, resolving auto_pad (ONNX Conv semantics)."""
+    nsp = len(spatial)
+    if spec.auto_pad in ("", "NOTSET"):
+        return spec.pads if spec.pads else (0,) * (2 * nsp)
+    if spec.auto_pad == "VALID":
+        return (0,) * (2 * nsp)
+    begin, end = [], []
+    for i, size in enumerate(spatial):
+        out = math.ceil(size / spec.strides[i])
+        eff = (spec.kernel[i] - 1) * spec.dilations[i] + 1
+        total = max((out - 1) * spec.strides[i] + eff - size, 0)
+        small, big = total // 2, total - total // 2
+        if spec.auto_pad == "SAME_UPPER":
+            begin.append(small)
+            end.append(big)
+        else:  # SAME_LOWER
+            begin.append(big)
+            end.append(small)
+    return tuple(begin + end)
+
+
+def conv_output_shape(spec: XSpec, spatial: tuple) -> tuple:
+    nsp = len(spatial)
+    pads = conv_pads(spec, spatial)
+    return tuple((spatial[i] + pads[i] + pads[i + nsp] - ((spec.kernel[i] - 1) * spec.dilations[i] + 1))
+                 // spec.strides[i] + 1 for i in range(nsp))
+
+
+def im2col(x: np.ndarray, spec: XSpec) -> np.ndarray:
+    """X of every conv group at once: (rows, groups, C/groups * prod(kernel)) for images ``x`` (N, C, *spatial).
+
+    Rows are output positions (image-major); the columns of group k are (c, k1, k2, ...) in the order of
+    ``W.reshape(O, -1)``, so ``im2col(x, spec)[:, k] @ W_k.reshape(O_k, -1).T`` is group k's conv output (no bias).
+    """
+    nsp = x.ndim - 2
+    g = spec.group
+    pads = conv_pads(spec, x.shape[2:])
+    if any(pads):
+        x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nsp]) for i in range(nsp)])
+    strides = tuple(slice(None, None, s) for s in spec.strides)
+    if all(k == 1 for k in spec.kernel):  # 1x1: no windows, only strides
+        v = np.moveaxis(x[(slice(None), slice(None)) + strides], 1, -1)
+        return np.ascontiguousarray(v).reshape(-1, g, x.shape[1] // g)
+    eff = tuple((k - 1) * d + 1 for k, d in zip(spec.kernel, spec.dilations))
+    v = sliding_window_view(x, eff, axis=tuple(range(2, 2 + nsp)))  # (N, C, *out_full, *eff)
+    v = v[(slice(None), slice(None)) + strides + tuple(slice(None, None, d) for d in spec.dilations)]
+    perm = (0,) + tuple(range(2, 2 + nsp)) + (1,) + tuple(range(2 + nsp, 2 + 2 * nsp))
+    v = v.transpose(perm)  # (N, *out, C, *kernel)
+    return np.ascontiguousarray(v).reshape(-1, g, x.shape[1] // g * int(np.prod(spec.kernel)))
+
+
+@dataclass
+class GramStats:
+    """Streaming statistics of one X, per group: G = X^T X (groups, n, n), column sums (groups, n), row count."""
+
+    spec: XSpec
+    groups: int
+    G: np.ndarray = None
+    sums: np.ndarray = None
+    rows: int = 0
+
+    def __post_init__(self):
+        n = self.spec.fan_in
+        self.G = np.zeros((self.groups, n, n), np.float64)
+        self.sums = np.zeros((self.groups, n), np.float64)
+
+    def _fold(self, X: np.ndarray):
+        """X: (rows, groups, n), folded in float32 GEMMs and accumulated in float64."""
+        X = X.astype(np.float32, copy=False)
+        if self.groups == 1:
+            X2 = X[:, 0]
+            self.G[0] += X2.T @ X2
+        else:
+            Xg = np.ascontiguousarray(X.transpose(1, 0, 2))  # (groups, rows, n)
+            self.G += np.matmul(Xg.transpose(0, 2, 1), Xg)
+        self.sums += X.sum(axis=0)
+        self.rows += X.shape[0]
+
+    def add(self, t: np.ndarray):
+        """Fold one captured batch tensor into the statistics."""
+        if self.spec.kind == "rows":
+            X = t.T if self.spec.transpose else t
+            X = X.reshape(-1, 1, self.spec.fan_in)
+            for r in range(0, X.shape[0], CHUNK_ROWS):
+                self._fold(X[r:r + CHUNK_ROWS])
+            return
+        if t.ndim != len(self.spec.kernel) + 2:
+            raise UserError(f"conv input {self.spec.tensor} has rank {t.ndim}, expected {len(self.spec.kernel) + 2}")
+        rows_per_image = int(np.prod(conv_output_shape(self.spec, t.shape[2:])))
+        step = max(1, CHUNK_ROWS // max(rows_per_image, 1))
+        for i0 in range(0, t.shape[0], step):
+            self._fold(im2col(t[i0:i0 + step], self.spec))
+
+    def centered(self, k: int) -> np.ndarray:
+        """X^T X - N mu^T mu for group k (the Gram of the centered X)."""
+        mu = self.sums[k] / max(self.rows, 1)
+        return self.G[k] - self.rows * np.outer(mu, mu)
+
+
+def capture_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs ``tensors`` (those that are not graph inputs or outputs)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
+    types = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    except Exception:  # shape inference is best effort: ORT fills in the rest
+        pass
+    for t in tensors:
+        if t in have:
+            continue
+        m.graph.output.append(onnx.helper.make_tensor_value_info(t, types.get(t, onnx.TensorProto.FLOAT), None))
+        have.add(t)
+    return m
+
+
+def make_session(model: onnx.ModelProto, providers=None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=providers or ["CPUExecutionProvider"])
+
+
+def collect_stats(model: onnx.ModelProto, specs: dict, batches, progress=None) -> tuple[dict, int]:
+    """Run every calibration batch once and return ({XSpec: GramStats}, number of samples).
+
+    ``specs`` maps XSpec -> number of groups. ``batches`` yields feed dicts. ``progress`` is a tqdm-like object (or
+    None) advanced by the batch size.
+    """
+    stats = {spec: GramStats(spec, groups) for spec, groups in specs.items()}
+    tensors = sorted({s.tensor for s in specs})
+    graph_inputs = {i.name for i in model.graph.input}
+    fetch = [t for t in tensors if t not in graph_inputs]
+    sess = make_session(capture_model(model, fetch))
+    samples = 0
+    for feed in batches:
+        outs = sess.run(fetch, feed) if fetch else []
+        values = dict(zip(fetch, outs))
+        values.update({k: v for k, v in feed.items() if k in tensors})
+        for spec, st in stats.items():
+            st.add(np.asarray(values[spec.tensor]))
+        n = next(iter(feed.values())).shape[0] if feed else 0
+        samples += n
+        del outs, values
+        if progress is not None:
+            progress.update(n)
+    return stats, samples

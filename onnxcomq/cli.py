@@ -1,0 +1,177 @@
+"""Command line: ``onnxcomq quantize`` and ``onnxcomq eval``.
+
+User mistakes end with one line on stderr (``onnxcomq: error: ...``) and exit status 2; no traceback, no output file
+left behind, the input never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from . import __version__
+from .errors import UserError
+
+EPILOG_QUANTIZE = """\
+examples:
+  onnxcomq quantize model.onnx -o model.w4.onnx --calib calib.npz
+  onnxcomq quantize model.onnx -o model.w8.onnx --calib calib.npz --bits 8 --report report.json
+  onnxcomq quantize model.onnx -o model.w4.onnx --calib calib_dir/ --scheme sym --exclude '*classifier*'
+
+calibration data: an .npz whose keys are the model's input names, arrays stacked along the batch axis (NVIDIA
+ModelOpt's convention), or a folder of .npz/.npy files, or 'random' for a smoke test (accuracy meaningless).
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="onnxcomq",
+        description="COMQ post-training quantization of ONNX models: closed-form coordinate descent on integer "
+                    "codes and scales, layer by layer, without backpropagation. Writes a QDQ model "
+                    "(DequantizeLinear weights) that onnxruntime, TensorRT and OpenVINO run.")
+    p.add_argument("--version", action="version", version=f"onnxcomq {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize a float ONNX model's weights with COMQ",
+                       description="Quantize the weights of every Conv, Gemm and MatMul with a constant weight.",
+                       epilog=EPILOG_QUANTIZE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("model", help="float ONNX model (.onnx)")
+    q.add_argument("-o", "--output", required=True, help="where to write the quantized model")
+    q.add_argument("--calib", required=True, metavar="DATA",
+                   help="calibration data: .npz (keys = input names), a folder of .npz/.npy, or 'random'")
+    g = q.add_argument_group("quantization")
+    g.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default: 4; <= 4 bits are stored as "
+                                                       "int4/uint4, opset 21)")
+    g.add_argument("--granularity", choices=["channel", "tensor"], default="channel",
+                   help="one scale per output channel or per layer (default: channel)")
+    g.add_argument("--scheme", choices=["asym", "sym"], default="asym",
+                   help="asym: min-max grid with zero point; sym: zero point 0, as TensorRT needs (default: asym)")
+    g.add_argument("--method", choices=["comq", "rtn"], default="comq",
+                   help="comq, or rtn (round-to-nearest on the same grid, the baseline) (default: comq)")
+    g.add_argument("--official", action="store_true",
+                   help="the official COMQ code's exact configuration (greedy, 1 sweep, asym per-channel min-max "
+                        "grid, no scale update), whatever the other options say")
+    s = q.add_argument_group("solver")
+    s.add_argument("--order", choices=["greedy", "cyclic"], default="greedy",
+                   help="coordinate order: greedy (per row, |W| * sqrt(diag G) descending) or cyclic "
+                        "(default: greedy)")
+    s.add_argument("--sweeps", type=int, default=3, help="coordinate-descent sweeps per layer (default: 3)")
+    s.add_argument("--scale-update", action=argparse.BooleanOptionalAction, default=True,
+                   help="closed-form scale update after each sweep (default: on)")
+    s.add_argument("--lambda", dest="lam", type=float, default=1.0,
+                   help="grid shrink factor applied to the initial scales (default: 1.0)")
+    s.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="where the solver runs: gpu uses CuPy (default: auto)")
+    c = q.add_argument_group("calibration and layers")
+    c.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default: 32)")
+    c.add_argument("--max-samples", type=int, default=None, help="use at most this many calibration samples")
+    c.add_argument("--op-types", default="Conv,Gemm,MatMul",
+                   help="comma-separated op types to quantize (default: Conv,Gemm,MatMul)")
+    c.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="leave out nodes whose name or op type matches this fnmatch pattern (repeatable)")
+    o = q.add_argument_group("output")
+    o.add_argument("--report", metavar="REPORT.json", help="also write the per-layer report as JSON")
+    o.add_argument("--quiet", action="store_true", help="no progress bars and no table")
+
+    e = sub.add_parser("eval", help="top-1 accuracy of a classifier on a labelled .npz",
+                       description="Run MODEL on the inputs of DATA (.npz with the model's input names and a "
+                                   "'labels' array) and print the top-1 accuracy.")
+    e.add_argument("model", help="ONNX model (float or quantized)")
+    e.add_argument("--data", required=True, help=".npz with input arrays and 'labels'")
+    e.add_argument("--batch-size", type=int, default=256)
+    return p
+
+
+def _check_output(model_path: str, out: str):
+    if os.path.abspath(out) == os.path.abspath(model_path) or (
+            os.path.exists(out) and os.path.exists(model_path) and os.path.samefile(out, model_path)):
+        raise UserError(f"{out}: output path is the input model; choose another file")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise UserError(f"{out}: output folder {folder} does not exist")
+    if os.path.isdir(out):
+        raise UserError(f"{out}: is a directory, expected a file path")
+
+
+def format_table(report) -> str:
+    rows = [("layer", "op", "shape", "bits", "rows", "COMQ err", "RTN err", "COMQ/RTN", "time s")]
+    for L in report.layers:
+        ratio = L.comq_error / L.rtn_error if L.rtn_error > 0 else 1.0
+        name = L.node if len(L.node) <= 48 else "..." + L.node[-45:]
+        rows.append((name, L.op_type, "x".join(map(str, L.shape)), str(L.bits), str(L.rows),
+                     f"{L.comq_error:.3e}", f"{L.rtn_error:.3e}", f"{ratio:.3f}" + (" (rtn)" if L.fallback_rtn
+                                                                                   else ""), f"{L.seconds:.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def cmd_quantize(a) -> int:
+    from .api import QuantizeConfig, run
+    from .modelio import save_model
+
+    _check_output(a.model, a.output)
+    if a.report:
+        rdir = os.path.dirname(os.path.abspath(a.report))
+        if not os.path.isdir(rdir):
+            raise UserError(f"{a.report}: report folder {rdir} does not exist")
+    cfg = QuantizeConfig(bits=a.bits, granularity=a.granularity, scheme=a.scheme, order=a.order, sweeps=a.sweeps,
+                         scale_update=a.scale_update, lam=a.lam, method=a.method, official=a.official,
+                         batch_size=a.batch_size, max_samples=a.max_samples, device=a.device,
+                         op_types=tuple(t.strip() for t in a.op_types.split(",") if t.strip()),
+                         exclude=tuple(a.exclude))
+    model, report = run(a.model, a.calib, cfg, progress=not a.quiet and sys.stderr.isatty())
+    save_model(model, a.output)
+    if a.report:
+        tmp = a.report + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+        os.replace(tmp, a.report)
+    if not a.quiet:
+        print(format_table(report))
+        for s in report.skipped:
+            print(f"not quantized: {s['node']} ({s['op_type']}): {s['reason']}")
+        n_fb = sum(L.fallback_rtn for L in report.layers)
+        size_in = os.path.getsize(a.model)
+        size_out = os.path.getsize(a.output)
+        print(f"quantized {len(report.layers)} layers ({report.config['method']}, {report.config['bits']} bits, "
+              f"{cfg.granularity}, {cfg.scheme}) with {report.samples} calibration samples"
+              + (f"; {n_fb} layer(s) kept round-to-nearest where COMQ was not better" if n_fb else ""))
+        print(f"time: capture {report.capture_seconds:.1f} s, solve {report.solve_seconds:.1f} s, total "
+              f"{report.total_seconds:.1f} s; size {size_in / 1e6:.2f} MB -> {size_out / 1e6:.2f} MB "
+              f"({size_in / max(size_out, 1):.1f}x smaller); wrote {a.output}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import top1_accuracy
+
+    acc, n = top1_accuracy(a.model, a.data, batch_size=a.batch_size)
+    print(f"top-1 accuracy {100 * acc:.2f} % on {n} samples ({a.model})")
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="onnxcomq: warning: %(message)s")
+    p = _parser()
+    a = p.parse_args(argv)
+    if a.command is None:
+        p.print_help()
+        return 2
+    try:
+        return {"quantize": cmd_quantize, "eval": cmd_eval}[a.command](a)
+    except UserError as e:
+        print(f"onnxcomq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxcomq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

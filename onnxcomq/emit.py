@@ -1,0 +1,137 @@
+"""Stage 4: write the QDQ model: each quantized weight becomes DequantizeLinear(codes, scale, zero_point).
+
+The DequantizeLinear node outputs the original weight name, so every consumer (shared weights included) reads the
+dequantized weight unchanged; the float initializer is removed from the file. 8..5-bit codes are int8/uint8 (opset
+>= 13 for the per-channel axis); 4..2-bit codes are int4/uint4, two per byte (opset >= 21). Older models are
+converted with onnx's version converter, not just renumbered.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, version_converter
+
+from . import __version__
+from .errors import UserError
+
+
+@dataclass
+class QuantizedWeight:
+    """Codes in the weight's stored layout and the DequantizeLinear parameters."""
+
+    name: str
+    codes: np.ndarray  # integer codes, same shape as the float weight
+    scale: np.ndarray  # (C,) per channel or () per tensor
+    zero_point: np.ndarray  # same shape as scale, integers
+    axis: int
+    bits: int
+    signed: bool
+
+    def code_dtype(self):
+        if self.bits <= 4:
+            return ml_dtypes.int4 if self.signed else ml_dtypes.uint4
+        return np.int8 if self.signed else np.uint8
+
+    def dequantized(self) -> np.ndarray:
+        """What DequantizeLinear computes (float32), in the stored layout."""
+        shape = [1] * self.codes.ndim
+        if self.scale.ndim:
+            shape[self.axis] = -1
+        s = self.scale.astype(np.float32).reshape(shape)
+        z = self.zero_point.astype(np.float32).reshape(shape)
+        return ((self.codes.astype(np.float32) - z) * s).astype(np.float32)
+
+
+def _opset(model) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    raise UserError("model has no default-domain (ai.onnx) opset import")
+
+
+def required_opset(bits: int) -> int:
+    return 21 if bits <= 4 else 13
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """Convert ``model`` to at least opset ``target`` with onnx's version converter."""
+    if _opset(model) >= target:
+        return model
+    try:
+        converted = version_converter.convert_version(model, target)
+    except Exception as e:  # the converter raises plain RuntimeErrors with its own text
+        raise UserError(f"cannot convert the model from opset {_opset(model)} to {target} (needed for the "
+                        f"quantized weights): {str(e).splitlines()[0]}") from None
+    if converted.ir_version < 7:
+        converted.ir_version = 7
+    return converted
+
+
+def _unique(name: str, taken: set) -> str:
+    out, i = name, 1
+    while out in taken:
+        out = f"{name}_{i}"
+        i += 1
+    taken.add(out)
+    return out
+
+
+def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: dict | None = None) -> onnx.ModelProto:
+    """A new model in which every weight of ``weights`` is replaced by a DequantizeLinear of its codes."""
+    if not weights:
+        raise UserError("no layer was quantized: nothing to write")
+    target = max(required_opset(w.bits) for w in weights)
+    out = upgrade_opset(model, target)
+    if out is model:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    g = out.graph
+    by_name = {t.name: t for t in g.initializer}
+    taken = set(by_name) | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    dq_nodes = []
+    for w in weights:
+        if w.name not in by_name:
+            raise UserError(f"weight {w.name} is not an initializer of the model")
+        init = by_name[w.name]
+        if tuple(init.dims) != tuple(w.codes.shape):
+            raise ValueError(f"codes for {w.name} have shape {w.codes.shape}, weight has {tuple(init.dims)}")
+        g.initializer.remove(init)
+        dt = w.code_dtype()
+        lo, hi = (-(1 << (w.bits - 1)), (1 << (w.bits - 1)) - 1) if w.signed else (0, (1 << w.bits) - 1)
+        if w.codes.min() < lo or w.codes.max() > hi or w.zero_point.min() < lo or w.zero_point.max() > hi:
+            raise ValueError(f"codes of {w.name} outside the {w.bits}-bit range [{lo}, {hi}]")
+        qname = _unique(f"{w.name}_quantized", taken)
+        sname = _unique(f"{w.name}_scale", taken)
+        zname = _unique(f"{w.name}_zero_point", taken)
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.codes).astype(dt), qname))
+        g.initializer.append(numpy_helper.from_array(np.asarray(w.scale, np.float32), sname))
+        g.initializer.append(numpy_helper.from_array(np.asarray(w.zero_point).astype(dt), zname))
+        attrs = {"axis": int(w.axis)} if w.scale.ndim else {}
+        dq_nodes.append(helper.make_node("DequantizeLinear", [qname, sname, zname], [w.name],
+                                         name=_unique(f"{w.name}_DequantizeLinear", taken), **attrs))
+    nodes = dq_nodes + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    meta = {p.key: p.value for p in out.metadata_props}
+    meta["onnxcomq.version"] = __version__
+    if metadata:
+        meta["onnxcomq.config"] = json.dumps(metadata, sort_keys=True)
+    del out.metadata_props[:]
+    for k, v in meta.items():
+        out.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    return out
+
+
+def with_float_weights(model: onnx.ModelProto, weights: dict) -> onnx.ModelProto:
+    """A copy of ``model`` with the named initializers replaced by float arrays (e.g. the dequantized weights)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in weights:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(weights[t.name], np.float32), t.name))
+    return out

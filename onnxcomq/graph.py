@@ -1,0 +1,216 @@
+"""Stage 1: read the ONNX graph and find the layers COMQ can quantize.
+
+A layer is a Conv, Gemm or MatMul whose weight is a constant tensor (an initializer, a ``Constant`` node, or either
+behind ``Identity``: constant folding with onnx-graphsurgeon turns all of these into initializers first). For each one
+we record how its input X is formed (``XSpec``: im2col parameters for Conv, row flattening for MatMul/Gemm) and how its
+weight maps to the solver's (m, n) matrices (one per conv group).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class XSpec:
+    """How the solver's input matrix X (rows x fan-in) is built from a captured tensor.
+
+    kind "rows": X = tensor reshaped to (-1, K) (``transpose`` for Gemm transA: X = A^T).
+    kind "conv": X = im2col of an (N, C, *spatial) tensor with the conv's kernel/stride/pads/dilations, per group.
+    Layers with equal XSpec on the same tensor share one Gram matrix.
+    """
+
+    tensor: str
+    kind: str
+    fan_in: int = 0  # K for rows; C / group * prod(kernel) for conv
+    transpose: bool = False
+    kernel: tuple = ()
+    strides: tuple = ()
+    pads: tuple = ()  # begin..., end...
+    dilations: tuple = ()
+    group: int = 1
+    auto_pad: str = "NOTSET"
+
+
+@dataclass
+class Layer:
+    """One quantizable node."""
+
+    node: str  # node name (made unique if the model has none)
+    op_type: str
+    weight: str  # initializer name of the weight
+    weight_shape: tuple
+    x: XSpec
+    axis: int  # DequantizeLinear axis of the per-channel scale in the stored weight layout
+    groups: int = 1
+    consumers: list = field(default_factory=list)  # all node names that read this weight (shared weights)
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight_shape[self.axis]
+
+    def to_matrices(self, w: np.ndarray) -> list[np.ndarray]:
+        """The stored weight -> one (m, n) matrix per group, rows = output channels, columns = X's columns."""
+        if self.op_type == "Conv":
+            o = w.shape[0]
+            flat = w.reshape(o, -1)
+            step = o // self.groups
+            return [flat[k * step:(k + 1) * step] for k in range(self.groups)]
+        return [w.T if self.axis == 1 else w]  # MatMul B[K, N] / Gemm transB=0 -> B^T; Gemm transB=1 -> B
+
+    def from_matrices(self, mats: list[np.ndarray]) -> np.ndarray:
+        """Inverse of ``to_matrices`` (codes or dequantized weights back to the stored layout)."""
+        if self.op_type == "Conv":
+            return np.concatenate(mats, axis=0).reshape(self.weight_shape)
+        return mats[0].T if self.axis == 1 else mats[0]
+
+
+@dataclass
+class Skipped:
+    node: str
+    op_type: str
+    reason: str
+
+
+def _attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def node_names(model: onnx.ModelProto) -> list[str]:
+    """Node names, with unnamed nodes named ``<op>_<index>`` (and duplicates suffixed) so reports can refer to them."""
+    seen: dict[str, int] = {}
+    out = []
+    for i, n in enumerate(model.graph.node):
+        name = n.name or f"{n.op_type}_{i}"
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}__{seen[name]}"
+        else:
+            seen[name] = 0
+        out.append(name)
+    return out
+
+
+def _matches(patterns, name: str, op_type: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(op_type, p) for p in patterns)
+
+
+def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> tuple[list[Layer], list[Skipped]]:
+    """Quantizable layers of ``model`` (top-level graph) and every weighted-looking node that was left out, with why.
+
+    ``exclude``: fnmatch patterns over node names and op types. ``op_types``: which of Conv/Gemm/MatMul to consider.
+    """
+    bad = [t for t in op_types if t not in SUPPORTED_OPS]
+    if bad:
+        raise UserError(f"--op-types: unsupported op type(s) {', '.join(bad)}; choose from {', '.join(SUPPORTED_OPS)}")
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    names = node_names(model)
+    layers: list[Layer] = []
+    skipped: list[Skipped] = []
+    by_weight: dict[str, Layer] = {}
+    for name, node in zip(names, g.node):
+        if node.op_type in ("If", "Loop", "Scan"):
+            skipped.append(Skipped(name, node.op_type, "control-flow subgraph: its layers are not quantized"))
+            continue
+        if node.op_type == "ConvTranspose":
+            skipped.append(Skipped(name, node.op_type, "ConvTranspose is not supported yet"))
+            continue
+        if node.op_type not in SUPPORTED_OPS:
+            continue
+        if node.op_type not in op_types:
+            skipped.append(Skipped(name, node.op_type, "op type not selected (--op-types)"))
+            continue
+        if _matches(exclude, name, node.op_type):
+            skipped.append(Skipped(name, node.op_type, "excluded by --exclude"))
+            continue
+        widx = 1
+        wname = node.input[widx] if len(node.input) > widx else ""
+        if wname not in inits:
+            a_const = node.op_type == "MatMul" and node.input[0] in inits
+            skipped.append(Skipped(name, node.op_type,
+                                   "constant weight on input A (not supported)" if a_const
+                                   else "weight is not a constant (activation x activation)"))
+            continue
+        if node.input[0] in inits:
+            skipped.append(Skipped(name, node.op_type, "input is a constant too: nothing to calibrate"))
+            continue
+        wt = inits[wname]
+        if wt.data_type != onnx.TensorProto.FLOAT:
+            skipped.append(Skipped(name, node.op_type,
+                                   f"weight {wname} has type {onnx.TensorProto.DataType.Name(wt.data_type)}, "
+                                   "only float32 weights are quantized"))
+            continue
+        shape = tuple(wt.dims)
+        at = _attrs(node)
+        layer = _make_layer(name, node, wname, shape, at)
+        if isinstance(layer, str):
+            skipped.append(Skipped(name, node.op_type, layer))
+            continue
+        if wname in by_weight:
+            first = by_weight[wname]
+            if first.x.kind != layer.x.kind or first.op_type != layer.op_type or first.axis != layer.axis \
+                    or first.x.fan_in != layer.x.fan_in:
+                skipped.append(Skipped(name, node.op_type,
+                                       f"weight {wname} is shared with {first.node} in an incompatible layout"))
+                continue
+            first.consumers.append((name, layer.x))
+            continue
+        layer.consumers.append((name, layer.x))
+        by_weight[wname] = layer
+        layers.append(layer)
+    return layers, skipped
+
+
+def _make_layer(name, node, wname, shape, at):
+    op = node.op_type
+    if op == "Conv":
+        if len(shape) < 3:
+            return f"conv weight {wname} has rank {len(shape)}, expected >= 3"
+        nsp = len(shape) - 2
+        group = int(at.get("group", 1))
+        kernel = tuple(int(k) for k in at.get("kernel_shape", shape[2:]))
+        if kernel != tuple(shape[2:]):
+            return f"kernel_shape {kernel} does not match weight {wname} {shape}"
+        if shape[0] % group:
+            return f"output channels {shape[0]} not divisible by group {group}"
+        strides = tuple(int(s) for s in at.get("strides", [1] * nsp))
+        dil = tuple(int(d) for d in at.get("dilations", [1] * nsp))
+        pads = tuple(int(p) for p in at.get("pads", [0] * (2 * nsp)))
+        auto_pad = at.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        fan_in = int(np.prod(shape[1:]))
+        x = XSpec(node.input[0], "conv", fan_in=fan_in, kernel=kernel, strides=strides, pads=pads, dilations=dil,
+                  group=group, auto_pad=auto_pad)
+        return Layer(name, op, wname, shape, x, axis=0, groups=group)
+    if op == "MatMul":
+        if len(shape) != 2:
+            return f"MatMul weight {wname} has rank {len(shape)}; only 2-D weights are quantized"
+        return Layer(name, op, wname, shape, XSpec(node.input[0], "rows", fan_in=shape[0]), axis=1)
+    # Gemm: Y = alpha * A' B' + beta * C
+    if len(shape) != 2:
+        return f"Gemm weight {wname} has rank {len(shape)}"
+    trans_a = bool(at.get("transA", 0))
+    trans_b = bool(at.get("transB", 0))
+    k = shape[1] if trans_b else shape[0]
+    return Layer(name, op, wname, shape, XSpec(node.input[0], "rows", fan_in=k, transpose=trans_a),
+                 axis=0 if trans_b else 1)
+
+
+def load_weight(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    raise KeyError(name)

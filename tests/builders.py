@@ -1,0 +1,93 @@
+"""Small ONNX models built with onnx.helper for the pipeline tests."""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def conv_model(x_shape, w, bias=True, opset=17, **attrs):
+    """input -> Conv(W[, b]) -> output, batch dim dynamic."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(w.astype(np.float32), "W")]
+    inputs = ["input", "W"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(w.shape[0]).astype(np.float32), "B"))
+        inputs.append("B")
+    node = helper.make_node("Conv", inputs, ["output"], name="conv", **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                          ["N"] + list(x_shape[1:]))],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None] * len(x_shape))],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def mlp_model(sizes, seed=0, opset=17, gemm_transb=(1,), seq=None, constant_nodes=False, identity=False,
+              shared=False):
+    """A chain of weight layers with ReLUs: Gemm (transB=1 or 0) and MatMul (+Add bias) alternately.
+
+    seq: if set, the input is [N, seq, d] and only MatMul layers are used (transformer-like 3-D activations).
+    constant_nodes: weights held in Constant nodes instead of initializers. identity: weights behind Identity.
+    shared: the last MatMul reuses the first MatMul's weight (needs sizes to allow it).
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    x = "input"
+    first_matmul_w = None
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)  # [K, N] layout
+        bias = (0.1 * rng.standard_normal(b)).astype(np.float32)
+        use_gemm = seq is None and i % 2 == 0
+        tb = gemm_transb[i // 2 % len(gemm_transb)] if use_gemm else 0
+        stored = w.T.copy() if tb else w
+        wname = f"W{i}"
+        if shared and not use_gemm and first_matmul_w is not None and i == len(sizes) - 2 \
+                and first_matmul_w[1].shape == stored.shape:
+            wname = first_matmul_w[0]
+        elif constant_nodes:
+            nodes.append(helper.make_node("Constant", [], [wname], value=numpy_helper.from_array(stored, wname + "_v")))
+        elif identity:
+            inits.append(numpy_helper.from_array(stored, wname + "_raw"))
+            nodes.append(helper.make_node("Identity", [wname + "_raw"], [wname]))
+        else:
+            inits.append(numpy_helper.from_array(stored, wname))
+        if not use_gemm and first_matmul_w is None:
+            first_matmul_w = (wname, stored)
+        inits.append(numpy_helper.from_array(bias, f"b{i}"))
+        y = f"h{i}"
+        if use_gemm:
+            nodes.append(helper.make_node("Gemm", [x, wname, f"b{i}"], [y], name=f"gemm{i}", transB=tb))
+        else:
+            nodes.append(helper.make_node("MatMul", [x, wname], [y + "_mm"], name=f"matmul{i}"))
+            nodes.append(helper.make_node("Add", [y + "_mm", f"b{i}"], [y], name=f"add{i}"))
+        if i < len(sizes) - 2:
+            nodes.append(helper.make_node("Relu", [y], [y + "_r"], name=f"relu{i}"))
+            y = y + "_r"
+        x = y
+    nodes.append(helper.make_node("Identity", [x], ["output"], name="out"))
+    in_shape = ["N", sizes[0]] if seq is None else ["N", seq, sizes[0]]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None] * len(in_shape))],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def attention_like(d=16, seq=6, seed=1):
+    """q/k/v projections (MatMul weights) and an activation x activation MatMul that must be skipped."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+    for n in ("q", "k", "v"):
+        inits.append(numpy_helper.from_array((rng.standard_normal((d, d)) / 4).astype(np.float32), f"W{n}"))
+        nodes.append(helper.make_node("MatMul", ["input", f"W{n}"], [n], name=f"{n}_proj"))
+    nodes.append(helper.make_node("Transpose", ["k"], ["kT"], perm=[0, 2, 1]))
+    nodes.append(helper.make_node("MatMul", ["q", "kT"], ["scores"], name="qk"))
+    nodes.append(helper.make_node("Softmax", ["scores"], ["p"], axis=-1))
+    nodes.append(helper.make_node("MatMul", ["p", "v"], ["output"], name="pv"))
+    graph = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                            ["N", seq, d])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None] * 3)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def save(model, path):
+    onnx.save(model, str(path))
+    return str(path)

@@ -1,0 +1,169 @@
+"""The command line: help, the main job on the shipped model, and clear one-line errors for user mistakes."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+import builders
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CNN = os.path.join(ROOT, "models", "fmnist_cnn.onnx")
+CALIB = os.path.join(ROOT, "models", "fmnist_calib.npz")
+TEST = os.path.join(ROOT, "models", "fmnist_test.npz")
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "onnxcomq.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=600)
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_help_reads_well():
+    r = cli("--help")
+    assert r.returncode == 0 and "quantize" in r.stdout and "eval" in r.stdout
+    r = cli("quantize", "--help")
+    assert r.returncode == 0
+    for flag in ("--bits", "--granularity", "--scheme", "--order", "--sweeps", "--scale-update", "--no-scale-update",
+                 "--batch-size", "--device", "--report", "--official", "--exclude", "--op-types", "--calib"):
+        assert flag in r.stdout
+
+
+def test_quantize_and_eval_shipped_cnn(tmp_path):
+    out = tmp_path / "cnn.w8.onnx"
+    rep = tmp_path / "report.json"
+    before = digest(CNN)
+    r = cli("quantize", CNN, "-o", out, "--calib", CALIB, "--bits", "8", "--report", rep, "--max-samples", "128",
+            "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert digest(CNN) == before
+    assert "COMQ err" in r.stdout and "RTN err" in r.stdout
+    data = json.loads(rep.read_text())
+    assert data["samples"] == 128 and len(data["layers"]) == 6
+    for layer in data["layers"]:
+        assert layer["comq_error"] <= layer["rtn_error"]
+    onnx.checker.check_model(str(out), full_check=True)
+    assert os.path.getsize(out) < os.path.getsize(CNN) / 3
+    r = cli("eval", out, "--data", TEST)
+    assert r.returncode == 0 and "top-1 accuracy" in r.stdout
+    acc = float(r.stdout.split("accuracy")[1].split("%")[0])
+    assert acc > 85
+
+
+def _bad_cases(tmp):
+    """(name, args, expected message fragment) for user mistakes; every one must fail cleanly."""
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    np.savez(tmp / "wrongkey.npz", image=x)
+    np.savez(tmp / "wrongshape.npz", input=x[:, :, :20])
+    np.savez(tmp / "wrongrank.npz", input=x[:, 0])
+    np.savez(tmp / "empty.npz", input=x[:0])
+    nan = x.copy()
+    nan[0, 0, 0, 0] = np.nan
+    np.savez(tmp / "nan.npz", input=nan)
+    np.savez(tmp / "strings.npz", input=np.array(["a", "b"]))
+    np.save(tmp / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.savez(tmp / "pickled.npz", input=np.array([{"a": 1}], dtype=object))
+    (tmp / "notonnx.onnx").write_bytes(b"this is not a model")
+    with open(CNN, "rb") as f:
+        (tmp / "truncated.onnx").write_bytes(f.read()[:5000])
+    (tmp / "garbage.npz").write_bytes(b"PK\x03\x04garbage")
+    m = builders.attention_like()
+    onnx.save(m, tmp / "attn.onnx")
+    out = tmp / "out.onnx"
+    return [
+        ("missing model", [tmp / "nope.onnx", "-o", out, "--calib", CALIB], "model file not found"),
+        ("not onnx", [tmp / "notonnx.onnx", "-o", out, "--calib", CALIB], "not a valid ONNX model"),
+        ("truncated", [tmp / "truncated.onnx", "-o", out, "--calib", CALIB], "not a valid ONNX model"),
+        ("missing calib", [CNN, "-o", out, "--calib", tmp / "nope.npz"], "calibration file not found"),
+        ("wrong key", [CNN, "-o", out, "--calib", tmp / "wrongkey.npz"], "missing input; unexpected image"),
+        ("wrong shape", [CNN, "-o", out, "--calib", tmp / "wrongshape.npz"], "axis 2: 20 != 28"),
+        ("wrong rank", [CNN, "-o", out, "--calib", tmp / "wrongrank.npz"], "has rank 3"),
+        ("empty", [CNN, "-o", out, "--calib", tmp / "empty.npz"], "is empty"),
+        ("nan", [CNN, "-o", out, "--calib", tmp / "nan.npz"], "NaN or Inf"),
+        ("strings", [CNN, "-o", out, "--calib", tmp / "strings.npz"], "expects float32"),
+        ("pickle npz", [CNN, "-o", out, "--calib", tmp / "pickled.npz"], "pickled"),
+        ("pickle npy", [CNN, "-o", out, "--calib", tmp / "pickled.npy"], "pickled"),
+        ("garbage npz", [CNN, "-o", out, "--calib", tmp / "garbage.npz"], "cannot read calibration data"),
+        ("output is input", [CNN, "-o", CNN, "--calib", CALIB], "output path is the input model"),
+        ("missing out dir", [CNN, "-o", tmp / "no" / "x.onnx", "--calib", CALIB], "does not exist"),
+        ("bits 1", [CNN, "-o", out, "--calib", CALIB, "--bits", "1"], "bits must be"),
+        ("bits 9", [CNN, "-o", out, "--calib", CALIB, "--bits", "9"], "bits must be"),
+        ("sweeps 0", [CNN, "-o", out, "--calib", CALIB, "--sweeps", "0"], "sweeps must be"),
+        ("lambda 0", [CNN, "-o", out, "--calib", CALIB, "--lambda", "0"], "lambda must be"),
+        ("batch 0", [CNN, "-o", out, "--calib", CALIB, "--batch-size", "0"], "batch size"),
+        ("op types", [CNN, "-o", out, "--calib", CALIB, "--op-types", "Conv2d"], "unsupported op type"),
+        ("nothing left", [tmp / "attn.onnx", "-o", out, "--calib", "random", "--exclude", "*_proj"],
+         "no quantizable layer"),
+        ("tensor + groups", [CNN, "-o", out, "--calib", CALIB, "--granularity", "tensor", "--max-samples", "8"],
+         "per-tensor granularity with 64 conv groups"),
+    ]
+
+
+def test_bad_input_corpus(tmp_path):
+    cases = _bad_cases(tmp_path)
+    inputs = {p: digest(p) for p in (CNN, CALIB)}
+    failures = []
+    for name, args, fragment in cases:
+        r = cli("quantize", *args, "--device", "cpu")
+        lines = r.stderr.strip().splitlines()
+        ok = (r.returncode == 2 and len(lines) == 1 and lines[0].startswith("onnxcomq: error:")
+              and fragment in lines[0] and "Traceback" not in r.stderr)
+        if not ok:
+            failures.append(f"{name}: rc={r.returncode} stderr={r.stderr.strip()[-300:]!r}")
+    assert not failures, "\n".join(failures)
+    leftovers = [f for f in os.listdir(tmp_path) if f.endswith(".onnx") and f not in
+                 ("notonnx.onnx", "truncated.onnx", "attn.onnx")] + \
+        [f for f in os.listdir(tmp_path) if f.startswith(".onnxcomq-")]
+    assert leftovers == []
+    assert {p: digest(p) for p in inputs} == inputs
+    assert len(cases) >= 20
+
+
+def test_random_calibration_warns_loudly(tmp_path):
+    r = cli("quantize", CNN, "-o", tmp_path / "r.onnx", "--calib", "random", "--max-samples", "4", "--device", "cpu",
+            "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM" in r.stderr
+
+
+def test_output_is_byte_identical_across_runs(tmp_path):
+    args = ["--calib", CALIB, "--max-samples", "32", "--bits", "4", "--quiet", "--device", "cpu"]
+    assert cli("quantize", CNN, "-o", tmp_path / "a.onnx", *args).returncode == 0
+    assert cli("quantize", CNN, "-o", tmp_path / "b.onnx", *args).returncode == 0
+    assert digest(tmp_path / "a.onnx") == digest(tmp_path / "b.onnx")
+
+
+@pytest.mark.parametrize("source", ["folder", "iterable", "reader"])
+def test_calibration_sources_agree(tmp_path, source):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    import onnxcomq
+
+    d = np.load(CALIB)["input"][:24]
+    cfg = onnxcomq.QuantizeConfig(bits=4, batch_size=8, device="cpu")
+    base = onnxcomq.quantize(CNN, {"input": d}, cfg).SerializeToString()
+    if source == "folder":
+        for i in range(3):
+            np.savez(tmp_path / f"part{i}.npz", input=d[8 * i:8 * (i + 1)])
+        src = str(tmp_path)
+    elif source == "iterable":
+        src = [{"input": d[i:i + 5]} for i in range(0, 24, 5)]
+    else:
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter([{"input": d[i:i + 6]} for i in range(0, 24, 6)])
+
+            def get_next(self):
+                return next(self.it, None)
+
+        src = Reader()
+    assert onnxcomq.quantize(CNN, src, cfg).SerializeToString() == base

@@ -1,0 +1,246 @@
+"""Graph walk, streaming capture, QDQ emission and the Python API, on small hand-built models."""
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import builders
+from onnxcomq import QuantizeConfig, UserError, quantize, run
+from onnxcomq.calib import Calibration, model_inputs
+from onnxcomq.capture import GramStats, collect_stats, im2col
+from onnxcomq.emit import QuantizedWeight, with_float_weights
+from onnxcomq.graph import find_layers, load_weight
+from onnxcomq.modelio import prepare_model
+
+
+def ort_run(model, feed):
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+CONV_CASES = [
+    # x_shape, w_shape, attrs
+    ((2, 3, 9, 9), (4, 3, 3, 3), dict(pads=[1, 1, 1, 1])),
+    ((2, 3, 10, 11), (5, 3, 3, 2), dict(strides=[2, 3], pads=[1, 0, 2, 1])),
+    ((1, 4, 12, 12), (6, 4, 3, 3), dict(dilations=[2, 2], pads=[2, 2, 2, 2])),
+    ((2, 6, 8, 8), (6, 1, 3, 3), dict(group=6, pads=[1, 1, 1, 1])),  # depthwise
+    ((2, 6, 8, 8), (9, 2, 3, 3), dict(group=3, strides=[2, 2])),  # grouped
+    ((2, 5, 7, 7), (8, 5, 1, 1), {}),  # pointwise
+    ((2, 5, 7, 7), (8, 5, 1, 1), dict(strides=[2, 2])),
+    ((2, 3, 9, 8), (4, 3, 3, 3), dict(auto_pad="SAME_UPPER", strides=[2, 2])),
+    ((2, 3, 9, 8), (4, 3, 4, 4), dict(auto_pad="SAME_LOWER")),
+    ((2, 3, 9, 8), (4, 3, 3, 3), dict(auto_pad="VALID")),
+    ((3, 4, 20), (5, 4, 3), dict(pads=[1, 1], strides=[2])),  # Conv1d
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,attrs", CONV_CASES)
+def test_im2col_reproduces_onnxruntime_conv(x_shape, w_shape, attrs):
+    rng = np.random.default_rng(len(attrs))
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    model = builders.conv_model(x_shape, w, bias=False, kernel_shape=list(w_shape[2:]), **attrs)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    (y,) = ort_run(model, {"input": x})
+    layers, _ = find_layers(model)
+    spec = layers[0].x
+    X = im2col(x, spec)  # (rows, groups, n)
+    mats = layers[0].to_matrices(w)
+    outs = [X[:, k] @ mats[k].T for k in range(len(mats))]  # (rows, O_k) each
+    got = np.concatenate(outs, axis=1)  # (rows, O)
+    want = np.moveaxis(y, 1, -1).reshape(-1, w_shape[0])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_streaming_gram_equals_direct_and_is_batch_invariant():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    model = builders.conv_model((10, 4, 6, 6), w, group=2, pads=[1, 1, 1, 1], strides=[2, 1],
+                                kernel_shape=[3, 3])
+    x = rng.standard_normal((10, 4, 6, 6)).astype(np.float32)
+    layer = find_layers(model)[0][0]
+    X = im2col(x, layer.x).astype(np.float64)
+    inputs = model_inputs(model)
+    results = []
+    for bs in (1, 3, 10):
+        stats, n = collect_stats(model, {layer.x: 2}, Calibration({"input": x}, inputs, batch_size=bs))
+        assert n == 10
+        results.append(stats[layer.x])
+    for st in results:
+        assert st.rows == X.shape[0]
+        for k in range(2):
+            np.testing.assert_allclose(st.G[k], X[:, k].T @ X[:, k], rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(st.sums[k], X[:, k].sum(0), rtol=1e-5, atol=1e-4)
+            Xc = X[:, k] - X[:, k].mean(0)
+            np.testing.assert_allclose(st.centered(k), Xc.T @ Xc, rtol=1e-5, atol=1e-3)
+
+
+def test_matmul_rows_flatten_leading_dims():
+    model = builders.mlp_model([8, 5, 3], seq=4)
+    x = np.random.default_rng(1).standard_normal((3, 4, 8)).astype(np.float32)
+    layer = find_layers(model)[0][0]
+    stats, _ = collect_stats(model, {layer.x: 1}, Calibration({"input": x}, model_inputs(model), batch_size=2))
+    X = x.reshape(-1, 8).astype(np.float64)
+    np.testing.assert_allclose(stats[layer.x].G[0], X.T @ X, rtol=1e-5)
+    assert stats[layer.x].rows == 12
+
+
+def test_graph_walk_layouts_and_skips():
+    m = builders.mlp_model([6, 5, 4, 3, 2], gemm_transb=(1, 0))
+    layers, skipped = find_layers(m)
+    got = {(L.node, L.op_type, L.axis) for L in layers}
+    assert got == {("gemm0", "Gemm", 0), ("matmul1", "MatMul", 1), ("gemm2", "Gemm", 1), ("matmul3", "MatMul", 1)}
+    for L in layers:
+        w = load_weight(m, L.weight)
+        (mat,) = L.to_matrices(w)
+        assert mat.shape == (L.out_channels, L.x.fan_in)
+        np.testing.assert_array_equal(L.from_matrices([mat]), w)
+    attn = builders.attention_like()
+    layers, skipped = find_layers(attn)
+    assert sorted(L.node for L in layers) == ["k_proj", "q_proj", "v_proj"]
+    assert {s.node: s.reason for s in skipped}["qk"].startswith("weight is not a constant")
+    layers, skipped = find_layers(attn, exclude=("k_*",))
+    assert "k_proj" in {s.node for s in skipped if "exclude" in s.reason}
+    layers, _ = find_layers(m, op_types=("MatMul",))
+    assert {L.op_type for L in layers} == {"MatMul"}
+    with pytest.raises(UserError, match="unsupported op type"):
+        find_layers(m, op_types=("Conv2d",))
+
+
+@pytest.mark.parametrize("variant", ["constant_nodes", "identity"])
+def test_constant_and_identity_weights_are_found(variant):
+    m = builders.mlp_model([6, 5, 4], **{variant: True})
+    base = builders.mlp_model([6, 5, 4])
+    prepared = prepare_model(m)
+    layers, _ = find_layers(prepared)
+    assert len(layers) == 2
+    x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
+    np.testing.assert_allclose(ort_run(prepared, {"input": x})[0], ort_run(base, {"input": x})[0], rtol=1e-6)
+    q = quantize(m, {"input": x}, QuantizeConfig(bits=8, device="cpu"))
+    assert sum(n.op_type == "DequantizeLinear" for n in q.graph.node) == 2
+
+
+def test_shared_weight_quantized_once_with_summed_statistics():
+    m = builders.mlp_model([6, 6, 6, 6], seq=3, shared=True)
+    layers, _ = find_layers(m)
+    shared = [L for L in layers if len(L.consumers) == 2]
+    assert len(shared) == 1 and shared[0].weight == "W0"
+    x = np.random.default_rng(0).standard_normal((8, 3, 6)).astype(np.float32)
+    q, rep = run(m, {"input": x}, QuantizeConfig(bits=4, device="cpu"))
+    dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 2 and sorted(n.output[0] for n in dq) == ["W0", "W1"]
+    lr = {L.weight: L for L in rep.layers}["W0"]
+    assert sorted(lr.consumers) == ["matmul0", "matmul2"]
+    # the rows of both consumers were used
+    assert lr.rows == 2 * 8 * 3
+
+
+def _dequantized_reference(qmodel):
+    """Float model carrying the dequantized weights, computed here from the stored codes."""
+    inits = {t.name: t for t in qmodel.graph.initializer}
+    weights = {}
+    for n in qmodel.graph.node:
+        if n.op_type != "DequantizeLinear":
+            continue
+        codes = numpy_helper.to_array(inits[n.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+        zp = numpy_helper.to_array(inits[n.input[2]]).astype(np.float32)
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        shape = [1] * codes.ndim
+        if scale.ndim:
+            shape[axis] = -1
+        weights[n.output[0]] = (codes - zp.reshape(shape)) * scale.reshape(shape)
+    return weights
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("scheme,granularity", [("asym", "channel"), ("sym", "channel"), ("asym", "tensor")])
+def test_emitted_model_runs_and_equals_dequantized_float(tmp_path, bits, scheme, granularity):
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    conv = builders.conv_model((4, 3, 8, 8), w, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    x = rng.standard_normal((6, 3, 8, 8)).astype(np.float32)
+    cfg = QuantizeConfig(bits=bits, scheme=scheme, granularity=granularity, device="cpu")
+    q, rep = run(conv, {"input": x}, cfg)
+    onnx.checker.check_model(q, full_check=True)
+    opset = next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset >= (21 if bits <= 4 else 13)
+    assert "W" not in {t.name for t in q.graph.initializer}  # the float weight is gone
+    codes = next(t for t in q.graph.initializer if t.name == "W_quantized")
+    want = {(True, True): onnx.TensorProto.INT4, (True, False): onnx.TensorProto.UINT4,
+            (False, True): onnx.TensorProto.INT8, (False, False): onnx.TensorProto.UINT8}[(bits <= 4, scheme == "sym")]
+    assert codes.data_type == want
+    if bits <= 4:
+        assert len(codes.raw_data) == (w.size + 1) // 2  # two codes per byte
+    assert [i.name for i in q.graph.input] == ["input"] and [o.name for o in q.graph.output] == ["output"]
+    meta = {p.key: p.value for p in q.metadata_props}
+    assert "onnxcomq.version" in meta and f'"bits": {bits}' in meta["onnxcomq.config"]
+    (yq,) = ort_run(q, {"input": x})
+    ref = with_float_weights(conv, _dequantized_reference(q))
+    (yr,) = ort_run(ref, {"input": x})
+    np.testing.assert_allclose(yq, yr, rtol=1e-5, atol=1e-5)
+    # and the dequantized weights are what the solver returned (layer error matches the report)
+    deq = _dequantized_reference(q)["W"]
+    assert np.abs(deq - w).max() <= np.abs(w).max()  # sanity: the same tensor, quantized
+    assert rep.layers[0].comq_error <= rep.layers[0].rtn_error
+
+
+def test_int4_packing_roundtrip():
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-8, 8, size=(5, 3, 3, 3))
+    qw = QuantizedWeight("W", codes, np.ones(5, np.float32), np.zeros(5, np.int64), 0, 4, signed=True)
+    t = numpy_helper.from_array(codes.astype(qw.code_dtype()), "c")
+    packed = np.frombuffer(t.raw_data, np.uint8)
+    flat = codes.reshape(-1)
+    low = (packed & 0x0F).astype(np.int16)
+    low = np.where(low >= 8, low - 16, low)
+    np.testing.assert_array_equal(low[: (flat.size + 1) // 2], flat[0::2])  # element 0 in the low nibble
+    np.testing.assert_array_equal(numpy_helper.to_array(t).astype(np.int64), codes)
+    assert qw.code_dtype() is ml_dtypes.int4
+
+
+def test_opset_11_model_is_converted_not_renumbered():
+    m = builders.mlp_model([6, 5, 4], opset=11)
+    x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
+    q = quantize(m, {"input": x}, QuantizeConfig(bits=4, device="cpu"))
+    onnx.checker.check_model(q, full_check=True)
+    assert max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) == 21
+    assert np.isfinite(ort_run(q, {"input": x})[0]).all()
+
+
+def test_input_model_never_modified_and_quantize_is_deterministic():
+    m = builders.mlp_model([6, 5, 4], constant_nodes=True)
+    before = m.SerializeToString()
+    x = np.random.default_rng(0).standard_normal((7, 6)).astype(np.float32)
+    q1 = quantize(m, {"input": x}, QuantizeConfig(bits=3, device="cpu"))
+    q2 = quantize(m, {"input": x}, QuantizeConfig(bits=3, device="cpu"))
+    assert m.SerializeToString() == before
+    assert q1.SerializeToString() == q2.SerializeToString()
+
+
+def test_official_config_ignores_other_options():
+    cfg = QuantizeConfig(bits=3, official=True, order="cyclic", sweeps=5, scheme="sym", scale_update=True)
+    s = cfg.solver_config()
+    assert (s.order, s.sweeps, s.scheme, s.scale_update, s.granularity, s.zero_in_range) == \
+        ("greedy", 1, "asym", False, "channel", False)
+
+
+def test_no_quantizable_layer_is_a_clear_error():
+    m = builders.attention_like()
+    with pytest.raises(UserError, match="no quantizable layer"):
+        run(m, "random", QuantizeConfig(exclude=("*_proj",), device="cpu"))
+
+
+def test_rtn_method_matches_nearest_grid_point():
+    m = builders.mlp_model([6, 5, 4])
+    x = np.random.default_rng(0).standard_normal((9, 6)).astype(np.float32)
+    q, rep = run(m, {"input": x}, QuantizeConfig(bits=4, method="rtn", device="cpu"))
+    deq = _dequantized_reference(q)
+    w = load_weight(m, "W0")  # Gemm transB=1: rows are output channels
+    step = (np.maximum(w.max(1), 0) - np.minimum(w.min(1), 0)) / 15
+    assert np.all(np.abs(deq["W0"] - w) <= step[:, None] / 2 + 1e-6)
+    for L in rep.layers:
+        assert L.comq_error == pytest.approx(L.rtn_error)
