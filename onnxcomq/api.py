@@ -79,7 +79,7 @@ class LayerReport:
     comq_error: float  # ||X (W - Q)^T||^2 / ||X W^T||^2 of the chosen weights
     rtn_error: float  # the same for round-to-nearest on the same initial grid
     seconds: float
-    fallback_rtn: bool = False  # COMQ did not beat RTN on this layer, RTN was kept
+    rtn_groups: int = 0  # groups (conv groups; 1 for other layers) where COMQ did not beat RTN and RTN was kept
     consumers: list = field(default_factory=list)
 
 
@@ -141,7 +141,7 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
         rows = sum(stats[spec].rows for _, spec in layer.consumers)
         codes, deq, scales, zps = [], [], [], []
         num_c = num_r = den = 0.0
-        fallback = False
+        fallback = 0
         for k, (Wk, Gk) in enumerate(zip(mats, grams)):
             Wd = xp.asarray(Wk.astype(np.float64 if scfg.dtype == "float64" else np.float32))
             Gd = xp.asarray(Gk.astype(Wd.dtype))
@@ -151,7 +151,8 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
             o_r = objective(Wk.astype(np.float64), rtn.qweight.astype(np.float64), G64)
             o_c = objective(Wk.astype(np.float64), res.qweight.astype(np.float64), G64)
             if o_c > o_r:  # COMQ is a descent from Q = W, not from RTN: never ship something worse than RTN
-                res, o_c, fallback = rtn, o_r, True
+                res, o_c = rtn, o_r
+                fallback += 1
             num_c += o_c
             num_r += o_r
             den += objective(Wk.astype(np.float64), np.zeros_like(Wk, np.float64), G64)

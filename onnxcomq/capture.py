@@ -74,6 +74,21 @@ def im2col(x: np.ndarray, spec: XSpec) -> np.ndarray:
     return np.ascontiguousarray(v).reshape(-1, g, x.shape[1] // g * int(np.prod(spec.kernel)))
 
 
+def convtranspose_as_conv(x: np.ndarray, spec: XSpec):
+    """(input, XSpec) of the stride-1 conv equivalent to a ConvTranspose: zeros inserted between input pixels
+    (``strides``), then the equivalent pads applied (negative ones crop)."""
+    nsp = x.ndim - 2
+    up_shape = x.shape[:2] + tuple((x.shape[2 + i] - 1) * spec.strides[i] + 1 for i in range(nsp))
+    up = np.zeros(up_shape, x.dtype)
+    up[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in spec.strides)] = x
+    crop = tuple(slice(max(-spec.pads[i], 0), up_shape[2 + i] - max(-spec.pads[nsp + i], 0)) for i in range(nsp))
+    up = up[(slice(None), slice(None)) + crop]
+    pads = tuple(max(p, 0) for p in spec.pads)
+    conv = XSpec(spec.tensor, "conv", fan_in=spec.fan_in, kernel=spec.kernel, strides=(1,) * nsp, pads=pads,
+                 dilations=spec.dilations, group=spec.group)
+    return up, conv
+
+
 @dataclass
 class GramStats:
     """Streaming statistics of one X, per group: G = X^T X (groups, n, n), column sums (groups, n), row count."""
@@ -111,6 +126,10 @@ class GramStats:
             return
         if t.ndim != len(self.spec.kernel) + 2:
             raise UserError(f"conv input {self.spec.tensor} has rank {t.ndim}, expected {len(self.spec.kernel) + 2}")
+        if self.spec.kind == "convT":
+            for i0 in range(0, t.shape[0], 1):
+                self._fold(im2col(*convtranspose_as_conv(t[i0:i0 + 1], self.spec)))
+            return
         rows_per_image = int(np.prod(conv_output_shape(self.spec, t.shape[2:])))
         step = max(1, CHUNK_ROWS // max(rows_per_image, 1))
         for i0 in range(0, t.shape[0], step):

@@ -101,14 +101,26 @@ def format_table(report) -> str:
     for L in report.layers:
         ratio = L.comq_error / L.rtn_error if L.rtn_error > 0 else 1.0
         name = L.node if len(L.node) <= 48 else "..." + L.node[-45:]
+        kept = f" (rtn {L.rtn_groups}/{L.groups})" if L.rtn_groups else ""
         rows.append((name, L.op_type, "x".join(map(str, L.shape)), str(L.bits), str(L.rows),
-                     f"{L.comq_error:.3e}", f"{L.rtn_error:.3e}", f"{ratio:.3f}" + (" (rtn)" if L.fallback_rtn
-                                                                                   else ""), f"{L.seconds:.2f}"))
+                     f"{L.comq_error:.3e}", f"{L.rtn_error:.3e}", f"{ratio:.3f}{kept}", f"{L.seconds:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def format_skipped(skipped: list, show: int = 4) -> list:
+    """One line per (op type, reason), naming the first few nodes."""
+    groups: dict = {}
+    for s in skipped:
+        groups.setdefault((s["op_type"], s["reason"]), []).append(s["node"])
+    lines = []
+    for (op, reason), nodes in groups.items():
+        names = ", ".join(nodes[:show]) + (f", ... ({len(nodes) - show} more)" if len(nodes) > show else "")
+        lines.append(f"not quantized: {len(nodes)} {op} node{'s' if len(nodes) > 1 else ''}: {reason}: {names}")
+    return lines
 
 
 def cmd_quantize(a) -> int:
@@ -134,14 +146,15 @@ def cmd_quantize(a) -> int:
         os.replace(tmp, a.report)
     if not a.quiet:
         print(format_table(report))
-        for s in report.skipped:
-            print(f"not quantized: {s['node']} ({s['op_type']}): {s['reason']}")
-        n_fb = sum(L.fallback_rtn for L in report.layers)
+        for line in format_skipped(report.skipped):
+            print(line)
+        n_fb = sum(L.rtn_groups > 0 for L in report.layers)
         size_in = os.path.getsize(a.model)
         size_out = os.path.getsize(a.output)
         print(f"quantized {len(report.layers)} layers ({report.config['method']}, {report.config['bits']} bits, "
               f"{cfg.granularity}, {cfg.scheme}) with {report.samples} calibration samples"
-              + (f"; {n_fb} layer(s) kept round-to-nearest where COMQ was not better" if n_fb else ""))
+              + (f"; {n_fb} layer(s) kept round-to-nearest for some groups, where COMQ was not better"
+                 if n_fb else ""))
         print(f"time: capture {report.capture_seconds:.1f} s, solve {report.solve_seconds:.1f} s, total "
               f"{report.total_seconds:.1f} s; size {size_in / 1e6:.2f} MB -> {size_out / 1e6:.2f} MB "
               f"({size_in / max(size_out, 1):.1f}x smaller); wrote {a.output}")

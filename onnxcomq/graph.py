@@ -20,7 +20,7 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_OPS = ("Conv", "Gemm", "MatMul")
+SUPPORTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class XSpec:
 
     kind "rows": X = tensor reshaped to (-1, K) (``transpose`` for Gemm transA: X = A^T).
     kind "conv": X = im2col of an (N, C, *spatial) tensor with the conv's kernel/stride/pads/dilations, per group.
+    kind "convT": ConvTranspose as the equivalent stride-1 conv: the input is upsampled by ``strides`` (zeros
+    between pixels) and padded by ``pads`` (already converted to the equivalent conv's, may be negative = crop).
     Layers with equal XSpec on the same tensor share one Gram matrix.
     """
 
@@ -63,6 +65,14 @@ class Layer:
 
     def to_matrices(self, w: np.ndarray) -> list[np.ndarray]:
         """The stored weight -> one (m, n) matrix per group, rows = output channels, columns = X's columns."""
+        if self.op_type == "ConvTranspose":  # W[C_in, C_out/g, *k] -> per group the flipped conv kernel
+            cin = w.shape[0] // self.groups
+            spatial = tuple(range(2, w.ndim))
+            out = []
+            for k in range(self.groups):
+                wk = np.flip(w[k * cin:(k + 1) * cin], axis=spatial)  # (C_in/g, C_out/g, *k)
+                out.append(np.ascontiguousarray(np.swapaxes(wk, 0, 1)).reshape(w.shape[1], -1))
+            return out
         if self.op_type == "Conv":
             o = w.shape[0]
             flat = w.reshape(o, -1)
@@ -72,6 +82,13 @@ class Layer:
 
     def from_matrices(self, mats: list[np.ndarray]) -> np.ndarray:
         """Inverse of ``to_matrices`` (codes or dequantized weights back to the stored layout)."""
+        if self.op_type == "ConvTranspose":
+            cin = self.weight_shape[0] // self.groups
+            kshape = tuple(self.weight_shape[2:])
+            spatial = tuple(range(2, 2 + len(kshape)))
+            parts = [np.flip(np.swapaxes(mk.reshape((mk.shape[0], cin) + kshape), 0, 1), axis=spatial)
+                     for mk in mats]
+            return np.ascontiguousarray(np.concatenate(parts, axis=0))
         if self.op_type == "Conv":
             return np.concatenate(mats, axis=0).reshape(self.weight_shape)
         return mats[0].T if self.axis == 1 else mats[0]
@@ -124,9 +141,6 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> t
     for name, node in zip(names, g.node):
         if node.op_type in ("If", "Loop", "Scan"):
             skipped.append(Skipped(name, node.op_type, "control-flow subgraph: its layers are not quantized"))
-            continue
-        if node.op_type == "ConvTranspose":
-            skipped.append(Skipped(name, node.op_type, "ConvTranspose is not supported yet"))
             continue
         if node.op_type not in SUPPORTED_OPS:
             continue
@@ -195,6 +209,31 @@ def _make_layer(name, node, wname, shape, at):
         x = XSpec(node.input[0], "conv", fan_in=fan_in, kernel=kernel, strides=strides, pads=pads, dilations=dil,
                   group=group, auto_pad=auto_pad)
         return Layer(name, op, wname, shape, x, axis=0, groups=group)
+    if op == "ConvTranspose":
+        if len(shape) < 3:
+            return f"ConvTranspose weight {wname} has rank {len(shape)}, expected >= 3"
+        nsp = len(shape) - 2
+        group = int(at.get("group", 1))
+        kernel = tuple(int(k) for k in at.get("kernel_shape", shape[2:]))
+        if kernel != tuple(shape[2:]):
+            return f"kernel_shape {kernel} does not match weight {wname} {shape}"
+        auto_pad = at.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        if group != 1:
+            return ("grouped ConvTranspose: per-output-channel scales cannot be expressed on the weight's axis 1 "
+                    "(it holds C_out/group channels)")
+        if auto_pad not in ("NOTSET", "") or "output_shape" in at:
+            return "ConvTranspose with auto_pad or output_shape is not supported (give explicit pads)"
+        strides = tuple(int(s) for s in at.get("strides", [1] * nsp))
+        dil = tuple(int(d) for d in at.get("dilations", [1] * nsp))
+        pads = tuple(int(p) for p in at.get("pads", [0] * (2 * nsp)))
+        opad = tuple(int(p) for p in at.get("output_padding", [0] * nsp))
+        eq = tuple(dil[i] * (kernel[i] - 1) - pads[i] for i in range(nsp)) + \
+            tuple(dil[i] * (kernel[i] - 1) - pads[nsp + i] + opad[i] for i in range(nsp))
+        fan_in = shape[0] // group * int(np.prod(kernel))
+        x = XSpec(node.input[0], "convT", fan_in=fan_in, kernel=kernel, strides=strides, pads=eq, dilations=dil,
+                  group=group)
+        return Layer(name, op, wname, shape, x, axis=1, groups=group)
     if op == "MatMul":
         if len(shape) != 2:
             return f"MatMul weight {wname} has rank {len(shape)}; only 2-D weights are quantized"

@@ -76,6 +76,9 @@ def save_model(model: onnx.ModelProto, path, overwrite_guard=None) -> None:
     os.close(fd)
     try:
         onnx.save(model, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the output ordinary permissions
         os.replace(tmp, path)
     except Exception:
         if os.path.exists(tmp):

@@ -120,8 +120,9 @@ def _prepare(W, G, cfg: SolverConfig, xp):
     if xp is None:
         xp = array_module(W) if array_module(G) is array_module(W) else np
     dt = xp.float32 if cfg.dtype == "float32" else xp.float64
-    W = xp.asarray(W, dtype=dt)
-    G = xp.asarray(G, dtype=dt)
+    # C order matters: the sweep writes through flat views (reshape(-1) of an F-ordered array is a copy)
+    W = xp.ascontiguousarray(xp.asarray(W, dtype=dt))
+    G = xp.ascontiguousarray(xp.asarray(G, dtype=dt))
     _check_inputs(xp, W, G)
     return cfg, xp, W, G
 

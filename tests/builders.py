@@ -5,15 +5,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def conv_model(x_shape, w, bias=True, opset=17, **attrs):
-    """input -> Conv(W[, b]) -> output, batch dim dynamic."""
+def conv_model(x_shape, w, bias=True, opset=17, op="Conv", **attrs):
+    """input -> Conv(W[, b]) (or ConvTranspose) -> output, batch dim dynamic."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(w.astype(np.float32), "W")]
     inputs = ["input", "W"]
     if bias:
-        inits.append(numpy_helper.from_array(rng.standard_normal(w.shape[0]).astype(np.float32), "B"))
+        nout = w.shape[0] if op == "Conv" else w.shape[1] * attrs.get("group", 1)
+        inits.append(numpy_helper.from_array(rng.standard_normal(nout).astype(np.float32), "B"))
         inputs.append("B")
-    node = helper.make_node("Conv", inputs, ["output"], name="conv", **attrs)
+    node = helper.make_node(op, inputs, ["output"], name=op.lower(), **attrs)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
                                                                           ["N"] + list(x_shape[1:]))],
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None] * len(x_shape))],

@@ -53,6 +53,9 @@ def test_quantize_and_eval_shipped_cnn(tmp_path):
         assert layer["comq_error"] <= layer["rtn_error"]
     onnx.checker.check_model(str(out), full_check=True)
     assert os.path.getsize(out) < os.path.getsize(CNN) / 3
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     r = cli("eval", out, "--data", TEST)
     assert r.returncode == 0 and "top-1 accuracy" in r.stdout
     acc = float(r.stdout.split("accuracy")[1].split("%")[0])

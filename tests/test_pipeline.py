@@ -55,6 +55,50 @@ def test_im2col_reproduces_onnxruntime_conv(x_shape, w_shape, attrs):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+CONVT_CASES = [
+    ((2, 3, 5, 5), (3, 4, 3, 3), dict(strides=[2, 2])),
+    ((2, 3, 5, 6), (3, 2, 3, 3), dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1])),
+    ((1, 4, 4, 4), (4, 3, 2, 2), dict(strides=[2, 2])),
+    ((2, 2, 6, 5), (2, 5, 3, 2), dict(dilations=[2, 1], pads=[0, 1, 2, 0])),
+    ((2, 3, 9), (3, 2, 4), dict(strides=[3], pads=[4, 5])),  # pads larger than d*(k-1): crop
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,attrs", CONVT_CASES)
+def test_convtranspose_equivalent_conv_reproduces_onnxruntime(x_shape, w_shape, attrs):
+    from onnxcomq.capture import convtranspose_as_conv
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    model = builders.conv_model(x_shape, w, bias=False, op="ConvTranspose", kernel_shape=list(w_shape[2:]), **attrs)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    (y,) = ort_run(model, {"input": x})
+    (layer,), _ = find_layers(model)
+    assert layer.axis == 1 and layer.out_channels == w_shape[1]
+    up, spec = convtranspose_as_conv(x, layer.x)
+    X = im2col(up, spec)
+    (mat,) = layer.to_matrices(w)
+    np.testing.assert_array_equal(layer.from_matrices([mat]), w)
+    got = X[:, 0] @ mat.T
+    np.testing.assert_allclose(got, np.moveaxis(y, 1, -1).reshape(-1, w_shape[1]), rtol=1e-4, atol=1e-4)
+
+
+def test_convtranspose_quantized_end_to_end():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((3, 4, 3, 3)).astype(np.float32)
+    model = builders.conv_model((2, 3, 5, 5), w, op="ConvTranspose", kernel_shape=[3, 3], strides=[2, 2],
+                                pads=[1, 1, 1, 1])
+    x = rng.standard_normal((6, 3, 5, 5)).astype(np.float32)
+    q, rep = run(model, {"input": x}, QuantizeConfig(bits=4, device="cpu"))
+    onnx.checker.check_model(q, full_check=True)
+    dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear")
+    assert next(a.i for a in dq.attribute if a.name == "axis") == 1
+    (yq,) = ort_run(q, {"input": x})
+    (yr,) = ort_run(with_float_weights(model, _dequantized_reference(q)), {"input": x})
+    np.testing.assert_allclose(yq, yr, rtol=1e-5, atol=1e-5)
+    assert rep.layers[0].comq_error < rep.layers[0].rtn_error
+
+
 def test_streaming_gram_equals_direct_and_is_batch_invariant():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)

@@ -244,3 +244,17 @@ def test_float32_close_to_float64(xp):
     assert abs(f32.objective - f64.objective) <= 0.02 * f64.objective
     assert (f32.codes == f64.codes).mean() > 0.97
     assert to_numpy(xp.asarray(f32.qweight)).shape == W.shape
+
+
+@pytest.mark.parametrize("order", ["greedy", "cyclic"])
+def test_memory_layout_does_not_matter(xp, order):
+    """A transposed (Fortran-ordered) weight, as MatMul's B^T is, gives the same result as a C-ordered one."""
+    W, G = problem(12, 20, seed=5, kind="correlated")
+    cfg = SolverConfig(bits=4, order=order, dtype="float64")
+    want = comq_quantize(xp.asarray(W), xp.asarray(G), cfg)
+    got = comq_quantize(xp.asarray(np.asfortranarray(W)), xp.asarray(np.asfortranarray(G)), cfg)
+    np.testing.assert_array_equal(got.codes, want.codes)
+    assert got.objective == want.objective
+    got32 = comq_quantize(xp.asarray(np.asfortranarray(W.astype(np.float32))), xp.asarray(G), SolverConfig(
+        bits=4, order=order))
+    assert got32.objective <= rtn_quantize(W, G, cfg).objective

@@ -1,14 +1,9 @@
 #!/usr/bin/env bash
-# Set up a virtual environment (.venv) with onnxcomq and its test extra, then run the whole test suite.
+# Set up .venv with onnxcomq and its test extra, then run the whole test suite.
 # Usage: bash tools/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+bash tools/setup_venv.sh test
 set +e
 .venv/bin/python -m pytest -q -ra "$@"
 rc=$?

@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Quantize the shipped reference models with COMQ (default and official configurations) and round-to-nearest at
+8/4/3/2 bits in one run; print top-1 accuracy on the held-out test set, file size and wall time as a markdown table.
+
+    python tools/bench_e2e.py                       # both Fashion-MNIST models, all bit widths
+    python tools/bench_e2e.py --models cnn --bits 4 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from onnxcomq import QuantizeConfig, run  # noqa: E402
+from onnxcomq.evaluate import top1_accuracy  # noqa: E402
+from onnxcomq.modelio import save_model  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+MODELS = {"cnn": "models/fmnist_cnn.onnx", "vit": "models/fmnist_vit.onnx"}
+METHODS = {
+    "COMQ": dict(),
+    "COMQ official": dict(official=True),
+    "RTN": dict(method="rtn"),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--bits", nargs="+", type=int, default=[8, 4, 3, 2])
+    ap.add_argument("--calib", default="models/fmnist_calib.npz")
+    ap.add_argument("--test", default="models/fmnist_test.npz")
+    ap.add_argument("--max-samples", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    os.chdir(ROOT)
+    print("| model | bits | method | top-1 % | drop (points) | size KB | x smaller | time s | mean layer err ratio "
+          "vs RTN |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            path = MODELS[name]
+            acc_f, _ = top1_accuracy(path, args.test)
+            size_f = os.path.getsize(path)
+            print(f"| {name} | float | - | {100 * acc_f:.2f} | - | {size_f / 1e3:.0f} | 1.0 | - | - |")
+            for bits in args.bits:
+                for label, kw in METHODS.items():
+                    cfg = QuantizeConfig(bits=bits, device=args.device, max_samples=args.max_samples, **kw)
+                    t = time.perf_counter()
+                    model, rep = run(path, args.calib, cfg)
+                    out = os.path.join(tmp, f"{name}.{bits}.onnx")
+                    save_model(model, out)
+                    dt = time.perf_counter() - t
+                    acc, _ = top1_accuracy(out, args.test)
+                    size = os.path.getsize(out)
+                    ratios = [L.comq_error / L.rtn_error for L in rep.layers if L.rtn_error > 0]
+                    print(f"| {name} | W{bits} | {label} | {100 * acc:.2f} | {100 * (acc_f - acc):+.2f} | "
+                          f"{size / 1e3:.0f} | {size_f / size:.1f} | {dt:.1f} | "
+                          f"{sum(ratios) / len(ratios):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
