@@ -49,32 +49,48 @@ def model_inputs(model: onnx.ModelProto) -> list[InputInfo]:
     return out
 
 
-def _check_array(where: str, info: InputInfo, a) -> np.ndarray:
+class _Meta:
+    """Shape and dtype of an array not read yet (validates .npz headers before any data is loaded)."""
+
+    def __init__(self, dtype, shape: tuple):
+        self.dtype, self.shape, self.ndim = np.dtype(dtype), tuple(shape), len(shape)
+
+
+def _check_layout(where: str, info: InputInfo, dtype, shape) -> None:
+    """Dtype kind, rank, static dims and emptiness: everything that a file header already tells."""
+    if dtype == object:
+        raise UserError(f"{where}: input {info.name} holds Python objects, expected numeric data")
+    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        raise UserError(f"{where}: input {info.name} has dtype {dtype}, the model expects "
+                        f"{np.dtype(info.dtype).name}")
+    if len(shape) != len(info.shape):
+        raise UserError(f"{where}: input {info.name} has rank {len(shape)} (shape {tuple(shape)}), the model "
+                        f"expects rank {len(info.shape)} {_fmt_shape(info.shape)}")
+    for ax, (got, want) in enumerate(zip(shape, info.shape)):
+        if ax > 0 and want is not None and got != want:
+            raise UserError(f"{where}: input {info.name} has shape {tuple(shape)}, the model expects "
+                            f"{_fmt_shape(info.shape)} (axis {ax}: {got} != {want})")
+    if shape[0] == 0:
+        raise UserError(f"{where}: input {info.name} is empty (0 samples)")
+    if not np.issubdtype(info.dtype, np.floating) and np.issubdtype(dtype, np.floating):
+        pass  # float data for an integer input: allowed when the values are integers (checked on the data)
+    elif np.issubdtype(info.dtype, np.floating) and not (np.issubdtype(dtype, np.floating)
+                                                         or np.issubdtype(dtype, np.integer)):
+        raise UserError(f"{where}: input {info.name} has dtype {dtype}, the model expects "
+                        f"{np.dtype(info.dtype).name}")
+
+
+def _check_array(where: str, info: InputInfo, a):
+    if isinstance(a, _Meta):
+        _check_layout(where, info, a.dtype, a.shape)
+        return a
     if not isinstance(a, np.ndarray):
         a = np.asarray(a)
-    if a.dtype == object:
-        raise UserError(f"{where}: input {info.name} holds Python objects, expected numeric data")
-    if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
-        raise UserError(f"{where}: input {info.name} has dtype {a.dtype}, the model expects "
-                        f"{np.dtype(info.dtype).name}")
-    if a.ndim != len(info.shape):
-        raise UserError(f"{where}: input {info.name} has rank {a.ndim} (shape {a.shape}), the model expects rank "
-                        f"{len(info.shape)} {_fmt_shape(info.shape)}")
-    for ax, (got, want) in enumerate(zip(a.shape, info.shape)):
-        if ax > 0 and want is not None and got != want:
-            raise UserError(f"{where}: input {info.name} has shape {a.shape}, the model expects "
-                            f"{_fmt_shape(info.shape)} (axis {ax}: {got} != {want})")
-    if a.shape[0] == 0:
-        raise UserError(f"{where}: input {info.name} is empty (0 samples)")
-    want_float = np.issubdtype(info.dtype, np.floating)
-    if want_float:
-        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
-            raise UserError(f"{where}: input {info.name} has dtype {a.dtype}, the model expects "
-                            f"{np.dtype(info.dtype).name}")
-        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+    _check_layout(where, info, a.dtype, a.shape)
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
             raise UserError(f"{where}: input {info.name} contains NaN or Inf values")
-    elif np.issubdtype(a.dtype, np.floating):
-        if not np.isfinite(a).all() or not np.array_equal(a, np.round(a)):
+        if not np.issubdtype(info.dtype, np.floating) and not np.array_equal(a, np.round(a)):
             raise UserError(f"{where}: input {info.name} has dtype {a.dtype} with non-integer values, the model "
                             f"expects {np.dtype(info.dtype).name}")
     return a.astype(info.dtype, copy=False)
@@ -120,6 +136,92 @@ def _load_npz(path: str) -> dict:
         raise UserError(f"{path}: cannot read calibration data: {e}") from None
     except (OSError, zipfile.BadZipFile, EOFError) as e:
         raise UserError(f"{path}: cannot read calibration data: {e}") from None
+
+
+class NpzStream:
+    """Reads the arrays of an .npz a slice of samples at a time, without loading whole arrays.
+
+    Members are parsed with numpy's own .npy header reader (pickled object arrays are refused); C-ordered arrays
+    are read in chunks straight from the (possibly compressed) zip member, so memory stays O(batch).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._zip = zipfile.ZipFile(path)
+            self.members = {n[:-4]: n for n in self._zip.namelist() if n.endswith(".npy")}
+            self.headers = {}
+            for key, member in self.members.items():
+                with self._zip.open(member) as f:
+                    self.headers[key] = self._header(f)
+        except UserError:
+            raise
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError, KeyError) as e:
+            raise UserError(f"{path}: cannot read calibration data: {e}") from None
+        if not self.members:
+            raise UserError(f"{path}: the .npz holds no arrays")
+
+    def _header(self, f):
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise UserError(f"{self.path}: unsupported .npy format version {version}")
+        if dtype.hasobject:
+            raise UserError(f"{self.path}: holds pickled Python objects, which are refused (they could run code); "
+                            "save plain numeric arrays with numpy.savez")
+        return shape, fortran, dtype
+
+    def shape(self, key):
+        return self.headers[key][0]
+
+    def dtype(self, key):
+        return self.headers[key][2]
+
+    def chunks(self, keys, size: int):
+        """Yield dicts {key: array of up to ``size`` samples} in order, all keys in lockstep."""
+        files, rowbytes = {}, {}
+        try:
+            for k in keys:
+                shape, fortran, dtype = self.headers[k]
+                if fortran or len(shape) == 0:  # rare: read it whole
+                    files[k] = None
+                    continue
+                f = self._zip.open(self.members[k])
+                self._header(f)
+                files[k] = f
+                rowbytes[k] = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            whole = {k: _load_npz_member(self.path, self._zip, self.members[k]) for k in keys if files[k] is None}
+            n = min(self.shape(k)[0] if self.shape(k) else 0 for k in keys)
+            for start in range(0, n, size):
+                count = min(size, n - start)
+                out = {}
+                for k in keys:
+                    if files[k] is None:
+                        out[k] = whole[k][start:start + count]
+                        continue
+                    shape, _, dtype = self.headers[k]
+                    buf = files[k].read(count * rowbytes[k])
+                    if len(buf) != count * rowbytes[k]:
+                        raise UserError(f"{self.path}: array {k} is truncated")
+                    out[k] = np.frombuffer(buf, dtype).reshape((count,) + tuple(shape[1:]))
+                yield out
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+            raise UserError(f"{self.path}: cannot read calibration data: {e}") from None
+        finally:
+            for f in files.values():
+                if f is not None:
+                    f.close()
+
+
+def _load_npz_member(path, zf, member):
+    with zf.open(member) as f:
+        try:
+            return np.lib.format.read_array(f, allow_pickle=False)
+        except ValueError as e:
+            raise UserError(f"{path}: cannot read {member}: {e}") from None
 
 
 def _load_npy(path: str) -> np.ndarray:
@@ -175,8 +277,8 @@ class Calibration:
         self.seed = seed
         self.is_random = isinstance(source, str) and source == "random"
         self._source = source
-        self._chunks_fn = self._resolve(source)
         self.num_samples = None
+        self._chunks_fn = self._resolve(source)
         if self._arrays is not None:
             n = next(iter(self._arrays.values())).shape[0]
             self.num_samples = min(n, max_samples) if max_samples else n
@@ -203,8 +305,12 @@ class Calibration:
                     self._files = [path]
                     return self._folder_chunks
                 raise UserError(f"{path}: calibration file must be .npz (keys = model input names) or .npy")
-            self._arrays = _check_feed(path, self.inputs, _load_npz(path))
-            return self._array_chunks
+            self._npz = NpzStream(path)
+            _check_feed(path, self.inputs, {k: _Meta(self._npz.dtype(k), self._npz.shape(k))
+                                            for k in self._npz.members})
+            n = self._npz.shape(self.inputs[0].name)[0]
+            self.num_samples = min(n, self.max_samples) if self.max_samples else n
+            return self._npz_chunks
         if isinstance(source, dict):
             self._arrays = _check_feed("calibration dict", self.inputs, source)
             return self._array_chunks
@@ -217,6 +323,16 @@ class Calibration:
 
     def _array_chunks(self):
         yield self._arrays
+
+    def _npz_chunks(self):
+        names = [i.name for i in self.inputs]
+        limit = self.max_samples
+        for chunk in self._npz.chunks(names, self.batch_size):
+            yield _check_feed(self._npz.path, self.inputs, chunk)
+            if limit is not None:
+                limit -= next(iter(chunk.values())).shape[0]
+                if limit <= 0:
+                    break
 
     def _folder_chunks(self):
         for f in self._files:

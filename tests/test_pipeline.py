@@ -288,3 +288,25 @@ def test_rtn_method_matches_nearest_grid_point():
     assert np.all(np.abs(deq["W0"] - w) <= step[:, None] / 2 + 1e-6)
     for L in rep.layers:
         assert L.comq_error == pytest.approx(L.rtn_error)
+
+
+@pytest.mark.parametrize("writer", ["savez", "savez_compressed", "fortran"])
+def test_npz_is_streamed_in_batches_and_equals_in_memory(tmp_path, writer):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((23, 6)).astype(np.float32)
+    path = tmp_path / "c.npz"
+    if writer == "fortran":
+        np.savez(path, input=np.asfortranarray(x))
+    else:
+        getattr(np, writer)(path, input=x)
+    m = builders.mlp_model([6, 5, 4])
+    inputs = model_inputs(m)
+    cal = Calibration(str(path), inputs, batch_size=5, max_samples=17)
+    assert cal.num_samples == 17
+    batches = list(cal)
+    assert [b["input"].shape[0] for b in batches] == [5, 5, 5, 2]
+    np.testing.assert_array_equal(np.concatenate([b["input"] for b in batches]), x[:17])
+    assert list(cal)[0]["input"].shape == (5, 6)  # re-iterable
+    a = quantize(m, str(path), QuantizeConfig(bits=4, device="cpu", batch_size=4))
+    b = quantize(m, {"input": x}, QuantizeConfig(bits=4, device="cpu", batch_size=4))
+    assert a.SerializeToString() == b.SerializeToString()
