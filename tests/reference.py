@@ -65,3 +65,13 @@ def step_loop(W, G, scale, lo, hi, order, sweeps=1, scale_update=False, per_tens
 def objective(W, Q, G):
     E = np.asarray(W, np.float64) - np.asarray(Q, np.float64)
     return float(np.einsum("in,nk,ik->", E, np.asarray(G, np.float64), E))
+
+
+def order(W, G, name):
+    """The coordinate order: per row (greedy, (m, n)) or shared ((n,)), ties in column order."""
+    g = np.sqrt(np.maximum(np.diag(G), 0))
+    if name == "greedy":
+        return np.argsort(-(np.abs(W) * g[None, :]), axis=1, kind="stable")
+    if name == "importance":
+        return np.argsort(-(g * np.linalg.norm(W, axis=0)), kind="stable")
+    return np.arange(W.shape[1])

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 import reference as ref
 from onnxcomq.backend import gpu_available, to_numpy
 from onnxcomq.grid import make_grid
-from onnxcomq.solver import SolverConfig, comq_quantize, greedy_order, objective, rtn_quantize
+from onnxcomq.solver import SolverConfig, comq_quantize, objective, rtn_quantize
 
 BACKENDS = ["numpy", pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not gpu_available(), reason="no CUDA device: GPU tests skipped")])]
@@ -40,7 +40,7 @@ def problem(m, n, seed, kind="random", N=None):
 
 def run_reference(W, G, cfg: SolverConfig):
     grid = make_grid(W, cfg.bits, cfg.scheme, cfg.granularity, cfg.lam, cfg.zero_in_range)
-    order = greedy_order(W, np.diag(G)) if cfg.order == "greedy" else np.arange(W.shape[1])
+    order = ref.order(W, G, cfg.order)
     return ref.step_loop(W, G, grid.scale, grid.lo, grid.hi, order, sweeps=cfg.sweeps,
                          scale_update=cfg.scale_update, per_tensor=cfg.granularity == "tensor")
 
@@ -70,7 +70,7 @@ def test_official_codes_equal_step_loop(xp, m, n, order, sweeps, block, kind):
 
 @pytest.mark.parametrize("scheme,granularity", [("asym", "channel"), ("sym", "channel"), ("asym", "tensor"),
                                                 ("sym", "tensor")])
-@pytest.mark.parametrize("order", ["greedy", "cyclic"])
+@pytest.mark.parametrize("order", ["greedy", "cyclic", "importance"])
 def test_improved_configs_equal_step_loop(xp, scheme, granularity, order):
     """Sweeps + scale updates, every scheme and granularity, against the step loop with the same extras."""
     W, G = problem(8, 45, seed=7, kind="correlated")
@@ -85,7 +85,7 @@ def test_improved_configs_equal_step_loop(xp, scheme, granularity, order):
     np.testing.assert_allclose(got.qweight, Q, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("order", ["greedy", "cyclic"])
+@pytest.mark.parametrize("order", ["greedy", "cyclic", "importance"])
 @pytest.mark.parametrize("scale_update", [False, True])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_objective_never_increases(xp, order, scale_update, dtype):
@@ -214,7 +214,7 @@ def test_bad_config_raises(field, value):
 
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(1, 6), n=st.integers(1, 40), bits=st.integers(2, 8), seed=st.integers(0, 10_000),
-       order=st.sampled_from(["greedy", "cyclic"]), block=st.sampled_from([0, 1, 5, 16]),
+       order=st.sampled_from(["greedy", "cyclic", "importance"]), block=st.sampled_from([0, 1, 5, 16]),
        scheme=st.sampled_from(["asym", "sym"]))
 def test_property_blocked_equals_step_loop(m, n, bits, seed, order, block, scheme):
     W, G = problem(m, n, seed=seed, kind="correlated", N=max(2, n // 2))  # also rank-deficient G
