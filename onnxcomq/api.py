@@ -137,7 +137,9 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
         tl = time.perf_counter()
         w = load_weight(model, layer.weight)
         mats = layer.to_matrices(w)
-        grams = [sum(stats[spec].G[k] for _, spec in layer.consumers) for k in range(layer.groups)]
+        specs_used = [spec for _, spec in layer.consumers]
+        grams = [stats[specs_used[0]].G[k] if len(specs_used) == 1 else sum(stats[s].G[k] for s in specs_used)
+                 for k in range(layer.groups)]
         rows = sum(stats[spec].rows for _, spec in layer.consumers)
         codes, deq, scales, zps = [], [], [], []
         num_c = num_r = den = 0.0

@@ -33,9 +33,9 @@ class Grid:
     def levels(self) -> int:
         return 1 << self.bits
 
-    def values(self, level):
-        """Grid values of integer levels (m, n): level * scale per row."""
-        return level * self.scale[:, None]
+    def values(self, level, transposed: bool = False):
+        """Grid values of integer levels (m, n) (or (n, m) if ``transposed``): level * scale per row."""
+        return level * (self.scale[None, :] if transposed else self.scale[:, None])
 
     def nearest(self, t, rows=None):
         """Nearest grid point of ``t`` per row; ties go to the lower level (the official ``torch.min`` rule).
@@ -55,13 +55,34 @@ class Grid:
         take_b = xp.abs(t - b) < xp.abs(t - a)
         return xp.where(take_b, b, a), xp.where(take_b, k1, k)
 
-    @property
-    def _inv(self):
-        return 1 / self.scale
+    def nearest_value(self, t):
+        """The nearest grid value for one value per row (t of shape (m,)): the solver's inner step, in 6 vector ops.
 
-    @property
-    def _hi1(self):
-        return self.hi - 1
+        level = ceil(t / scale - 1/2) rounds ties down like ``nearest``; it differs from the exact comparison of
+        ``nearest`` only where t is within rounding of a midpoint between two levels (equally good choices).
+        """
+        xp = array_module(t)
+        k = t * self._inv
+        k -= 0.5
+        xp.ceil(k, out=k)
+        xp.maximum(k, self.lo, out=k)
+        xp.minimum(k, self.hi, out=k)
+        k *= self.scale
+        return k
+
+    def levels_of(self, q, transposed: bool = False):
+        """Integer levels of grid values q (m, n) or (n, m) (exact: q = level * scale with |level| <= 255)."""
+        lv = q * (self._inv[None, :] if transposed else self._inv[:, None])
+        return array_module(q).rint(lv, out=lv)
+
+    def __post_init__(self):
+        self.set_scale(self.scale)
+        self._hi1 = self.hi - 1
+
+    def set_scale(self, scale):
+        """Replace the scales (after a scale update); keeps the cached reciprocal in step."""
+        self.scale = scale
+        self._inv = 1 / scale
 
     def zero_point(self):
         """ONNX zero point per row: -lo for asym (unsigned codes), 0 for sym (signed codes)."""

@@ -143,14 +143,14 @@ def _prepare(W, G, cfg: SolverConfig, xp):
     return cfg, xp, W, G
 
 
-def _result(xp, W, G, grid: Grid, Q, level, history) -> QuantResult:
+def _result(xp, W, G, grid: Grid, Q, level, history, obj=None) -> QuantResult:
     codes = grid.codes(level)
     return QuantResult(
         codes=to_numpy(codes).astype(np.int32),
         scale=to_numpy(grid.scale).astype(W.dtype),
         zero_point=to_numpy(grid.zero_point()).astype(np.int32),
         qweight=to_numpy(Q),
-        objective=objective(W, Q, G),
+        objective=objective(W, Q, G) if obj is None else obj,
         history=history,
         bits=grid.bits, scheme=grid.scheme, granularity=grid.granularity,
     )
@@ -168,80 +168,105 @@ def _default_block(m: int, n: int, per_row: bool) -> int:
     if per_row:
         # the gathered sub-Grams are m * B * B; keep them around 16 M elements
         return int(max(16, min(128, n, math.isqrt(max(1, (1 << 24) // max(m, 1))))))
-    return int(min(128, n))
+    return int(min(256, n))
 
 
-def _sweep(xp, W, Q, level, R, G, g, gsafe, grid: Grid, order, block: int, sub: int = 16):
-    """One exact pass over all coordinates in ``order`` ((n,) shared or (m, n) per row); updates Q, level, R.
+def _step_block(xp, Rb, Qb, Wb, gb, gs, Gs, nearest, per_row: bool, sub: int):
+    """The steps of one block, in place on (B, m) arrays: row k of Rb/Qb/Wb is step k's coordinate in every row.
 
-    Inside a block the arrays are held transposed, (B, m), so that each step reads and writes contiguous rows.
+    gb/gs: G_jj (and G_jj with 0 -> 1) per step, (B, 1) for a shared order or (B, m) per row. Gs: the block's
+    sub-Gram, (B, B, 1) shared or (B, B, m) per row. The block is split recursively into chunks (4 per level,
+    down to ``sub`` steps); a finished chunk updates the later rows of its parent with one GEMM, and inside the
+    smallest chunks each step updates the next rows directly. Returns the changes D = Q_old - Q_new (B, m).
     """
-    m, n = W.shape
-    per_row = order.ndim == 2
-    Qf, Lf, Wf, Rf = Q.reshape(-1), level.reshape(-1), W.reshape(-1), R.reshape(-1)
-    row_base = (xp.arange(m) * n)[None, :]
+    live = gb > 0
+    has_dead = not bool(live.all())  # dead inputs (G_jj = 0) keep the nearest grid point of w_ij
+    Q0 = Qb.copy()
+
+    def steps(a, e):
+        for t in range(a, e):
+            qt = Qb[t]
+            target = Rb[t] / gs[t]
+            target += qt
+            if has_dead:
+                target = xp.where(live[t], target, Wb[t])
+            q = nearest(target)
+            d = qt - q
+            Qb[t] = q
+            if t + 1 < e:
+                Rb[t + 1:e] += Gs[t, t + 1:e] * d
+
+    def chunk(a, e):
+        if e - a <= sub:
+            steps(a, e)
+            return
+        size = max(sub, -(-(e - a) // 4))
+        for c in range(a, e, size):
+            c1 = min(c + size, e)
+            chunk(c, c1)
+            if c1 < e:
+                Dc = Q0[c:c1] - Qb[c:c1]  # (s, m)
+                if per_row:
+                    Rb[c1:e] += xp.einsum("si,ski->ki", Dc, Gs[c:c1, c1:e])
+                else:
+                    Rb[c1:e] += Gs[c1:e, c:c1, 0] @ Dc
+
+    chunk(0, Rb.shape[0])
+    return Q0 - Qb
+
+
+def _sweep_shared(xp, Wt, Qt, Rt, G, g, gsafe, grid: Grid, block: int, sub: int = 16):
+    """One exact cyclic pass in the transposed layout: Wt, Qt, Rt are (n, m) (Rt = G (W - Q)^T), so a block of
+    coordinates is a slice of rows and every step works on one contiguous row. Any shared order is turned into
+    this cyclic one by permuting W and G beforehand."""
+    n = Wt.shape[0]
+    nearest = grid.nearest_value
     for t0 in range(0, n, block):
         t1 = min(t0 + block, n)
-        B = t1 - t0
-        if per_row:
-            S = order[:, t0:t1].T  # (B, m): the coordinate of row i at step t0 + k
-            flat = row_base + S
-            Rb, Qb, Lb, Wb = Rf[flat], Qf[flat], Lf[flat], Wf[flat]
-            gb, gs = g[S], gsafe[S]
-            # Gs[k, l, i] = G[S[k, i], S[l, i]]
-            Gs = G.reshape(-1)[S[:, None, :] * n + S[None, :, :]]
-        else:
-            S = order[t0:t1]
-            Rb, Qb, Lb, Wb = (xp.ascontiguousarray(a[:, S].T) for a in (R, Q, level, W))
-            gb, gs = g[S][:, None], gsafe[S][:, None]
-            Gs = G[S][:, S][:, :, None]
-        Q0 = Qb.copy()
-        for a in range(0, B, sub):
-            e = min(a + sub, B)
-            for t in range(a, e):
-                target = xp.where(gb[t] > 0, Qb[t] + Rb[t] / gs[t], Wb[t])
-                q, lv = grid.nearest(target)
-                d = Qb[t] - q
-                Qb[t] = q
-                Lb[t] = lv
-                if t + 1 < e:
-                    Rb[t + 1:e] += Gs[t, t + 1:e] * d[None, :]
-            if e < B:
-                Dsub = Q0[a:e] - Qb[a:e]  # (s, m)
-                if per_row:
-                    Rb[e:] += xp.einsum("si,ski->ki", Dsub, Gs[a:e, e:])
-                else:
-                    Rb[e:] += Gs[e:, a:e, 0] @ Dsub
-        D = Q0 - Qb  # (B, m)
-        if per_row:
-            Qf[flat] = Qb
-            Lf[flat] = Lb
-            Dsp = xp.zeros_like(R)
-            Dsp.reshape(-1)[flat] = D
-            R += Dsp @ G
-        else:
-            Q[:, S] = Qb.T
-            level[:, S] = Lb.T
-            R += D.T @ G[S, :]
+        # the steps update a copy of the block's rows of R; then every row of R, the block's own included, gets
+        # all of the block's changes in one GEMM
+        D = _step_block(xp, Rt[t0:t1].copy(), Qt[t0:t1], Wt[t0:t1], g[t0:t1, None], gsafe[t0:t1, None],
+                        G[t0:t1, t0:t1, None], nearest, False, sub)
+        Rt += G[:, t0:t1] @ D
 
 
-def _scale_update(xp, W, level, R, G, grid: Grid):
+def _sweep_rows(xp, W, Q, R, G, g, gsafe, grid: Grid, order, block: int, sub: int = 16):
+    """One exact pass with a per-row order (m, n) in the (m, n) layout: each block gathers, per row, the step's
+    coordinates and their sub-Gram; the block's changes reach all of R by a scatter and one GEMM."""
+    m, n = W.shape
+    Qf, Wf, Rf = Q.reshape(-1), W.reshape(-1), R.reshape(-1)
+    row_base = (xp.arange(m) * n)[None, :]
+    for t0 in range(0, n, block):
+        S = order[:, t0:min(t0 + block, n)].T  # (B, m): the coordinate of row i at step t0 + k
+        flat = row_base + S
+        Qb = Qf[flat]
+        Gs = G.reshape(-1)[S[:, None, :] * n + S[None, :, :]]  # Gs[k, l, i] = G[S[k, i], S[l, i]]
+        D = _step_block(xp, Rf[flat], Qb, Wf[flat], g[S], gsafe[S], Gs, grid.nearest_value, True, sub)
+        Qf[flat] = Qb
+        Dsp = xp.zeros_like(R)
+        Dsp.reshape(-1)[flat] = D
+        R += Dsp @ G
+
+
+def _scale_update(xp, W, level, R, G, grid: Grid, transposed: bool = False):
     """Closed-form best scale for fixed integer levels (per row, or one per layer); keeps the old one if not > 0.
 
     q_i = scale_i * c_i with integer levels c_i, so scale_i = (c_i^T G w_i) / (c_i^T G c_i). Returns the new
     R = (W - Q) G from the same product C G: R_new = R_old + (scale_old - scale_new) * C G (one GEMM, not two).
+    ``transposed``: W, level, R are (n, m) and R = G (W - Q)^T.
     """
-    C = level
-    CG = C @ G
-    num = (CG * W).sum(axis=1)
-    den = (CG * C).sum(axis=1)
+    ax = 0 if transposed else 1
+    CG = G @ level if transposed else level @ G
+    num = (CG * W).sum(axis=ax)
+    den = (CG * level).sum(axis=ax)
     if grid.granularity == "tensor":
         num = xp.full_like(num, num.sum())
         den = xp.full_like(den, den.sum())
     ok = (den > 0) & (num > 0)
     new = xp.where(ok, num / xp.where(ok, den, 1), grid.scale).astype(W.dtype)
-    R = R + (grid.scale - new)[:, None] * CG
-    grid.scale = new
+    step = grid.scale - new
+    R = R + (step[None, :] if transposed else step[:, None]) * CG
+    grid.set_scale(new)
     return R
 
 
@@ -255,22 +280,46 @@ def comq_quantize(W, G, cfg: SolverConfig = SolverConfig(), xp=None) -> QuantRes
     grid = make_grid(W, cfg.bits, cfg.scheme, cfg.granularity, cfg.lam, cfg.zero_in_range)
     g = xp.ascontiguousarray(xp.diagonal(G)).copy()
     gsafe = xp.where(g > 0, g, 1)
-    Q = W.copy()  # the official start: Q = W, so R = (W - Q) G = 0
-    level = xp.zeros_like(W)
-    R = xp.zeros_like(W)
-    per_row = cfg.order == "greedy"
-    order = greedy_order(W, g) if per_row else importance_order(W, g) if cfg.order == "importance" \
-        else xp.arange(n)
-    block = cfg.block_size or _default_block(m, n, per_row)
     history = []
-    for _ in range(cfg.sweeps):
-        _sweep(xp, W, Q, level, R, G, g, gsafe, grid, order, block)
-        history.append(_objective_from_R(W, Q, R))
-        if cfg.scale_update:
-            R = _scale_update(xp, W, level, R, G, grid)
-            Q = grid.values(level)
+    if cfg.order == "greedy":  # per-row orders: (m, n) layout with gathers
+        order = greedy_order(W, g)
+        block = cfg.block_size or _default_block(m, n, True)
+        Q = W.copy()  # the official start: Q = W, so R = (W - Q) G = 0
+        R = xp.zeros_like(W)
+        for _ in range(cfg.sweeps):
+            _sweep_rows(xp, W, Q, R, G, g, gsafe, grid, order, block)
+            level = grid.levels_of(Q)
             history.append(_objective_from_R(W, Q, R))
-    return _result(xp, W, G, grid, Q, level, history)
+            if cfg.scale_update:
+                R = _scale_update(xp, W, level, R, G, grid)
+                Q = grid.values(level)
+                history.append(_objective_from_R(W, Q, R))
+        return _result(xp, W, G, grid, Q, level, history, obj=history[-1])
+
+    # shared orders: permute the columns so that the order is cyclic, and work in the transposed layout
+    perm = importance_order(W, g) if cfg.order == "importance" else None
+    Wp, Gp, gp, gsp = W, G, g, gsafe
+    if perm is not None:
+        Wp, Gp, gp, gsp = W[:, perm], G[perm][:, perm], g[perm], gsafe[perm]
+    Wt = xp.ascontiguousarray(Wp.T)
+    Gp = xp.ascontiguousarray(Gp)
+    Qt = Wt.copy()
+    Rt = xp.zeros_like(Wt)
+    block = cfg.block_size or _default_block(m, n, False)
+    for _ in range(cfg.sweeps):
+        _sweep_shared(xp, Wt, Qt, Rt, Gp, gp, gsp, grid, block)
+        level_t = grid.levels_of(Qt, transposed=True)
+        history.append(_objective_from_R(Wt, Qt, Rt))
+        if cfg.scale_update:
+            Rt = _scale_update(xp, Wt, level_t, Rt, Gp, grid, transposed=True)
+            Qt = grid.values(level_t, transposed=True)
+            history.append(_objective_from_R(Wt, Qt, Rt))
+    Q, level = xp.empty_like(W), xp.empty_like(W)
+    cols = perm if perm is not None else slice(None)
+    Q[:, cols] = Qt.T
+    level[:, cols] = level_t.T
+    # the last history entry is the final objective, from R (exact up to the float drift of the lazy updates)
+    return _result(xp, W, G, grid, Q, level, history, obj=history[-1])
 
 
 def quantize_layer(W, G, cfg: SolverConfig = SolverConfig(), device: str = "cpu"):

@@ -2,7 +2,7 @@
 """Time one COMQ sweep at real layer shapes against the dense GEMM time of the same flops, measured in the same run.
 
 One exact sweep does the work of one (m x n) @ (n x n) GEMM (2 m n^2 flops: R += D @ G over all blocks), so the
-baseline is ``A @ G`` for A (m, n), G (n, n) in the same dtype. Prints a markdown table of times and ratios for both
+baseline is ``A @ G`` for A (m, n), G (n, n) in the same dtype. The grid set-up is inside the timed sweep. Prints a markdown table of times and ratios for both
 update orders. Use --device gpu to run the same code on CuPy.
 
     python tools/bench_solver.py                  # CPU, float32
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from onnxcomq.backend import get_xp  # noqa: E402
 from onnxcomq.grid import make_grid  # noqa: E402
-from onnxcomq.solver import _default_block, _sweep, greedy_order  # noqa: E402
+from onnxcomq.solver import _default_block, _sweep_rows, _sweep_shared, greedy_order  # noqa: E402
 
 SHAPES = [(768, 768, "attention proj"), (3072, 768, "MLP up"), (768, 3072, "MLP down"), (4608, 512, "conv 3x3x512")]
 
@@ -66,13 +66,19 @@ def main(argv=None):
         g = xp.diagonal(G).copy()
         gsafe = xp.where(g > 0, g, 1)
         row = [f"{what} ({m} x {n})", f"{t_gemm * 1e3:.1f}"]
+        Wt = xp.ascontiguousarray(W.T)
         for order_name in ("cyclic", "greedy"):
-            order = greedy_order(W, g) if order_name == "greedy" else xp.arange(n)
             block = args.block_size or _default_block(m, n, order_name == "greedy")
+            if order_name == "greedy":
+                order = greedy_order(W, g)
 
-            def one_sweep():
-                grid = make_grid(W, args.bits)
-                _sweep(xp, W, W.copy(), xp.zeros_like(W), xp.zeros_like(W), G, g, gsafe, grid, order, block)
+                def one_sweep():
+                    grid = make_grid(W, args.bits)
+                    _sweep_rows(xp, W, W.copy(), xp.zeros_like(W), G, g, gsafe, grid, order, block)
+            else:
+                def one_sweep():  # the solver's own layout for shared orders: (n, m)
+                    grid = make_grid(W, args.bits)
+                    _sweep_shared(xp, Wt, Wt.copy(), xp.zeros_like(Wt), G, g, gsafe, grid, block)
 
             t = best_of(one_sweep, xp, args.repeats)
             row += [f"{t * 1e3:.1f}", f"{t / t_gemm:.2f}x"]
