@@ -37,6 +37,25 @@ class QuantizedWeight:
             return ml_dtypes.int4 if self.signed else ml_dtypes.uint4
         return np.int8 if self.signed else np.uint8
 
+    def storage(self):
+        """(codes, zero_point, dtype) as stored. Codes whose zero point does not fit the b-bit type (the official
+        min-max grid of a row whose weights all have one sign does not contain 0) are stored as signed levels
+        ``codes - zero_point`` with zero point 0 in the smallest signed type that holds them (int8, int16, int32)."""
+        lo, hi = (-(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1) if self.signed else (0, (1 << self.bits) - 1)
+        if self.codes.min() < lo or self.codes.max() > hi:
+            raise ValueError(f"codes of {self.name} outside the {self.bits}-bit range [{lo}, {hi}]")
+        if lo <= self.zero_point.min() and self.zero_point.max() <= hi:
+            return self.codes, self.zero_point, self.code_dtype()
+        shape = [1] * self.codes.ndim
+        if self.zero_point.ndim:
+            shape[self.axis] = -1
+        levels = self.codes.astype(np.int64) - self.zero_point.astype(np.int64).reshape(shape)
+        for dt in (np.int8, np.int16, np.int32):
+            info = np.iinfo(dt)
+            if info.min <= levels.min() and levels.max() <= info.max:
+                return levels, np.zeros_like(self.zero_point), dt
+        raise ValueError(f"levels of {self.name} do not fit int32")
+
     def dequantized(self) -> np.ndarray:
         """What DequantizeLinear computes (float32), in the stored layout."""
         shape = [1] * self.codes.ndim
@@ -54,8 +73,9 @@ def _opset(model) -> int:
     raise UserError("model has no default-domain (ai.onnx) opset import")
 
 
-def required_opset(bits: int) -> int:
-    return 21 if bits <= 4 else 13
+def required_opset(dtype) -> int:
+    """DequantizeLinear with a per-channel axis needs opset 13; int4/uint4 and int16 inputs need 21."""
+    return 21 if dtype in (ml_dtypes.int4, ml_dtypes.uint4, np.int16) else 13
 
 
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
@@ -85,7 +105,8 @@ def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: d
     """A new model in which every weight of ``weights`` is replaced by a DequantizeLinear of its codes."""
     if not weights:
         raise UserError("no layer was quantized: nothing to write")
-    target = max(required_opset(w.bits) for w in weights)
+    stored = [(w,) + tuple(w.storage()) for w in weights]
+    target = max(required_opset(dt) for *_, dt in stored)
     out = upgrade_opset(model, target)
     if out is model:
         out = onnx.ModelProto()
@@ -94,23 +115,19 @@ def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: d
     by_name = {t.name: t for t in g.initializer}
     taken = set(by_name) | {o for n in g.node for o in n.output} | {i.name for i in g.input}
     dq_nodes = []
-    for w in weights:
+    for w, codes, zp, dt in stored:
         if w.name not in by_name:
             raise UserError(f"weight {w.name} is not an initializer of the model")
         init = by_name[w.name]
-        if tuple(init.dims) != tuple(w.codes.shape):
+        if tuple(init.dims) != tuple(codes.shape):
             raise ValueError(f"codes for {w.name} have shape {w.codes.shape}, weight has {tuple(init.dims)}")
         g.initializer.remove(init)
-        dt = w.code_dtype()
-        lo, hi = (-(1 << (w.bits - 1)), (1 << (w.bits - 1)) - 1) if w.signed else (0, (1 << w.bits) - 1)
-        if w.codes.min() < lo or w.codes.max() > hi or w.zero_point.min() < lo or w.zero_point.max() > hi:
-            raise ValueError(f"codes of {w.name} outside the {w.bits}-bit range [{lo}, {hi}]")
         qname = _unique(f"{w.name}_quantized", taken)
         sname = _unique(f"{w.name}_scale", taken)
         zname = _unique(f"{w.name}_zero_point", taken)
-        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.codes).astype(dt), qname))
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(codes).astype(dt), qname))
         g.initializer.append(numpy_helper.from_array(np.asarray(w.scale, np.float32), sname))
-        g.initializer.append(numpy_helper.from_array(np.asarray(w.zero_point).astype(dt), zname))
+        g.initializer.append(numpy_helper.from_array(np.asarray(zp).astype(dt), zname))
         attrs = {"axis": int(w.axis)} if w.scale.ndim else {}
         dq_nodes.append(helper.make_node("DequantizeLinear", [qname, sname, zname], [w.name],
                                          name=_unique(f"{w.name}_DequantizeLinear", taken), **attrs))

@@ -310,3 +310,28 @@ def test_npz_is_streamed_in_batches_and_equals_in_memory(tmp_path, writer):
     a = quantize(m, str(path), QuantizeConfig(bits=4, device="cpu", batch_size=4))
     b = quantize(m, {"input": x}, QuantizeConfig(bits=4, device="cpu", batch_size=4))
     assert a.SerializeToString() == b.SerializeToString()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_official_grid_without_zero_is_stored_as_signed_levels(bits):
+    """The official min-max grid of an all-positive row does not contain 0: its zero point does not fit the b-bit
+    type, so that weight is stored as signed levels (int8 or int16) with zero point 0, exactly."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    w[1] = np.abs(w[1]) + 0.5
+    conv = builders.conv_model((2, 3, 6, 6), w, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    x = rng.standard_normal((5, 3, 6, 6)).astype(np.float32)
+    q, _ = run(conv, {"input": x}, QuantizeConfig(bits=bits, official=True, device="cpu"))
+    onnx.checker.check_model(q, full_check=True)
+    codes = next(t for t in q.graph.initializer if t.name == "W_quantized")
+    levels = numpy_helper.to_array(codes)
+    # the smallest signed type that holds the levels (an 8-bit grid shifted above 0 needs int16)
+    want = onnx.TensorProto.INT8 if levels.min() >= -128 and levels.max() <= 127 else onnx.TensorProto.INT16
+    assert codes.data_type == want and (bits == 8 or want == onnx.TensorProto.INT8)
+    zp = numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == "W_zero_point"))
+    assert (zp == 0).all()
+    (yq,) = ort_run(q, {"input": x})
+    (yr,) = ort_run(with_float_weights(conv, _dequantized_reference(q)), {"input": x})
+    np.testing.assert_allclose(yq, yr, rtol=1e-5, atol=1e-5)
+    deq = _dequantized_reference(q)["W"]
+    assert deq[1].min() > 0  # the positive row's grid starts above 0
