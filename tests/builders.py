@@ -92,3 +92,27 @@ def attention_like(d=16, seq=6, seed=1):
 def save(model, path):
     onnx.save(model, str(path))
     return str(path)
+
+
+def with_if_subgraph(seed=0):
+    """A top-level MatMul, then an If whose branches each hold a MatMul with its own constant weight."""
+    rng = np.random.default_rng(seed)
+    w0 = numpy_helper.from_array(rng.standard_normal((6, 5)).astype(np.float32), "W0")
+    wt = numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "Wthen")
+    we = numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "Welse")
+    out_vi = [helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, [None, 4])]
+    then_g = helper.make_graph([helper.make_node("MatMul", ["h", "Wthen"], ["branch_out"], name="then_mm")],
+                               "then", [], out_vi, [wt])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["h", "Welse"], ["branch_out"], name="else_mm")],
+                               "else", [], out_vi, [we])
+    nodes = [
+        helper.make_node("MatMul", ["input", "W0"], ["h"], name="top_mm"),
+        helper.make_node("ReduceSum", ["h"], ["s"], keepdims=0),
+        helper.make_node("ReduceSum", ["s"], ["s2"], keepdims=0),
+        helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0, np.float32))),
+        helper.make_node("Greater", ["s2", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["output"], name="branch", then_branch=then_g, else_branch=else_g),
+    ]
+    graph = helper.make_graph(nodes, "ifg", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, 4])], [w0])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

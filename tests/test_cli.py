@@ -81,8 +81,22 @@ def _bad_cases(tmp):
     (tmp / "garbage.npz").write_bytes(b"PK\x03\x04garbage")
     m = builders.attention_like()
     onnx.save(m, tmp / "attn.onnx")
+    inf = x.copy()
+    inf[1, 0, 3, 3] = np.inf
+    np.savez(tmp / "inf.npz", input=inf)
+    (tmp / "emptydir").mkdir()
+    (tmp / "calib.txt").write_text("1 2 3")
+    np.savez(tmp / "mixed.npz", input=x, extra=x)
     out = tmp / "out.onnx"
     return [
+        ("model is a folder", [tmp, "-o", out, "--calib", CALIB], "is a directory"),
+        ("output is a folder", [CNN, "-o", tmp, "--calib", CALIB], "is a directory"),
+        ("inf", [CNN, "-o", out, "--calib", tmp / "inf.npz"], "NaN or Inf"),
+        ("calib folder empty", [CNN, "-o", out, "--calib", tmp / "emptydir"], "holds no .npz or .npy"),
+        ("calib not npz", [CNN, "-o", out, "--calib", tmp / "calib.txt"], "must be .npz"),
+        ("extra key", [CNN, "-o", out, "--calib", tmp / "mixed.npz"], "unexpected extra"),
+        ("already quantized", [tmp / "quantized.onnx", "-o", out, "--calib", CALIB], "already quantized"),
+        ("max samples 0", [CNN, "-o", out, "--calib", CALIB, "--max-samples", "0"], "max samples"),
         ("missing model", [tmp / "nope.onnx", "-o", out, "--calib", CALIB], "model file not found"),
         ("not onnx", [tmp / "notonnx.onnx", "-o", out, "--calib", CALIB], "not a valid ONNX model"),
         ("truncated", [tmp / "truncated.onnx", "-o", out, "--calib", CALIB], "not a valid ONNX model"),
@@ -112,6 +126,11 @@ def _bad_cases(tmp):
 
 
 def test_bad_input_corpus(tmp_path):
+    import onnxcomq
+
+    small = builders.mlp_model([6, 5, 4])
+    onnx.save(onnxcomq.quantize(small, "random", onnxcomq.QuantizeConfig(bits=8, device="cpu")),
+              tmp_path / "quantized.onnx")
     cases = _bad_cases(tmp_path)
     inputs = {p: digest(p) for p in (CNN, CALIB)}
     failures = []
@@ -124,11 +143,11 @@ def test_bad_input_corpus(tmp_path):
             failures.append(f"{name}: rc={r.returncode} stderr={r.stderr.strip()[-300:]!r}")
     assert not failures, "\n".join(failures)
     leftovers = [f for f in os.listdir(tmp_path) if f.endswith(".onnx") and f not in
-                 ("notonnx.onnx", "truncated.onnx", "attn.onnx")] + \
+                 ("notonnx.onnx", "truncated.onnx", "attn.onnx", "quantized.onnx")] + \
         [f for f in os.listdir(tmp_path) if f.startswith(".onnxcomq-")]
     assert leftovers == []
     assert {p: digest(p) for p in inputs} == inputs
-    assert len(cases) >= 20
+    assert len(cases) >= 25
 
 
 def test_random_calibration_warns_loudly(tmp_path):

@@ -335,3 +335,15 @@ def test_official_grid_without_zero_is_stored_as_signed_levels(bits):
     np.testing.assert_allclose(yq, yr, rtol=1e-5, atol=1e-5)
     deq = _dequantized_reference(q)["W"]
     assert deq[1].min() > 0  # the positive row's grid starts above 0
+
+
+def test_if_subgraph_left_float_and_reported():
+    m = builders.with_if_subgraph()
+    x = np.random.default_rng(0).standard_normal((7, 6)).astype(np.float32)
+    q, rep = run(m, {"input": x}, QuantizeConfig(bits=4, device="cpu"))
+    onnx.checker.check_model(q, full_check=True)
+    assert [L.node for L in rep.layers] == ["top_mm"]
+    assert any(s["op_type"] == "If" and "subgraph" in s["reason"] for s in rep.skipped)
+    (yq,) = ort_run(q, {"input": x})
+    (yr,) = ort_run(with_float_weights(m, _dequantized_reference(q)), {"input": x})
+    np.testing.assert_allclose(yq, yr, rtol=1e-5, atol=1e-5)
