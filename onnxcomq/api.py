@@ -168,7 +168,7 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
                                 "supported (each group gets its own scale); use --granularity channel")
             scale, zp = scale[:1].reshape(()), zp[:1].reshape(())
         qweights.append(QuantizedWeight(layer.weight, layer.from_matrices(codes), scale, zp, layer.axis,
-                                        scfg.bits, signed=scfg.scheme == "sym"))
+                                        scfg.bits, signed=scfg.scheme == "sym", float16=layer.float16))
         reports.append(LayerReport(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), layer.groups,
                                    scfg.bits, rows, _rel(num_c, den), _rel(num_r, den),
                                    time.perf_counter() - tl, fallback, [c for c, _ in layer.consumers]))

@@ -31,6 +31,7 @@ class QuantizedWeight:
     axis: int
     bits: int
     signed: bool
+    float16: bool = False  # a float16 weight: the scale (and so the DequantizeLinear output) is float16
 
     def code_dtype(self):
         if self.bits <= 4:
@@ -74,7 +75,8 @@ def _opset(model) -> int:
 
 
 def required_opset(dtype) -> int:
-    """DequantizeLinear with a per-channel axis needs opset 13; int4/uint4 and int16 inputs need 21."""
+    """DequantizeLinear with a per-channel axis needs opset 13; int4/uint4 and int16 inputs need 21 (float16 scales
+    need 19: see emit_qdq)."""
     return 21 if dtype in (ml_dtypes.int4, ml_dtypes.uint4, np.int16) else 13
 
 
@@ -106,7 +108,7 @@ def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: d
     if not weights:
         raise UserError("no layer was quantized: nothing to write")
     stored = [(w,) + tuple(w.storage()) for w in weights]
-    target = max(required_opset(dt) for *_, dt in stored)
+    target = max(max(required_opset(dt), 19 if w.float16 else 0) for w, *_, dt in stored)
     out = upgrade_opset(model, target)
     if out is model:
         out = onnx.ModelProto()
@@ -126,7 +128,8 @@ def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: d
         sname = _unique(f"{w.name}_scale", taken)
         zname = _unique(f"{w.name}_zero_point", taken)
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(codes).astype(dt), qname))
-        g.initializer.append(numpy_helper.from_array(np.asarray(w.scale, np.float32), sname))
+        g.initializer.append(numpy_helper.from_array(
+            np.asarray(w.scale, np.float16 if w.float16 else np.float32), sname))
         g.initializer.append(numpy_helper.from_array(np.asarray(zp).astype(dt), zname))
         attrs = {"axis": int(w.axis)} if w.scale.ndim else {}
         dq_nodes.append(helper.make_node("DequantizeLinear", [qname, sname, zname], [w.name],

@@ -58,6 +58,7 @@ class Layer:
     axis: int  # DequantizeLinear axis of the per-channel scale in the stored weight layout
     groups: int = 1
     consumers: list = field(default_factory=list)  # all node names that read this weight (shared weights)
+    float16: bool = False  # the weight (and so its DequantizeLinear scale) is float16
 
     @property
     def out_channels(self) -> int:
@@ -162,10 +163,10 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> t
             skipped.append(Skipped(name, node.op_type, "input is a constant too: nothing to calibrate"))
             continue
         wt = inits[wname]
-        if wt.data_type != onnx.TensorProto.FLOAT:
+        if wt.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
             skipped.append(Skipped(name, node.op_type,
                                    f"weight {wname} has type {onnx.TensorProto.DataType.Name(wt.data_type)}, "
-                                   "only float32 weights are quantized"))
+                                   "only float32 and float16 weights are quantized"))
             continue
         shape = tuple(wt.dims)
         at = _attrs(node)
@@ -173,6 +174,7 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> t
         if isinstance(layer, str):
             skipped.append(Skipped(name, node.op_type, layer))
             continue
+        layer.float16 = wt.data_type == onnx.TensorProto.FLOAT16
         if wname in by_weight:
             first = by_weight[wname]
             if first.x.kind != layer.x.kind or first.op_type != layer.op_type or first.axis != layer.axis \

@@ -116,3 +116,16 @@ def with_if_subgraph(seed=0):
     graph = helper.make_graph(nodes, "ifg", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 6])],
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, 4])], [w0])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def to_float16(model):
+    """The same model with float16 initializers, inputs and outputs (a float16 export)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for vi in list(m.graph.input) + list(m.graph.output):
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return m

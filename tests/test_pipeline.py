@@ -347,3 +347,25 @@ def test_if_subgraph_left_float_and_reported():
     (yq,) = ort_run(q, {"input": x})
     (yr,) = ort_run(with_float_weights(m, _dequantized_reference(q)), {"input": x})
     np.testing.assert_allclose(yq, yr, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_float16_model_keeps_its_precision(bits):
+    m16 = builders.to_float16(builders.mlp_model([8, 6, 5], seq=3))
+    x = np.random.default_rng(0).standard_normal((9, 3, 8)).astype(np.float16)
+    q, rep = run(m16, {"input": x}, QuantizeConfig(bits=bits, device="cpu"))
+    onnx.checker.check_model(q, full_check=True)
+    assert len(rep.layers) == 2
+    inits = {t.name: t for t in q.graph.initializer}
+    for n in q.graph.node:
+        if n.op_type == "DequantizeLinear":
+            assert inits[n.input[1]].data_type == onnx.TensorProto.FLOAT16  # scale, so the output, is float16
+    assert inits["b0"].data_type == onnx.TensorProto.FLOAT16  # the rest of the graph stays float16
+    (yq,) = ort_run(q, {"input": x})
+    assert yq.dtype == np.float16
+    (yr,) = ort_run(with_float_weights(builders.mlp_model([8, 6, 5], seq=3),
+                                       {k: v.astype(np.float32) for k, v in _dequantized_reference(q).items()}),
+                    {"input": x.astype(np.float32)})
+    np.testing.assert_allclose(yq.astype(np.float32), yr, rtol=2e-2, atol=2e-2)
+    for L in rep.layers:
+        assert L.comq_error <= L.rtn_error
