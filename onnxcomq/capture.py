@@ -18,6 +18,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import UserError
 from .graph import XSpec
+from .modelio import is_large, model_path
 
 CHUNK_ROWS = 8192  # rows of X per GEMM: large enough to keep the GEMMs efficient, small enough for the cache
 
@@ -148,7 +149,12 @@ def capture_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto
     have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
     types = {}
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        if is_large(model):
+            with model_path(model) as path:
+                onnx.shape_inference.infer_shapes_path(path, path + ".inferred", data_prop=True)
+                inferred = onnx.load(path + ".inferred", load_external_data=False)
+        else:
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
             types[vi.name] = vi.type.tensor_type.elem_type
     except Exception:  # shape inference is best effort: ORT fills in the rest
@@ -165,8 +171,11 @@ def make_session(model: onnx.ModelProto, providers=None) -> ort.InferenceSession
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    return ort.InferenceSession(model.SerializeToString(), so,
-                                providers=providers or ["CPUExecutionProvider"])
+    providers = providers or ["CPUExecutionProvider"]
+    if is_large(model):  # too big for one protobuf message: load from a file with external data
+        with model_path(model) as path:
+            return ort.InferenceSession(path, so, providers=providers)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
 
 
 def collect_stats(model: onnx.ModelProto, specs: dict, batches, progress=None) -> tuple[dict, int]:

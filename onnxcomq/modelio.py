@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import tempfile
 
 import onnx
@@ -66,21 +68,63 @@ def prepare_model(model_or_path) -> onnx.ModelProto:
         return original
 
 
-def save_model(model: onnx.ModelProto, path, overwrite_guard=None) -> None:
-    """Write ``model`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+# Protobuf cannot serialize a message of 2 GiB or more: past this size models go through files with external data.
+LARGE_MODEL_BYTES = 1_800_000_000
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() >= LARGE_MODEL_BYTES
+
+
+def _save_external(model: onnx.ModelProto, path: str, data_name: str) -> None:
+    """onnx.save with all tensors in one external file; on a copy, since onnx clears the saved tensors' data."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
+              size_threshold=1024)
+
+
+def _chmod_default(path: str) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # mkstemp/mkdtemp make private files; give outputs ordinary permissions
+
+
+def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) -> None:
+    """Write ``model`` to ``path`` atomically: into a temporary folder beside it, then renamed into place.
+
+    Large models (or ``external_data=True``) keep their tensors in ``<name>.data`` beside the model file.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"{path}: output folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".onnxcomq-", suffix=".onnx", dir=folder)
-    os.close(fd)
+    if external_data is None:
+        external_data = is_large(model)
+    name = os.path.basename(path)
+    tmpdir = tempfile.mkdtemp(prefix=".onnxcomq-", dir=folder)
     try:
-        onnx.save(model, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the output ordinary permissions
-        os.replace(tmp, path)
-    except Exception:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        tmp_model = os.path.join(tmpdir, name)
+        if external_data:
+            data_name = name + ".data"
+            _save_external(model, tmp_model, data_name)
+            _chmod_default(os.path.join(tmpdir, data_name))
+            os.replace(os.path.join(tmpdir, data_name), os.path.join(folder, data_name))
+        else:
+            onnx.save(model, tmp_model)
+        _chmod_default(tmp_model)
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def model_path(model: onnx.ModelProto):
+    """A path to ``model`` on disk (with external data), for the APIs that must not serialize it in memory."""
+    tmpdir = tempfile.mkdtemp(prefix="onnxcomq-")
+    try:
+        path = os.path.join(tmpdir, "model.onnx")
+        _save_external(model, path, "model.data")
+        yield path
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

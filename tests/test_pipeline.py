@@ -1,5 +1,7 @@
 """Graph walk, streaming capture, QDQ emission and the Python API, on small hand-built models."""
 
+import os
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -369,3 +371,33 @@ def test_float16_model_keeps_its_precision(bits):
     np.testing.assert_allclose(yq.astype(np.float32), yr, rtol=2e-2, atol=2e-2)
     for L in rep.layers:
         assert L.comq_error <= L.rtn_error
+
+
+def test_external_data_model_in_and_out(tmp_path, monkeypatch):
+    """A model whose weights live in an external data file; the large-model paths (sessions, shape inference and
+    saving through files with external data) are exercised by lowering the size threshold."""
+    from onnxcomq import modelio
+    from onnxcomq.modelio import load_model, save_model
+
+    m = builders.mlp_model([64, 48, 32], seq=4)
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(m, src / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True, location="m.data",
+              size_threshold=0)
+    assert (src / "m.data").stat().st_size > 64 * 48 * 4
+    before = {f: (src / f).read_bytes() for f in ("m.onnx", "m.data")}
+    x = np.random.default_rng(0).standard_normal((6, 4, 64)).astype(np.float32)
+    small = quantize(str(src / "m.onnx"), {"input": x}, QuantizeConfig(bits=4, device="cpu"))
+    monkeypatch.setattr(modelio, "LARGE_MODEL_BYTES", 1000)
+    big = quantize(str(src / "m.onnx"), {"input": x}, QuantizeConfig(bits=4, device="cpu"))
+    assert big.SerializeToString() == small.SerializeToString()
+    out = tmp_path / "out" / "q.onnx"
+    out.parent.mkdir()
+    save_model(big, out)  # large: tensors go to q.onnx.data
+    assert sorted(os.listdir(out.parent)) == ["q.onnx", "q.onnx.data"]
+    onnx.checker.check_model(str(out), full_check=True)
+    loaded = load_model(str(out))
+    (yq,) = ort_run(loaded, {"input": x})
+    (ys,) = ort_run(small, {"input": x})
+    np.testing.assert_array_equal(yq, ys)
+    assert {f: (src / f).read_bytes() for f in ("m.onnx", "m.data")} == before
