@@ -15,6 +15,8 @@ import onnx
 
 from . import __version__
 from .backend import get_xp
+from .bias import apply as apply_bias
+from .bias import bias_target
 from .calib import Calibration, model_inputs
 from .capture import collect_stats
 from .emit import QuantizedWeight, emit_qdq
@@ -38,6 +40,7 @@ class QuantizeConfig:
     sweeps: int = 3
     scale_update: bool = True
     lam: float = 1.0
+    bias_correction: bool = True  # free bias: solve on the centered Gram, fold the mean error into the bias
     method: str = "comq"  # comq | rtn (round-to-nearest baseline on the same grid)
     official: bool = False
     batch_size: int = 32
@@ -80,6 +83,7 @@ class LayerReport:
     rtn_error: float  # the same for round-to-nearest on the same initial grid
     seconds: float
     rtn_groups: int = 0  # groups (conv groups; 1 for other layers) where COMQ did not beat RTN and RTN was kept
+    bias_corrected: bool = False  # the layer's bias was re-fitted (free bias)
     consumers: list = field(default_factory=list)
 
 
@@ -129,8 +133,10 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
     t_capture = time.perf_counter() - t0
 
     scfg = config.solver_config()
+    use_bias = config.bias_correction and not config.official
     xp = get_xp(config.device)
     qweights, reports = [], []
+    deltas = {}
     t0 = time.perf_counter()
     bar = _bar(progress, total=len(layers), desc="solve", unit="layer")
     for layer in layers:
@@ -141,18 +147,31 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
         grams = [stats[specs_used[0]].G[k] if len(specs_used) == 1 else sum(stats[s].G[k] for s in specs_used)
                  for k in range(layer.groups)]
         rows = sum(stats[spec].rows for _, spec in layer.consumers)
-        codes, deq, scales, zps = [], [], [], []
+        # free bias only where it is exact: one consumer, a bias we can write
+        bc = use_bias and config.method == "comq" and len(specs_used) == 1 \
+            and bias_target(model, layer.consumers[0][0]) is None
+        codes, deq, scales, zps, delta = [], [], [], [], []
         num_c = num_r = den = 0.0
         fallback = 0
         for k, (Wk, Gk) in enumerate(zip(mats, grams)):
-            Wd = xp.asarray(Wk.astype(np.float64 if scfg.dtype == "float64" else np.float32))
-            Gd = xp.asarray(Gk.astype(Wd.dtype))
-            rtn = rtn_quantize(Wd, Gd, scfg, xp)
-            res = rtn if config.method == "rtn" else comq_quantize(Wd, Gd, scfg, xp)
-            o_r, o_c = rtn.objective, res.objective
-            if o_c > o_r:  # COMQ is a descent from Q = W, not from RTN: never ship something worse than RTN
+            dt = np.float64 if scfg.dtype == "float64" else np.float32
+            Wd = xp.asarray(Wk.astype(dt))
+            Gd = xp.asarray(Gk.astype(dt))
+            Gs = xp.asarray(stats[specs_used[0]].centered(k).astype(dt)) if bc else Gd  # the Gram COMQ solves
+            rtn = rtn_quantize(Wd, Gd, scfg, xp)  # the baseline: plain round-to-nearest, no bias change
+            o_r = rtn.objective
+            if config.method == "rtn":
                 res, o_c = rtn, o_r
-                fallback += 1
+            else:
+                res = comq_quantize(Wd, Gs, scfg, xp)
+                o_c = res.objective
+                o_rs = objective(Wd, xp.asarray(rtn.qweight), Gs) if bc else o_r
+                if o_c > o_rs:  # COMQ is a descent from Q = W, not from RTN: never ship something worse than RTN
+                    res, o_c = rtn, o_rs
+                    fallback += 1
+            if bc:
+                mu = stats[specs_used[0]].sums[k] / max(stats[specs_used[0]].rows, 1)
+                delta.append((Wk.astype(np.float64) - res.qweight.astype(np.float64)) @ mu)
             num_c += o_c
             num_r += o_r
             den += objective(Wd, xp.zeros_like(Wd), Gd)
@@ -169,9 +188,12 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
             scale, zp = scale[:1].reshape(()), zp[:1].reshape(())
         qweights.append(QuantizedWeight(layer.weight, layer.from_matrices(codes), scale, zp, layer.axis,
                                         scfg.bits, signed=scfg.scheme == "sym", float16=layer.float16))
+        if bc:
+            deltas[layer.consumers[0][0]] = np.concatenate(delta)
         reports.append(LayerReport(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), layer.groups,
                                    scfg.bits, rows, _rel(num_c, den), _rel(num_r, den),
-                                   time.perf_counter() - tl, fallback, [c for c, _ in layer.consumers]))
+                                   time.perf_counter() - tl, rtn_groups=fallback, bias_corrected=bc,
+                                   consumers=[c for c, _ in layer.consumers]))
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -180,8 +202,8 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
 
     meta = {"method": config.method, "bits": scfg.bits, "granularity": scfg.granularity, "scheme": scfg.scheme,
             "order": scfg.order, "sweeps": scfg.sweeps, "scale_update": scfg.scale_update, "lambda": scfg.lam,
-            "official": config.official, "calibration_samples": samples}
-    out = emit_qdq(model, qweights, meta)
+            "official": config.official, "bias_correction": bool(deltas), "calibration_samples": samples}
+    out = emit_qdq(apply_bias(model, deltas) if deltas else model, qweights, meta)
     report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)
     report.total_seconds = time.perf_counter() - t_start
     report.float_bytes = model.ByteSize()

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--sweeps", type=int, default=3, help="coordinate-descent sweeps per layer (default: 3)")
     s.add_argument("--scale-update", action=argparse.BooleanOptionalAction, default=True,
                    help="closed-form scale update after each sweep (default: on)")
+    s.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
+                   help="free bias: solve on the centered statistics and re-fit each layer's float bias so the "
+                        "mean output error is zero (adds a bias where a layer has none) (default: on)")
     s.add_argument("--lambda", dest="lam", type=float, default=1.0,
                    help="grid shrink factor applied to the initial scales (default: 1.0)")
     s.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
@@ -136,6 +139,7 @@ def cmd_quantize(a) -> int:
             raise UserError(f"{a.report}: report folder {rdir} does not exist")
     cfg = QuantizeConfig(bits=a.bits, granularity=a.granularity, scheme=a.scheme, order=a.order, sweeps=a.sweeps,
                          scale_update=a.scale_update, lam=a.lam, method=a.method, official=a.official,
+                         bias_correction=a.bias_correction,
                          batch_size=a.batch_size, max_samples=a.max_samples, device=a.device,
                          op_types=tuple(t.strip() for t in a.op_types.split(",") if t.strip()),
                          exclude=tuple(a.exclude))

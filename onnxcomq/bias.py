@@ -1,0 +1,121 @@
+"""Free bias (../shared/docs/comq.md, "Two exact extensions"): with the bias kept float, the best bias for quantized
+weights Q is b'_i = b_i + mu . (w_i - q_i), mu the mean row of X; COMQ then solves on the centered Gram
+G_c = X^T X - N mu^T mu. This module writes b' into the graph: it edits the layer's bias input (Conv, ConvTranspose,
+Gemm's C, or the constant of an Add right after a MatMul), or adds one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .graph import node_names
+
+
+def _attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _unique(name: str, taken: set) -> str:
+    out, i = name, 1
+    while out in taken:
+        out = f"{name}_{i}"
+        i += 1
+    taken.add(out)
+    return out
+
+
+def bias_target(model: onnx.ModelProto, node_name: str) -> str | None:
+    """Why the bias of ``node_name`` cannot be corrected, or None when it can."""
+    names = node_names(model)
+    node = model.graph.node[names.index(node_name)]
+    inits = {t.name: t for t in model.graph.initializer}
+    if node.op_type in ("Conv", "ConvTranspose"):
+        if len(node.input) > 2 and node.input[2] and node.input[2] not in inits:
+            return "bias is not a constant"
+        return None
+    if node.op_type == "Gemm":
+        if len(node.input) > 2 and node.input[2]:
+            c = inits.get(node.input[2])
+            if c is None:
+                return "Gemm C is not a constant"
+            if len(c.dims) not in (1, 2) or (len(c.dims) == 2 and c.dims[0] != 1):
+                return f"Gemm C has shape {list(c.dims)}, not a per-channel bias"
+        if _attr(node, "beta", 1.0) == 0:
+            return "Gemm beta is 0"
+        return None
+    if node.op_type == "MatMul":
+        return None
+    return f"{node.op_type} has no bias"
+
+
+def apply(model: onnx.ModelProto, deltas: dict) -> onnx.ModelProto:
+    """Add ``deltas[node_name]`` (one value per output channel) to each node's bias, in a copy of ``model``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    names = node_names(out)
+    inits = {t.name: t for t in g.initializer}
+    taken = set(inits) | {o for n in g.node for o in n.output} | {i.name for i in g.input} | set(names)
+    uses: dict = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    new_nodes = []
+    for name, node in zip(names, list(g.node)):
+        new_nodes.append(node)
+        if name not in deltas:
+            continue
+        delta = np.asarray(deltas[name], np.float64)
+        wt = inits[node.input[1]].data_type
+        np_type = np.float16 if wt == onnx.TensorProto.FLOAT16 else np.float32
+
+        def new_bias(base_name, values, shape):
+            bname = _unique(f"{base_name}_bias_corrected", taken)
+            g.initializer.append(numpy_helper.from_array(np.asarray(values, np_type).reshape(shape), bname))
+            return bname
+
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
+            scale = 1.0
+            if node.op_type == "Gemm":
+                scale = _attr(node, "alpha", 1.0) / _attr(node, "beta", 1.0)
+            if len(node.input) > 2 and node.input[2]:
+                old = inits[node.input[2]]
+                base = numpy_helper.to_array(old)
+                values = base.astype(np.float64) + (scale * delta).reshape(base.shape)
+                if uses.get(node.input[2], 0) == 1:  # ours alone: rewrite it in place
+                    old.CopyFrom(numpy_helper.from_array(values.astype(base.dtype), old.name))
+                else:
+                    node.input[2] = new_bias(name, values, base.shape)
+            else:
+                while len(node.input) < 3:
+                    node.input.append("")
+                node.input[2] = new_bias(name, scale * delta, (delta.size,))
+            continue
+        # MatMul: fold into the constant of the Add that follows, or add an Add
+        consumers = [n for n in g.node if node.output[0] in n.input]
+        add = consumers[0] if len(consumers) == 1 and consumers[0].op_type == "Add" else None
+        const = None
+        if add is not None:
+            other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+            c = inits.get(other)
+            if c is not None and tuple(c.dims) in ((delta.size,), (1, delta.size)) and uses.get(other, 0) == 1:
+                const = (other, c)
+        if const is not None:
+            other, c = const
+            old = numpy_helper.to_array(c)
+            values = old.astype(np.float64) + delta.reshape(old.shape)
+            c.CopyFrom(numpy_helper.from_array(values.astype(old.dtype), other))
+        else:
+            y = node.output[0]
+            inner = _unique(f"{y}_before_bias", taken)
+            node.output[0] = inner
+            bname = new_bias(name, delta, (delta.size,))
+            new_nodes.append(helper.make_node("Add", [inner, bname], [y], name=_unique(f"{name}_bias_add", taken)))
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return out
