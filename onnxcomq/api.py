@@ -41,6 +41,7 @@ class QuantizeConfig:
     scale_update: bool = True
     lam: float = 1.0
     bias_correction: bool = True  # free bias: solve on the centered Gram, fold the mean error into the bias
+    mask_input: str | None = "auto"  # attention-mask input: padded tokens stay out of G ("auto": common names)
     method: str = "comq"  # comq | rtn (round-to-nearest baseline on the same grid)
     official: bool = False
     batch_size: int = 32
@@ -103,6 +104,21 @@ class Report:
         return dataclasses.asdict(self)
 
 
+MASK_NAMES = ("attention_mask", "input_mask", "mask", "attn_mask")
+
+
+def resolve_mask_input(model: onnx.ModelProto, name: str | None) -> str | None:
+    """The attention-mask input to use: ``name``, or with "auto" the first input with a common mask name."""
+    inputs = [i.name for i in model_inputs(model)]
+    if name in (None, "", "none"):
+        return None
+    if name == "auto":
+        return next((n for n in MASK_NAMES if n in inputs), None)
+    if name not in inputs:
+        raise UserError(f"--mask-input {name}: the model has no such input (inputs: {', '.join(inputs)})")
+    return name
+
+
 def _rel(num: float, den: float) -> float:
     return float(num / den) if den > 0 else 0.0
 
@@ -119,6 +135,7 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
     calib = calibration if isinstance(calibration, Calibration) else Calibration(
         calibration, model_inputs(model), batch_size=config.batch_size, max_samples=config.max_samples)
 
+    mask_input = resolve_mask_input(model, config.mask_input)
     specs = {}
     for layer in layers:
         for _, spec in layer.consumers:
@@ -126,7 +143,7 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
     bar = _bar(progress, total=calib.num_samples, desc="capture", unit="sample")
     t0 = time.perf_counter()
     try:
-        stats, samples = collect_stats(model, specs, calib, bar)
+        stats, samples = collect_stats(model, specs, calib, bar, mask_input=mask_input)
     finally:
         if bar is not None:
             bar.close()
@@ -202,7 +219,8 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
 
     meta = {"method": config.method, "bits": scfg.bits, "granularity": scfg.granularity, "scheme": scfg.scheme,
             "order": scfg.order, "sweeps": scfg.sweeps, "scale_update": scfg.scale_update, "lambda": scfg.lam,
-            "official": config.official, "bias_correction": bool(deltas), "calibration_samples": samples}
+            "official": config.official, "bias_correction": bool(deltas), "calibration_samples": samples,
+            "mask_input": mask_input}
     out = emit_qdq(apply_bias(model, deltas) if deltas else model, qweights, meta)
     report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)
     report.total_seconds = time.perf_counter() - t_start

@@ -117,11 +117,17 @@ class GramStats:
         self.sums += X.sum(axis=0)
         self.rows += X.shape[0]
 
-    def add(self, t: np.ndarray):
-        """Fold one captured batch tensor into the statistics."""
+    def add(self, t: np.ndarray, mask: np.ndarray | None = None):
+        """Fold one captured batch tensor into the statistics.
+
+        ``mask`` (the batch's attention mask, (batch, seq)): for row-kind layers whose rows are the mask's token
+        positions, the padded positions (mask 0) are left out of G.
+        """
         if self.spec.kind == "rows":
             X = t.T if self.spec.transpose else t
             X = X.reshape(-1, 1, self.spec.fan_in)
+            if mask is not None and X.shape[0] == mask.size and not self.spec.transpose:
+                X = X[mask.reshape(-1) != 0]
             for r in range(0, X.shape[0], CHUNK_ROWS):
                 self._fold(X[r:r + CHUNK_ROWS])
             return
@@ -178,11 +184,13 @@ def make_session(model: onnx.ModelProto, providers=None) -> ort.InferenceSession
     return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
 
 
-def collect_stats(model: onnx.ModelProto, specs: dict, batches, progress=None) -> tuple[dict, int]:
+def collect_stats(model: onnx.ModelProto, specs: dict, batches, progress=None,
+                  mask_input: str | None = None) -> tuple[dict, int]:
     """Run every calibration batch once and return ({XSpec: GramStats}, number of samples).
 
     ``specs`` maps XSpec -> number of groups. ``batches`` yields feed dicts. ``progress`` is a tqdm-like object (or
-    None) advanced by the batch size.
+    None) advanced by the batch size. ``mask_input``: the name of the attention-mask input whose zeros mark padded
+    token positions to leave out of the statistics.
     """
     stats = {spec: GramStats(spec, groups) for spec, groups in specs.items()}
     tensors = sorted({s.tensor for s in specs})
@@ -194,8 +202,9 @@ def collect_stats(model: onnx.ModelProto, specs: dict, batches, progress=None) -
         outs = sess.run(fetch, feed) if fetch else []
         values = dict(zip(fetch, outs))
         values.update({k: v for k, v in feed.items() if k in tensors})
+        mask = feed.get(mask_input) if mask_input else None
         for spec, st in stats.items():
-            st.add(np.asarray(values[spec.tensor]))
+            st.add(np.asarray(values[spec.tensor]), mask)
         n = next(iter(feed.values())).shape[0] if feed else 0
         samples += n
         del outs, values

@@ -14,6 +14,7 @@ import sys
 
 from . import __version__
 from .errors import UserError
+from .graph import SUPPORTED_OPS
 
 EPILOG_QUANTIZE = """\
 examples:
@@ -73,8 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     c = q.add_argument_group("calibration and layers")
     c.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default: 32)")
     c.add_argument("--max-samples", type=int, default=None, help="use at most this many calibration samples")
-    c.add_argument("--op-types", default="Conv,Gemm,MatMul",
-                   help="comma-separated op types to quantize (default: Conv,Gemm,MatMul)")
+    c.add_argument("--mask-input", default="auto", metavar="NAME",
+                   help="attention-mask input (0 = padding): padded token positions stay out of the statistics; "
+                        "'auto' picks attention_mask/input_mask/mask if present, 'none' turns it off "
+                        "(default: auto)")
+    c.add_argument("--op-types", default=",".join(SUPPORTED_OPS),
+                   help=f"comma-separated op types to quantize (default: {','.join(SUPPORTED_OPS)})")
     c.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="leave out nodes whose name or op type matches this fnmatch pattern (repeatable)")
     o = q.add_argument_group("output")
@@ -139,7 +144,7 @@ def cmd_quantize(a) -> int:
             raise UserError(f"{a.report}: report folder {rdir} does not exist")
     cfg = QuantizeConfig(bits=a.bits, granularity=a.granularity, scheme=a.scheme, order=a.order, sweeps=a.sweeps,
                          scale_update=a.scale_update, lam=a.lam, method=a.method, official=a.official,
-                         bias_correction=a.bias_correction,
+                         bias_correction=a.bias_correction, mask_input=a.mask_input,
                          batch_size=a.batch_size, max_samples=a.max_samples, device=a.device,
                          op_types=tuple(t.strip() for t in a.op_types.split(",") if t.strip()),
                          exclude=tuple(a.exclude))

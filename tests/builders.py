@@ -129,3 +129,19 @@ def to_float16(model):
         if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
             vi.type.tensor_type.elem_type = TensorProto.FLOAT16
     return m
+
+
+def masked_encoder(d=8, seq=5, seed=0):
+    """input [N, seq, d] and attention_mask [N, seq] (int64): a MatMul + Add, output zeroed at padded positions."""
+    m = mlp_model([d, 6], seq=seq, seed=seed)
+    g = m.graph
+    g.input.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", seq]))
+    out = g.node[-1]  # Identity -> output
+    out.output[0] = "pre_mask"
+    g.node.extend([
+        helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mask_f", "axes2"], ["mask_3d"]),
+        helper.make_node("Mul", ["pre_mask", "mask_3d"], ["output"]),
+    ])
+    g.initializer.append(numpy_helper.from_array(np.array([2], np.int64), "axes2"))
+    return m

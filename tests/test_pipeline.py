@@ -490,3 +490,30 @@ def test_free_bias_helps_on_the_reference_cnn():
         _, rep = run(path, calib, QuantizeConfig(bits=3, device="cpu", max_samples=128, bias_correction=bc))
         errs[bc] = np.array([L.comq_error for L in rep.layers])
     assert (errs[True] <= errs[False]).all() and errs[True].sum() < 0.9 * errs[False].sum(), errs
+
+
+@pytest.mark.parametrize("mask_input", ["auto", "attention_mask", "none"])
+def test_padded_tokens_stay_out_of_the_statistics(mask_input):
+    m = builders.masked_encoder()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 5, 8)).astype(np.float32)
+    mask = np.ones((6, 5), np.int64)
+    mask[:, 3:] = 0
+    mask[0, 1:] = 0
+    x[mask == 0] = 50.0  # padding with garbage activations: must not enter G
+    (layer,), _ = find_layers(m)
+    from onnxcomq.api import resolve_mask_input
+
+    name = resolve_mask_input(m, mask_input)
+    stats, _ = collect_stats(m, {layer.x: 1}, Calibration({"input": x, "attention_mask": mask}, model_inputs(m),
+                                                           batch_size=4), mask_input=name)
+    X = x.reshape(-1, 8).astype(np.float64)
+    if mask_input != "none":
+        X = X[mask.reshape(-1) != 0]
+    np.testing.assert_allclose(stats[layer.x].G[0], X.T @ X, rtol=1e-5)
+    assert stats[layer.x].rows == X.shape[0]
+
+
+def test_unknown_mask_input_is_a_clear_error():
+    with pytest.raises(UserError, match="no such input"):
+        run(builders.masked_encoder(), "random", QuantizeConfig(mask_input="token_mask", device="cpu"))
