@@ -40,6 +40,7 @@ class QuantizeConfig:
     sweeps: int = 3
     scale_update: bool = True
     lam: float = 1.0
+    lambda_search: bool = True  # per-channel lam among SolverConfig.lambda_grid by the objective (replaces lam)
     bias_correction: bool = True  # free bias: solve on the centered Gram, fold the mean error into the bias
     mask_input: str | None = "auto"  # attention-mask input: padded tokens stay out of G ("auto": common names)
     method: str = "comq"  # comq | rtn (round-to-nearest baseline on the same grid)
@@ -56,7 +57,8 @@ class QuantizeConfig:
             cfg = SolverConfig.official(bits=self.bits, lam=self.lam, dtype=self.dtype)
         else:
             cfg = SolverConfig(bits=self.bits, granularity=self.granularity, scheme=self.scheme, order=self.order,
-                               sweeps=self.sweeps, scale_update=self.scale_update, lam=self.lam, dtype=self.dtype)
+                               sweeps=self.sweeps, scale_update=self.scale_update, lam=self.lam, dtype=self.dtype,
+                               lambda_search=self.lambda_search)
         try:
             return cfg.validate()
         except ValueError as e:
@@ -218,7 +220,8 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
     t_solve = time.perf_counter() - t0
 
     meta = {"method": config.method, "bits": scfg.bits, "granularity": scfg.granularity, "scheme": scfg.scheme,
-            "order": scfg.order, "sweeps": scfg.sweeps, "scale_update": scfg.scale_update, "lambda": scfg.lam,
+            "order": scfg.order, "sweeps": scfg.sweeps, "scale_update": scfg.scale_update,
+            "lambda": "search" if scfg.lambda_search else scfg.lam,
             "official": config.official, "bias_correction": bool(deltas), "calibration_samples": samples,
             "mask_input": mask_input}
     out = emit_qdq(apply_bias(model, deltas) if deltas else model, qweights, meta)

@@ -102,7 +102,7 @@ def make_grid(W, bits: int, scheme: str = "asym", granularity: str = "channel", 
     With ``zero_in_range`` the range is widened to contain 0 (what ONNX zero points need: then 0 <= -lo <= 2^b-1);
     the official code does not widen it. sym: delta_i = max_i |w| / (2^(b-1) - 1), levels -2^(b-1) .. 2^(b-1)-1.
     tensor granularity: one delta for the layer from the average over rows (the paper's average-infinity-norm
-    initialization), broadcast to all rows.
+    initialization), broadcast to all rows. ``lam`` is a number or one value per row (see ``search_lambda``).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -110,7 +110,7 @@ def make_grid(W, bits: int, scheme: str = "asym", granularity: str = "channel", 
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8, got {bits}")
-    if not lam > 0:
+    if not bool(array_module(W).all(array_module(W).asarray(lam) > 0)):
         raise ValueError(f"lambda (grid shrink factor) must be > 0, got {lam}")
     xp = array_module(W)
     m = W.shape[0]
@@ -144,3 +144,20 @@ def make_grid(W, bits: int, scheme: str = "asym", granularity: str = "channel", 
         hi = xp.full(m, qmax, dtype=W.dtype)
     return Grid(scale=(lam * delta).astype(W.dtype), lo=lo.astype(W.dtype), hi=hi.astype(W.dtype), bits=bits,
                 scheme=scheme, granularity=granularity)
+
+
+def search_lambda(W, G, bits: int, scheme: str, granularity: str, candidates, zero_in_range: bool = True):
+    """Per row (one for the layer with tensor granularity), the shrink factor among ``candidates`` whose
+    round-to-nearest grid has the lowest objective e^T G e: the grid is chosen by the objective, not by min-max.
+    Costs one GEMM per candidate."""
+    xp = array_module(W)
+    errs = []
+    for lam in candidates:
+        grid = make_grid(W, bits, scheme, granularity, lam, zero_in_range)
+        E = W - grid.nearest(W)[0]
+        errs.append(((E @ G) * E).sum(axis=1))
+    errs = xp.stack(errs)  # (candidates, m)
+    if granularity == "tensor":
+        errs = xp.broadcast_to(errs.sum(axis=1, keepdims=True), errs.shape)
+    best = xp.argmin(errs, axis=0)
+    return xp.asarray(candidates, dtype=W.dtype)[best]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .backend import array_module, get_xp, to_numpy
-from .grid import GRANULARITIES, SCHEMES, Grid, make_grid
+from .grid import GRANULARITIES, SCHEMES, Grid, make_grid, search_lambda
 
 ORDERS = ("greedy", "cyclic", "importance")
 
@@ -39,6 +39,8 @@ class SolverConfig:
     scale_update: bool = True  # closed-form scale update after each sweep (paper)
     lam: float = 1.0  # grid shrink factor ("scalar" in the official code)
     zero_in_range: bool = True  # widen the asym min-max range to contain 0 (needed for ONNX zero points)
+    lambda_search: bool = True  # choose lam per row among lambda_grid by the objective (replaces lam)
+    lambda_grid: tuple = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
     dtype: str = "float32"  # float32 | float64
     block_size: int = 0  # steps per lazy block; 0 = choose from the shape
 
@@ -46,7 +48,7 @@ class SolverConfig:
     def official(cls, bits: int = 4, lam: float = 1.0, **kw) -> "SolverConfig":
         """The official COMQ code's exact configuration: greedy, one sweep, asym per-channel min-max, no scale update."""
         base = dict(bits=bits, granularity="channel", scheme="asym", order="greedy", sweeps=1, scale_update=False,
-                    lam=lam, zero_in_range=False)
+                    lam=lam, zero_in_range=False, lambda_search=False)
         base.update(kw)
         return cls(**base)
 
@@ -277,7 +279,10 @@ def comq_quantize(W, G, cfg: SolverConfig = SolverConfig(), xp=None) -> QuantRes
     """
     cfg, xp, W, G = _prepare(W, G, cfg, xp)
     m, n = W.shape
-    grid = make_grid(W, cfg.bits, cfg.scheme, cfg.granularity, cfg.lam, cfg.zero_in_range)
+    lam = cfg.lam
+    if cfg.lambda_search:
+        lam = search_lambda(W, G, cfg.bits, cfg.scheme, cfg.granularity, cfg.lambda_grid, cfg.zero_in_range)
+    grid = make_grid(W, cfg.bits, cfg.scheme, cfg.granularity, lam, cfg.zero_in_range)
     g = xp.ascontiguousarray(xp.diagonal(G)).copy()
     gsafe = xp.where(g > 0, g, 1)
     history = []

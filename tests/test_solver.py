@@ -38,8 +38,24 @@ def problem(m, n, seed, kind="random", N=None):
     return W, X.T @ X
 
 
+def ref_lambda(W, G, cfg: SolverConfig):
+    """Brute force: per row (or for the layer), the candidate with the lowest round-to-nearest objective."""
+    if not cfg.lambda_search:
+        return cfg.lam
+    best = []
+    for lam in cfg.lambda_grid:
+        grid = make_grid(W, cfg.bits, cfg.scheme, cfg.granularity, lam, cfg.zero_in_range)
+        table, levels = ref.grid_table(grid.scale, grid.lo, grid.hi)
+        Q = np.stack([ref.nearest_bruteforce(table, levels, W[:, j])[0] for j in range(W.shape[1])], axis=1)
+        best.append([ref.objective(W[i:i + 1], Q[i:i + 1], G) for i in range(W.shape[0])])
+    best = np.array(best)
+    if cfg.granularity == "tensor":
+        best = np.broadcast_to(best.sum(axis=1, keepdims=True), best.shape)
+    return np.asarray(cfg.lambda_grid)[best.argmin(axis=0)]
+
+
 def run_reference(W, G, cfg: SolverConfig):
-    grid = make_grid(W, cfg.bits, cfg.scheme, cfg.granularity, cfg.lam, cfg.zero_in_range)
+    grid = make_grid(W, cfg.bits, cfg.scheme, cfg.granularity, ref_lambda(W, G, cfg), cfg.zero_in_range)
     order = ref.order(W, G, cfg.order)
     return ref.step_loop(W, G, grid.scale, grid.lo, grid.hi, order, sweeps=cfg.sweeps,
                          scale_update=cfg.scale_update, per_tensor=cfg.granularity == "tensor")
@@ -79,7 +95,7 @@ def test_improved_configs_equal_step_loop(xp, scheme, granularity, order):
     got = comq_quantize(xp.asarray(W), xp.asarray(G), cfg)
     Q, level, scale = run_reference(W, G, cfg)
     # the scale update sums in another order than the reference: codes exact, values to rounding
-    grid = make_grid(W, 4, scheme, granularity)
+    grid = make_grid(W, 4, scheme, granularity, ref_lambda(W, G, cfg))
     np.testing.assert_array_equal(got.codes, grid.codes(level))
     np.testing.assert_allclose(got.scale, scale, rtol=1e-12)
     np.testing.assert_allclose(got.qweight, Q, rtol=1e-12, atol=1e-14)
@@ -222,7 +238,7 @@ def test_property_blocked_equals_step_loop(m, n, bits, seed, order, block, schem
                        block_size=block)
     got = comq_quantize(W, G, cfg)
     Q, level, _ = run_reference(W, G, cfg)
-    np.testing.assert_array_equal(got.codes, make_grid(W, bits, scheme).codes(level))
+    np.testing.assert_array_equal(got.codes, make_grid(W, bits, scheme, "channel", ref_lambda(W, G, cfg)).codes(level))
     np.testing.assert_allclose(got.qweight, Q, rtol=1e-12, atol=1e-14)
     assert got.objective <= rtn_quantize(W, G, cfg).objective * (1 + 1e-12) + 1e-12
 
@@ -258,3 +274,20 @@ def test_memory_layout_does_not_matter(xp, order):
     got32 = comq_quantize(xp.asarray(np.asfortranarray(W.astype(np.float32))), xp.asarray(G), SolverConfig(
         bits=4, order=order))
     assert got32.objective <= rtn_quantize(W, G, cfg).objective
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_lambda_search_picks_the_best_candidate_and_helps(xp, granularity):
+    from onnxcomq.grid import search_lambda
+
+    W, G = problem(10, 24, seed=4, kind="correlated")
+    cfg = SolverConfig(bits=3, granularity=granularity, dtype="float64")
+    got = to_numpy(search_lambda(xp.asarray(W), xp.asarray(G), 3, "asym", granularity, cfg.lambda_grid))
+    np.testing.assert_array_equal(got, ref_lambda(W, G, cfg))
+    with_search = comq_quantize(xp.asarray(W), xp.asarray(G), cfg).objective
+    without = comq_quantize(xp.asarray(W), xp.asarray(G), SolverConfig(bits=3, granularity=granularity,
+                                                                      dtype="float64", lambda_search=False)).objective
+    if granularity == "channel":  # min-max is not the best grid for every row, and the search pays off here
+        assert (got < 1).any() and with_search < without
+    else:  # the averaged per-layer grid is already shrunk: lambda 1 wins here, and nothing changes
+        assert (got == 1).all() and with_search == without
