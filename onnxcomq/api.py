@@ -23,7 +23,8 @@ from .emit import QuantizedWeight, emit_qdq
 from .errors import UserError
 from .graph import SUPPORTED_OPS, find_layers, load_weight
 from .modelio import prepare_model
-from .solver import SolverConfig, comq_quantize, objective, rtn_quantize
+from .solver import (SolverConfig, comq_quantize, comq_quantize_groups, objective, rtn_quantize,
+                     rtn_quantize_groups)
 
 log = logging.getLogger(__name__)
 
@@ -172,28 +173,28 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
         codes, deq, scales, zps, delta = [], [], [], [], []
         num_c = num_r = den = 0.0
         fallback = 0
+        dt = np.float64 if scfg.dtype == "float64" else np.float32
+        st0 = stats[specs_used[0]]
+        solve_grams = [st0.centered(k) for k in range(layer.groups)] if bc else grams  # the Gram COMQ solves
+        rtns, comqs = _solve_groups(xp, mats, grams, solve_grams, scfg, dt, config.method == "comq")
         for k, (Wk, Gk) in enumerate(zip(mats, grams)):
-            dt = np.float64 if scfg.dtype == "float64" else np.float32
-            Wd = xp.asarray(Wk.astype(dt))
-            Gd = xp.asarray(Gk.astype(dt))
-            Gs = xp.asarray(stats[specs_used[0]].centered(k).astype(dt)) if bc else Gd  # the Gram COMQ solves
-            rtn = rtn_quantize(Wd, Gd, scfg, xp)  # the baseline: plain round-to-nearest, no bias change
+            rtn = rtns[k]  # the baseline: plain round-to-nearest, no bias change
             o_r = rtn.objective
-            if config.method == "rtn":
+            if comqs is None:
                 res, o_c = rtn, o_r
             else:
-                res = comq_quantize(Wd, Gs, scfg, xp)
-                o_c = res.objective
-                o_rs = objective(Wd, xp.asarray(rtn.qweight), Gs) if bc else o_r
+                res, o_c = comqs[k], comqs[k].objective
+                o_rs = objective(Wk.astype(np.float64), rtn.qweight.astype(np.float64), solve_grams[k]) if bc \
+                    else o_r
                 if o_c > o_rs:  # COMQ is a descent from Q = W, not from RTN: never ship something worse than RTN
                     res, o_c = rtn, o_rs
                     fallback += 1
             if bc:
-                mu = stats[specs_used[0]].sums[k] / max(stats[specs_used[0]].rows, 1)
+                mu = st0.sums[k] / max(st0.rows, 1)
                 delta.append((Wk.astype(np.float64) - res.qweight.astype(np.float64)) @ mu)
             num_c += o_c
             num_r += o_r
-            den += objective(Wd, xp.zeros_like(Wd), Gd)
+            den += float(np.einsum("mn,nk,mk->", Wk.astype(np.float64), Gk, Wk.astype(np.float64)))
             codes.append(res.codes)
             deq.append(res.qweight)
             scales.append(res.scale)
@@ -239,6 +240,23 @@ def quantize(model_or_path, calibration, config: QuantizeConfig | None = None) -
     feed dicts, an onnxruntime CalibrationDataReader, or "random" (smoke tests only).
     """
     return run(model_or_path, calibration, config)[0]
+
+
+def _solve_groups(xp, mats, grams, solve_grams, scfg: SolverConfig, dt, comq: bool):
+    """RTN (on ``grams``) and COMQ (on ``solve_grams``) results per group: many groups of one shape (depthwise
+    and grouped convs) in one batched solve, otherwise one by one."""
+    if len(mats) > 1 and scfg.order == "cyclic" and scfg.granularity == "channel":
+        W3 = xp.asarray(np.stack(mats).astype(dt))
+        rtns = rtn_quantize_groups(W3, xp.asarray(np.stack(grams).astype(dt)), scfg, xp)
+        comqs = comq_quantize_groups(W3, xp.asarray(np.stack(solve_grams).astype(dt)), scfg, xp) if comq else None
+        return rtns, comqs
+    rtns, comqs = [], [] if comq else None
+    for Wk, Gk, Sk in zip(mats, grams, solve_grams):
+        Wd = xp.asarray(Wk.astype(dt))
+        rtns.append(rtn_quantize(Wd, xp.asarray(Gk.astype(dt)), scfg, xp))
+        if comq:
+            comqs.append(comq_quantize(Wd, xp.asarray(Sk.astype(dt)), scfg, xp))
+    return rtns, comqs
 
 
 def _bar(enabled: bool, **kw):

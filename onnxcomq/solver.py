@@ -336,3 +336,94 @@ def quantize_layer(W, G, cfg: SolverConfig = SolverConfig(), device: str = "cpu"
 
 __all__ = ["SolverConfig", "QuantResult", "comq_quantize", "rtn_quantize", "objective", "greedy_order",
            "quantize_layer", "replace"]
+
+
+def _group_results(xp, W3, G3, grid: Grid, Q3, level3, objs, histories) -> list:
+    B, m, n = W3.shape
+    codes = to_numpy(grid.codes(level3.reshape(B * m, n))).astype(np.int32).reshape(B, m, n)
+    scale = to_numpy(grid.scale).astype(W3.dtype).reshape(B, m)
+    zp = to_numpy(grid.zero_point()).astype(np.int32).reshape(B, m)
+    Qh = to_numpy(Q3)
+    return [QuantResult(codes=codes[b], scale=scale[b], zero_point=zp[b], qweight=Qh[b], objective=float(objs[b]),
+                        history=[float(h[b]) for h in histories], bits=grid.bits, scheme=grid.scheme,
+                        granularity=grid.granularity) for b in range(B)]
+
+
+def _group_objective(E3, G3):
+    xp = array_module(E3)
+    return to_numpy(xp.einsum("bmn,bnk,bmk->b", E3, G3, E3, dtype=E3.dtype).astype(xp.float64))
+
+
+def _prepare_groups(W3, G3, cfg: SolverConfig, xp):
+    cfg = cfg.validate()
+    if cfg.granularity != "channel" or cfg.order != "cyclic":
+        raise ValueError("the batched group solver supports channel granularity and the cyclic order only")
+    xp = xp or array_module(W3)
+    dt = xp.float32 if cfg.dtype == "float32" else xp.float64
+    W3 = xp.ascontiguousarray(xp.asarray(W3, dtype=dt))
+    G3 = xp.ascontiguousarray(xp.asarray(G3, dtype=dt))
+    if W3.ndim != 3 or G3.shape != (W3.shape[0], W3.shape[2], W3.shape[2]):
+        raise ValueError(f"expected W (groups, m, n) and G (groups, n, n), got {W3.shape} and {G3.shape}")
+    _check_inputs(xp, W3.reshape(-1, W3.shape[2]), G3.reshape(-1, G3.shape[2])[:G3.shape[2]])
+    if not bool(xp.isfinite(G3).all()):
+        raise ValueError("G (the layer's input Gram matrix X^T X) contains NaN or Inf: check the calibration data")
+    return cfg, xp, W3, G3
+
+
+def rtn_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None) -> list:
+    """``rtn_quantize`` of many independent small problems at once: W3 (groups, m, n), G3 (groups, n, n)."""
+    cfg, xp, W3, G3 = _prepare_groups(W3, G3, replace(cfg, order="cyclic", granularity="channel"), xp)
+    B, m, n = W3.shape
+    grid = make_grid(W3.reshape(B * m, n), cfg.bits, cfg.scheme, "channel", cfg.lam, cfg.zero_in_range)
+    Q, level = grid.nearest(W3.reshape(B * m, n))
+    Q3 = Q.reshape(B, m, n)
+    objs = _group_objective(W3 - Q3, G3)
+    return _group_results(xp, W3, G3, grid, Q3, level.reshape(B, m, n), objs, [objs])
+
+
+def comq_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None) -> list:
+    """``comq_quantize`` of many independent small problems at once (conv groups, e.g. depthwise convs): W3
+    (groups, m, n), G3 (groups, n, n); cyclic order, per-channel grids. Each step updates one coordinate of every
+    row of every group with a few vector ops; the same results as solving the groups one by one."""
+    cfg, xp, W3, G3 = _prepare_groups(W3, G3, cfg, xp)
+    B, m, n = W3.shape
+    W2 = W3.reshape(B * m, n)
+    lam = cfg.lam
+    if cfg.lambda_search:
+        errs = []
+        for cand in cfg.lambda_grid:
+            E3 = W2 - make_grid(W2, cfg.bits, cfg.scheme, "channel", cand, cfg.zero_in_range).nearest(W2)[0]
+            E3 = E3.reshape(B, m, n)
+            errs.append(xp.einsum("bmn,bnk,bmk->bm", E3, G3, E3).reshape(-1))
+        lam = xp.asarray(cfg.lambda_grid, dtype=W3.dtype)[xp.argmin(xp.stack(errs), axis=0)]
+    grid = make_grid(W2, cfg.bits, cfg.scheme, "channel", lam, cfg.zero_in_range)
+    g = xp.ascontiguousarray(xp.diagonal(G3, axis1=1, axis2=2))  # (B, n)
+    gsafe = xp.where(g > 0, g, 1)
+    live = g > 0
+    has_dead = not bool(live.all())
+    Q3 = W3.copy()
+    R3 = xp.zeros_like(W3)
+    histories = []
+    for _ in range(cfg.sweeps):
+        for t in range(n):
+            qt = Q3[:, :, t]
+            target = qt + R3[:, :, t] / gsafe[:, t, None]
+            if has_dead:
+                target = xp.where(live[:, t, None], target, W3[:, :, t])
+            q = grid.nearest_value(target.reshape(-1)).reshape(B, m)
+            d = qt - q
+            Q3[:, :, t] = q
+            R3 += d[:, :, None] * G3[:, None, t, :]
+        level3 = grid.levels_of(Q3.reshape(B * m, n)).reshape(B, m, n)
+        histories.append(to_numpy(((W3 - Q3) * R3).sum(axis=(1, 2), dtype=xp.float64)))
+        if cfg.scale_update:
+            CG = xp.einsum("bmn,bnk->bmk", level3, G3)
+            num = (CG * W3).sum(axis=2).reshape(-1)
+            den = (CG * level3).sum(axis=2).reshape(-1)
+            ok = (den > 0) & (num > 0)
+            new = xp.where(ok, num / xp.where(ok, den, 1), grid.scale).astype(W3.dtype)
+            R3 = R3 + (grid.scale - new).reshape(B, m, 1) * CG
+            grid.set_scale(new)
+            Q3 = grid.values(level3.reshape(B * m, n)).reshape(B, m, n)
+            histories.append(to_numpy(((W3 - Q3) * R3).sum(axis=(1, 2), dtype=xp.float64)))
+    return _group_results(xp, W3, G3, grid, Q3, level3, histories[-1], histories)

@@ -291,3 +291,25 @@ def test_lambda_search_picks_the_best_candidate_and_helps(xp, granularity):
         assert (got < 1).any() and with_search < without
     else:  # the averaged per-layer grid is already shrunk: lambda 1 wins here, and nothing changes
         assert (got == 1).all() and with_search == without
+
+
+@pytest.mark.parametrize("scale_update,sweeps", [(False, 1), (True, 3)])
+@pytest.mark.parametrize("m,n", [(1, 9), (2, 25), (3, 4)])
+def test_batched_groups_equal_one_by_one(xp, scale_update, sweeps, m, n):
+    from onnxcomq.solver import comq_quantize_groups, rtn_quantize_groups
+
+    probs = [problem(m, n, seed=s, kind="correlated", N=3 * n) for s in range(7)]
+    W3 = np.stack([p[0] for p in probs])
+    G3 = np.stack([p[1] for p in probs])
+    G3[2, :, 1] = G3[2, 1, :] = 0  # a dead input in one group
+    cfg = SolverConfig(bits=3, order="cyclic", sweeps=sweeps, scale_update=scale_update, dtype="float64")
+    got = comq_quantize_groups(xp.asarray(W3), xp.asarray(G3), cfg)
+    rtn = rtn_quantize_groups(xp.asarray(W3), xp.asarray(G3), cfg)
+    for b in range(len(probs)):
+        one = comq_quantize(W3[b], G3[b], cfg)
+        np.testing.assert_array_equal(got[b].codes, one.codes)
+        np.testing.assert_allclose(got[b].scale, one.scale, rtol=1e-12)
+        np.testing.assert_allclose(got[b].objective, one.objective, rtol=1e-9, atol=1e-9)
+        r1 = rtn_quantize(W3[b], G3[b], cfg)
+        np.testing.assert_array_equal(rtn[b].codes, r1.codes)
+        np.testing.assert_allclose(rtn[b].objective, r1.objective, rtol=1e-9, atol=1e-12)
