@@ -194,7 +194,8 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
                 delta.append((Wk.astype(np.float64) - res.qweight.astype(np.float64)) @ mu)
             num_c += o_c
             num_r += o_r
-            den += float(np.einsum("mn,nk,mk->", Wk.astype(np.float64), Gk, Wk.astype(np.float64)))
+            W64 = Wk.astype(np.float64)
+            den += float(((W64 @ Gk) * W64).sum())  # ||X W^T||^2
             codes.append(res.codes)
             deq.append(res.qweight)
             scales.append(res.scale)

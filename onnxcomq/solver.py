@@ -351,7 +351,7 @@ def _group_results(xp, W3, G3, grid: Grid, Q3, level3, objs, histories) -> list:
 
 def _group_objective(E3, G3):
     xp = array_module(E3)
-    return to_numpy(xp.einsum("bmn,bnk,bmk->b", E3, G3, E3, dtype=E3.dtype).astype(xp.float64))
+    return to_numpy(((E3 @ G3) * E3).sum(axis=(1, 2), dtype=xp.float64))
 
 
 def _prepare_groups(W3, G3, cfg: SolverConfig, xp):
@@ -394,7 +394,7 @@ def comq_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None) ->
         for cand in cfg.lambda_grid:
             E3 = W2 - make_grid(W2, cfg.bits, cfg.scheme, "channel", cand, cfg.zero_in_range).nearest(W2)[0]
             E3 = E3.reshape(B, m, n)
-            errs.append(xp.einsum("bmn,bnk,bmk->bm", E3, G3, E3).reshape(-1))
+            errs.append(((E3 @ G3) * E3).sum(axis=2).reshape(-1))
         lam = xp.asarray(cfg.lambda_grid, dtype=W3.dtype)[xp.argmin(xp.stack(errs), axis=0)]
     grid = make_grid(W2, cfg.bits, cfg.scheme, "channel", lam, cfg.zero_in_range)
     g = xp.ascontiguousarray(xp.diagonal(G3, axis1=1, axis2=2))  # (B, n)
@@ -417,7 +417,7 @@ def comq_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None) ->
         level3 = grid.levels_of(Q3.reshape(B * m, n)).reshape(B, m, n)
         histories.append(to_numpy(((W3 - Q3) * R3).sum(axis=(1, 2), dtype=xp.float64)))
         if cfg.scale_update:
-            CG = xp.einsum("bmn,bnk->bmk", level3, G3)
+            CG = level3 @ G3
             num = (CG * W3).sum(axis=2).reshape(-1)
             den = (CG * level3).sum(axis=2).reshape(-1)
             ok = (den > 0) & (num > 0)
