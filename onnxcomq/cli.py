@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="free bias: solve on the centered statistics and re-fit each layer's float bias so the "
                         "mean output error is zero (adds a bias where a layer has none) (default: on)")
     s.add_argument("--lambda", dest="lam", type=float, default=None,
-                   help="a fixed grid shrink factor for the initial scales; turns the search off (default: searched "
-                        "per channel among 1.0 .. 0.7 by the layer's own objective)")
+                   help="a fixed grid shrink factor for the initial scales; turns the search off (default: at <= 4 "
+                        "bits searched per channel among 1.0 .. 0.7 by the layer's own objective, else 1.0)")
     s.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the solver runs: gpu uses CuPy (default: auto)")
     c = q.add_argument_group("calibration and layers")
@@ -145,7 +145,7 @@ def cmd_quantize(a) -> int:
             raise UserError(f"{a.report}: report folder {rdir} does not exist")
     cfg = QuantizeConfig(bits=a.bits, granularity=a.granularity, scheme=a.scheme, order=a.order, sweeps=a.sweeps,
                          scale_update=a.scale_update, lam=1.0 if a.lam is None else a.lam,
-                         lambda_search=a.lam is None, method=a.method, official=a.official,
+                         lambda_search=None if a.lam is None else False, method=a.method, official=a.official,
                          bias_correction=a.bias_correction, mask_input=a.mask_input,
                          batch_size=a.batch_size, max_samples=a.max_samples, device=a.device,
                          op_types=tuple(t.strip() for t in a.op_types.split(",") if t.strip()),
