@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import node_names
+from .graph import node_names, unique_name
 
 
 def _attr(node, name, default):
@@ -18,15 +18,6 @@ def _attr(node, name, default):
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
-
-
-def _unique(name: str, taken: set) -> str:
-    out, i = name, 1
-    while out in taken:
-        out = f"{name}_{i}"
-        i += 1
-    taken.add(out)
-    return out
 
 
 def bias_target(model: onnx.ModelProto, node_name: str) -> str | None:
@@ -75,7 +66,7 @@ def apply(model: onnx.ModelProto, deltas: dict) -> onnx.ModelProto:
         np_type = np.float16 if wt == onnx.TensorProto.FLOAT16 else np.float32
 
         def new_bias(base_name, values, shape):
-            bname = _unique(f"{base_name}_bias_corrected", taken)
+            bname = unique_name(f"{base_name}_bias_corrected", taken)
             g.initializer.append(numpy_helper.from_array(np.asarray(values, np_type).reshape(shape), bname))
             return bname
 
@@ -112,10 +103,10 @@ def apply(model: onnx.ModelProto, deltas: dict) -> onnx.ModelProto:
             c.CopyFrom(numpy_helper.from_array(values.astype(old.dtype), other))
         else:
             y = node.output[0]
-            inner = _unique(f"{y}_before_bias", taken)
+            inner = unique_name(f"{y}_before_bias", taken)
             node.output[0] = inner
             bname = new_bias(name, delta, (delta.size,))
-            new_nodes.append(helper.make_node("Add", [inner, bname], [y], name=_unique(f"{name}_bias_add", taken)))
+            new_nodes.append(helper.make_node("Add", [inner, bname], [y], name=unique_name(f"{name}_bias_add", taken)))
     del g.node[:]
     g.node.extend(new_nodes)
     return out

@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper, version_converter
 
 from . import __version__
 from .errors import UserError
+from .graph import unique_name
 
 
 @dataclass
@@ -94,15 +95,6 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return converted
 
 
-def _unique(name: str, taken: set) -> str:
-    out, i = name, 1
-    while out in taken:
-        out = f"{name}_{i}"
-        i += 1
-    taken.add(out)
-    return out
-
-
 def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: dict | None = None) -> onnx.ModelProto:
     """A new model in which every weight of ``weights`` is replaced by a DequantizeLinear of its codes."""
     if not weights:
@@ -124,16 +116,16 @@ def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: d
         if tuple(init.dims) != tuple(codes.shape):
             raise ValueError(f"codes for {w.name} have shape {w.codes.shape}, weight has {tuple(init.dims)}")
         g.initializer.remove(init)
-        qname = _unique(f"{w.name}_quantized", taken)
-        sname = _unique(f"{w.name}_scale", taken)
-        zname = _unique(f"{w.name}_zero_point", taken)
+        qname = unique_name(f"{w.name}_quantized", taken)
+        sname = unique_name(f"{w.name}_scale", taken)
+        zname = unique_name(f"{w.name}_zero_point", taken)
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(codes).astype(dt), qname))
         g.initializer.append(numpy_helper.from_array(
             np.asarray(w.scale, np.float16 if w.float16 else np.float32), sname))
         g.initializer.append(numpy_helper.from_array(np.asarray(zp).astype(dt), zname))
         attrs = {"axis": int(w.axis)} if w.scale.ndim else {}
         dq_nodes.append(helper.make_node("DequantizeLinear", [qname, sname, zname], [w.name],
-                                         name=_unique(f"{w.name}_DequantizeLinear", taken), **attrs))
+                                         name=unique_name(f"{w.name}_DequantizeLinear", taken), **attrs))
     nodes = dq_nodes + list(g.node)
     del g.node[:]
     g.node.extend(nodes)

@@ -190,45 +190,51 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> t
     return layers, skipped
 
 
+def unique_name(name: str, taken: set) -> str:
+    """``name``, or ``name_1``, ``name_2``... whichever is not in ``taken`` yet (then added to it)."""
+    out, i = name, 1
+    while out in taken:
+        out = f"{name}_{i}"
+        i += 1
+    taken.add(out)
+    return out
+
+
+def _conv_attrs(op, wname, shape, at):
+    """(spatial rank, group, kernel, strides, dilations, pads, auto_pad) of a Conv/ConvTranspose, or why not."""
+    if len(shape) < 3:
+        return f"{op} weight {wname} has rank {len(shape)}, expected >= 3"
+    nsp = len(shape) - 2
+    kernel = tuple(int(k) for k in at.get("kernel_shape", shape[2:]))
+    if kernel != tuple(shape[2:]):
+        return f"kernel_shape {kernel} does not match weight {wname} {shape}"
+    auto_pad = at.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    return (nsp, int(at.get("group", 1)), kernel, tuple(int(s) for s in at.get("strides", [1] * nsp)),
+            tuple(int(d) for d in at.get("dilations", [1] * nsp)),
+            tuple(int(p) for p in at.get("pads", [0] * (2 * nsp))), auto_pad)
+
+
 def _make_layer(name, node, wname, shape, at):
     op = node.op_type
+    if op in ("Conv", "ConvTranspose"):
+        parsed = _conv_attrs(op, wname, shape, at)
+        if isinstance(parsed, str):
+            return parsed
+        nsp, group, kernel, strides, dil, pads, auto_pad = parsed
     if op == "Conv":
-        if len(shape) < 3:
-            return f"conv weight {wname} has rank {len(shape)}, expected >= 3"
-        nsp = len(shape) - 2
-        group = int(at.get("group", 1))
-        kernel = tuple(int(k) for k in at.get("kernel_shape", shape[2:]))
-        if kernel != tuple(shape[2:]):
-            return f"kernel_shape {kernel} does not match weight {wname} {shape}"
         if shape[0] % group:
             return f"output channels {shape[0]} not divisible by group {group}"
-        strides = tuple(int(s) for s in at.get("strides", [1] * nsp))
-        dil = tuple(int(d) for d in at.get("dilations", [1] * nsp))
-        pads = tuple(int(p) for p in at.get("pads", [0] * (2 * nsp)))
-        auto_pad = at.get("auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
         fan_in = int(np.prod(shape[1:]))
         x = XSpec(node.input[0], "conv", fan_in=fan_in, kernel=kernel, strides=strides, pads=pads, dilations=dil,
                   group=group, auto_pad=auto_pad)
         return Layer(name, op, wname, shape, x, axis=0, groups=group)
     if op == "ConvTranspose":
-        if len(shape) < 3:
-            return f"ConvTranspose weight {wname} has rank {len(shape)}, expected >= 3"
-        nsp = len(shape) - 2
-        group = int(at.get("group", 1))
-        kernel = tuple(int(k) for k in at.get("kernel_shape", shape[2:]))
-        if kernel != tuple(shape[2:]):
-            return f"kernel_shape {kernel} does not match weight {wname} {shape}"
-        auto_pad = at.get("auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
         if group != 1:
             return ("grouped ConvTranspose: per-output-channel scales cannot be expressed on the weight's axis 1 "
                     "(it holds C_out/group channels)")
         if auto_pad not in ("NOTSET", "") or "output_shape" in at:
             return "ConvTranspose with auto_pad or output_shape is not supported (give explicit pads)"
-        strides = tuple(int(s) for s in at.get("strides", [1] * nsp))
-        dil = tuple(int(d) for d in at.get("dilations", [1] * nsp))
-        pads = tuple(int(p) for p in at.get("pads", [0] * (2 * nsp)))
         opad = tuple(int(p) for p in at.get("output_padding", [0] * nsp))
         eq = tuple(dil[i] * (kernel[i] - 1) - pads[i] for i in range(nsp)) + \
             tuple(dil[i] * (kernel[i] - 1) - pads[nsp + i] + opad[i] for i in range(nsp))
