@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="a fixed grid shrink factor for the initial scales; turns the search off (default: at <= 4 "
                         "bits searched per channel among 1.0 .. 0.7 by the layer's own objective, else 1.0)")
+    s.add_argument("--damping", type=float, default=0.1,
+                   help="for layers with fewer than 4 x fan-in calibration rows, solve with G + damping * "
+                        "mean(diag G) * I so the codes do not fit the calibration noise; 0 turns it off "
+                        "(default: 0.1)")
     s.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the solver runs: gpu uses CuPy (default: auto)")
     c = q.add_argument_group("calibration and layers")
@@ -112,7 +116,7 @@ def format_table(report) -> str:
     for L in report.layers:
         ratio = L.comq_error / L.rtn_error if L.rtn_error > 0 else 1.0
         name = L.node if len(L.node) <= 48 else "..." + L.node[-45:]
-        kept = f" (rtn {L.rtn_groups}/{L.groups})" if L.rtn_groups else ""
+        kept = (f" (rtn {L.rtn_groups}/{L.groups})" if L.rtn_groups else "") + (" (damped)" if L.damped else "")
         rows.append((name, L.op_type, "x".join(map(str, L.shape)), str(L.bits), str(L.rows),
                      f"{L.comq_error:.3e}", f"{L.rtn_error:.3e}", f"{ratio:.3f}{kept}", f"{L.seconds:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -146,7 +150,7 @@ def cmd_quantize(a) -> int:
     cfg = QuantizeConfig(bits=a.bits, granularity=a.granularity, scheme=a.scheme, order=a.order, sweeps=a.sweeps,
                          scale_update=a.scale_update, lam=1.0 if a.lam is None else a.lam,
                          lambda_search=None if a.lam is None else False, method=a.method, official=a.official,
-                         bias_correction=a.bias_correction, mask_input=a.mask_input,
+                         bias_correction=a.bias_correction, mask_input=a.mask_input, damping=a.damping,
                          batch_size=a.batch_size, max_samples=a.max_samples, device=a.device,
                          op_types=tuple(t.strip() for t in a.op_types.split(",") if t.strip()),
                          exclude=tuple(a.exclude))

@@ -517,3 +517,25 @@ def test_padded_tokens_stay_out_of_the_statistics(mask_input):
 def test_unknown_mask_input_is_a_clear_error():
     with pytest.raises(UserError, match="no such input"):
         run(builders.masked_encoder(), "random", QuantizeConfig(mask_input="token_mask", device="cpu"))
+
+
+def test_damping_helps_held_out_error_when_calibration_is_short():
+    """Fan-in 64 and 24 calibration rows: G is rank-deficient and undamped COMQ fits the calibration noise."""
+    m = builders.mlp_model([64, 16])
+    rng = np.random.default_rng(3)
+    mix = rng.standard_normal((64, 64)) / 8
+
+    def data(n):
+        return (rng.standard_normal((n, 64)) @ mix + 0.3).astype(np.float32)
+
+    calib, held = data(24), data(4000)
+    (yf,) = ort_run(m, {"input": held})
+    errs, reps = {}, {}
+    for d in (0.0, 0.1):
+        q, reps[d] = run(m, {"input": calib}, QuantizeConfig(bits=3, device="cpu", damping=d))
+        (yq,) = ort_run(q, {"input": held})
+        errs[d] = float(np.mean((yq - yf) ** 2))
+    assert reps[0.1].layers[0].damped and not reps[0.0].layers[0].damped
+    assert errs[0.1] < errs[0.0], errs
+    # and on the calibration rows themselves undamped COMQ looks better: the overfitting damping prevents
+    assert reps[0.0].layers[0].comq_error <= reps[0.1].layers[0].comq_error
