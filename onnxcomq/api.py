@@ -6,14 +6,12 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from . import __version__
 from .backend import get_xp
 from .bias import apply as apply_bias
 from .bias import bias_target
@@ -25,8 +23,6 @@ from .graph import SUPPORTED_OPS, find_layers, load_weight
 from .modelio import prepare_model
 from .solver import (SolverConfig, comq_quantize, comq_quantize_groups, objective, rtn_quantize,
                      rtn_quantize_groups)
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import onnx
 
 from .calib import _check_feed, _load_npz, model_inputs
 from .capture import make_session
@@ -34,9 +33,3 @@ def top1_accuracy(model, data_path: str, batch_size: int = 256) -> tuple[float, 
         out = sess.run(None, {k: v[i:i + batch_size] for k, v in feed.items()})[0]
         correct += int((out.reshape(out.shape[0], -1).argmax(axis=1) == labels[i:i + batch_size]).sum())
     return correct / n, n
-
-
-def check_and_run(model: onnx.ModelProto, feed: dict) -> list:
-    """onnx.checker (full check) and one onnxruntime run: the output must be loadable and runnable."""
-    onnx.checker.check_model(model, full_check=True)
-    return make_session(model).run(None, feed)

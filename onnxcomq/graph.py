@@ -9,7 +9,6 @@ weight maps to the solver's (m, n) matrices (one per conv group).
 from __future__ import annotations
 
 import fnmatch
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,8 +16,6 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import UserError
-
-log = logging.getLogger(__name__)
 
 SUPPORTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 

@@ -37,7 +37,7 @@ class Grid:
         """Grid values of integer levels (m, n) (or (n, m) if ``transposed``): level * scale per row."""
         return level * (self.scale[None, :] if transposed else self.scale[:, None])
 
-    def nearest(self, t, rows=None):
+    def nearest(self, t):
         """Nearest grid point of ``t`` per row; ties go to the lower level (the official ``torch.min`` rule).
 
         ``t`` is (m,) (one value per row) or (m, k). Returns ``(value, level)`` with ``level`` a float array of

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .backend import array_module, get_xp, to_numpy
+from .backend import array_module, to_numpy
 from .grid import GRANULARITIES, SCHEMES, Grid, make_grid, search_lambda
 
 ORDERS = ("greedy", "cyclic", "importance")
@@ -327,15 +327,6 @@ def comq_quantize(W, G, cfg: SolverConfig = SolverConfig(), xp=None) -> QuantRes
     return _result(xp, W, G, grid, Q, level, history, obj=history[-1])
 
 
-def quantize_layer(W, G, cfg: SolverConfig = SolverConfig(), device: str = "cpu"):
-    """COMQ and RTN of one layer on ``device`` ("cpu", "gpu", "auto"); returns (comq_result, rtn_result)."""
-    xp = get_xp(device)
-    Wd, Gd = xp.asarray(W), xp.asarray(G)
-    return comq_quantize(Wd, Gd, cfg, xp), rtn_quantize(Wd, Gd, cfg, xp)
-
-
-__all__ = ["SolverConfig", "QuantResult", "comq_quantize", "rtn_quantize", "objective", "greedy_order",
-           "quantize_layer", "replace"]
 
 
 def _group_results(xp, W3, G3, grid: Grid, Q3, level3, objs, histories) -> list:
@@ -427,3 +418,7 @@ def comq_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None) ->
             Q3 = grid.values(level3.reshape(B * m, n)).reshape(B, m, n)
             histories.append(to_numpy(((W3 - Q3) * R3).sum(axis=(1, 2), dtype=xp.float64)))
     return _group_results(xp, W3, G3, grid, Q3, level3, histories[-1], histories)
+
+
+__all__ = ["SolverConfig", "QuantResult", "comq_quantize", "rtn_quantize", "comq_quantize_groups",
+           "rtn_quantize_groups", "objective", "greedy_order", "importance_order"]

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 import builders
 from onnxcomq import QuantizeConfig, UserError, quantize, run
 from onnxcomq.calib import Calibration, model_inputs
-from onnxcomq.capture import GramStats, collect_stats, im2col
+from onnxcomq.capture import collect_stats, im2col
 from onnxcomq.emit import QuantizedWeight, with_float_weights
 from onnxcomq.graph import find_layers, load_weight
 from onnxcomq.modelio import prepare_model

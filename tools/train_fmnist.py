@@ -39,7 +39,6 @@ import argparse
 import collections
 import gzip
 import math
-import os
 import random
 import sys
 import time
