@@ -19,7 +19,7 @@ from .calib import Calibration, model_inputs
 from .capture import collect_stats
 from .emit import QuantizedWeight, emit_qdq
 from .errors import UserError
-from .graph import SUPPORTED_OPS, find_layers, load_weight
+from .graph import SUPPORTED_OPS, find_layers, load_weight, node_names
 from .modelio import prepare_model
 from .solver import (SolverConfig, comq_quantize, comq_quantize_groups, objective, rtn_quantize,
                      rtn_quantize_groups)
@@ -164,6 +164,8 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
     xp = get_xp(config.device)
     qweights, reports = [], []
     deltas = {}
+    nodes = dict(zip(node_names(model), model.graph.node))
+    inits = {t.name: t for t in model.graph.initializer}
     t0 = time.perf_counter()
     bar = _bar(progress, total=len(layers), desc="solve", unit="layer")
     for layer in layers:
@@ -176,8 +178,8 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
         rows = sum(stats[spec].rows for _, spec in layer.consumers)
         # free bias only where it is exact: one consumer, a bias we can write
         bc = use_bias and config.method == "comq" and len(specs_used) == 1 \
-            and bias_target(model, layer.consumers[0][0]) is None
-        codes, deq, scales, zps, delta = [], [], [], [], []
+            and bias_target(nodes[layer.consumers[0][0]], inits) is None
+        codes, scales, zps, delta = [], [], [], []
         num_c = num_r = den = 0.0
         fallback = 0
         dt = np.float64 if scfg.dtype == "float64" else np.float32
@@ -206,7 +208,6 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
             num_r += o_r
             den += objective(Wk.astype(dt), np.zeros_like(Wk, dt), Gk.astype(dt))  # ||X W^T||^2
             codes.append(res.codes)
-            deq.append(res.qweight)
             scales.append(res.scale)
             zps.append(res.zero_point)
         scale = np.concatenate(scales)

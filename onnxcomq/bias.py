@@ -20,11 +20,8 @@ def _attr(node, name, default):
     return default
 
 
-def bias_target(model: onnx.ModelProto, node_name: str) -> str | None:
-    """Why the bias of ``node_name`` cannot be corrected, or None when it can."""
-    names = node_names(model)
-    node = model.graph.node[names.index(node_name)]
-    inits = {t.name: t for t in model.graph.initializer}
+def bias_target(node: onnx.NodeProto, inits: dict) -> str | None:
+    """Why the bias of ``node`` cannot be corrected, or None when it can (``inits``: initializers by name)."""
     if node.op_type in ("Conv", "ConvTranspose"):
         if len(node.input) > 2 and node.input[2] and node.input[2] not in inits:
             return "bias is not a constant"
@@ -53,9 +50,11 @@ def apply(model: onnx.ModelProto, deltas: dict) -> onnx.ModelProto:
     inits = {t.name: t for t in g.initializer}
     taken = set(inits) | {o for n in g.node for o in n.output} | {i.name for i in g.input} | set(names)
     uses: dict = {}
+    readers: dict = {}  # tensor -> the nodes that read it
     for n in g.node:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
+            readers.setdefault(i, []).append(n)
     new_nodes = []
     for name, node in zip(names, list(g.node)):
         new_nodes.append(node)
@@ -88,7 +87,7 @@ def apply(model: onnx.ModelProto, deltas: dict) -> onnx.ModelProto:
                 node.input[2] = new_bias(name, scale * delta, (delta.size,))
             continue
         # MatMul: fold into the constant of the Add that follows, or add an Add
-        consumers = [n for n in g.node if node.output[0] in n.input]
+        consumers = readers.get(node.output[0], [])
         add = consumers[0] if len(consumers) == 1 and consumers[0].op_type == "Add" else None
         const = None
         if add is not None:

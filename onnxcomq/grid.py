@@ -149,13 +149,15 @@ def make_grid(W, bits: int, scheme: str = "asym", granularity: str = "channel", 
 def search_lambda(W, G, bits: int, scheme: str, granularity: str, candidates, zero_in_range: bool = True):
     """Per row (one for the layer with tensor granularity), the shrink factor among ``candidates`` whose
     round-to-nearest grid has the lowest objective e^T G e: the grid is chosen by the objective, not by min-max.
-    Costs one GEMM per candidate."""
+    Costs one GEMM per candidate. G may also be (groups, n, n), one Gram per block of W's rows."""
     xp = array_module(W)
     errs = []
     for lam in candidates:
         grid = make_grid(W, bits, scheme, granularity, lam, zero_in_range)
         E = W - grid.nearest(W)[0]
-        errs.append(((E @ G) * E).sum(axis=1))
+        if G.ndim == 3:  # independent groups: W holds groups x m rows, G one Gram per group
+            E = E.reshape(G.shape[0], -1, E.shape[1])
+        errs.append(((E @ G) * E).sum(axis=-1).reshape(-1))
     errs = xp.stack(errs)  # (candidates, m)
     if granularity == "tensor":
         errs = xp.broadcast_to(errs.sum(axis=1, keepdims=True), errs.shape)

@@ -255,19 +255,20 @@ def _scale_update(xp, W, level, R, G, grid: Grid, transposed: bool = False):
 
     q_i = scale_i * c_i with integer levels c_i, so scale_i = (c_i^T G w_i) / (c_i^T G c_i). Returns the new
     R = (W - Q) G from the same product C G: R_new = R_old + (scale_old - scale_new) * C G (one GEMM, not two).
-    ``transposed``: W, level, R are (n, m) and R = G (W - Q)^T.
+    ``transposed``: W, level, R are (n, m) and R = G (W - Q)^T. W, level, R may also be (groups, m, n) with G
+    (groups, n, n): independent groups whose rows are the grid's rows.
     """
-    ax = 0 if transposed else 1
+    ax = 0 if transposed else -1
     CG = G @ level if transposed else level @ G
-    num = (CG * W).sum(axis=ax)
-    den = (CG * level).sum(axis=ax)
+    num = (CG * W).sum(axis=ax).reshape(-1)
+    den = (CG * level).sum(axis=ax).reshape(-1)
     if grid.granularity == "tensor":
         num = xp.full_like(num, num.sum())
         den = xp.full_like(den, den.sum())
     ok = (den > 0) & (num > 0)
     new = xp.where(ok, num / xp.where(ok, den, 1), grid.scale).astype(W.dtype)
     step = grid.scale - new
-    R = R + (step[None, :] if transposed else step[:, None]) * CG
+    R = R + (step[None, :] if transposed else step.reshape(W.shape[:-1] + (1,))) * CG
     grid.set_scale(new)
     return R
 
@@ -381,12 +382,7 @@ def comq_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None) ->
     W2 = W3.reshape(B * m, n)
     lam = cfg.lam
     if cfg.lambda_search:
-        errs = []
-        for cand in cfg.lambda_grid:
-            E3 = W2 - make_grid(W2, cfg.bits, cfg.scheme, "channel", cand, cfg.zero_in_range).nearest(W2)[0]
-            E3 = E3.reshape(B, m, n)
-            errs.append(((E3 @ G3) * E3).sum(axis=2).reshape(-1))
-        lam = xp.asarray(cfg.lambda_grid, dtype=W3.dtype)[xp.argmin(xp.stack(errs), axis=0)]
+        lam = search_lambda(W2, G3, cfg.bits, cfg.scheme, "channel", cfg.lambda_grid, cfg.zero_in_range)
     grid = make_grid(W2, cfg.bits, cfg.scheme, "channel", lam, cfg.zero_in_range)
     g = xp.ascontiguousarray(xp.diagonal(G3, axis1=1, axis2=2))  # (B, n)
     gsafe = xp.where(g > 0, g, 1)
@@ -408,13 +404,7 @@ def comq_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None) ->
         level3 = grid.levels_of(Q3.reshape(B * m, n)).reshape(B, m, n)
         histories.append(to_numpy(((W3 - Q3) * R3).sum(axis=(1, 2), dtype=xp.float64)))
         if cfg.scale_update:
-            CG = level3 @ G3
-            num = (CG * W3).sum(axis=2).reshape(-1)
-            den = (CG * level3).sum(axis=2).reshape(-1)
-            ok = (den > 0) & (num > 0)
-            new = xp.where(ok, num / xp.where(ok, den, 1), grid.scale).astype(W3.dtype)
-            R3 = R3 + (grid.scale - new).reshape(B, m, 1) * CG
-            grid.set_scale(new)
+            R3 = _scale_update(xp, W3, level3, R3, G3, grid)
             Q3 = grid.values(level3.reshape(B * m, n)).reshape(B, m, n)
             histories.append(to_numpy(((W3 - Q3) * R3).sum(axis=(1, 2), dtype=xp.float64)))
     return _group_results(xp, W3, G3, grid, Q3, level3, histories[-1], histories)
