@@ -20,7 +20,7 @@ from .capture import collect_stats
 from .emit import QuantizedWeight, emit_qdq
 from .errors import UserError
 from .graph import SUPPORTED_OPS, find_layers, load_weight, node_names
-from .modelio import prepare_model
+from .modelio import model_bytes, prepare_model
 from .solver import (SolverConfig, comq_quantize, comq_quantize_groups, objective, rtn_quantize,
                      rtn_quantize_groups)
 
@@ -207,9 +207,10 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
             num_c += o_c
             num_r += o_r
             den += objective(Wk.astype(dt), np.zeros_like(Wk, dt), Gk.astype(dt))  # ||X W^T||^2
-            codes.append(res.codes)
+            codes.append(res.codes.astype(np.int16))  # 2..8-bit codes: int16 holds them (int32 from the solver)
             scales.append(res.scale)
             zps.append(res.zero_point)
+        del rtns, comqs, res  # free the solver's full-size arrays before the next layer (large models)
         scale = np.concatenate(scales)
         zp = np.concatenate(zps)
         if scfg.granularity == "tensor":
@@ -237,11 +238,13 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
             "lambda": "search" if scfg.lambda_search else scfg.lam,
             "official": config.official, "bias_correction": bool(deltas), "calibration_samples": samples,
             "mask_input": mask_input, "damping": damping}
-    out = emit_qdq(apply_bias(model, deltas) if deltas else model, qweights, meta)
+    biased = apply_bias(model, deltas) if deltas else None  # a copy: emit may edit it in place
+    out = emit_qdq(model if biased is None else biased, qweights, meta, inplace=biased is not None)
+    del biased
     report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)
     report.total_seconds = time.perf_counter() - t_start
-    report.float_bytes = model.ByteSize()
-    report.quant_bytes = out.ByteSize()
+    report.float_bytes = model_bytes(model)
+    report.quant_bytes = model_bytes(out)
     return out, report
 
 

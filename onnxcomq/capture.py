@@ -18,7 +18,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import UserError
 from .graph import XSpec
-from .modelio import is_large, model_path
+from .modelio import is_large, model_path, skeleton
 
 CHUNK_ROWS = 8192  # rows of X per GEMM: large enough to keep the GEMMs efficient, small enough for the cache
 
@@ -155,12 +155,8 @@ def capture_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto
     have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
     types = {}
     try:
-        if is_large(model):
-            with model_path(model) as path:
-                onnx.shape_inference.infer_shapes_path(path, path + ".inferred", data_prop=True)
-                inferred = onnx.load(path + ".inferred", load_external_data=False)
-        else:
-            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        # a large model: infer on a skeleton without the big tensors' bytes (inference needs only their dims)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model) if is_large(model) else model, data_prop=True)
         for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
             types[vi.name] = vi.type.tensor_type.elem_type
     except Exception:  # shape inference is best effort: ORT fills in the rest

@@ -95,14 +95,17 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return converted
 
 
-def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: dict | None = None) -> onnx.ModelProto:
-    """A new model in which every weight of ``weights`` is replaced by a DequantizeLinear of its codes."""
+def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: dict | None = None,
+             inplace: bool = False) -> onnx.ModelProto:
+    """A new model in which every weight of ``weights`` is replaced by a DequantizeLinear of its codes.
+
+    ``inplace``: ``model`` is a private copy that may be edited (saves a copy of a large model)."""
     if not weights:
         raise UserError("no layer was quantized: nothing to write")
     stored = [(w,) + tuple(w.storage()) for w in weights]
     target = max(max(required_opset(dt), 19 if w.float16 else 0) for w, *_, dt in stored)
     out = upgrade_opset(model, target)
-    if out is model:
+    if out is model and not inplace:
         out = onnx.ModelProto()
         out.CopyFrom(model)
     g = out.graph

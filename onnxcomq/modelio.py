@@ -33,8 +33,27 @@ def load_model(path) -> onnx.ModelProto:
     return model
 
 
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
 def _needs_folding(model: onnx.ModelProto) -> bool:
-    return any(n.op_type in ("Constant", "Identity") for n in model.graph.node)
+    """Whether some weight of a Conv/ConvTranspose/Gemm/MatMul is computed from constants (a ``Constant`` node,
+    ``Identity``, ``Transpose``... of initializers) instead of being an initializer: only then is the graph folded
+    (folding copies every tensor, which costs minutes on a model of gigabytes)."""
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    const = {t.name for t in graph.initializer} - inputs
+    inits = set(const)
+    for n in graph.node:  # topological order: a node of constant inputs has constant outputs
+        if n.op_type == "Constant" or (n.input and all(i in const or i == "" for i in n.input)
+                                       and n.op_type not in ("RandomNormal", "RandomUniform", "Multinomial")):
+            const.update(o for o in n.output if o)
+    for n in graph.node:
+        if n.op_type in WEIGHT_OPS:
+            w = list(n.input[:2])
+            if any(t in const and t not in inits for t in w):
+                return True
+    return False
 
 
 def prepare_model(model_or_path) -> onnx.ModelProto:
@@ -72,16 +91,73 @@ def prepare_model(model_or_path) -> onnx.ModelProto:
 LARGE_MODEL_BYTES = 1_800_000_000
 
 
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The serialized size of ``model``; past protobuf's 2 GiB limit ByteSize() itself fails, and the sum of the
+    tensors' data (initializers and Constant node values) is used instead."""
+    try:
+        return model.ByteSize()
+    except Exception:  # google.protobuf.message.EncodeError: over 2 GiB
+        tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute
+                                                   if a.type == onnx.AttributeProto.TENSOR]
+        return sum(t.ByteSize() if not t.raw_data else len(t.raw_data) for t in tensors)
+
+
 def is_large(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() >= LARGE_MODEL_BYTES
+    return model_bytes(model) >= LARGE_MODEL_BYTES
 
 
-def _save_external(model: onnx.ModelProto, path: str, data_name: str) -> None:
-    """onnx.save with all tensors in one external file; on a copy, since onnx clears the saved tensors' data."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    onnx.save(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
-              size_threshold=1024)
+def _copy_fields(src, dst, skip: str) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except the field named ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def skeleton(model: onnx.ModelProto, threshold: int = 1024, place=None,
+             data_name: str = "onnxcomq-not-written.data") -> onnx.ModelProto:
+    """A copy of ``model`` in which every initializer of ``threshold`` bytes or more is an external-data reference
+    instead of its bytes, built without copying those bytes. ``place(raw) -> offset`` writes a tensor's bytes into
+    ``data_name`` and says where; without it nothing is written (enough for shape inference, which reads only
+    dims and small tensors)."""
+    skel = onnx.ModelProto()
+    _copy_fields(model, skel, skip="graph")
+    _copy_fields(model.graph, skel.graph, skip="initializer")
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") or len(t.raw_data) < threshold:
+            skel.graph.initializer.add().CopyFrom(t)
+            continue
+        e = skel.graph.initializer.add()
+        _copy_fields(t, e, skip="raw_data")
+        raw = t.raw_data
+        offset = place(raw) if place is not None else 0
+        e.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+            e.external_data.add(key=k, value=v)
+        del raw
+    return skel
+
+
+def _save_external(model: onnx.ModelProto, path: str, data_name: str, threshold: int = 1024) -> None:
+    """Write ``model`` to ``path`` with every initializer of ``threshold`` bytes or more in ``data_name`` beside it.
+
+    Unlike onnx.save(save_as_external_data=True), this never copies the model in memory (the tensors' bytes are
+    streamed into the data file), so a model near the 2 GiB limit costs no second copy."""
+    with open(os.path.join(os.path.dirname(path), data_name), "wb") as f:
+        def place(raw: bytes) -> int:
+            f.write(b"\0" * (-f.tell() % 4096))  # page-aligned, as onnx's own writer does, so runtimes can mmap
+            offset = f.tell()
+            f.write(raw)
+            return offset
+
+        skel = skeleton(model, threshold, place, data_name)
+    with open(path, "wb") as f:
+        f.write(skel.SerializeToString())
 
 
 def _chmod_default(path: str) -> None:
