@@ -207,3 +207,12 @@ def comq_quantize_block(W, G, cfg: SolverConfig, xp=None) -> QuantResult:
 
 __all__ = ["BlockGrid", "block_bounds", "make_block_grid", "block_scale_system", "solve_block_scales",
            "rtn_quantize_block", "comq_quantize_block"]
+
+
+def block_layout(layer, scale, zero_point):
+    """Matrix-form block parameters (out rows m, blocks nb) -> (scale, zero_point, axis) of the DequantizeLinear on
+    the stored 2-D weight: MatMul B[K, N] and Gemm transB=0 (layer.axis 1) block along axis 0 with scale[nb, N];
+    Gemm transB=1 W[N, K] along axis 1 with scale[N, nb]."""
+    if layer.axis == 1:
+        return np.ascontiguousarray(scale.T), np.ascontiguousarray(zero_point.T), 0
+    return scale, zero_point, 1
