@@ -88,6 +88,7 @@ class QuantizeConfig:
             raise UserError(str(e)) from None
 
     def validate(self) -> "QuantizeConfig":
+        validate_precision(self)
         self.solver_config()
         if not (self.damping >= 0 and np.isfinite(self.damping)):
             raise UserError(f"damping must be a finite number >= 0, got {self.damping!r}")
@@ -95,7 +96,6 @@ class QuantizeConfig:
             raise UserError(f"method must be comq or rtn, got {self.method!r}")
         if self.device not in ("auto", "cpu", "gpu"):
             raise UserError(f"device must be auto, cpu or gpu, got {self.device!r}")
-        validate_precision(self)
         return self
 
 

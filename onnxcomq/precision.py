@@ -48,13 +48,15 @@ def _match(pattern: str, layer, index: int, count: int) -> bool:
         return index == 0
     if pattern == "last":
         return index == count - 1
+    if pattern == "depthwise":
+        return layer.op_type == "Conv" and layer.groups > 1 and layer.weight_shape[1] == 1
     names = [layer.node] + [c for c, _ in layer.consumers]
     return any(fnmatch.fnmatchcase(n, pattern) for n in names) or fnmatch.fnmatchcase(layer.op_type, pattern)
 
 
 def fixed_bits(layers, base: int, keep_8bit=(), layer_bits=()) -> dict:
     """{weight: (bits, why)} for the layers a user pinned: ``keep_8bit`` patterns ("first"/"last" = the first/last
-    quantized layer in topological order, else fnmatch on node names or op types) get 8 bits, then ``layer_bits``
+    quantized layer in topological order, "depthwise" = depthwise convs, else fnmatch on node names or op types) get 8 bits, then ``layer_bits``
     (pattern, bits) pairs in order (a later match wins). A pattern matching no layer is an error."""
     out = {}
     n = len(layers)
