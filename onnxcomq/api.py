@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -346,6 +347,10 @@ def _mixed_precision(model, layers, stats, calib, config: QuantizeConfig, plan: 
         sens = {w: out_err[w] / relerr[w][config.bits] if relerr[w][config.bits] > 0 else 0.0 for w in relerr}
     dist = {w: {b: sens[w] * e for b, e in relerr[w].items()} for w in relerr}
     bits = allocate(params, dist, config.bits, config.avg_bits, {w: plan[w][0] for w in pinned})
+    if average_bits(bits, params) > config.avg_bits + 1e-9:
+        logging.getLogger("onnxcomq").warning(
+            f"--avg-bits {config.avg_bits}: the layers pinned by --keep-8bit/--layer-bits alone average "
+            f"{average_bits(bits, params):.2f} bits; no layer was raised")
     for L in free:
         if bits[L.weight] != config.bits:
             plan[L.weight][0] = bits[L.weight]
