@@ -49,6 +49,8 @@ class QuantizeConfig:
     mp_bits: tuple = (8,)
     mp_sensitivity: str = "output"  # output (measured model-output error per layer) | layer (layer error only)
     mp_samples: int = 8  # calibration samples for the output sensitivity
+    # a layer's error at the candidate bits: "solve" it there, or "scaling" from its base-bits solve (x 1/4 per bit)
+    mp_estimate: str = "solve"
     nbits_accuracy_level: int = 0  # MatMulNBits accuracy_level (0: float activations; 4: int8, faster, less exact)
     scheme: str = "asym"  # asym | sym
     order: str = "cyclic"  # cyclic | importance | greedy (per row, the official code's; gathers, slower on CPU)
@@ -319,14 +321,15 @@ def _mixed_precision(model, layers, stats, calib, config: QuantizeConfig, plan: 
     params = {L.weight: int(np.prod(L.weight_shape)) for L in layers}
     cands = sorted({config.bits, *config.mp_bits})
     relerr, base_w = {}, {}
-    bar = _bar(progress, total=len(free) * len(cands), desc="bits", unit="solve")
+    n_solve = len(cands) if config.mp_estimate == "solve" else 1
+    bar = _bar(progress, total=len(free) * n_solve, desc="bits", unit="solve")
     for L in free:
         mats = L.to_matrices(load_weight(model, L.weight))
         grams = _layer_grams(L, stats)
         dt = np.float64 if config.dtype == "float64" else np.float32
         den = sum(objective(Wk.astype(dt), np.zeros_like(Wk, dt), Gk.astype(dt)) for Wk, Gk in zip(mats, grams))
         relerr[L.weight] = {}
-        for b in cands:
+        for b in cands if config.mp_estimate == "solve" else [config.bits]:
             rtns, comqs = _solve_groups(xp, mats, grams, grams, config.solver_config(b, plan[L.weight][1]), dt,
                                         config.method == "comq")
             res = comqs if comqs is not None else rtns
@@ -336,6 +339,8 @@ def _mixed_precision(model, layers, stats, calib, config: QuantizeConfig, plan: 
                     np.float16 if L.float16 else np.float32)
             if bar is not None:
                 bar.update(1)
+        for b in cands:  # "scaling": the quantization noise model, error x 4 per bit fewer
+            relerr[L.weight].setdefault(b, relerr[L.weight][config.bits] * 4.0 ** (config.bits - b))
     if bar is not None:
         bar.close()
     sens = {w: 1.0 for w in relerr}
@@ -357,7 +362,8 @@ def _mixed_precision(model, layers, stats, calib, config: QuantizeConfig, plan: 
             note = f"mixed precision: {bits[L.weight]} bits"
             plan[L.weight][3] = "; ".join(x for x in (plan[L.weight][3], note) if x)
     return {"budget": config.avg_bits, "achieved": average_bits(bits, params), "candidates": cands,
-            "sensitivity": config.mp_sensitivity, "seconds": time.perf_counter() - t0,
+            "sensitivity": config.mp_sensitivity, "estimate": config.mp_estimate,
+            "seconds": time.perf_counter() - t0,
             "layers": {L.node: {"bits": bits[L.weight], "params": params[L.weight], "sensitivity": sens[L.weight],
                                 "relerr": {str(b): e for b, e in relerr[L.weight].items()}} for L in free}}
 

@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="output: a layer's predicted damage = its relative output error times its measured "
                         "effect on the model output (one forward pass per layer on --mp-samples samples); "
                         "layer: its relative output error alone (default: output)")
+    m.add_argument("--mp-estimate", choices=["solve", "scaling"], default="solve",
+                   help="a layer's error at the candidate bits: solve it there (one solve per candidate), or "
+                        "scale its base-bits error by 1/4 per extra bit (default: solve)")
     m.add_argument("--mp-samples", type=int, default=8,
                    help="calibration samples for --mp-sensitivity output (default: 8)")
     c = q.add_argument_group("calibration and layers")
@@ -197,6 +200,7 @@ def cmd_quantize(a) -> int:
                          keep_8bit=tuple(t.strip() for t in a.keep_8bit.split(",") if t.strip()),
                          layer_bits=tuple(a.layer_bits), avg_bits=a.avg_bits, mp_bits=_int_list(a.mp_bits),
                          mp_sensitivity=a.mp_sensitivity, mp_samples=a.mp_samples,
+                         mp_estimate=a.mp_estimate,
                          op_types=tuple(t.strip() for t in a.op_types.split(",") if t.strip()),
                          exclude=tuple(a.exclude))
     model, report = run(a.model, a.calib, cfg, progress=not a.quiet and sys.stderr.isatty())

@@ -56,8 +56,9 @@ def _match(pattern: str, layer, index: int, count: int) -> bool:
 
 def fixed_bits(layers, base: int, keep_8bit=(), layer_bits=()) -> dict:
     """{weight: (bits, why)} for the layers a user pinned: ``keep_8bit`` patterns ("first"/"last" = the first/last
-    quantized layer in topological order, "depthwise" = depthwise convs, else fnmatch on node names or op types) get 8 bits, then ``layer_bits``
-    (pattern, bits) pairs in order (a later match wins). A pattern matching no layer is an error."""
+    quantized layer in topological order, "depthwise" = depthwise convs, else fnmatch on node names or op types)
+    get 8 bits, then ``layer_bits`` (pattern, bits) pairs in order (a later match wins). A pattern matching no
+    layer is an error."""
     out = {}
     n = len(layers)
     rules = [(p, 8, "--keep-8bit") for p in keep_8bit] + [(p, b, "--layer-bits") for p, b in layer_bits]
@@ -185,13 +186,15 @@ def validate_precision(cfg) -> None:
                             f"{','.join(map(str, cand))} is not possible")
     if cfg.mp_sensitivity not in ("output", "layer"):
         raise UserError(f"--mp-sensitivity must be output or layer, got {cfg.mp_sensitivity!r}")
+    if cfg.mp_estimate not in ("solve", "scaling"):
+        raise UserError(f"--mp-estimate must be solve or scaling, got {cfg.mp_estimate!r}")
     if not isinstance(cfg.mp_samples, (int, np.integer)) or cfg.mp_samples < 1:
         raise UserError(f"--mp-samples must be a positive integer, got {cfg.mp_samples!r}")
 
 
 def plan_layers(layers, cfg) -> dict:
-    """{weight: [bits, granularity, format, note, pinned]} before mixed precision: pinned bits, the Conv fallback of block
-    granularity, and MatMulNBits only for MatMul weights (the other layers stay DequantizeLinear)."""
+    """{weight: [bits, granularity, format, note, pinned]} before mixed precision: pinned bits, the Conv fallback of
+    block granularity, and MatMulNBits only for MatMul weights (the other layers stay DequantizeLinear)."""
     fixed = fixed_bits(layers, cfg.bits, cfg.keep_8bit, parse_layer_bits(cfg.layer_bits))
     plan = {}
     for L in layers:

@@ -194,6 +194,19 @@ def test_output_sensitivity_picks_the_layer_that_matters():
     assert sens["loud"] > 100 * sens["quiet"]
 
 
+def test_scaling_estimate_solves_only_the_base_bits():
+    model = builders.mlp_model([24, 32, 16, 8], seq=4, seed=5)
+    x = np.random.default_rng(0).standard_normal((32, 4, 24)).astype(np.float32)
+    kw = dict(bits=4, avg_bits=5.0, mp_bits=(6, 8), device="cpu")
+    _, solved = run(model, {"input": x}, QuantizeConfig(**kw))
+    _, scaled = run(model, {"input": x}, QuantizeConfig(mp_estimate="scaling", **kw))
+    for k, v in scaled.mixed_precision["layers"].items():
+        e = v["relerr"]
+        assert e["4"] == solved.mixed_precision["layers"][k]["relerr"]["4"]
+        assert e["6"] == pytest.approx(e["4"] / 16) and e["8"] == pytest.approx(e["4"] / 256)
+    assert scaled.avg_bits <= 5.0
+
+
 def test_keep_8bit_composes_with_mixed_precision():
     model = builders.mlp_model([24, 32, 16, 8], seq=4, seed=5)
     x = np.random.default_rng(0).standard_normal((32, 4, 24)).astype(np.float32)
