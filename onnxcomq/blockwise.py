@@ -123,12 +123,11 @@ def solve_block_scales(A, r, old):
     A = xp.where(dead[:, :, None] | dead[:, None, :], 0.0, A)
     A[:, idx, idx] = xp.where(dead, 1.0, A[:, idx, idx])
     r = xp.where(dead, old, r)
-    diag_mean = A[:, idx, idx].mean(axis=1)
-    ridge = 1e-12 * diag_mean[:, None, None] * xp.eye(nb)[None]
+    eye = xp.eye(nb)[None] * A[:, idx, idx].mean(axis=1)[:, None, None]
     try:
-        new = xp.linalg.solve(A + ridge, r[:, :, None])[:, :, 0]
-    except Exception:  # numpy raises for the whole batch when one system is singular
-        new = (xp.linalg.pinv(A) @ r[:, :, None])[:, :, 0]
+        new = xp.linalg.solve(A + 1e-12 * eye, r[:, :, None])[:, :, 0]
+    except Exception:  # numpy raises for the whole batch when one system is singular: a larger ridge
+        new = xp.linalg.solve(A + 1e-6 * eye, r[:, :, None])[:, :, 0]
 
     def q(s):
         return (s[:, :, None] * A * s[:, None, :]).sum(axis=(1, 2)) - 2 * (r * s).sum(axis=1)

@@ -20,6 +20,7 @@ from onnxcomq.blockwise import (block_scale_system, comq_quantize_block, make_bl
 from onnxcomq.cli import main
 from onnxcomq.solver import SolverConfig
 from reference import block_scales_lstsq, block_step_loop, grid_table, nearest_bruteforce, objective
+from test_solver import xp  # noqa: F401  (numpy, and cupy where a CUDA device is present)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,10 +42,10 @@ def cfg(bits=3, block=4, **kw):
 @pytest.mark.parametrize("m,n,block", [(5, 12, 4), (6, 13, 5), (3, 7, 7), (4, 9, 16), (4, 10, 1), (7, 70, 32)])
 @pytest.mark.parametrize("scale_update", [False, True])
 @pytest.mark.parametrize("scheme", ["asym", "sym"])
-def test_block_comq_equals_step_loop(m, n, block, scale_update, scheme):
+def test_block_comq_equals_step_loop(xp, m, n, block, scale_update, scheme):
     W, G = problem(m, n, seed=m * n + block)
     c = cfg(block=block, scale_update=scale_update, scheme=scheme)
-    res = comq_quantize_block(W, G, c)
+    res = comq_quantize_block(xp.asarray(W), xp.asarray(G), c)
     bg = make_block_grid(W, G, c)
     Q, level, scale = block_step_loop(W, G, bg.scale, bg.lo, bg.hi, block, sweeps=2, scale_update=scale_update)
     np.testing.assert_allclose(res.qweight, Q, rtol=0, atol=1e-9)
