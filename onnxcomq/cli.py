@@ -100,8 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="mixed precision: parameter-weighted mean bits of the quantized weights; layers not "
                         "pinned by --keep-8bit/--layer-bits start at --bits and the ones with the best measured "
                         "gain per extra bit are raised to --mp-bits (default: off)")
-    m.add_argument("--mp-bits", default="8", metavar="B,...",
-                   help="bit widths a layer may be raised to under --avg-bits (default: 8)")
+    m.add_argument("--mp-bits", default="5,6,8", metavar="B,...",
+                   help="bit widths a layer may be raised to under --avg-bits; 5..8-bit codes are all stored as "
+                        "int8, so '8' makes --avg-bits a file-size budget (default: 5,6,8)")
     m.add_argument("--mp-sensitivity", choices=["output", "layer"], default="output",
                    help="output: a layer's predicted damage = its relative output error times its measured "
                         "effect on the model output (one forward pass per layer on --mp-samples samples); "
@@ -219,7 +220,8 @@ def cmd_quantize(a) -> int:
         size_out = os.path.getsize(a.output)
         mixed = len({L.bits for L in report.layers}) > 1
         print(f"quantized {len(report.layers)} layers ({report.config['method']}, "
-              + (f"{report.avg_bits:.2f} average bits" if mixed else f"{report.config['bits']} bits")
+              + (f"{report.avg_bits:.2f} average bits, {report.storage_bits:.2f} as stored" if mixed
+                 else f"{report.config['bits']} bits")
               + f", {cfg.granularity}, {cfg.scheme}) with {report.samples} calibration samples"
               + (f"; {n_fb} layer(s) kept round-to-nearest for some groups, where COMQ was not better"
                  if n_fb else ""))

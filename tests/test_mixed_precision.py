@@ -67,6 +67,7 @@ def test_per_layer_bits_flow_to_storage_opset_and_report():
     types = {w: inits[f"{w}_quantized"].data_type for w in ("W0", "W1", "W2")}
     assert types == {"W0": onnx.TensorProto.UINT8, "W1": onnx.TensorProto.UINT4, "W2": onnx.TensorProto.UINT8}
     assert rep.avg_bits == pytest.approx((8 * 162 + 4 * 54 + 6 * 24) / 240)
+    assert rep.storage_bits == pytest.approx((8 * 162 + 4 * 54 + 8 * 24) / 240)
     assert next(o.version for o in q.opset_import if o.domain == "") >= 21
     # no weight at <= 4 bits: no int4, no opset 21
     q2, rep2 = run(model, {"input": x}, QuantizeConfig(bits=5, layer_bits=(("dw", 8),), device="cpu"))
