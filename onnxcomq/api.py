@@ -24,7 +24,7 @@ from .errors import UserError
 from .graph import SUPPORTED_OPS, find_layers, load_weight, node_names
 from .modelio import prepare_model
 from .nbits import emit_matmulnbits
-from .precision import (allocate, average_bits, first_feeds, output_sensitivity, plan_layers,
+from .precision import (allocate, average_bits, conv_taps, first_feeds, output_sensitivity, plan_layers,
                         validate_precision)
 from .solver import (SolverConfig, comq_quantize, comq_quantize_groups, objective, rtn_quantize,
                      rtn_quantize_groups)
@@ -77,7 +77,7 @@ class QuantizeConfig:
     op_types: tuple = SUPPORTED_OPS
     exclude: tuple = ()
 
-    def solver_config(self, bits: int | None = None, granularity: str | None = None) -> SolverConfig:
+    def solver_config(self, bits: int | None = None, granularity: str | None = None, taps: int = 1) -> SolverConfig:
         bits = self.bits if bits is None else bits
         granularity = granularity or self.granularity
         if self.official:
@@ -86,7 +86,8 @@ class QuantizeConfig:
             cfg = SolverConfig(bits=bits, granularity=granularity, scheme=self.scheme, order=self.order,
                                sweeps=self.sweeps, scale_update=self.scale_update, lam=self.lam, dtype=self.dtype,
                                lambda_search=bits <= 4 if self.lambda_search is None else self.lambda_search,
-                               quant_block=self.block_size if granularity == "block" else 0)
+                               quant_block=self.block_size if granularity == "block" else 0,
+                               block_taps=taps if granularity == "block" else 1)
         try:
             return cfg.validate()
         except ValueError as e:
@@ -204,7 +205,7 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
     bar = _bar(progress, total=len(layers), desc="solve", unit="layer")
     for layer in layers:
         tl = time.perf_counter()
-        scfg = config.solver_config(*plan[layer.weight][:2])
+        scfg = config.solver_config(*plan[layer.weight][:2], taps=conv_taps(layer))
         w = load_weight(model, layer.weight)
         mats = layer.to_matrices(w)
         specs_used = [spec for _, spec in layer.consumers]
@@ -334,7 +335,8 @@ def _mixed_precision(model, layers, stats, calib, config: QuantizeConfig, plan: 
         den = sum(objective(Wk.astype(dt), np.zeros_like(Wk, dt), Gk.astype(dt)) for Wk, Gk in zip(mats, grams))
         relerr[L.weight] = {}
         for b in cands if config.mp_estimate == "solve" else [config.bits]:
-            rtns, comqs = _solve_groups(xp, mats, grams, grams, config.solver_config(b, plan[L.weight][1]), dt,
+            rtns, comqs = _solve_groups(xp, mats, grams, grams,
+                                        config.solver_config(b, plan[L.weight][1], taps=conv_taps(L)), dt,
                                         config.method == "comq")
             res = comqs if comqs is not None else rtns
             relerr[L.weight][b] = _rel(sum(r.objective for r in res), den)

@@ -160,8 +160,34 @@ def _block_result(W, G, bg: BlockGrid, Q, level, history, obj=None) -> QuantResu
                        scheme=bg.scheme, granularity="block")
 
 
+def _per_tap(fn, W, G, cfg: SolverConfig, xp) -> QuantResult:
+    """Conv weights (m, channels * taps), columns (channel, tap) as in W.reshape(O, -1): solve with the columns in
+    (tap, channel) order, where each tap's channels form whole blocks, and map the result back. The scales come back
+    in (channel block, tap) order, i.e. the DequantizeLinear scale [O, channels / B, *kernel] flattened."""
+    m, n = W.shape
+    taps = cfg.block_taps
+    ch = n // taps
+    if ch * taps != n or ch % cfg.quant_block:
+        raise ValueError(f"conv blocks need the channels ({ch}) to be a multiple of the block size "
+                         f"({cfg.quant_block}) when the kernel has {taps} taps")
+    perm = np.arange(n).reshape(ch, taps).T.reshape(-1)
+    inv = np.argsort(perm)
+    xp = xp or _xp(W)
+    pd = xp.asarray(perm)
+    res = fn(W[:, pd], G[pd][:, pd], replace(cfg, block_taps=1), xp)
+    nbc = ch // cfg.quant_block
+
+    def back(a):
+        return np.ascontiguousarray(a.reshape(m, taps, nbc).transpose(0, 2, 1).reshape(m, nbc * taps))
+    return replace(res, codes=np.ascontiguousarray(res.codes[:, inv]),
+                   qweight=np.ascontiguousarray(res.qweight[:, inv]), scale=back(res.scale),
+                   zero_point=back(res.zero_point))
+
+
 def rtn_quantize_block(W, G, cfg: SolverConfig, xp=None) -> QuantResult:
     """Round-to-nearest on the initial block grid (min-max with ``cfg.lam``, no search: the baseline)."""
+    if cfg.block_taps > 1:
+        return _per_tap(rtn_quantize_block, W, G, cfg, xp)
     cfg, xp, W, G = _prepare(W, G, cfg, xp)
     _check(cfg)
     bg = make_block_grid(W, G, replace(cfg, lambda_search=False))
@@ -172,6 +198,8 @@ def rtn_quantize_block(W, G, cfg: SolverConfig, xp=None) -> QuantResult:
 def comq_quantize_block(W, G, cfg: SolverConfig, xp=None) -> QuantResult:
     """COMQ on the block grid: cyclic sweeps (the coordinate step of ``comq_quantize``, each coordinate on its
     block's grid), each followed by the block scale update when ``cfg.scale_update``."""
+    if cfg.block_taps > 1:
+        return _per_tap(comq_quantize_block, W, G, cfg, xp)
     cfg, xp, W, G = _prepare(W, G, cfg, xp)
     _check(cfg)
     m, n = W.shape
@@ -211,7 +239,10 @@ __all__ = ["BlockGrid", "block_bounds", "make_block_grid", "block_scale_system",
 def block_layout(layer, scale, zero_point):
     """Matrix-form block parameters (out rows m, blocks nb) -> (scale, zero_point, axis) of the DequantizeLinear on
     the stored 2-D weight: MatMul B[K, N] and Gemm transB=0 (layer.axis 1) block along axis 0 with scale[nb, N];
-    Gemm transB=1 W[N, K] along axis 1 with scale[N, nb]."""
+    Gemm transB=1 W[N, K] along axis 1 with scale[N, nb]; Conv W[O, I, *k] along axis 1 with scale[O, I/B, *k]."""
+    if layer.op_type == "Conv":  # W[O, I, *k]: scale [O, I / B, *k] on axis 1, rows in (channel block, tap) order
+        shape = (scale.shape[0], -1) + tuple(layer.weight_shape[2:])
+        return scale.reshape(shape), zero_point.reshape(shape), 1
     if layer.axis == 1:
         return np.ascontiguousarray(scale.T), np.ascontiguousarray(zero_point.T), 0
     return scale, zero_point, 1

@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                                                        "int4/uint4, opset 21)")
     g.add_argument("--granularity", choices=["channel", "tensor", "block"], default="channel",
                    help="one scale per output channel, per layer, or per output channel and block of "
-                        "--block-size input channels (MatMul and Gemm; Conv layers fall back to channel) "
-                        "(default: channel)")
+                        "--block-size input channels (MatMul, Gemm, and Conv with group 1 whose input channels "
+                        "are a multiple of the block size or a 1x1 kernel; other layers fall back to channel, "
+                        "with the reason in the table) (default: channel)")
     g.add_argument("--block-size", type=int, default=32,
                    help="input channels per scale with --granularity block; need not divide the fan-in (the last "
                         "block is shorter); MatMulNBits needs a power of two >= 16 (default: 32)")

@@ -192,6 +192,25 @@ def validate_precision(cfg) -> None:
         raise UserError(f"--mp-samples must be a positive integer, got {cfg.mp_samples!r}")
 
 
+def conv_taps(layer) -> int:
+    return int(np.prod(layer.weight_shape[2:])) if layer.op_type == "Conv" else 1
+
+
+def block_unsupported(layer, block: int) -> str:
+    """Why ``layer`` cannot have block scales along its input channels ("" if it can)."""
+    if layer.op_type in ("MatMul", "Gemm"):
+        return ""
+    if layer.op_type != "Conv":
+        return f"block granularity is not implemented for {layer.op_type}"
+    if layer.groups > 1:
+        return "block granularity is not implemented for grouped/depthwise convs"
+    ch = layer.weight_shape[1]
+    if conv_taps(layer) > 1 and ch % block:
+        return f"a {'x'.join(map(str, layer.weight_shape[2:]))} conv needs its {ch} input channels to be a " \
+               f"multiple of the block size {block}"
+    return ""
+
+
 def plan_layers(layers, cfg) -> dict:
     """{weight: [bits, granularity, format, note, pinned]} before mixed precision: pinned bits, the Conv fallback of
     block granularity, and MatMulNBits only for MatMul weights (the other layers stay DequantizeLinear)."""
@@ -200,9 +219,11 @@ def plan_layers(layers, cfg) -> dict:
     for L in layers:
         bits, why = fixed.get(L.weight, (cfg.bits, ""))
         gran, fmt, notes = cfg.granularity, "qdq", [why] if why else []
-        if gran == "block" and L.op_type not in ("MatMul", "Gemm"):
-            gran = "channel"
-            notes.append(f"block granularity is implemented for MatMul and Gemm, not {L.op_type}: per-channel")
+        if gran == "block":
+            why_not = block_unsupported(L, cfg.block_size)
+            if why_not:
+                gran = "channel"
+                notes.append(f"{why_not}: per-channel")
         if cfg.weight_format == "matmulnbits" and L.op_type == "MatMul":  # shared weights: all consumers MatMul
             fmt = "matmulnbits"
             if bits not in NBITS_BITS:

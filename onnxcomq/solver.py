@@ -44,6 +44,7 @@ class SolverConfig:
     dtype: str = "float32"  # float32 | float64
     block_size: int = 0  # steps per lazy block; 0 = choose from the shape
     quant_block: int = 0  # granularity "block": input columns per scale (blockwise.py)
+    block_taps: int = 1  # conv kernel taps: columns are (channel, tap), blocks run along channels per tap
 
     @classmethod
     def official(cls, bits: int = 4, lam: float = 1.0, **kw) -> "SolverConfig":

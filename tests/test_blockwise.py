@@ -257,16 +257,60 @@ def test_emitted_block_dq_equals_float_twin(model_fn, block, bits, scheme):
     assert np.linalg.norm(y - yf) < 0.5 * np.linalg.norm(yf)  # it is still the model
 
 
-def test_conv_falls_back_to_channel_with_reason():
+@pytest.mark.parametrize("w_shape,attrs,block,why", [
+    ((4, 3, 3, 3), dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1]), 2, "multiple of the block size"),
+    ((6, 1, 3, 3), dict(kernel_shape=[3, 3], group=6, pads=[1, 1, 1, 1]), 2, "depthwise"),
+])
+def test_conv_falls_back_to_channel_with_reason(w_shape, attrs, block, why):
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
-    m = builders.conv_model((2, 3, 8, 8), w, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
-    q, rep = run(m, {"input": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)},
-                 QuantizeConfig(granularity="block", block_size=2, device="cpu"))
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    cin = w_shape[1] * attrs.get("group", 1)
+    m = builders.conv_model((2, cin, 8, 8), w, **attrs)
+    q, rep = run(m, {"input": rng.standard_normal((4, cin, 8, 8)).astype(np.float32)},
+                 QuantizeConfig(granularity="block", block_size=block, device="cpu"))
     (L,) = rep.layers
-    assert L.granularity == "channel" and "Conv" in L.note
+    assert L.granularity == "channel" and why in L.note
     dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear")
     assert not any(a.name == "block_size" for a in dq.attribute)
+
+
+@pytest.mark.parametrize("w_shape,attrs,block", [
+    ((5, 8, 3, 3), dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1]), 4),  # 2 blocks per tap
+    ((6, 10, 1, 1), {}, 4),  # 1x1: 4 + 4 + 2
+    ((3, 6, 3, 2), dict(kernel_shape=[3, 2], strides=[2, 1]), 6),
+])
+def test_conv_blocks_equal_step_loop_and_float_twin(w_shape, attrs, block):
+    rng = np.random.default_rng(block)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    cin = w_shape[1]
+    m = builders.conv_model((2, cin, 7, 7), w, **attrs)
+    x = rng.standard_normal((6, cin, 7, 7)).astype(np.float32)
+    q, rep = run(m, {"input": x}, QuantizeConfig(granularity="block", block_size=block, bits=3, device="cpu"))
+    onnx.checker.check_model(q, full_check=True)
+    (L,) = rep.layers
+    assert L.granularity == "block" and not L.note
+    dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear")
+    at = {a.name: a.i for a in dq.attribute}
+    assert at["axis"] == 1 and at["block_size"] == block
+    scale = next(t for t in q.graph.initializer if t.name == dq.input[1])
+    assert list(scale.dims) == [w_shape[0], -(-cin // block)] + list(w_shape[2:])
+    (y,) = session(q).run(None, {"input": x})
+    (yt,) = session(float_twin(q)).run(None, {"input": x})
+    np.testing.assert_allclose(y, yt, rtol=1e-4, atol=1e-4)
+    # the solver on the conv's (channel, tap) columns = the step loop on blocks of one tap's channels
+    taps = int(np.prod(w_shape[2:]))
+    W = w.reshape(w_shape[0], -1).astype(np.float64)
+    G = problem(1, W.shape[1], seed=1)[1]
+    c = cfg(bits=3, block=block, block_taps=taps)
+    res = comq_quantize_block(W, G, c)
+    perm = np.arange(W.shape[1]).reshape(cin, taps).T.reshape(-1)
+    Wp, Gp = W[:, perm], G[perm][:, perm]
+    bg = make_block_grid(Wp, Gp, cfg(bits=3, block=block))
+    Q, _, s = block_step_loop(Wp, Gp, bg.scale, bg.lo, bg.hi, block, sweeps=2, scale_update=True)
+    np.testing.assert_allclose(res.qweight[:, perm], Q, atol=1e-9)
+    nbc = -(-cin // block)
+    np.testing.assert_allclose(res.scale.reshape(w_shape[0], nbc, taps),
+                               s.reshape(w_shape[0], taps, nbc).transpose(0, 2, 1), rtol=1e-9)
 
 
 @pytest.mark.parametrize("bits,scheme,block", [(4, "asym", 16), (4, "sym", 32), (8, "asym", 16), (8, "sym", 16),
