@@ -92,15 +92,13 @@ def test_scale_update_keeps_dead_blocks_and_rejects_nonpositive():
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(1, 6), n=st.integers(1, 20), block=st.integers(1, 9), bits=st.integers(2, 5),
        seed=st.integers(0, 10 ** 6), scheme=st.sampled_from(["asym", "sym"]), lam=st.booleans())
-def test_property_objective_never_increases_and_beats_rtn(m, n, block, bits, seed, scheme, lam):
+def test_property_objective_never_increases(m, n, block, bits, seed, scheme, lam):
     W, G = problem(m, n, seed, rows=max(2, n // 2))  # often rank-deficient G
     c = cfg(bits=bits, block=block, scheme=scheme, sweeps=3, lambda_search=lam)
     res = comq_quantize_block(W, G, c)
     h = res.history
     assert all(b <= a * (1 + 1e-9) + 1e-9 for a, b in zip(h, h[1:]))
     assert res.objective == pytest.approx(objective(W, res.qweight, G), rel=1e-7, abs=1e-9)
-    if not lam:  # COMQ starts from the same grid as RTN and only descends from the first sweep's codes
-        assert h[0] <= rtn_quantize_block(W, G, c).objective * (1 + 1e-9) + 1e-9
     # codes in range, and codes/scale/zero point reproduce the weights
     hi = (1 << bits) - 1 if scheme == "asym" else (1 << (bits - 1)) - 1
     lo = 0 if scheme == "asym" else -(1 << (bits - 1))
