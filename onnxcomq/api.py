@@ -51,8 +51,10 @@ class QuantizeConfig:
     mp_bits: tuple = (5, 6, 8)
     mp_sensitivity: str = "output"  # output (measured model-output error per layer) | layer (layer error only)
     mp_samples: int = 8  # calibration samples for the output sensitivity
-    # a layer's error at the candidate bits: "solve" it there, or "scaling" from its base-bits solve (x 1/4 per bit)
-    mp_estimate: str = "solve"
+    # a layer's error at the candidate bits: "solve" it there, or "scaling" from its base-bits solve (x 1/4 per bit).
+    # Measured at 4.5 bits: EfficientNet-Lite0 agreement 0.890 both, MiniLM cosine 0.9888 vs 0.9889, with one solve
+    # per layer instead of four
+    mp_estimate: str = "scaling"
     nbits_accuracy_level: int = 0  # MatMulNBits accuracy_level (0: float activations; 4: int8, faster, less exact)
     scheme: str = "asym"  # asym | sym
     order: str = "cyclic"  # cyclic | importance | greedy (per row, the official code's; gathers, slower on CPU)

@@ -108,9 +108,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="output: a layer's predicted damage = its relative output error times its measured "
                         "effect on the model output (one forward pass per layer on --mp-samples samples); "
                         "layer: its relative output error alone (default: output)")
-    m.add_argument("--mp-estimate", choices=["solve", "scaling"], default="solve",
-                   help="a layer's error at the candidate bits: solve it there (one solve per candidate), or "
-                        "scale its base-bits error by 1/4 per extra bit (default: solve)")
+    m.add_argument("--mp-estimate", choices=["solve", "scaling"], default="scaling",
+                   help="a layer's error at the candidate bits: scale its base-bits error by 1/4 per extra bit "
+                        "(the quantization-noise model; one solve per layer), or solve it at every candidate "
+                        "(default: scaling)")
     m.add_argument("--mp-samples", type=int, default=8,
                    help="calibration samples for --mp-sensitivity output (default: 8)")
     c = q.add_argument_group("calibration and layers")

@@ -152,7 +152,7 @@ def test_pipeline_mixed_precision_budget_and_report(sens):
     x = np.random.default_rng(0).standard_normal((32, 4, 24)).astype(np.float32)
     budget = 5.0
     q, rep = run(model, {"input": x}, QuantizeConfig(bits=4, avg_bits=budget, mp_bits=(6, 8), mp_sensitivity=sens,
-                                                     device="cpu"))
+                                                     mp_estimate="solve", device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     params = {L.weight: int(np.prod(L.shape)) for L in rep.layers}
     assert rep.avg_bits == pytest.approx(average_bits({L.weight: L.bits for L in rep.layers}, params))
@@ -199,7 +199,7 @@ def test_scaling_estimate_solves_only_the_base_bits():
     model = builders.mlp_model([24, 32, 16, 8], seq=4, seed=5)
     x = np.random.default_rng(0).standard_normal((32, 4, 24)).astype(np.float32)
     kw = dict(bits=4, avg_bits=5.0, mp_bits=(6, 8), device="cpu")
-    _, solved = run(model, {"input": x}, QuantizeConfig(**kw))
+    _, solved = run(model, {"input": x}, QuantizeConfig(mp_estimate="solve", **kw))
     _, scaled = run(model, {"input": x}, QuantizeConfig(mp_estimate="scaling", **kw))
     for k, v in scaled.mixed_precision["layers"].items():
         e = v["relerr"]
