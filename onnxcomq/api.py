@@ -287,8 +287,7 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
     out = apply_bias(model, deltas) if deltas else model
     nbits = [q for q in qweights if plan[q.name][2] == "matmulnbits"]
     if nbits:
-        out = emit_matmulnbits(out, nbits, {L.weight: [c for c, _ in L.consumers] for L in layers},
-                               config.nbits_accuracy_level)
+        out = emit_matmulnbits(out, nbits, config.nbits_accuracy_level)
     rest = [q for q in qweights if plan[q.name][2] != "matmulnbits"]
     out = emit_qdq(out, rest, meta) if rest else set_metadata(out, meta)
     report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)

@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from .emit import QuantizedWeight
 from .errors import UserError
-from .graph import node_names, unique_name
+from .graph import unique_name
 
 DOMAIN = "com.microsoft"
 
@@ -57,14 +57,13 @@ def nbits_arrays(q: QuantizedWeight):
     return packed, scales, zps
 
 
-def emit_matmulnbits(model: onnx.ModelProto, weights: list, consumers: dict, accuracy_level: int = 0):
+def emit_matmulnbits(model: onnx.ModelProto, weights: list, accuracy_level: int = 0):
     """A copy of ``model`` in which every MatMul reading a weight of ``weights`` (block-quantized, 2, 4 or 8 bits)
-    is a MatMulNBits; the float initializers are removed. ``consumers``: {weight: [node names]}."""
+    as its input B is a MatMulNBits; the float initializers are removed."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
     by_name = {t.name: t for t in g.initializer}
-    names = dict(zip(node_names(out), range(len(g.node))))
     taken = set(by_name) | {o for n in g.node for o in n.output} | {i.name for i in g.input}
     for q in weights:
         if q.bits not in (2, 4, 8):
@@ -80,16 +79,15 @@ def emit_matmulnbits(model: onnx.ModelProto, weights: list, consumers: dict, acc
             zname = unique_name(f"{q.name}_zero_points", taken)
             g.initializer.append(numpy_helper.from_array(zps, zname))
             inputs.append(zname)
-        for cname in consumers[q.name]:
-            node = g.node[names[cname]]
-            if node.op_type != "MatMul" or node.input[1] != q.name:
-                raise ValueError(f"{cname} does not read {q.name} as MatMul input B")
-            new = helper.make_node("MatMulNBits", [node.input[0]] + inputs[1:], list(node.output),
-                                   name=node.name or cname, domain=DOMAIN, K=K, N=N, bits=q.bits,
-                                   block_size=q.block_size, accuracy_level=int(accuracy_level))
-            g.node[names[cname]].CopyFrom(new)
-        if any(q.name in n.input for n in g.node):
-            raise ValueError(f"{q.name} is still read by a node that is not a MatMul")
+        for node in g.node:
+            if q.name not in node.input:
+                continue
+            if node.op_type != "MatMul" or list(node.input).index(q.name) != 1:
+                raise ValueError(f"{node.name or node.op_type} reads {q.name} but not as MatMul input B")
+            new = helper.make_node("MatMulNBits", [node.input[0]] + inputs[1:], list(node.output), name=node.name,
+                                   domain=DOMAIN, K=K, N=N, bits=q.bits, block_size=q.block_size,
+                                   accuracy_level=int(accuracy_level))
+            node.CopyFrom(new)
         g.initializer.remove(by_name[q.name])
     if not any(o.domain == DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(DOMAIN, 1))

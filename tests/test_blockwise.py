@@ -378,3 +378,19 @@ def test_int4_storage_of_block_codes_is_packed():
     t = next(t for t in q.graph.initializer if t.name.endswith("_quantized"))
     assert t.data_type == onnx.TensorProto.UINT4 and len(t.raw_data) == 32 * 16 // 2
     assert numpy_helper.to_array(t).dtype == ml_dtypes.uint4
+
+
+def test_matmulnbits_shared_weight_and_unnamed_nodes():
+    model = builders.mlp_model([16, 16, 16, 16], seq=3, shared=True)
+    for n in model.graph.node:
+        n.name = ""  # node names come from indices, which the bias Adds shift
+    x = np.random.default_rng(3).standard_normal((8, 3, 16)).astype(np.float32)
+    q, rep = run(model, {"input": x}, QuantizeConfig(bits=4, granularity="block", block_size=16,
+                                                     weight_format="matmulnbits", device="cpu"))
+    onnx.checker.check_model(q, full_check=True)
+    shared = [L for L in rep.layers if len(L.consumers) > 1]
+    assert shared and sum(n.op_type == "MatMulNBits" for n in q.graph.node) == sum(
+        len(L.consumers) for L in rep.layers if L.op_type == "MatMul")
+    (y,) = session(q).run(None, {"input": x})
+    (yt,) = session(float_twin(q)).run(None, {"input": x})
+    np.testing.assert_allclose(y, yt, rtol=1e-4, atol=1e-4)
