@@ -46,8 +46,21 @@ def _parser() -> argparse.ArgumentParser:
     g = q.add_argument_group("quantization")
     g.add_argument("--bits", type=int, default=4, help="weight bits, 2..8 (default: 4; <= 4 bits are stored as "
                                                        "int4/uint4, opset 21)")
-    g.add_argument("--granularity", choices=["channel", "tensor"], default="channel",
-                   help="one scale per output channel or per layer (default: channel)")
+    g.add_argument("--granularity", choices=["channel", "tensor", "block"], default="channel",
+                   help="one scale per output channel, per layer, or per output channel and block of "
+                        "--block-size input channels (MatMul, Gemm, and Conv with group 1 whose input channels "
+                        "are a multiple of the block size or a 1x1 kernel; other layers fall back to channel, "
+                        "with the reason in the table) (default: channel)")
+    g.add_argument("--block-size", type=int, default=32,
+                   help="input channels per scale with --granularity block; need not divide the fan-in (the last "
+                        "block is shorter); MatMulNBits needs a power of two >= 16 (default: 32)")
+    g.add_argument("--format", dest="weight_format", choices=["qdq", "matmulnbits"], default="qdq",
+                   help="qdq: DequantizeLinear weights; matmulnbits: MatMul weights as onnxruntime's "
+                        "com.microsoft MatMulNBits (int4/int8 kernels; needs --granularity block and 2/4/8 bits), "
+                        "other layers DequantizeLinear (default: qdq)")
+    g.add_argument("--nbits-accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
+                   help="accuracy_level of the MatMulNBits nodes: 0 computes in float (exact), 4 quantizes the "
+                        "activations to int8 (faster, less exact) (default: 0)")
     g.add_argument("--scheme", choices=["asym", "sym"], default="asym",
                    help="asym: min-max grid with zero point; sym: zero point 0, as TensorRT needs (default: asym)")
     g.add_argument("--method", choices=["comq", "rtn"], default="comq",
@@ -76,6 +89,31 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: 0.1)")
     s.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the solver runs: gpu uses CuPy (default: auto)")
+    m = q.add_argument_group("per-layer precision")
+    m.add_argument("--keep-8bit", default="", metavar="first,last,PATTERN,...",
+                   help="keep these layers at 8 bits: 'first'/'last' = the first/last quantized layer in "
+                        "topological order, 'depthwise' = depthwise convs, other items fnmatch patterns on node "
+                        "names or op types")
+    m.add_argument("--layer-bits", action="append", default=[], metavar="PATTERN=BITS",
+                   help="bits for the layers matching PATTERN (node name or op type, fnmatch); repeatable, a "
+                        "later match wins; applied after --keep-8bit")
+    m.add_argument("--avg-bits", type=float, default=None,
+                   help="mixed precision: parameter-weighted mean bits of the quantized weights; layers not "
+                        "pinned by --keep-8bit/--layer-bits start at --bits and the ones with the best measured "
+                        "gain per extra bit are raised to --mp-bits (default: off)")
+    m.add_argument("--mp-bits", default="5,6,8", metavar="B,...",
+                   help="bit widths a layer may be raised to under --avg-bits; 5..8-bit codes are all stored as "
+                        "int8, so '8' makes --avg-bits a file-size budget (default: 5,6,8)")
+    m.add_argument("--mp-sensitivity", choices=["output", "layer"], default="output",
+                   help="output: a layer's predicted damage = its relative output error times its measured "
+                        "effect on the model output (one forward pass per layer on --mp-samples samples); "
+                        "layer: its relative output error alone (default: output)")
+    m.add_argument("--mp-estimate", choices=["solve", "scaling"], default="scaling",
+                   help="a layer's error at the candidate bits: scale its base-bits error by 1/4 per extra bit "
+                        "(the quantization-noise model; one solve per layer), or solve it at every candidate "
+                        "(default: scaling)")
+    m.add_argument("--mp-samples", type=int, default=8,
+                   help="calibration samples for --mp-sensitivity output (default: 8)")
     c = q.add_argument_group("calibration and layers")
     c.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default: 32)")
     c.add_argument("--max-samples", type=int, default=None, help="use at most this many calibration samples")
@@ -116,7 +154,8 @@ def format_table(report) -> str:
     for L in report.layers:
         ratio = L.comq_error / L.rtn_error if L.rtn_error > 0 else 1.0
         name = L.node if len(L.node) <= 48 else "..." + L.node[-45:]
-        kept = (f" (rtn {L.rtn_groups}/{L.groups})" if L.rtn_groups else "") + (" (damped)" if L.damped else "")
+        kept = (f" (rtn {L.rtn_groups}/{L.groups})" if L.rtn_groups else "") + (" (damped)" if L.damped else "") \
+            + (f" ({L.note})" if L.note else "")
         rows.append((name, L.op_type, "x".join(map(str, L.shape)), str(L.bits), str(L.rows),
                      f"{L.comq_error:.3e}", f"{L.rtn_error:.3e}", f"{ratio:.3f}{kept}", f"{L.seconds:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -138,6 +177,13 @@ def format_skipped(skipped: list, show: int = 4) -> list:
     return lines
 
 
+def _int_list(text: str) -> tuple:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise UserError(f"--mp-bits {text!r}: expected comma-separated integers, e.g. 5,6,8") from None
+
+
 def cmd_quantize(a) -> int:
     from .api import QuantizeConfig, run
     from .modelio import save_model
@@ -152,6 +198,12 @@ def cmd_quantize(a) -> int:
                          lambda_search=None if a.lam is None else False, method=a.method, official=a.official,
                          bias_correction=a.bias_correction, mask_input=a.mask_input, damping=a.damping,
                          batch_size=a.batch_size, max_samples=a.max_samples, device=a.device,
+                         block_size=a.block_size, weight_format=a.weight_format,
+                         nbits_accuracy_level=a.nbits_accuracy_level,
+                         keep_8bit=tuple(t.strip() for t in a.keep_8bit.split(",") if t.strip()),
+                         layer_bits=tuple(a.layer_bits), avg_bits=a.avg_bits, mp_bits=_int_list(a.mp_bits),
+                         mp_sensitivity=a.mp_sensitivity, mp_samples=a.mp_samples,
+                         mp_estimate=a.mp_estimate,
                          op_types=tuple(t.strip() for t in a.op_types.split(",") if t.strip()),
                          exclude=tuple(a.exclude))
     model, report = run(a.model, a.calib, cfg, progress=not a.quiet and sys.stderr.isatty())
@@ -168,8 +220,11 @@ def cmd_quantize(a) -> int:
         n_fb = sum(L.rtn_groups > 0 for L in report.layers)
         size_in = os.path.getsize(a.model)
         size_out = os.path.getsize(a.output)
-        print(f"quantized {len(report.layers)} layers ({report.config['method']}, {report.config['bits']} bits, "
-              f"{cfg.granularity}, {cfg.scheme}) with {report.samples} calibration samples"
+        mixed = len({L.bits for L in report.layers}) > 1
+        print(f"quantized {len(report.layers)} layers ({report.config['method']}, "
+              + (f"{report.avg_bits:.2f} average bits, {report.storage_bits:.2f} as stored" if mixed
+                 else f"{report.config['bits']} bits")
+              + f", {cfg.granularity}, {cfg.scheme}) with {report.samples} calibration samples"
               + (f"; {n_fb} layer(s) kept round-to-nearest for some groups, where COMQ was not better"
                  if n_fb else ""))
         print(f"time: capture {report.capture_seconds:.1f} s, solve {report.solve_seconds:.1f} s, total "

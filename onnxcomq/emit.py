@@ -33,6 +33,17 @@ class QuantizedWeight:
     bits: int
     signed: bool
     float16: bool = False  # a float16 weight: the scale (and so the DequantizeLinear output) is float16
+    block_size: int = 0  # > 0: blocked DequantizeLinear (opset 21), scale like codes with axis cut in blocks
+
+    def expand(self, a: np.ndarray) -> np.ndarray:
+        """A scale-shaped array broadcast against the codes (blocks repeated along ``axis``)."""
+        if self.block_size:
+            rep = np.repeat(a, self.block_size, axis=self.axis)
+            return rep[tuple(slice(0, d) for d in self.codes.shape)]
+        shape = [1] * self.codes.ndim
+        if a.ndim:
+            shape[self.axis] = -1
+        return a.reshape(shape)
 
     def code_dtype(self):
         if self.bits <= 4:
@@ -48,10 +59,7 @@ class QuantizedWeight:
             raise ValueError(f"codes of {self.name} outside the {self.bits}-bit range [{lo}, {hi}]")
         if lo <= self.zero_point.min() and self.zero_point.max() <= hi:
             return self.codes, self.zero_point, self.code_dtype()
-        shape = [1] * self.codes.ndim
-        if self.zero_point.ndim:
-            shape[self.axis] = -1
-        levels = self.codes.astype(np.int64) - self.zero_point.astype(np.int64).reshape(shape)
+        levels = self.codes.astype(np.int64) - self.expand(self.zero_point.astype(np.int64))
         for dt in (np.int8, np.int16, np.int32):
             info = np.iinfo(dt)
             if info.min <= levels.min() and levels.max() <= info.max:
@@ -60,11 +68,8 @@ class QuantizedWeight:
 
     def dequantized(self) -> np.ndarray:
         """What DequantizeLinear computes (float32), in the stored layout."""
-        shape = [1] * self.codes.ndim
-        if self.scale.ndim:
-            shape[self.axis] = -1
-        s = self.scale.astype(np.float32).reshape(shape)
-        z = self.zero_point.astype(np.float32).reshape(shape)
+        s = self.expand(self.scale.astype(np.float32))
+        z = self.expand(self.zero_point.astype(np.float32))
         return ((self.codes.astype(np.float32) - z) * s).astype(np.float32)
 
 
@@ -103,7 +108,8 @@ def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: d
     if not weights:
         raise UserError("no layer was quantized: nothing to write")
     stored = [(w,) + tuple(w.storage()) for w in weights]
-    target = max(max(required_opset(dt), 19 if w.float16 else 0) for w, *_, dt in stored)
+    target = max(max(required_opset(dt), 19 if w.float16 else 0, 21 if w.block_size else 0)
+                 for w, *_, dt in stored)
     out = upgrade_opset(model, target)
     if out is model and not inplace:
         out = onnx.ModelProto()
@@ -127,11 +133,22 @@ def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: d
             np.asarray(w.scale, np.float16 if w.float16 else np.float32), sname))
         g.initializer.append(numpy_helper.from_array(np.asarray(zp).astype(dt), zname))
         attrs = {"axis": int(w.axis)} if w.scale.ndim else {}
+        if w.block_size:
+            attrs["block_size"] = int(w.block_size)
         dq_nodes.append(helper.make_node("DequantizeLinear", [qname, sname, zname], [w.name],
                                          name=unique_name(f"{w.name}_DequantizeLinear", taken), **attrs))
     nodes = dq_nodes + list(g.node)
     del g.node[:]
     g.node.extend(nodes)
+    return set_metadata(out, metadata, copy=False)
+
+
+def set_metadata(model: onnx.ModelProto, metadata: dict | None, copy: bool = True) -> onnx.ModelProto:
+    """The model (a copy unless ``copy`` is False) with onnxcomq's version and configuration in metadata_props."""
+    out = model
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     meta = {p.key: p.value for p in out.metadata_props}
     meta["onnxcomq.version"] = __version__
     if metadata:

@@ -43,6 +43,8 @@ class SolverConfig:
     lambda_grid: tuple = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
     dtype: str = "float32"  # float32 | float64
     block_size: int = 0  # steps per lazy block; 0 = choose from the shape
+    quant_block: int = 0  # granularity "block": input columns per scale (blockwise.py)
+    block_taps: int = 1  # conv kernel taps: columns are (channel, tap), blocks run along channels per tap
 
     @classmethod
     def official(cls, bits: int = 4, lam: float = 1.0, **kw) -> "SolverConfig":
@@ -55,8 +57,14 @@ class SolverConfig:
     def validate(self) -> "SolverConfig":
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be an integer in 2..8, got {self.bits!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity not in GRANULARITIES + ("block",):
+            raise ValueError(f"granularity must be one of {GRANULARITIES + ('block',)}, got {self.granularity!r}")
+        if (self.granularity == "block") != (self.quant_block > 0):
+            raise ValueError("granularity 'block' needs a block size >= 1 (and a block size needs granularity "
+                             f"'block'), got granularity {self.granularity!r} with block size {self.quant_block}")
+        if self.granularity == "block" and self.order != "cyclic":
+            raise ValueError(f"order {self.order!r} works with channel granularity only; block granularity needs "
+                             "the cyclic order")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if self.order not in ORDERS:

@@ -75,3 +75,61 @@ def order(W, G, name):
     if name == "importance":
         return np.argsort(-(g * np.linalg.norm(W, axis=0)), kind="stable")
     return np.arange(W.shape[1])
+
+
+def sqrt_psd(G):
+    """A matrix X with X^T X = G (G symmetric positive semi-definite): the rows of a data matrix for lstsq."""
+    vals, vecs = np.linalg.eigh(np.asarray(G, np.float64))
+    return (vecs * np.sqrt(np.maximum(vals, 0))).T
+
+
+def block_scales_lstsq(W, G, level, scale, block):
+    """Per row, the block scales minimizing ||X (w - sum_b s_b c_b)||^2 by np.linalg.lstsq on X = sqrt(G), with the
+    solver's acceptance rule: keep the old scales unless the new ones are finite, > 0 and strictly better; blocks
+    whose levels are all 0 keep their old scale."""
+    W, G, level = (np.asarray(a, np.float64) for a in (W, G, level))
+    X = sqrt_psd(G)
+    m, n = W.shape
+    nb = scale.shape[1]
+    out = np.array(scale, np.float64)
+    for i in range(m):
+        C = np.zeros((n, nb))
+        for j in range(n):
+            C[j, j // block] = level[i, j]
+        live = np.abs(C).sum(axis=0) > 0
+        s = out[i].copy()
+        s[live] = np.linalg.lstsq(X @ C[:, live], X @ W[i], rcond=None)[0]
+
+        def obj(v):
+            return float(np.sum((X @ (W[i] - C @ v)) ** 2))
+        if np.all(np.isfinite(s)) and np.all(s > 0) and obj(s) < obj(out[i]):
+            out[i] = s
+    return out
+
+
+def block_step_loop(W, G, scale, lo, hi, block, sweeps=1, scale_update=False):
+    """The plain step loop on a block grid: scale/lo/hi are (m, nb), coordinate j uses block j // block's grid
+    (searched by brute force); the scale update is ``block_scales_lstsq``. Returns (Q, level, scale), float64."""
+    W = np.asarray(W, np.float64)
+    G = np.asarray(G, np.float64)
+    scale = np.asarray(scale, np.float64).copy()
+    m, n = W.shape
+    g = np.diag(G)
+    Q = W.copy()
+    level = np.zeros_like(W)
+    R = np.zeros_like(W)
+    for _ in range(sweeps):
+        for j in range(n):
+            b = j // block
+            table, levels = grid_table(scale[:, b], lo[:, b], hi[:, b])
+            target = Q[:, j] + R[:, j] / g[j] if g[j] > 0 else W[:, j].copy()
+            q, lv = nearest_bruteforce(table, levels, target)
+            d = Q[:, j] - q
+            R += d[:, None] * G[j][None, :]
+            Q[:, j] = q
+            level[:, j] = lv
+        if scale_update:
+            scale = block_scales_lstsq(W, G, level, scale, block)
+            Q = level * np.repeat(scale, block, axis=1)[:, :n]
+            R = (W - Q) @ G
+    return Q, level, scale

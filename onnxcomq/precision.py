@@ -1,0 +1,233 @@
+"""Per-layer weight precision: manual overrides (``--keep-8bit``, ``--layer-bits``) and mixed precision by measured
+sensitivity under an average-bits budget (``--avg-bits``).
+
+Allocation (``allocate``): every free layer starts at the base bits; an upgrade of layer L from b to b' costs
+(b' - b) * params_L bits of the budget and gains D_L(b) - D_L(b'), where D_L(b) is the predicted end-to-end
+distortion when L alone is quantized to b bits. Upgrades are taken greedily by gain per extra bit (for each layer its
+best-ratio upgrade among the candidate bits) while the budget allows. Two distortion models:
+
+- "layer": D_L(b) = relerr_L(b), the layer's relative output error ||X (W - Q)^T||^2 / ||X W^T||^2 (from the captured
+  G; no forward pass). It treats every layer's output as equally important.
+- "output" (default): D_L(b) = s_L * relerr_L(b) with s_L = the measured relative output error of the *model*
+  ||y_L - y||^2 / ||y||^2 (all model outputs, a few calibration samples) when only layer L's weight is replaced by
+  its base-bits quantization, divided by relerr_L(base). s_L is how strongly L's output error reaches the model's
+  output (one forward pass per layer); relerr_L(b) scales it to the other candidate bits.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+import numpy as np
+import onnx
+
+from .errors import UserError
+
+NBITS_BITS = (2, 4, 8)  # bits com.microsoft MatMulNBits accepts
+
+
+def parse_layer_bits(items) -> tuple:
+    """["PATTERN=BITS", ...] (CLI) or [(pattern, bits)] -> ((pattern, bits), ...), validated."""
+    out = []
+    for it in items:
+        if isinstance(it, str):
+            pat, sep, b = it.rpartition("=")
+            if not sep or not pat or not re.fullmatch(r"\s*\d+\s*", b):
+                raise UserError(f"--layer-bits {it!r}: expected PATTERN=BITS, e.g. '*classifier*=8'")
+            it = (pat, int(b))
+        pat, b = it
+        if not isinstance(b, (int, np.integer)) or not 2 <= int(b) <= 8:
+            raise UserError(f"--layer-bits {pat}={b}: bits must be an integer in 2..8")
+        out.append((str(pat), int(b)))
+    return tuple(out)
+
+
+def _match(pattern: str, layer, index: int, count: int) -> bool:
+    if pattern == "first":
+        return index == 0
+    if pattern == "last":
+        return index == count - 1
+    if pattern == "depthwise":
+        return layer.op_type == "Conv" and layer.groups > 1 and layer.weight_shape[1] == 1
+    names = [layer.node] + [c for c, _ in layer.consumers]
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names) or fnmatch.fnmatchcase(layer.op_type, pattern)
+
+
+def fixed_bits(layers, base: int, keep_8bit=(), layer_bits=()) -> dict:
+    """{weight: (bits, why)} for the layers a user pinned: ``keep_8bit`` patterns ("first"/"last" = the first/last
+    quantized layer in topological order, "depthwise" = depthwise convs, else fnmatch on node names or op types)
+    get 8 bits, then ``layer_bits`` (pattern, bits) pairs in order (a later match wins). A pattern matching no
+    layer is an error."""
+    out = {}
+    n = len(layers)
+    rules = [(p, 8, "--keep-8bit") for p in keep_8bit] + [(p, b, "--layer-bits") for p, b in layer_bits]
+    for pat, bits, flag in rules:
+        hit = [L for i, L in enumerate(layers) if _match(pat, L, i, n)]
+        if not hit:
+            raise UserError(f"{flag} {pat!r} matches no quantized layer (names are node names or op types, or "
+                            "'first'/'last')")
+        for L in hit:
+            out[L.weight] = (bits, f"{flag} {pat}")
+    return out
+
+
+def average_bits(bits: dict, params: dict) -> float:
+    """Parameter-weighted mean bits."""
+    total = sum(params.values())
+    return sum(bits[w] * params[w] for w in params) / total if total else 0.0
+
+
+def allocate(params: dict, dist: dict, base: int, budget: float, fixed: dict) -> dict:
+    """Greedy allocation. params: {weight: count}; dist: {weight: {bits: predicted distortion}} for the free layers
+    (including ``base``); fixed: {weight: bits}. Returns {weight: bits} for every layer, with the parameter-weighted
+    mean <= budget (when the fixed layers alone leave room)."""
+    bits = {w: fixed.get(w, base) for w in params}
+    total = sum(params.values())
+    room = budget * total - sum(bits[w] * params[w] for w in params)
+    free = [w for w in params if w not in fixed]
+    while room > 0:
+        best = None
+        for w in free:
+            cur = bits[w]
+            for b, d in dist[w].items():
+                cost = (b - cur) * params[w]
+                if b <= cur or cost > room + 1e-9:
+                    continue
+                ratio = (dist[w][cur] - d) / cost
+                if ratio > 0 and (best is None or ratio > best[0]):
+                    best = (ratio, w, b, cost)
+        if best is None:
+            break
+        _, w, b, cost = best
+        bits[w] = b
+        room -= cost
+    return bits
+
+
+def with_weights_as_inputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers ``names`` are also graph inputs, so a session can be fed other values."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    have = {i.name for i in out.graph.input}
+    for n in names:
+        if n not in have:
+            t = inits[n]
+            out.graph.input.append(onnx.helper.make_tensor_value_info(n, t.data_type, list(t.dims)))
+    return out
+
+
+def output_sensitivity(model: onnx.ModelProto, feeds: list, perturbed: dict, progress=None) -> dict:
+    """{weight: relative output error of the model} with only that weight replaced by ``perturbed[weight]`` (the
+    stored layout), on the calibration batches ``feeds``: sum over outputs and samples of ||y' - y||^2 / ||y||^2."""
+    from .capture import make_session
+
+    sess = make_session(with_weights_as_inputs(model, list(perturbed)))
+    ref = [sess.run(None, f) for f in feeds]
+    den = sum(float(np.sum(np.square(o, dtype=np.float64))) for outs in ref for o in outs)
+    out = {}
+    for w, value in perturbed.items():
+        num = 0.0
+        for f, outs in zip(feeds, ref):
+            got = sess.run(None, {**f, w: value})
+            num += sum(float(np.sum(np.square(a.astype(np.float64) - b))) for a, b in zip(got, outs))
+        out[w] = num / den if den > 0 else 0.0
+        if progress is not None:
+            progress.update(1)
+    return out
+
+
+def first_feeds(calib, samples: int) -> list:
+    """The calibration batches holding the first ``samples`` samples."""
+    feeds, n = [], 0
+    for feed in calib:
+        k = min(next(iter(feed.values())).shape[0], samples - n)
+        feeds.append({name: v[:k] for name, v in feed.items()})
+        n += k
+        if n >= samples:
+            break
+    return feeds
+
+
+__all__ = ["parse_layer_bits", "fixed_bits", "allocate", "average_bits", "output_sensitivity", "NBITS_BITS"]
+
+
+def validate_precision(cfg) -> None:
+    """UserErrors for impossible combinations of the precision and format options of a QuantizeConfig."""
+    if not isinstance(cfg.block_size, (int, np.integer)) or cfg.block_size < 1:
+        raise UserError(f"--block-size must be a positive integer, got {cfg.block_size!r}")
+    if cfg.granularity == "block" and cfg.official:
+        raise UserError("--official uses per-channel grids: it cannot be combined with --granularity block")
+    if cfg.weight_format not in ("qdq", "matmulnbits"):
+        raise UserError(f"weight format must be qdq or matmulnbits, got {cfg.weight_format!r}")
+    if cfg.weight_format == "matmulnbits":
+        if cfg.granularity != "block":
+            raise UserError(f"--format matmulnbits needs --granularity block (MatMulNBits has one scale per block "
+                            f"of K), got --granularity {cfg.granularity}")
+        b = cfg.block_size
+        if b < 16 or b & (b - 1):
+            raise UserError(f"--format matmulnbits needs --block-size a power of two >= 16 (onnxruntime's "
+                            f"MatMulNBits), got {b}")
+        if cfg.bits not in NBITS_BITS:
+            raise UserError(f"--format matmulnbits supports {'/'.join(map(str, NBITS_BITS))} bits, got --bits "
+                            f"{cfg.bits}")
+    parse_layer_bits(cfg.layer_bits)
+    if cfg.avg_bits is not None:
+        if not (isinstance(cfg.avg_bits, (int, float)) and np.isfinite(cfg.avg_bits)
+                and cfg.bits <= cfg.avg_bits <= 8):
+            raise UserError(f"--avg-bits must be between --bits ({cfg.bits}) and 8, got {cfg.avg_bits!r}")
+        cand = tuple(cfg.mp_bits)
+        if not cand or any(not isinstance(b, (int, np.integer)) or not cfg.bits < b <= 8 for b in cand):
+            raise UserError(f"--mp-bits must be bit widths above --bits ({cfg.bits}) and <= 8, got "
+                            f"{','.join(map(str, cand)) or 'nothing'}")
+        if cfg.weight_format == "matmulnbits" and any(b not in NBITS_BITS for b in cand):
+            raise UserError(f"--format matmulnbits supports {'/'.join(map(str, NBITS_BITS))} bits: --mp-bits "
+                            f"{','.join(map(str, cand))} is not possible")
+    if cfg.mp_sensitivity not in ("output", "layer"):
+        raise UserError(f"--mp-sensitivity must be output or layer, got {cfg.mp_sensitivity!r}")
+    if cfg.mp_estimate not in ("solve", "scaling"):
+        raise UserError(f"--mp-estimate must be solve or scaling, got {cfg.mp_estimate!r}")
+    if not isinstance(cfg.mp_samples, (int, np.integer)) or cfg.mp_samples < 1:
+        raise UserError(f"--mp-samples must be a positive integer, got {cfg.mp_samples!r}")
+
+
+def conv_taps(layer) -> int:
+    return int(np.prod(layer.weight_shape[2:])) if layer.op_type == "Conv" else 1
+
+
+def block_unsupported(layer, block: int) -> str:
+    """Why ``layer`` cannot have block scales along its input channels ("" if it can)."""
+    if layer.op_type in ("MatMul", "Gemm"):
+        return ""
+    if layer.op_type != "Conv":
+        return f"block granularity is not implemented for {layer.op_type}"
+    if layer.groups > 1:
+        return "block granularity is not implemented for grouped/depthwise convs"
+    ch = layer.weight_shape[1]
+    if conv_taps(layer) > 1 and ch % block:
+        return f"a {'x'.join(map(str, layer.weight_shape[2:]))} conv needs its {ch} input channels to be a " \
+               f"multiple of the block size {block}"
+    return ""
+
+
+def plan_layers(layers, cfg) -> dict:
+    """{weight: [bits, granularity, format, note, pinned]} before mixed precision: pinned bits, the Conv fallback of
+    block granularity, and MatMulNBits only for MatMul weights (the other layers stay DequantizeLinear)."""
+    fixed = fixed_bits(layers, cfg.bits, cfg.keep_8bit, parse_layer_bits(cfg.layer_bits))
+    plan = {}
+    for L in layers:
+        bits, why = fixed.get(L.weight, (cfg.bits, ""))
+        gran, fmt, notes = cfg.granularity, "qdq", [why] if why else []
+        if gran == "block":
+            why_not = block_unsupported(L, cfg.block_size)
+            if why_not:
+                gran = "channel"
+                notes.append(f"{why_not}: per-channel")
+        if cfg.weight_format == "matmulnbits" and L.op_type == "MatMul":  # shared weights: all consumers MatMul
+            fmt = "matmulnbits"
+            if bits not in NBITS_BITS:
+                raise UserError(f"{L.node}: {bits} bits cannot be stored as MatMulNBits (supports "
+                                f"{'/'.join(map(str, NBITS_BITS))} bits); change --layer-bits or --format")
+        plan[L.weight] = [bits, gran, fmt, "; ".join(notes), L.weight in fixed]
+    return plan
