@@ -140,6 +140,10 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> t
         if node.op_type in ("If", "Loop", "Scan"):
             skipped.append(Skipped(name, node.op_type, "control-flow subgraph: its layers are not quantized"))
             continue
+        if node.op_type == "Einsum" and any(i in inits for i in node.input):
+            skipped.append(Skipped(name, node.op_type, "Einsum with a constant operand: not rewritten as MatMul "
+                                   "(equation not a plain contraction with the weight, or --no-einsum)"))
+            continue
         if node.op_type not in SUPPORTED_OPS:
             continue
         if node.op_type not in op_types:

@@ -34,7 +34,11 @@ def load_model(path) -> onnx.ModelProto:
 
 
 def _needs_folding(model: onnx.ModelProto) -> bool:
-    return any(n.op_type in ("Constant", "Identity") for n in model.graph.node)
+    """Constant/Identity nodes, or a node computed from initializers alone (tf2onnx reshapes weights through
+    Shape/Concat/Reshape subgraphs)."""
+    inits = {t.name for t in model.graph.initializer}
+    return any(n.op_type in ("Constant", "Identity") or (n.input and all(i in inits for i in n.input if i))
+               for n in model.graph.node)
 
 
 def prepare_model(model_or_path) -> onnx.ModelProto:
