@@ -17,11 +17,11 @@ from .bias import apply as apply_bias
 from .bias import bias_target
 from .calib import Calibration, model_inputs
 from .capture import collect_stats
-from .einsum import rewrite_einsums
 from .emit import QuantizedWeight, emit_qdq
 from .errors import UserError
 from .graph import SUPPORTED_OPS, find_layers, load_weight, node_names
 from .modelio import prepare_model
+from .rewrite import rewrite_to_matmul
 from .solver import (SolverConfig, comq_quantize, comq_quantize_groups, objective, rtn_quantize,
                      rtn_quantize_groups)
 
@@ -55,7 +55,8 @@ class QuantizeConfig:
     dtype: str = "float32"
     op_types: tuple = SUPPORTED_OPS
     exclude: tuple = ()
-    einsum: bool = True  # rewrite Einsum with a constant weight (tf2onnx's Keras EinsumDense) as MatMul
+    # rewrite Einsum with a constant weight (tf2onnx's Keras EinsumDense) and MatMul(W, x) as MatMul(x', W')
+    rewrite_matmul: bool = True
 
     def solver_config(self) -> SolverConfig:
         if self.official:
@@ -139,7 +140,7 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
     config = (config or QuantizeConfig()).validate()
     t_start = time.perf_counter()
     model = prepare_model(model_or_path)
-    model = rewrite_einsums(model) if config.einsum else model
+    model = rewrite_to_matmul(model) if config.rewrite_matmul else model
     layers, skipped = find_layers(model, op_types=tuple(config.op_types), exclude=tuple(config.exclude))
     if not layers:
         why = "; ".join(f"{s.node}: {s.reason}" for s in skipped[:5]) or "it has no Conv, Gemm or MatMul node"
