@@ -28,10 +28,11 @@ MODELS = os.path.join(ROOT, "models")
 # head; Paddle CNN 4 convs + 2 Linear)
 FOREIGN = {"keras_cnn": ("NHWC", 7), "keras_vit": ("NHWC", 8), "paddle_cnn": ("NCHW", 6)}
 CALIB_SAMPLES = 128
-# accuracy bounds on the 2000 test images (points / 100), measured with tools/bench_e2e.py and 128 calibration
-# images: see the table in the README
+# accuracy bounds on the 2000 test images (fractions), from `python tools/bench_e2e.py --models keras_cnn keras_vit
+# paddle_cnn --bits 8 4 3 --methods COMQ RTN --max-samples 128`: W8 drops measured 0.00 / -0.05 / -0.05 points, W4
+# COMQ 0.30 / 0.40 / 0.05 points (RTN 3.10 / 0.65 / 0.90); the bounds leave room for other onnxruntime/numpy builds
 W8_MAX_DROP = 0.01
-W4_MAX_DROP = {"keras_cnn": 0.02, "keras_vit": 0.02, "paddle_cnn": 0.02}
+W4_MAX_DROP = 0.015
 
 
 def ort_run(model, feed):
@@ -158,19 +159,23 @@ def test_foreign_model_w4_cli(tmp_path, data, float_acc, name):
     before = digest(path)
     calib, x_test, labels = data
     np.savez(tmp_path / "calib.npz", input=layout(calib, fmt))
-    np.savez(tmp_path / "test.npz", input=layout(x_test, fmt), labels=labels)
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     r = cli("quantize", path, "-o", out, "--calib", tmp_path / "calib.npz", "--bits", "4", "--report", report,
             "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert digest(path) == before
-    assert sorted(os.listdir(tmp_path)) == ["calib.npz", "q.onnx", "r.json", "test.npz"]  # nothing else left
+    assert sorted(os.listdir(tmp_path)) == ["calib.npz", "q.onnx", "r.json"]  # nothing else left behind
     check_whole(onnx.load(str(out)), json.loads(report.read_text())["layers"], onnx.load(path), 4)
-    r = cli("eval", out, "--data", tmp_path / "test.npz")
-    assert r.returncode == 0, r.stderr
-    acc = float(r.stdout.split("accuracy")[1].split("%")[0]) / 100
-    assert acc == pytest.approx(top1_accuracy_arrays(str(out), layout(x_test, fmt), labels), abs=1e-4)
-    assert float_acc[name] - acc <= W4_MAX_DROP[name], (float_acc[name], acc)
+    acc = top1_accuracy_arrays(str(out), layout(x_test, fmt), labels)
+    assert float_acc[name] - acc <= W4_MAX_DROP, (float_acc[name], acc)
+    if name == "keras_cnn":  # where round-to-nearest loses accuracy (measured: 3.1 points), COMQ keeps it (0.3)
+        q_rtn, _ = run(path, {"input": layout(calib, fmt)}, QuantizeConfig(bits=4, method="rtn", device="cpu"))
+        acc_rtn = top1_accuracy_arrays(q_rtn, layout(x_test, fmt), labels)
+        assert acc - acc_rtn >= 0.015, (acc, acc_rtn)
+    if fmt == "NCHW":  # `onnxcomq eval` on the shipped test file (the same code for every model: once is enough)
+        r = cli("eval", out, "--data", os.path.join(MODELS, "fmnist_test.npz"))
+        assert r.returncode == 0, r.stderr
+        assert float(r.stdout.split("accuracy")[1].split("%")[0]) == pytest.approx(100 * acc, abs=0.01)
 
 
 def cli(*args):
