@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomq import QuantizeConfig, UserError, run
 from onnxcomq.rewrite import plan, rewrite_to_matmul
+from test_pipeline import _dequantized_reference, float_twin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "models")
@@ -221,23 +222,6 @@ def tf2onnx_like(weight_path="reshape", seed=0, d=8, seq=5):
                              ir_version=7), w
 
 
-def _float_twin(qmodel):
-    """``qmodel`` with each DequantizeLinear computed here in numpy and stored as a float initializer."""
-    out = onnx.ModelProto()
-    out.CopyFrom(qmodel)
-    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
-    for n in [n for n in out.graph.node if n.op_type == "DequantizeLinear"]:
-        codes, scale, zp = (inits[i].astype(np.float64) for i in n.input)
-        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
-        shape = [1] * codes.ndim
-        if scale.ndim:
-            shape[axis] = -1
-        w = (codes - zp.reshape(shape)) * scale.reshape(shape)
-        out.graph.node.remove(n)
-        out.graph.initializer.append(numpy_helper.from_array(w.astype(np.float32), n.output[0]))
-    return out
-
-
 @pytest.mark.parametrize("weight_path", ["reshape", "transpose"])
 def test_weight_computed_from_a_constant_is_quantized_and_gemm_beta0_gets_a_bias(weight_path):
     model, w = tf2onnx_like(weight_path)
@@ -256,11 +240,11 @@ def test_weight_computed_from_a_constant_is_quantized_and_gemm_beta0_gets_a_bias
     assert len(dq) == 1 and gemm.input[1] == dq[0].output[0] and len(gemm.input) == 3
     assert all(a.f == 1.0 for a in gemm.attribute if a.name == "beta")
     # the dequantized weight is the float weight, quantized (3 bits: within one grid step per channel)
-    deq = numpy_helper.to_array(_float_twin(q).graph.initializer[-1])
+    deq = _dequantized_reference(q)["W"]
     step = (w.max(1) - w.min(1)) / 7
     assert np.all(np.abs(deq - w) <= 1.01 * step[:, None])
     (yq,) = ort_run(q, {"input": x})
-    (yt,) = ort_run(_float_twin(q), {"input": x})
+    (yt,) = ort_run(float_twin(q), {"input": x})
     np.testing.assert_allclose(yq, yt, rtol=1e-5, atol=1e-5)
     # the free bias (a C added with beta 1) removes the mean output error per channel
     assert np.abs((yq - yf).mean(axis=(0, 1))).max() <= 1e-4 * np.abs(yf).max()
@@ -323,7 +307,7 @@ def test_paddle_like_constant_weights_at_opset_11(bits):
     assert opset == (21 if bits <= 4 else 13)  # converted: BatchNormalization/Slice/Reshape keep working
     assert not any(n.op_type == "Constant" and n.output[0] in ("conv.w", "fc.w") for n in q.graph.node)
     (yq,) = ort_run(q, {"input": x})
-    (yt,) = ort_run(_float_twin(q), {"input": x})
+    (yt,) = ort_run(float_twin(q), {"input": x})
     np.testing.assert_allclose(yq, yt, rtol=1e-5, atol=1e-5)
     rel = np.linalg.norm(yq - yf) / np.linalg.norm(yf)
     assert rel < (0.02 if bits == 8 else 0.2), rel
@@ -400,7 +384,7 @@ def test_einsum_weight_quantized_as_matmul(equation, weight_first):
     assert rep.layers[0].shape == [k, w.size // k] and rep.layers[0].bias_corrected
     assert rep.layers[0].comq_error <= rep.layers[0].rtn_error
     (yq,) = ort_run(q, {"input": x})
-    (yt,) = ort_run(_float_twin(q), {"input": x})
+    (yt,) = ort_run(float_twin(q), {"input": x})
     np.testing.assert_allclose(yq, yt, rtol=1e-5, atol=1e-5)
     assert yq.shape == yf.shape
     assert np.linalg.norm(yq - yf) / np.linalg.norm(yf) < 0.2
@@ -467,11 +451,11 @@ def test_weight_on_the_left_quantized_per_output_row():
     assert [(L.node, L.op_type, L.shape) for L in rep.layers] == [("left_mm", "MatMul", [6, 8])] and not rep.skipped
     assert rep.layers[0].bias_corrected and rep.layers[0].comq_error <= rep.layers[0].rtn_error
     (yq,) = ort_run(q, {"input": x})
-    (yt,) = ort_run(_float_twin(q), {"input": x})
+    (yt,) = ort_run(float_twin(q), {"input": x})
     np.testing.assert_allclose(yq, yt, rtol=1e-5, atol=1e-5)
     # one scale per row of W (an output channel): the small rows keep their relative precision (at most a step of
     # 2/15 of the row's range or a 0.7 grid shrink's clipping; one scale for all W would give row 0 errors near 2)
-    deq = next(numpy_helper.to_array(t) for t in _float_twin(q).graph.initializer if t.name == rep.layers[0].weight)
+    deq = _dequantized_reference(q)[rep.layers[0].weight]
     rel_row_err = np.abs(deq.T - w).max(axis=1) / np.abs(w).max(axis=1)
     assert rel_row_err.max() <= 0.35, rel_row_err
     assert np.abs((yq - yf).mean(axis=(0, 2))).max() <= 1e-4 * np.abs(yf).max()  # free bias, per row of W
