@@ -26,6 +26,7 @@ from .modelio import model_bytes, prepare_model
 from .nbits import emit_matmulnbits
 from .precision import (allocate, average_bits, conv_taps, first_feeds, output_sensitivity, plan_layers,
                         validate_precision)
+from .rewrite import rewrite_to_matmul
 from .solver import (SolverConfig, comq_quantize, comq_quantize_groups, objective, rtn_quantize,
                      rtn_quantize_groups)
 
@@ -78,6 +79,8 @@ class QuantizeConfig:
     dtype: str = "float32"
     op_types: tuple = SUPPORTED_OPS
     exclude: tuple = ()
+    # rewrite Einsum with a constant weight (tf2onnx's Keras EinsumDense) and MatMul(W, x) as MatMul(x', W')
+    rewrite_matmul: bool = True
 
     def solver_config(self, bits: int | None = None, granularity: str | None = None, taps: int = 1) -> SolverConfig:
         bits = self.bits if bits is None else bits
@@ -171,6 +174,7 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
     config = (config or QuantizeConfig()).validate()
     t_start = time.perf_counter()
     model = prepare_model(model_or_path)
+    model = rewrite_to_matmul(model) if config.rewrite_matmul else model
     layers, skipped = find_layers(model, op_types=tuple(config.op_types), exclude=tuple(config.exclude))
     if not layers:
         why = "; ".join(f"{s.node}: {s.reason}" for s in skipped[:5]) or "it has no Conv, Gemm or MatMul node"

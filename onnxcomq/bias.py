@@ -33,9 +33,9 @@ def bias_target(node: onnx.NodeProto, inits: dict) -> str | None:
                 return "Gemm C is not a constant"
             if len(c.dims) not in (1, 2) or (len(c.dims) == 2 and c.dims[0] != 1):
                 return f"Gemm C has shape {list(c.dims)}, not a per-channel bias"
-        if _attr(node, "beta", 1.0) == 0:
-            return "Gemm beta is 0"
-        return None
+            if _attr(node, "beta", 1.0) == 0:
+                return "Gemm beta is 0"
+        return None  # no C: beta is unused (tf2onnx writes beta=0), apply() adds C with beta 1
     if node.op_type == "MatMul":
         return None
     return f"{node.op_type} has no bias"
@@ -71,9 +71,14 @@ def apply(model: onnx.ModelProto, deltas: dict) -> onnx.ModelProto:
 
         if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
             scale = 1.0
+            has_c = len(node.input) > 2 and node.input[2]
             if node.op_type == "Gemm":
+                if not has_c:  # the new C is added with beta 1 (beta was unused without C)
+                    for a in node.attribute:
+                        if a.name == "beta":
+                            a.f = 1.0
                 scale = _attr(node, "alpha", 1.0) / _attr(node, "beta", 1.0)
-            if len(node.input) > 2 and node.input[2]:
+            if has_c:
                 old = inits[node.input[2]]
                 base = numpy_helper.to_array(old)
                 values = base.astype(np.float64) + (scale * delta).reshape(base.shape)

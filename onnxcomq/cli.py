@@ -125,6 +125,10 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma-separated op types to quantize (default: {','.join(SUPPORTED_OPS)})")
     c.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="leave out nodes whose name or op type matches this fnmatch pattern (repeatable)")
+    c.add_argument("--rewrite-matmul", action=argparse.BooleanOptionalAction, default=True,
+                   help="rewrite each Einsum with a constant weight (tf2onnx writes Keras EinsumDense layers, e.g. "
+                        "MultiHeadAttention projections, so) and each MatMul with its constant weight on the left "
+                        "(W @ x) as Reshape/Transpose + MatMul(x, W') so that it is quantized (default: on)")
     o = q.add_argument_group("output")
     o.add_argument("--report", metavar="REPORT.json", help="also write the per-layer report as JSON")
     o.add_argument("--quiet", action="store_true", help="no progress bars and no table")
@@ -205,7 +209,7 @@ def cmd_quantize(a) -> int:
                          mp_sensitivity=a.mp_sensitivity, mp_samples=a.mp_samples,
                          mp_estimate=a.mp_estimate,
                          op_types=tuple(t.strip() for t in a.op_types.split(",") if t.strip()),
-                         exclude=tuple(a.exclude))
+                         exclude=tuple(a.exclude), rewrite_matmul=a.rewrite_matmul)
     model, report = run(a.model, a.calib, cfg, progress=not a.quiet and sys.stderr.isatty())
     save_model(model, a.output)
     if a.report:

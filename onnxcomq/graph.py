@@ -140,6 +140,10 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> t
         if node.op_type in ("If", "Loop", "Scan"):
             skipped.append(Skipped(name, node.op_type, "control-flow subgraph: its layers are not quantized"))
             continue
+        if node.op_type == "Einsum" and any(i in inits for i in node.input):
+            skipped.append(Skipped(name, node.op_type, "Einsum with a constant operand: not rewritten as MatMul "
+                                   "(equation not a plain contraction with the weight, or --no-rewrite-matmul)"))
+            continue
         if node.op_type not in SUPPORTED_OPS:
             continue
         if node.op_type not in op_types:
@@ -153,7 +157,8 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> t
         if wname not in inits:
             a_const = node.op_type == "MatMul" and node.input[0] in inits
             skipped.append(Skipped(name, node.op_type,
-                                   "constant weight on input A (not supported)" if a_const
+                                   "constant weight on input A (activation rank unknown, or --no-rewrite-matmul)"
+                                   if a_const
                                    else "weight is not a constant (activation x activation)"))
             continue
         if node.input[0] in inits:

@@ -33,12 +33,12 @@ def load_model(path) -> onnx.ModelProto:
     return model
 
 
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")  # Einsum: rewritten as MatMul (rewrite.py)
 
 
 def _needs_folding(model: onnx.ModelProto) -> bool:
     """Whether some weight of a Conv/ConvTranspose/Gemm/MatMul is computed from constants (a ``Constant`` node,
-    ``Identity``, ``Transpose``... of initializers) instead of being an initializer: only then is the graph folded
+    ``Identity``, ``Transpose`` or tf2onnx's Shape/Concat/Reshape subgraphs of initializers) instead of being an initializer: only then is the graph folded
     (folding copies every tensor, which costs minutes on a model of gigabytes)."""
     graph = model.graph
     inputs = {i.name for i in graph.input}
@@ -50,7 +50,7 @@ def _needs_folding(model: onnx.ModelProto) -> bool:
             const.update(o for o in n.output if o)
     for n in graph.node:
         if n.op_type in WEIGHT_OPS:
-            w = list(n.input[:2])
+            w = list(n.input if n.op_type == "Einsum" else n.input[:2])
             if any(t in const and t not in inits for t in w):
                 return True
     return False

@@ -240,7 +240,8 @@ def test_property_blocked_equals_step_loop(m, n, bits, seed, order, block, schem
     Q, level, _ = run_reference(W, G, cfg)
     np.testing.assert_array_equal(got.codes, make_grid(W, bits, scheme, "channel", ref_lambda(W, G, cfg)).codes(level))
     np.testing.assert_allclose(got.qweight, Q, rtol=1e-12, atol=1e-14)
-    assert got.objective <= rtn_quantize(W, G, cfg).objective * (1 + 1e-12) + 1e-12
+    # no "COMQ <= RTN" claim here: coordinate descent from Q = W is not guaranteed to end below round-to-nearest
+    # (hypothesis found m=1, n=9, 3-bit sym, rank-deficient G); the pipeline keeps RTN then (test_pipeline)
 
 
 def test_objective_helper_matches_definition():
