@@ -21,6 +21,7 @@ from .emit import QuantizedWeight, emit_qdq
 from .errors import UserError
 from .graph import SUPPORTED_OPS, find_layers, load_weight, node_names
 from .modelio import prepare_model
+from .placement import ActivationQuantizer, validate_activations
 from .solver import (SolverConfig, comq_quantize, comq_quantize_groups, objective, rtn_quantize,
                      rtn_quantize_groups)
 
@@ -32,7 +33,7 @@ class QuantizeConfig:
 
     bits: int = 4
     granularity: str = "channel"  # channel | tensor
-    scheme: str = "asym"  # asym | sym
+    scheme: str | None = None  # asym | sym; None: asym, or sym when activations are quantized (act_bits)
     order: str = "cyclic"  # cyclic | importance | greedy (per row, the official code's; gathers, slower on CPU)
     sweeps: int = 3
     scale_update: bool = True
@@ -54,12 +55,22 @@ class QuantizeConfig:
     dtype: str = "float32"
     op_types: tuple = SUPPORTED_OPS
     exclude: tuple = ()
+    # activation quantization (placement.py, activations.py): None = weight-only
+    act_bits: int | None = None
+    target: str = "ort"  # ort (uint8 asym activations) | tensorrt (int8 symmetric, zero point 0)
+    act_method: str = "minmax"  # minmax | percentile | mse
+    act_percentile: float = 99.99
+    act_scheme: str | None = None  # asym | sym; None: the target's
+    act_dtype: str | None = None  # uint8 | int8; None: the target's
+    act_exclude: tuple = ()  # fnmatch patterns over node names, op types and tensor names kept float
+    act_aware: bool = False  # second capture pass with the activations fake-quantized: G from quantized inputs
 
     def solver_config(self) -> SolverConfig:
         if self.official:
             cfg = SolverConfig.official(bits=self.bits, lam=self.lam, dtype=self.dtype)
         else:
-            cfg = SolverConfig(bits=self.bits, granularity=self.granularity, scheme=self.scheme, order=self.order,
+            cfg = SolverConfig(bits=self.bits, granularity=self.granularity, scheme=self.weight_scheme(),
+                               order=self.order,
                                sweeps=self.sweeps, scale_update=self.scale_update, lam=self.lam, dtype=self.dtype,
                                lambda_search=self.bits <= 4 if self.lambda_search is None
                                else self.lambda_search)
@@ -68,8 +79,12 @@ class QuantizeConfig:
         except ValueError as e:
             raise UserError(str(e)) from None
 
+    def weight_scheme(self) -> str:
+        return self.scheme or ("sym" if self.act_bits else "asym")
+
     def validate(self) -> "QuantizeConfig":
         self.solver_config()
+        validate_activations(self)
         if not (self.damping >= 0 and np.isfinite(self.damping)):
             raise UserError(f"damping must be a finite number >= 0, got {self.damping!r}")
         if self.method not in ("comq", "rtn"):
@@ -132,6 +147,15 @@ def _rel(num: float, den: float) -> float:
     return float(num / den) if den > 0 else 0.0
 
 
+def _capture(model, specs, calib, progress, mask_input, observers=None, desc="capture"):
+    bar = _bar(progress, total=calib.num_samples, desc=desc, unit="sample")
+    try:
+        return collect_stats(model, specs, calib, bar, mask_input=mask_input, observers=observers)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def run(model_or_path, calibration, config: QuantizeConfig | None = None, progress: bool = False):
     """Quantize and return ``(quantized ModelProto, Report)``."""
     config = (config or QuantizeConfig()).validate()
@@ -149,13 +173,14 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
     for layer in layers:
         for _, spec in layer.consumers:
             specs[spec] = layer.groups
-    bar = _bar(progress, total=calib.num_samples, desc="capture", unit="sample")
     t0 = time.perf_counter()
-    try:
-        stats, samples = collect_stats(model, specs, calib, bar, mask_input=mask_input)
-    finally:
-        if bar is not None:
-            bar.close()
+    acts = ActivationQuantizer(model, layers, config) if config.act_bits else None
+    model = acts.model if acts else model  # (every node named)
+    stats, samples = _capture(model, specs, calib, progress, mask_input,
+                              observers=acts.observers if acts else None)
+    if acts is not None and config.act_aware:  # G from the inputs the deployed layers see: activations quantized
+        stats = acts.aware_stats(specs, calib, lambda m, sp: _capture(m, sp, calib, progress, mask_input,
+                                                                        desc="capture (quantized activations)"))
     t_capture = time.perf_counter() - t0
 
     scfg = config.solver_config()
@@ -237,7 +262,11 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
             "lambda": "search" if scfg.lambda_search else scfg.lam,
             "official": config.official, "bias_correction": bool(deltas), "calibration_samples": samples,
             "mask_input": mask_input, "damping": damping}
+    if acts is not None:
+        meta.update(acts.metadata())
     out = emit_qdq(apply_bias(model, deltas) if deltas else model, qweights, meta)
+    if acts is not None:
+        out = acts.insert(out)
     report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)
     report.total_seconds = time.perf_counter() - t_start
     report.float_bytes = model.ByteSize()

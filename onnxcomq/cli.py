@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                                                        "int4/uint4, opset 21)")
     g.add_argument("--granularity", choices=["channel", "tensor"], default="channel",
                    help="one scale per output channel or per layer (default: channel)")
-    g.add_argument("--scheme", choices=["asym", "sym"], default="asym",
-                   help="asym: min-max grid with zero point; sym: zero point 0, as TensorRT needs (default: asym)")
+    g.add_argument("--scheme", choices=["asym", "sym"], default=None,
+                   help="asym: min-max grid with zero point; sym: zero point 0, as TensorRT needs (default: asym; "
+                        "sym with --act-bits)")
     g.add_argument("--method", choices=["comq", "rtn"], default="comq",
                    help="comq, or rtn (round-to-nearest on the same grid, the baseline) (default: comq)")
     g.add_argument("--official", action="store_true",
@@ -87,6 +88,29 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma-separated op types to quantize (default: {','.join(SUPPORTED_OPS)})")
     c.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="leave out nodes whose name or op type matches this fnmatch pattern (repeatable)")
+    act = q.add_argument_group("activations (deployment: W8A8, W4A8)")
+    act.add_argument("--act-bits", type=int, choices=[8], default=None,
+                     help="quantize activations too (Q/DQ pairs placed for --target); default: weight-only")
+    act.add_argument("--target", choices=["ort", "tensorrt"], default="ort",
+                     help="ort: uint8 asymmetric activations, Q/DQ on inputs and outputs of the quantized ops, the "
+                          "residual Adds and the ops onnxruntime runs on uint8 (fuses into QLinearConv / "
+                          "QLinearMatMul / QLinearAdd / QGemm); tensorrt: int8 symmetric activations and weights "
+                          "(zero point 0), Q/DQ on the inputs of weighted ops and residual Adds (default: ort)")
+    act.add_argument("--act-method", choices=["minmax", "percentile", "mse"], default="minmax",
+                     help="activation ranges: min/max, a percentile of the values, or the clip range with the "
+                          "lowest quantization MSE (default: minmax)")
+    act.add_argument("--act-percentile", type=float, default=99.99,
+                     help="percentile for --act-method percentile (default: 99.99)")
+    act.add_argument("--act-scheme", choices=["asym", "sym"], default=None,
+                     help="activation zero point free (asym) or centred (sym) (default: the target's)")
+    act.add_argument("--act-dtype", choices=["uint8", "int8"], default=None,
+                     help="activation integer type (default: the target's: ort uint8, tensorrt int8)")
+    act.add_argument("--act-exclude", action="append", default=[], metavar="PATTERN",
+                     help="keep activations float at nodes (name or op type) or tensors matching this fnmatch "
+                          "pattern (repeatable)")
+    act.add_argument("--act-aware", action=argparse.BooleanOptionalAction, default=False,
+                     help="solve each layer on its input as the deployed model sees it (a second capture pass with "
+                          "the activations fake-quantized) (default: off)")
     o = q.add_argument_group("output")
     o.add_argument("--report", metavar="REPORT.json", help="also write the per-layer report as JSON")
     o.add_argument("--quiet", action="store_true", help="no progress bars and no table")
@@ -153,7 +177,9 @@ def cmd_quantize(a) -> int:
                          bias_correction=a.bias_correction, mask_input=a.mask_input, damping=a.damping,
                          batch_size=a.batch_size, max_samples=a.max_samples, device=a.device,
                          op_types=tuple(t.strip() for t in a.op_types.split(",") if t.strip()),
-                         exclude=tuple(a.exclude))
+                         exclude=tuple(a.exclude), act_bits=a.act_bits, target=a.target, act_method=a.act_method,
+                         act_percentile=a.act_percentile, act_scheme=a.act_scheme, act_dtype=a.act_dtype,
+                         act_exclude=tuple(a.act_exclude), act_aware=a.act_aware)
     model, report = run(a.model, a.calib, cfg, progress=not a.quiet and sys.stderr.isatty())
     save_model(model, a.output)
     if a.report:
@@ -169,7 +195,8 @@ def cmd_quantize(a) -> int:
         size_in = os.path.getsize(a.model)
         size_out = os.path.getsize(a.output)
         print(f"quantized {len(report.layers)} layers ({report.config['method']}, {report.config['bits']} bits, "
-              f"{cfg.granularity}, {cfg.scheme}) with {report.samples} calibration samples"
+              f"{cfg.granularity}, {cfg.weight_scheme()}"
+              + (f"; activations int8/uint8 for {cfg.target}" if cfg.act_bits else "") + ") with {report.samples} calibration samples"
               + (f"; {n_fb} layer(s) kept round-to-nearest for some groups, where COMQ was not better"
                  if n_fb else ""))
         print(f"time: capture {report.capture_seconds:.1f} s, solve {report.solve_seconds:.1f} s, total "
