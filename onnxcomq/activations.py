@@ -143,6 +143,17 @@ class HistogramObserver(MinMaxObserver):
         self.k0 = k0
         self.width *= 2
 
+    def noise(self, fmt: ActFormat) -> float:
+        """Quantization noise to signal: E[(x - fq(x))^2] / E[x^2] with this observer's range, over the histogram
+        (bin centres, clipped to the observed min/max)."""
+        if self.count == 0 or self.counts.size == 0:
+            return 0.0
+        e = self.edges()
+        c = np.clip(0.5 * (e[:-1] + e[1:]), self.lo, self.hi)
+        w = self.counts.astype(np.float64)
+        power = float(np.sum(w * c * c) / max(w.sum(), 1))
+        return quant_mse(c, w, *self.range(fmt), fmt) / power if power > 0 else 0.0
+
     def edges(self) -> np.ndarray:
         return (self.k0 + np.arange(self.counts.size + 1)) * self.width
 
@@ -201,8 +212,6 @@ def mse_range(edges, counts, lo, hi, fmt: ActFormat) -> tuple[float, float]:
 
 
 def make_observer(method: str, percentile: float = 99.99):
-    if method == "minmax":
-        return MinMaxObserver()
-    if method in ("percentile", "mse"):
+    if method in METHODS:  # minmax too: the histogram also tells how well a range represents the tensor
         return HistogramObserver(method, percentile)
     raise UserError(f"act_method must be one of {', '.join(METHODS)}, got {method!r}")

@@ -111,6 +111,10 @@ def _parser() -> argparse.ArgumentParser:
     act.add_argument("--act-aware", action=argparse.BooleanOptionalAction, default=False,
                      help="solve each layer on its input as the deployed model sees it (a second capture pass with "
                           "the activations fake-quantized) (default: off)")
+    act.add_argument("--act-max-noise", type=float, default=0.003, metavar="RATIO",
+                     help="keep float the activations whose quantization noise / signal power on the calibration "
+                          "data exceeds RATIO (outlier-heavy tensors such as transformer residual streams); "
+                          "'inf' quantizes every planned tensor (default: 0.003)")
     o = q.add_argument_group("output")
     o.add_argument("--report", metavar="REPORT.json", help="also write the per-layer report as JSON")
     o.add_argument("--quiet", action="store_true", help="no progress bars and no table")
@@ -179,7 +183,8 @@ def cmd_quantize(a) -> int:
                          op_types=tuple(t.strip() for t in a.op_types.split(",") if t.strip()),
                          exclude=tuple(a.exclude), act_bits=a.act_bits, target=a.target, act_method=a.act_method,
                          act_percentile=a.act_percentile, act_scheme=a.act_scheme, act_dtype=a.act_dtype,
-                         act_exclude=tuple(a.act_exclude), act_aware=a.act_aware)
+                         act_exclude=tuple(a.act_exclude), act_aware=a.act_aware,
+                         act_max_noise=a.act_max_noise)
     model, report = run(a.model, a.calib, cfg, progress=not a.quiet and sys.stderr.isatty())
     save_model(model, a.output)
     if a.report:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +33,7 @@ from .activations import METHODS, ActFormat, make_observer, qparams
 from .errors import UserError
 from .graph import node_names, unique_name
 
+log = logging.getLogger(__name__)
 TARGETS = ("ort", "tensorrt")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SAME_SCALE_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Gather", "Slice", "Split",
@@ -323,6 +325,9 @@ def validate_activations(cfg) -> None:
         raise UserError(f"act_method must be one of {', '.join(METHODS)}, got {cfg.act_method!r}")
     if not (50.0 < cfg.act_percentile <= 100.0):
         raise UserError(f"act_percentile must be in (50, 100], got {cfg.act_percentile!r}")
+    if not cfg.act_max_noise > 0:
+        raise UserError(f"act_max_noise must be > 0 (inf: quantize every planned tensor), got "
+                        f"{cfg.act_max_noise!r}")
     if cfg.act_scheme not in (None, "asym", "sym"):
         raise UserError(f"act_scheme must be asym or sym, got {cfg.act_scheme!r}")
     if cfg.act_dtype not in (None, "uint8", "int8"):
@@ -367,10 +372,23 @@ class ActivationQuantizer:
                             "excluded, constant or not float)")
         self.observers = {t: make_observer(cfg.act_method, cfg.act_percentile) for t in self.plan.observed}
         self._params = None
+        self.float_tensors = []
 
     @property
     def params(self) -> dict:
+        """Quantization parameters from the observed ranges; on first use, tensors whose quantization noise
+        (E[(x - fq(x))^2] / E[x^2] on the calibration histogram) exceeds act_max_noise are dropped from the plan:
+        they stay float (e.g. outlier-heavy transformer residual streams, where 8 bits cannot hold both the
+        outliers and the bulk)."""
         if self._params is None:
+            noise = {t: o.noise(self.fmt) for t, o in self.observers.items()}
+            self.float_tensors = sorted(t for t, key in self.plan.tensors.items()
+                                        if noise[key] > self.cfg.act_max_noise)
+            if self.float_tensors:
+                log.info("activations kept float (quantization noise > %g): %s", self.cfg.act_max_noise,
+                         ", ".join(self.float_tensors))
+            self.plan = dataclasses.replace(self.plan, tensors={
+                t: key for t, key in self.plan.tensors.items() if noise[key] <= self.cfg.act_max_noise})
             ranges = {t: o.range(self.fmt) for t, o in self.observers.items()}
             self._params = act_params(self.plan, ranges, self.fmt)
         return self._params
@@ -378,16 +396,19 @@ class ActivationQuantizer:
     def aware_stats(self, specs: dict, calib, capture) -> dict:
         """Layer statistics from a second pass over the float model carrying the activation Q/DQ: each layer's X is
         the fake-quantized input it reads in the deployed model. ``capture(model, specs)`` runs the pass."""
-        fq, dq = insert(self.model, self.plan, self.params)
+        params = self.params
+        fq, dq = insert(self.model, self.plan, params)
         moved = {spec: dataclasses.replace(spec, tensor=dq.get(spec.tensor, spec.tensor)) for spec in specs}
         stats, _ = capture(fq, {moved[s]: g for s, g in specs.items()})
         return {s: stats[moved[s]] for s in specs}
 
     def insert(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        return insert(model, self.plan, self.params)[0]
+        params = self.params
+        return insert(model, self.plan, params)[0]
 
     def metadata(self) -> dict:
         return {"act_bits": self.cfg.act_bits, "target": self.cfg.target, "act_method": self.cfg.act_method,
                 "act_dtype": "int8" if self.fmt.signed else "uint8",
                 "act_scheme": "sym" if self.fmt.symmetric else "asym", "act_tensors": len(self.plan.tensors),
+                "act_float_tensors": self.float_tensors, "act_max_noise": self.cfg.act_max_noise,
                 "act_aware": bool(self.cfg.act_aware)}
