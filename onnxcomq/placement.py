@@ -57,6 +57,7 @@ class Plan:
     readers: dict = field(default_factory=dict)
     folded: dict = field(default_factory=dict)  # Relu/Clip node name -> (its input, its output): removed by insert
     nodes: list = field(default_factory=list)  # names of the nodes whose activations are quantized
+    float_nodes: set = field(default_factory=set)  # excluded nodes: they read the float tensors
 
     @property
     def observed(self) -> list:
@@ -143,8 +144,9 @@ def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", excl
         if out not in graph_outputs:
             add(out)
 
+    p.float_nodes = {name for name, n in zip(names, g.node) if _matches(exclude, name, n.op_type)}
     for name, n in zip(names, g.node):
-        if _matches(exclude, name, n.op_type):
+        if name in p.float_nodes:
             continue
         if n.op_type in COMPUTE_OPS:
             act_act = n.op_type == "MatMul" and len(n.input) == 2 and ok(n.input[0]) and ok(n.input[1])
@@ -235,7 +237,7 @@ def insert(model: onnx.ModelProto, p: Plan, params: dict) -> tuple[onnx.ModelPro
         qdq_out[t] = dq
     for name, n in keep:
         for k, i in enumerate(n.input):
-            if i in qdq_out and (p.readers.get(i) is None or name in p.readers[i]):
+            if i in qdq_out and name not in p.float_nodes and (p.readers.get(i) is None or name in p.readers[i]):
                 n.input[k] = qdq_out[i]
     # topological order: each pair right after its tensor's producer (graph inputs: at the start)
     produced_by = {o: idx for idx, (_, n) in enumerate(keep) for o in n.output}
@@ -312,7 +314,7 @@ def validate_activations(cfg) -> None:
         extra = [n for n, v in (("act_aware", cfg.act_aware), ("act_exclude", cfg.act_exclude),
                                 ("act_scheme", cfg.act_scheme), ("act_dtype", cfg.act_dtype)) if v]
         if extra:
-            raise UserError(f"{', '.join(extra)} need(s) activation quantization: set act_bits=8 (--act-bits 8)")
+            raise UserError(f"{', '.join(extra)}: only with activation quantization: set act_bits=8 (--act-bits 8)")
         if cfg.target != "ort":
             raise UserError(f"target {cfg.target!r} needs activation quantization: set act_bits=8 (--act-bits 8); "
                             "weight-only output runs on every runtime")
@@ -407,6 +409,7 @@ class ActivationQuantizer:
         return insert(model, self.plan, params)[0]
 
     def metadata(self) -> dict:
+        self.params  # decides which tensors stay float
         return {"act_bits": self.cfg.act_bits, "target": self.cfg.target, "act_method": self.cfg.act_method,
                 "act_dtype": "int8" if self.fmt.signed else "uint8",
                 "act_scheme": "sym" if self.fmt.symmetric else "asym", "act_tensors": len(self.plan.tensors),
