@@ -92,10 +92,12 @@ def _float_tensors(model: onnx.ModelProto) -> set:
             + list(inferred.graph.output) if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
 
 
-def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", exclude=()) -> Plan:
+def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", exclude=(), fold_relu: bool = True) \
+        -> Plan:
     """Where the Q/DQ pairs go. ``quantized_nodes``: names (as ``graph.node_names`` gives them) of the layers whose
     weights are quantized; MatMuls between two activations are added. ``exclude``: fnmatch patterns over node
-    names, op types and tensor names that stay float."""
+    names, op types and tensor names that stay float. ``fold_relu`` (ort, asymmetric activations only: the range
+    [0, max] then has its zero point at the lowest level, so saturation is the Relu)."""
     g = model.graph
     names = node_names(model)
     consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
@@ -136,7 +138,7 @@ def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", excl
         """ort: the output of a quantized node, through a Relu that only it feeds (folded into the saturation)."""
         if out in graph_outputs:
             return
-        fold = _foldable(out, consumers, graph_outputs, exclude)
+        fold = _foldable(out, consumers, graph_outputs, exclude) if fold_relu else None
         if fold is not None:
             rname, relu = fold
             p.folded[rname] = (out, relu.output[0])
@@ -184,7 +186,7 @@ def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", excl
 
 
 def _foldable(t, consumers, graph_outputs, exclude):
-    """(name, node) of a Relu (or Clip with min 0 and no max) that is the only reader of ``t``, else None."""
+    """(name, node) of the Relu that is the only reader of ``t``, else None."""
     cs = consumers.get(t, [])
     if len(cs) != 1 or t in graph_outputs:
         return None
@@ -207,10 +209,11 @@ def insert(model: onnx.ModelProto, p: Plan, params: dict) -> tuple[onnx.ModelPro
         | {n.name for n in g.node}
     names = node_names(out)
     # fold Relus: the producer writes the Relu's output
-    rename = {a: r for a, r in p.folded.values()}
+    folded = {name: (a, r) for name, (a, r) in p.folded.items() if r in p.tensors}  # (kept float: Relu stays)
+    rename = {a: r for a, r in folded.values()}
     keep = []
     for name, n in zip(names, g.node):
-        if name in p.folded:
+        if name in folded:
             continue
         for k, o in enumerate(n.output):
             if o in rename:
@@ -368,7 +371,7 @@ class ActivationQuantizer:
                               None if cfg.act_scheme is None else cfg.act_scheme == "sym",
                               None if cfg.act_dtype is None else cfg.act_dtype == "int8")
         quantized = {c for layer in layers for c, _ in layer.consumers}
-        self.plan = plan(model, quantized, cfg.target, tuple(cfg.act_exclude))
+        self.plan = plan(model, quantized, cfg.target, tuple(cfg.act_exclude), fold_relu=not self.fmt.symmetric)
         if not self.plan.tensors:
             raise UserError("activation quantization: no activation tensor to quantize (every candidate is "
                             "excluded, constant or not float)")

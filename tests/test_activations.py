@@ -404,3 +404,18 @@ def test_cli_writes_w8a8(tmp_path, capsys):
     meta = {p.key: p.value for p in q.metadata_props}
     assert '"act_method": "percentile"' in meta["onnxcomq.config"] and '"target": "ort"' in meta["onnxcomq.config"]
     assert len(act_pairs(q)) >= 6
+
+
+def test_tensors_over_the_noise_limit_stay_float_and_keep_their_relu():
+    m = mlp_model([12, 16, 16, 8], seed=2, gemm_transb=(1, 0))
+    x = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
+    # noise of this model's tensors: h1_r 1.8e-5, h0_r 2.0e-5 (gemm0's folded Relu output), others >= 4.8e-5
+    q, _ = run(m, {"input": x}, QuantizeConfig(bits=8, act_bits=8, act_max_noise=1.9e-5, device="cpu"))
+    meta = json.loads({p.key: p.value for p in q.metadata_props}["onnxcomq.config"])
+    pairs = act_pairs(q)
+    assert meta["act_float_tensors"] and not set(meta["act_float_tensors"]) & set(pairs)
+    assert meta["act_tensors"] == len(pairs)
+    relus = [n for n in q.graph.node if n.op_type == "Relu"]
+    assert set(pairs) == {"h1_r"} and len(relus) == 2  # h0_r stays float: its Relu is not folded away
+    (yq,) = ort_run(q, {"input": x[:10]}, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    np.testing.assert_allclose(yq, interpret(q, {"input": x[:10]})[0], rtol=1e-5, atol=1e-5)
