@@ -7,10 +7,10 @@ target "ort" (onnxruntime CPU; uint8 asymmetric activations): Q/DQ on the inputs
 layers (Conv/ConvTranspose/Gemm/MatMul with quantized weights) and of MatMuls between two activations, on both inputs
 and the output of residual Adds (two activations of one shape), and through the ops onnxruntime runs on uint8
 (data movement sharing the input's scale: Reshape, Transpose, Flatten, Squeeze, Unsqueeze, MaxPool, Gather, Slice,
-Split, Resize, Pad; with their own output scale: GlobalAveragePool, AveragePool, Concat). A Relu (or Clip at 0)
-right after a quantized op is folded into the uint8 saturation of that op's output (zero point 0), as onnxruntime's
-QDQ optimizer expects. onnxruntime then fuses the node units into QLinearConv / QLinearMatMul / QLinearAdd / QGemm.
-Graph outputs stay float (QGemm and MatMulIntegerToFloat give float outputs).
+Split, Resize, Pad; with their own output scale: GlobalAveragePool, AveragePool, Concat). A Relu (or a Clip at 0,
+Relu6) right after a quantized op is folded into the uint8 saturation of that op's output (zero point 0), as
+onnxruntime's QDQ optimizer expects. onnxruntime then fuses the node units into QLinearConv / QLinearMatMul /
+QLinearAdd / QGemm. Graph outputs stay float (QGemm and MatMulIntegerToFloat give float outputs).
 
 target "tensorrt" (NVIDIA's explicit-quantization rules: symmetric int8 per-tensor activations, zero point 0):
 Q/DQ on the activation inputs of the weighted ops and of MatMuls between two activations, and on both inputs of
@@ -100,7 +100,8 @@ def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", excl
     [0, max] then has its zero point at the lowest level, so saturation is the Relu)."""
     g = model.graph
     names = node_names(model)
-    consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    consts = set(inits) | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     floats = _float_tensors(model) - consts
     shapes = _shapes(model)
     graph_outputs = {o.name for o in g.output}
@@ -134,11 +135,14 @@ def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", excl
         sa, sb = shapes.get(a), shapes.get(b)
         return sa is not None and sa == sb and None not in sa
 
-    def quantize_output(out):
-        """ort: the output of a quantized node, through a Relu that only it feeds (folded into the saturation)."""
+    def quantize_output(out, op_type):
+        """ort: the output of a quantized node, through a Relu that only it feeds (folded into the saturation).
+        Graph outputs stay float except a Conv's (no float-output QLinearConv: the graph output is the DQ's)."""
         if out in graph_outputs:
+            if op_type in ("Conv", "ConvTranspose"):
+                add(out)
             return
-        fold = _foldable(out, consumers, graph_outputs, exclude) if fold_relu else None
+        fold = _foldable(out, consumers, graph_outputs, exclude, inits) if fold_relu else None
         if fold is not None:
             rname, relu = fold
             p.folded[rname] = (out, relu.output[0])
@@ -158,12 +162,12 @@ def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", excl
             if all(add(t, reader=name) for t in ins):
                 p.nodes.append(name)
             if target == "ort":
-                quantize_output(n.output[0])
+                quantize_output(n.output[0], n.op_type)
         elif n.op_type == "Add" and len(n.input) == 2 and is_residual(n):
             if add(n.input[0], reader=name) and add(n.input[1], reader=name):
                 p.nodes.append(name)
             if target == "ort":
-                quantize_output(n.output[0])
+                quantize_output(n.output[0], n.op_type)
     for name, n in zip(names, g.node):  # then forward through what onnxruntime runs on uint8
         if _matches(exclude, name, n.op_type):
             continue
@@ -185,8 +189,9 @@ def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", excl
     return p
 
 
-def _foldable(t, consumers, graph_outputs, exclude):
-    """(name, node) of the Relu that is the only reader of ``t``, else None."""
+def _foldable(t, consumers, graph_outputs, exclude, inits):
+    """(name, node) of the Relu, or Clip with min 0 (Relu6: the observed max of its output is <= its max, so the
+    saturation at the top of the range clips too), that is the only reader of ``t``, else None."""
     cs = consumers.get(t, [])
     if len(cs) != 1 or t in graph_outputs:
         return None
@@ -195,6 +200,12 @@ def _foldable(t, consumers, graph_outputs, exclude):
         return None
     if n.op_type == "Relu":
         return name, n
+    if n.op_type == "Clip":
+        at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        lo = at.get("min") if len(n.input) < 2 or not n.input[1] else (
+            float(numpy_helper.to_array(inits[n.input[1]])) if n.input[1] in inits else None)
+        if lo == 0.0:
+            return name, n
     return None
 
 
@@ -211,6 +222,8 @@ def insert(model: onnx.ModelProto, p: Plan, params: dict) -> tuple[onnx.ModelPro
     # fold Relus: the producer writes the Relu's output
     folded = {name: (a, r) for name, (a, r) in p.folded.items() if r in p.tensors}  # (kept float: Relu stays)
     rename = {a: r for a, r in folded.values()}
+    outputs = {o.name for o in g.output}
+    pre = {t: unique_name(f"{t}_float", taken) for t in p.tensors if t in outputs}  # the producer writes these
     keep = []
     for name, n in zip(names, g.node):
         if name in folded:
@@ -218,6 +231,8 @@ def insert(model: onnx.ModelProto, p: Plan, params: dict) -> tuple[onnx.ModelPro
         for k, o in enumerate(n.output):
             if o in rename:
                 n.output[k] = rename[o]
+            if n.output[k] in pre:
+                n.output[k] = pre[n.output[k]]
         keep.append((name, n))
     inits = {}
     qdq_out = {}
@@ -232,8 +247,8 @@ def insert(model: onnx.ModelProto, p: Plan, params: dict) -> tuple[onnx.ModelPro
             inits[key] = (sname, zname)
         sname, zname = inits[key]
         q = unique_name(f"{t}_QuantizeLinear_Output", taken)
-        dq = unique_name(f"{t}_DequantizeLinear_Output", taken)
-        new_nodes[t] = [helper.make_node("QuantizeLinear", [t, sname, zname], [q],
+        dq = t if t in pre else unique_name(f"{t}_DequantizeLinear_Output", taken)
+        new_nodes[pre.get(t, t)] = [helper.make_node("QuantizeLinear", [pre.get(t, t), sname, zname], [q],
                                          name=unique_name(f"{t}_QuantizeLinear", taken)),
                         helper.make_node("DequantizeLinear", [q, sname, zname], [dq],
                                          name=unique_name(f"{t}_DequantizeLinear", taken))]
@@ -256,6 +271,10 @@ def insert(model: onnx.ModelProto, p: Plan, params: dict) -> tuple[onnx.ModelPro
         ordered.extend(after.get(idx, []))
     del g.node[:]
     g.node.extend(ordered)
+    used = {i for n in g.node for i in n.input}
+    for t in [t for t in g.initializer if t.name not in used and any(
+            t.name in n.input for name, n in zip(names, model.graph.node) if name in folded)]:
+        g.initializer.remove(t)  # a folded Clip's bounds
     if p.target == "ort":
         _int32_biases(g, p, params, taken)
     return out, qdq_out

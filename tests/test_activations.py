@@ -419,3 +419,29 @@ def test_tensors_over_the_noise_limit_stay_float_and_keep_their_relu():
     assert set(pairs) == {"h1_r"} and len(relus) == 2  # h0_r stays float: its Relu is not folded away
     (yq,) = ort_run(q, {"input": x[:10]}, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     np.testing.assert_allclose(yq, interpret(q, {"input": x[:10]})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_relu6_clip_folds_into_the_conv_output(tmp_path):
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.5).astype(np.float32), "W1"),
+             numpy_helper.from_array((rng.standard_normal((4, 8, 3, 3)) * 0.2).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+             numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+    nodes = [helper.make_node("Conv", ["input", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"], name="relu6"),
+             helper.make_node("Conv", ["r1", "W2"], ["output"], name="conv2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4, 6, 6])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = (rng.standard_normal((32, 3, 8, 8)) * 3).astype(np.float32)  # some conv1 outputs above 6
+    q, _ = run(m, {"input": x}, QuantizeConfig(bits=8, act_bits=8, device="cpu"))
+    onnx.checker.check_model(q, full_check=True)
+    assert not any(n.op_type == "Clip" for n in q.graph.node)
+    assert {t.name for t in q.graph.initializer}.isdisjoint({"lo", "hi"})
+    s, z = act_pairs(q)["r1"]
+    assert int(z) == 0 and float(s) * 255 <= 6.0 + 1e-6  # [0, max observed <= 6]: saturation is the Clip
+    assert optimized_ops(q, tmp_path)["QLinearConv"] == 2
+    (yf,) = ort_run(m, {"input": x[:8]})
+    (yq,) = ort_run(q, {"input": x[:8]})
+    assert np.abs(yq - yf).max() <= 0.05 * np.abs(yf).max()
