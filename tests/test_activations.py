@@ -63,7 +63,7 @@ def test_percentile_within_one_bin_of_numpy(seed, scales, p):
         assert abs(o.quantile(q) - ref) <= o.width * 1.0001, (q, o.quantile(q), ref, o.width)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(st.integers(0, 10_000), st.sampled_from([UINT8, INT8S, ActFormat(8, True, False)]),
        st.sampled_from(["normal", "laplace", "relu"]))
 def test_mse_range_close_to_brute_force_over_the_candidates(seed, fmt, dist):
@@ -259,8 +259,8 @@ def shipped():
     for name in ("cnn", "vit"):
         path = os.path.join(ROOT, "models", f"fmnist_{name}.onnx")
         for target in ("ort", "tensorrt"):
-            q, _ = run(path, CALIB, QuantizeConfig(bits=8, act_bits=8, target=target, max_samples=64,
-                                                   device="cpu", sweeps=1))
+            q, _ = run(path, CALIB, QuantizeConfig(bits=8, act_bits=8, target=target, max_samples=32,
+                                                   device="cpu", method="rtn"))  # placement, not the solver
             onnx.checker.check_model(q, full_check=True)
             out[name, target] = q
         out[name, "float"] = onnx.load(path)
