@@ -203,12 +203,15 @@ def mse_range(edges, counts, lo, hi, fmt: ActFormat) -> tuple[float, float]:
     centres = np.clip(0.5 * (edges[:-1] + edges[1:]), lo, hi)
     keep = counts > 0
     c, w = centres[keep], counts[keep].astype(np.float64)
-    best, best_err = (lo, hi), np.inf
-    for a, b in candidate_ranges(lo, hi, fmt):
-        e = quant_mse(c, w, a, b, fmt)
-        if e < best_err - 1e-18 * max(best_err, 1):
-            best, best_err = (a, b), e
-    return best
+    cands = candidate_ranges(lo, hi, fmt)
+    errs = []
+    for i in range(0, len(cands), 200):  # (candidates, bins) at a time, as quant_mse computes each
+        sz = np.array([qparams(a, b, fmt) for a, b in cands[i:i + 200]], np.float64)
+        s, z = sz[:, :1].astype(np.float32), sz[:, 1:]
+        q = np.clip(np.rint(c.astype(np.float32)[None] / s) + z, fmt.qmin, fmt.qmax)
+        err = c[None] - ((q - z) * s).astype(np.float32).astype(np.float64)
+        errs.append((err * err) @ w / max(w.sum(), 1))
+    return cands[int(np.argmin(np.concatenate(errs)))]
 
 
 def make_observer(method: str, percentile: float = 99.99):
