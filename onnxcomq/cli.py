@@ -196,12 +196,19 @@ def cmd_quantize(a) -> int:
         print(format_table(report))
         for line in format_skipped(report.skipped):
             print(line)
+        if cfg.act_bits:
+            kept = report.config["act_float_tensors"]
+            print(f"activations: {report.config['act_tensors']} tensors quantized for {cfg.target} "
+                  f"({report.config['act_method']})" + (f"; {len(kept)} kept float (quantization noise > "
+                                                         f"{cfg.act_max_noise:g}): {', '.join(kept[:5])}"
+                                                         + (" ..." if len(kept) > 5 else "") if kept else ""))
         n_fb = sum(L.rtn_groups > 0 for L in report.layers)
         size_in = os.path.getsize(a.model)
         size_out = os.path.getsize(a.output)
         print(f"quantized {len(report.layers)} layers ({report.config['method']}, {report.config['bits']} bits, "
               f"{cfg.granularity}, {cfg.weight_scheme()}"
-              + (f"; activations int8/uint8 for {cfg.target}" if cfg.act_bits else "") + ") with {report.samples} calibration samples"
+              + (f"; {report.config['act_dtype']} activations for {cfg.target}" if cfg.act_bits else "")
+              + f") with {report.samples} calibration samples"
               + (f"; {n_fb} layer(s) kept round-to-nearest for some groups, where COMQ was not better"
                  if n_fb else ""))
         print(f"time: capture {report.capture_seconds:.1f} s, solve {report.solve_seconds:.1f} s, total "
