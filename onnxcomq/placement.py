@@ -68,28 +68,22 @@ def _matches(patterns, *names) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
 
 
-def _shapes(model: onnx.ModelProto) -> dict:
+def _tensor_info(model: onnx.ModelProto) -> tuple[set, dict]:
+    """(float32 tensors, {tensor: shape}) from shape inference (best effort: a model it fails on, e.g. one over
+    2 GB, gets no activation quantization)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
-        return {}
-    out = {}
+        inferred = model
+    floats, shapes = set(), {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         t = vi.type.tensor_type
+        if t.elem_type == onnx.TensorProto.FLOAT:
+            floats.add(vi.name)
         if t.HasField("shape"):
-            out[vi.name] = tuple(d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None)
-                                 for d in t.shape.dim)
-    return out
-
-
-def _float_tensors(model: onnx.ModelProto) -> set:
-    """Tensors known to be float (graph inputs, value_info, outputs); int tensors (shapes, indices) are excluded."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:
-        inferred = model
-    return {vi.name for vi in list(inferred.graph.value_info) + list(inferred.graph.input)
-            + list(inferred.graph.output) if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+            shapes[vi.name] = tuple(d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None)
+                                    for d in t.shape.dim)
+    return floats, shapes
 
 
 def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", exclude=(), fold_relu: bool = True) \
@@ -102,8 +96,8 @@ def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", excl
     names = node_names(model)
     inits = {t.name: t for t in g.initializer}
     consts = set(inits) | {o for n in g.node if n.op_type == "Constant" for o in n.output}
-    floats = _float_tensors(model) - consts
-    shapes = _shapes(model)
+    floats, shapes = _tensor_info(model)
+    floats -= consts
     graph_outputs = {o.name for o in g.output}
     consumers: dict = {}
     producer: dict = {}
