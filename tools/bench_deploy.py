@@ -158,7 +158,7 @@ def _build(name, src, calib, out_dir, args, config_kw=None):
 def _rows(name, paths, accs, lat, secs, scale, unit, higher="better"):
     ref = "ort quantize_static"
     for k in paths:
-        drop = "-" if k == "float" else f"{scale * (accs['float'] - accs[k]):+.2f}"
+        drop = "-" if k == "float" else f"{scale * (accs['float'] - accs[k]):+.{2 if unit == '%' else 4}f}"
         acc = f"{scale * accs[k]:.2f} {unit}" if unit == "%" else f"{accs[k]:.4f}"
         r1 = lat.get((k, 1), float("nan")) / lat.get((ref, 1), float("nan"))
         r8 = lat.get((k, 8), float("nan")) / lat.get((ref, 8), float("nan"))
