@@ -47,10 +47,12 @@ def quantize_static_qdq(src: str, dst: str, calib: dict, batch: int = 32, **kw) 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     pre = dst + ".pre.onnx"
-    cmd = [sys.executable, "-m", "onnxruntime.quantization.preprocess", "--input", src, "--output", pre]
-    if subprocess.run(cmd, capture_output=True).returncode:  # (MiniLM: "Incomplete symbolic shape inference")
+    cmd = [sys.executable, "-m", "onnxruntime.quantization.preprocess", "--input", os.path.abspath(src),
+           "--output", os.path.abspath(pre)]
+    where = os.path.dirname(os.path.abspath(dst))  # it leaves temporary files in its working directory
+    if subprocess.run(cmd, capture_output=True, cwd=where).returncode:  # (MiniLM: incomplete symbolic shapes)
         print(f"<!-- {src}: preprocess failed; retried with --skip_symbolic_shape True -->", flush=True)
-        subprocess.run(cmd + ["--skip_symbolic_shape", "True"], check=True, capture_output=True)
+        subprocess.run(cmd + ["--skip_symbolic_shape", "True"], check=True, capture_output=True, cwd=where)
     n = next(iter(calib.values())).shape[0]
 
     class Reader(CalibrationDataReader):
