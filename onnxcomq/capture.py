@@ -181,15 +181,17 @@ def make_session(model: onnx.ModelProto, providers=None) -> ort.InferenceSession
 
 
 def collect_stats(model: onnx.ModelProto, specs: dict, batches, progress=None,
-                  mask_input: str | None = None) -> tuple[dict, int]:
+                  mask_input: str | None = None, observers: dict | None = None) -> tuple[dict, int]:
     """Run every calibration batch once and return ({XSpec: GramStats}, number of samples).
 
     ``specs`` maps XSpec -> number of groups. ``batches`` yields feed dicts. ``progress`` is a tqdm-like object (or
     None) advanced by the batch size. ``mask_input``: the name of the attention-mask input whose zeros mark padded
-    token positions to leave out of the statistics.
+    token positions to leave out of the statistics. ``observers``: tensor name -> activation range observer
+    (``activations.py``), fed each batch's value of that tensor in the same pass.
     """
     stats = {spec: GramStats(spec, groups) for spec, groups in specs.items()}
-    tensors = sorted({s.tensor for s in specs})
+    observers = observers or {}
+    tensors = sorted({s.tensor for s in specs} | set(observers))
     graph_inputs = {i.name for i in model.graph.input}
     fetch = [t for t in tensors if t not in graph_inputs]
     sess = make_session(capture_model(model, fetch))
@@ -201,6 +203,8 @@ def collect_stats(model: onnx.ModelProto, specs: dict, batches, progress=None,
         mask = feed.get(mask_input) if mask_input else None
         for spec, st in stats.items():
             st.add(np.asarray(values[spec.tensor]), mask)
+        for name, obs in observers.items():
+            obs.update(values[name])
         n = next(iter(feed.values())).shape[0] if feed else 0
         samples += n
         del outs, values

@@ -61,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--nbits-accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
                    help="accuracy_level of the MatMulNBits nodes: 0 computes in float (exact), 4 quantizes the "
                         "activations to int8 (faster, less exact) (default: 0)")
-    g.add_argument("--scheme", choices=["asym", "sym"], default="asym",
-                   help="asym: min-max grid with zero point; sym: zero point 0, as TensorRT needs (default: asym)")
+    g.add_argument("--scheme", choices=["asym", "sym"], default=None,
+                   help="asym: min-max grid with zero point; sym: zero point 0, as TensorRT needs (default: asym; "
+                        "sym with --act-bits)")
     g.add_argument("--method", choices=["comq", "rtn"], default="comq",
                    help="comq, or rtn (round-to-nearest on the same grid, the baseline) (default: comq)")
     g.add_argument("--official", action="store_true",
@@ -129,6 +130,33 @@ def _parser() -> argparse.ArgumentParser:
                    help="rewrite each Einsum with a constant weight (tf2onnx writes Keras EinsumDense layers, e.g. "
                         "MultiHeadAttention projections, so) and each MatMul with its constant weight on the left "
                         "(W @ x) as Reshape/Transpose + MatMul(x, W') so that it is quantized (default: on)")
+    act = q.add_argument_group("activations (deployment: W8A8, W4A8)")
+    act.add_argument("--act-bits", type=int, choices=[8], default=None,
+                     help="quantize activations too (Q/DQ pairs placed for --target); default: weight-only")
+    act.add_argument("--target", choices=["ort", "tensorrt"], default="ort",
+                     help="ort: uint8 asymmetric activations, Q/DQ on inputs and outputs of the quantized ops, the "
+                          "residual Adds and the ops onnxruntime runs on uint8 (fuses into QLinearConv / "
+                          "QLinearMatMul / QLinearAdd / QGemm); tensorrt: int8 symmetric activations and weights "
+                          "(zero point 0), Q/DQ on the inputs of weighted ops and residual Adds (default: ort)")
+    act.add_argument("--act-method", choices=["minmax", "percentile", "mse"], default="minmax",
+                     help="activation ranges: min/max, a percentile of the values, or the clip range with the "
+                          "lowest quantization MSE (default: minmax)")
+    act.add_argument("--act-percentile", type=float, default=99.99,
+                     help="percentile for --act-method percentile (default: 99.99)")
+    act.add_argument("--act-scheme", choices=["asym", "sym"], default=None,
+                     help="activation zero point free (asym) or centred (sym) (default: the target's)")
+    act.add_argument("--act-dtype", choices=["uint8", "int8"], default=None,
+                     help="activation integer type (default: the target's: ort uint8, tensorrt int8)")
+    act.add_argument("--act-exclude", action="append", default=[], metavar="PATTERN",
+                     help="keep activations float at nodes (name or op type) or tensors matching this fnmatch "
+                          "pattern (repeatable)")
+    act.add_argument("--act-aware", action=argparse.BooleanOptionalAction, default=False,
+                     help="solve each layer on its input as the deployed model sees it (a second capture pass with "
+                          "the activations fake-quantized) (default: off)")
+    act.add_argument("--act-max-noise", type=float, default=0.003, metavar="RATIO",
+                     help="keep float the activations whose quantization noise / signal power on the calibration "
+                          "data exceeds RATIO (outlier-heavy tensors such as transformer residual streams); "
+                          "'inf' quantizes every planned tensor (default: 0.003)")
     o = q.add_argument_group("output")
     o.add_argument("--report", metavar="REPORT.json", help="also write the per-layer report as JSON")
     o.add_argument("--quiet", action="store_true", help="no progress bars and no table")
@@ -209,7 +237,11 @@ def cmd_quantize(a) -> int:
                          mp_sensitivity=a.mp_sensitivity, mp_samples=a.mp_samples,
                          mp_estimate=a.mp_estimate,
                          op_types=tuple(t.strip() for t in a.op_types.split(",") if t.strip()),
-                         exclude=tuple(a.exclude), rewrite_matmul=a.rewrite_matmul)
+                         exclude=tuple(a.exclude), rewrite_matmul=a.rewrite_matmul, act_bits=a.act_bits,
+                         target=a.target, act_method=a.act_method,
+                         act_percentile=a.act_percentile, act_scheme=a.act_scheme, act_dtype=a.act_dtype,
+                         act_exclude=tuple(a.act_exclude), act_aware=a.act_aware,
+                         act_max_noise=a.act_max_noise)
     model, report = run(a.model, a.calib, cfg, progress=not a.quiet and sys.stderr.isatty())
     save_model(model, a.output)
     if a.report:
@@ -221,6 +253,12 @@ def cmd_quantize(a) -> int:
         print(format_table(report))
         for line in format_skipped(report.skipped):
             print(line)
+        if cfg.act_bits:
+            kept = report.config["act_float_tensors"]
+            print(f"activations: {report.config['act_tensors']} tensors quantized for {cfg.target} "
+                  f"({report.config['act_method']})" + (f"; {len(kept)} kept float (quantization noise > "
+                                                         f"{cfg.act_max_noise:g}): {', '.join(kept[:5])}"
+                                                         + (" ..." if len(kept) > 5 else "") if kept else ""))
         n_fb = sum(L.rtn_groups > 0 for L in report.layers)
         size_in = os.path.getsize(a.model)
         size_out = os.path.getsize(a.output)
@@ -228,7 +266,9 @@ def cmd_quantize(a) -> int:
         print(f"quantized {len(report.layers)} layers ({report.config['method']}, "
               + (f"{report.avg_bits:.2f} average bits, {report.storage_bits:.2f} as stored" if mixed
                  else f"{report.config['bits']} bits")
-              + f", {cfg.granularity}, {cfg.scheme}) with {report.samples} calibration samples"
+              + f", {cfg.granularity}, {cfg.weight_scheme()}"
+              + (f"; {report.config['act_dtype']} activations for {cfg.target}" if cfg.act_bits else "")
+              + f") with {report.samples} calibration samples"
               + (f"; {n_fb} layer(s) kept round-to-nearest for some groups, where COMQ was not better"
                  if n_fb else ""))
         print(f"time: capture {report.capture_seconds:.1f} s, solve {report.solve_seconds:.1f} s, total "

@@ -1,0 +1,433 @@
+"""Activation Q/DQ placement per runtime target, and its insertion into a model.
+
+``plan`` decides, before calibration, which activation tensors get a QuantizeLinear -> DequantizeLinear pair and which
+tensors share quantization parameters; ``insert`` writes the pairs once the ranges are known.
+
+target "ort" (onnxruntime CPU; uint8 asymmetric activations): Q/DQ on the inputs and outputs of the quantized
+layers (Conv/ConvTranspose/Gemm/MatMul with quantized weights) and of MatMuls between two activations, on both inputs
+and the output of residual Adds (two activations of one shape), and through the ops onnxruntime runs on uint8
+(data movement sharing the input's scale: Reshape, Transpose, Flatten, Squeeze, Unsqueeze, MaxPool, Gather, Slice,
+Split, Resize, Pad; with their own output scale: GlobalAveragePool, AveragePool, Concat). A Relu (or a Clip at 0,
+Relu6) right after a quantized op is folded into the uint8 saturation of that op's output (zero point 0), as
+onnxruntime's QDQ optimizer expects. onnxruntime then fuses the node units into QLinearConv / QLinearMatMul /
+QLinearAdd / QGemm. Graph outputs stay float (QGemm and MatMulIntegerToFloat give float outputs).
+
+target "tensorrt" (NVIDIA's explicit-quantization rules: symmetric int8 per-tensor activations, zero point 0):
+Q/DQ on the activation inputs of the weighted ops and of MatMuls between two activations, and on both inputs of
+residual Adds (so that TensorRT fuses the Add into the preceding conv); no Q/DQ on outputs (TensorRT propagates
+the scales through pooling and data movement itself), no node removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .activations import METHODS, ActFormat, make_observer, qparams
+from .errors import UserError
+from .graph import node_names, unique_name
+
+log = logging.getLogger(__name__)
+TARGETS = ("ort", "tensorrt")
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+SAME_SCALE_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Gather", "Slice", "Split",
+                  "Resize", "Pad", "Identity")
+OWN_SCALE_OPS = ("GlobalAveragePool", "AveragePool", "Concat")
+
+
+def act_format(target: str, bits: int = 8, symmetric: bool | None = None, signed: bool | None = None) -> ActFormat:
+    """The activation format of a target: ort uint8 asymmetric, tensorrt int8 symmetric (zero point 0)."""
+    if target == "tensorrt":
+        return ActFormat(bits, True if signed is None else signed, True if symmetric is None else symmetric)
+    return ActFormat(bits, False if signed is None else signed, False if symmetric is None else symmetric)
+
+
+@dataclass
+class Plan:
+    target: str
+    # quantized tensor -> the tensor whose observed range gives its parameters (data movement shares its input's)
+    tensors: dict = field(default_factory=dict)
+    # quantized tensor -> names of the nodes that read its DequantizeLinear output (None: every consumer)
+    readers: dict = field(default_factory=dict)
+    folded: dict = field(default_factory=dict)  # Relu/Clip node name -> (its input, its output): removed by insert
+    nodes: list = field(default_factory=list)  # names of the nodes whose activations are quantized
+    float_nodes: set = field(default_factory=set)  # excluded nodes: they read the float tensors
+
+    @property
+    def observed(self) -> list:
+        return sorted(set(self.tensors.values()))
+
+
+def _matches(patterns, *names) -> bool:
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
+
+
+def _tensor_info(model: onnx.ModelProto) -> tuple[set, dict]:
+    """(float32 tensors, {tensor: shape}) from shape inference (best effort: a model it fails on, e.g. one over
+    2 GB, gets no activation quantization)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        inferred = model
+    floats, shapes = set(), {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if t.elem_type == onnx.TensorProto.FLOAT:
+            floats.add(vi.name)
+        if t.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None)
+                                    for d in t.shape.dim)
+    return floats, shapes
+
+
+def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", exclude=(), fold_relu: bool = True) \
+        -> Plan:
+    """Where the Q/DQ pairs go. ``quantized_nodes``: names (as ``graph.node_names`` gives them) of the layers whose
+    weights are quantized; MatMuls between two activations are added. ``exclude``: fnmatch patterns over node
+    names, op types and tensor names that stay float. ``fold_relu`` (ort, asymmetric activations only: the range
+    [0, max] then has its zero point at the lowest level, so saturation is the Relu)."""
+    g = model.graph
+    names = node_names(model)
+    inits = {t.name: t for t in g.initializer}
+    consts = set(inits) | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    floats, shapes = _tensor_info(model)
+    floats -= consts
+    graph_outputs = {o.name for o in g.output}
+    consumers: dict = {}
+    producer: dict = {}
+    for name, n in zip(names, g.node):
+        for i in n.input:
+            consumers.setdefault(i, []).append((name, n))
+        for o in n.output:
+            producer[o] = (name, n)
+
+    p = Plan(target)
+
+    def ok(t):
+        return t and t in floats and t not in consts and not _matches(exclude, t)
+
+    def add(t, key=None, reader=None):
+        if not ok(t):
+            return False
+        if key is not None:
+            p.tensors[t] = key
+        p.tensors.setdefault(t, t)
+        if reader is not None and target == "tensorrt":
+            p.readers.setdefault(t, set()).add(reader)
+        return True
+
+    def is_residual(n):
+        a, b = n.input[0], n.input[1]
+        if not (ok(a) and ok(b)):
+            return False
+        sa, sb = shapes.get(a), shapes.get(b)
+        return sa is not None and sa == sb and None not in sa
+
+    def quantize_output(out, op_type):
+        """ort: the output of a quantized node, through a Relu that only it feeds (folded into the saturation).
+        Graph outputs stay float except a Conv's (no float-output QLinearConv: the graph output is the DQ's)."""
+        if out in graph_outputs:
+            if op_type in ("Conv", "ConvTranspose"):
+                add(out)
+            return
+        fold = _foldable(out, consumers, graph_outputs, exclude, inits) if fold_relu else None
+        if fold is not None:
+            rname, relu = fold
+            p.folded[rname] = (out, relu.output[0])
+            out = relu.output[0]
+        if out not in graph_outputs:
+            add(out)
+
+    p.float_nodes = {name for name, n in zip(names, g.node) if _matches(exclude, name, n.op_type)}
+    for name, n in zip(names, g.node):
+        if name in p.float_nodes:
+            continue
+        if n.op_type in COMPUTE_OPS:
+            act_act = n.op_type == "MatMul" and len(n.input) == 2 and ok(n.input[0]) and ok(n.input[1])
+            if name not in quantized_nodes and not act_act:
+                continue
+            ins = [n.input[0], n.input[1]] if act_act else [n.input[0]]
+            if all(add(t, reader=name) for t in ins):
+                p.nodes.append(name)
+            if target == "ort":
+                quantize_output(n.output[0], n.op_type)
+        elif n.op_type == "Add" and len(n.input) == 2 and is_residual(n):
+            if add(n.input[0], reader=name) and add(n.input[1], reader=name):
+                p.nodes.append(name)
+            if target == "ort":
+                quantize_output(n.output[0], n.op_type)
+    for name, n in zip(names, g.node):  # then forward through what onnxruntime runs on uint8
+        if _matches(exclude, name, n.op_type):
+            continue
+        if target == "ort" and n.op_type in SAME_SCALE_OPS + OWN_SCALE_OPS:
+            data = [t for t in n.input[:1 if n.op_type != "Concat" else len(n.input)]]
+            if not data or not all(t in p.tensors for t in data):
+                continue
+            for o in n.output:
+                if o in graph_outputs:
+                    continue
+                if n.op_type in SAME_SCALE_OPS:
+                    add(o, key=p.tensors[data[0]])
+                else:
+                    add(o)
+            p.nodes.append(name)
+    # a folded Relu's input is written under the Relu's output name: it is never a tensor of its own
+    for a, _ in p.folded.values():
+        p.tensors.pop(a, None)
+    return p
+
+
+def _foldable(t, consumers, graph_outputs, exclude, inits):
+    """(name, node) of the Relu, or Clip with min 0 (Relu6: the observed max of its output is <= its max, so the
+    saturation at the top of the range clips too), that is the only reader of ``t``, else None."""
+    cs = consumers.get(t, [])
+    if len(cs) != 1 or t in graph_outputs:
+        return None
+    name, n = cs[0]
+    if _matches(exclude, name, n.op_type) or n.output[0] in graph_outputs:
+        return None
+    if n.op_type == "Relu":
+        return name, n
+    if n.op_type == "Clip":
+        at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        lo = at.get("min") if len(n.input) < 2 or not n.input[1] else (
+            float(numpy_helper.to_array(inits[n.input[1]])) if n.input[1] in inits else None)
+        if lo == 0.0:
+            return name, n
+    return None
+
+
+def insert(model: onnx.ModelProto, p: Plan, params: dict) -> tuple[onnx.ModelProto, dict]:
+    """A copy of ``model`` with a QuantizeLinear -> DequantizeLinear pair on every planned tensor.
+
+    ``params``: observed tensor -> (scale, zero point, numpy dtype). Returns (model, {tensor: DequantizeLinear output})."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input} \
+        | {n.name for n in g.node}
+    names = node_names(out)
+    # fold Relus: the producer writes the Relu's output
+    folded = {name: (a, r) for name, (a, r) in p.folded.items() if r in p.tensors}  # (kept float: Relu stays)
+    rename = {a: r for a, r in folded.values()}
+    outputs = {o.name for o in g.output}
+    pre = {t: unique_name(f"{t}_float", taken) for t in p.tensors if t in outputs}  # the producer writes these
+    keep = []
+    for name, n in zip(names, g.node):
+        if name in folded:
+            continue
+        for k, o in enumerate(n.output):
+            if o in rename:
+                n.output[k] = rename[o]
+            if n.output[k] in pre:
+                n.output[k] = pre[n.output[k]]
+        keep.append((name, n))
+    inits = {}
+    qdq_out = {}
+    new_nodes: dict = {}  # tensor -> [Q, DQ]
+    for t, key in sorted(p.tensors.items()):
+        scale, zp, dt = params[key]
+        if key not in inits:
+            sname = unique_name(f"{key}_act_scale", taken)
+            zname = unique_name(f"{key}_act_zero_point", taken)
+            g.initializer.append(numpy_helper.from_array(np.asarray(scale, np.float32), sname))
+            g.initializer.append(numpy_helper.from_array(np.asarray(zp, dt), zname))
+            inits[key] = (sname, zname)
+        sname, zname = inits[key]
+        q = unique_name(f"{t}_QuantizeLinear_Output", taken)
+        dq = t if t in pre else unique_name(f"{t}_DequantizeLinear_Output", taken)
+        new_nodes[pre.get(t, t)] = [helper.make_node("QuantizeLinear", [pre.get(t, t), sname, zname], [q],
+                                         name=unique_name(f"{t}_QuantizeLinear", taken)),
+                        helper.make_node("DequantizeLinear", [q, sname, zname], [dq],
+                                         name=unique_name(f"{t}_DequantizeLinear", taken))]
+        qdq_out[t] = dq
+    for name, n in keep:
+        for k, i in enumerate(n.input):
+            if i in qdq_out and name not in p.float_nodes and (p.readers.get(i) is None or name in p.readers[i]):
+                n.input[k] = qdq_out[i]
+    # topological order: each pair right after its tensor's producer (graph inputs: at the start)
+    produced_by = {o: idx for idx, (_, n) in enumerate(keep) for o in n.output}
+    head, after = [], {}
+    for t, pair in new_nodes.items():
+        if t in produced_by:
+            after.setdefault(produced_by[t], []).extend(pair)
+        else:
+            head.extend(pair)
+    ordered = list(head)
+    for idx, (_, n) in enumerate(keep):
+        ordered.append(n)
+        ordered.extend(after.get(idx, []))
+    del g.node[:]
+    g.node.extend(ordered)
+    used = {i for n in g.node for i in n.input}
+    for t in [t for t in g.initializer if t.name not in used and any(
+            t.name in n.input for name, n in zip(names, model.graph.node) if name in folded)]:
+        g.initializer.remove(t)  # a folded Clip's bounds
+    if p.target == "ort":
+        _int32_biases(g, p, params, taken)
+    return out, qdq_out
+
+
+def _int32_biases(g, p: Plan, params: dict, taken: set) -> None:
+    """onnxruntime fuses DQ -> Gemm into QGemm only when the bias is DequantizeLinear(int32, scale_a * scale_w)
+    (QLinearConv takes an int32 bias too): rewrite float Gemm and Conv biases that way (the int32 rounding error
+    is at most half a step of scale_a * scale_w, far below the output's quantization step)."""
+    inits = {t.name: t for t in g.initializer}
+    dq_of = {n.output[0]: n for n in g.node if n.op_type == "DequantizeLinear"}
+    new, replaced = [], []
+    for n in g.node:
+        if n.op_type not in ("Gemm", "Conv") or len(n.input) < 3 or n.input[2] not in inits:
+            continue
+        a, w = dq_of.get(n.input[0]), dq_of.get(n.input[1])
+        if a is None or w is None or w.input[1] not in inits or a.input[1] not in inits:
+            continue
+        at = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        if at.get("transA", 0) or at.get("alpha", 1.0) != 1.0 or at.get("beta", 1.0) != 1.0:
+            continue
+        sw = numpy_helper.to_array(inits[w.input[1]]).astype(np.float64)
+        sa = float(numpy_helper.to_array(inits[a.input[1]]))
+        bias = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64)
+        if bias.ndim != 1 or (sw.ndim and sw.shape[0] != bias.shape[0]):
+            continue
+        scale = (sa * sw * np.ones_like(bias)).astype(np.float32)
+        codes = np.clip(np.rint(bias / scale.astype(np.float64)), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+        qn, sn = unique_name(f"{n.input[2]}_int32", taken), unique_name(f"{n.input[2]}_int32_scale", taken)
+        zn = unique_name(f"{n.input[2]}_int32_zero_point", taken)
+        out = unique_name(f"{n.input[2]}_DequantizeLinear_Output", taken)
+        g.initializer.extend([numpy_helper.from_array(codes, qn), numpy_helper.from_array(scale, sn),
+                              numpy_helper.from_array(np.zeros_like(codes), zn)])
+        replaced.append(n.input[2])
+        new.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out], axis=0,
+                                    name=unique_name(f"{n.input[2]}_DequantizeLinear", taken)))
+        n.input[2] = out
+    if new:
+        used = {i for n in g.node for i in n.input}
+        for t in [inits[b] for b in replaced if b not in used]:
+            g.initializer.remove(t)
+        nodes = new + list(g.node)
+        del g.node[:]
+        g.node.extend(nodes)
+
+
+def act_params(p: Plan, ranges: dict, fmt: ActFormat) -> dict:
+    """observed tensor -> (scale, zero point, dtype) from its (lo, hi) range."""
+    out = {}
+    for key in p.observed:
+        scale, zp = qparams(*ranges[key], fmt)
+        out[key] = (scale, zp, fmt.dtype)
+    return out
+
+
+def validate_activations(cfg) -> None:
+    """UserError for impossible activation options of a QuantizeConfig."""
+    if cfg.act_bits is None:
+        extra = [n for n, v in (("act_aware", cfg.act_aware), ("act_exclude", cfg.act_exclude),
+                                ("act_scheme", cfg.act_scheme), ("act_dtype", cfg.act_dtype)) if v]
+        if extra:
+            raise UserError(f"{', '.join(extra)}: only with activation quantization: set act_bits=8 (--act-bits 8)")
+        if cfg.target != "ort":
+            raise UserError(f"target {cfg.target!r} needs activation quantization: set act_bits=8 (--act-bits 8); "
+                            "weight-only output runs on every runtime")
+        return
+    if cfg.act_bits != 8:
+        raise UserError(f"act_bits must be 8 (int8/uint8 activations) or None for weight-only, got {cfg.act_bits!r}")
+    if cfg.target not in TARGETS:
+        raise UserError(f"target must be one of {', '.join(TARGETS)}, got {cfg.target!r}")
+    if cfg.act_method not in METHODS:
+        raise UserError(f"act_method must be one of {', '.join(METHODS)}, got {cfg.act_method!r}")
+    if not (50.0 < cfg.act_percentile <= 100.0):
+        raise UserError(f"act_percentile must be in (50, 100], got {cfg.act_percentile!r}")
+    if not cfg.act_max_noise > 0:
+        raise UserError(f"act_max_noise must be > 0 (inf: quantize every planned tensor), got "
+                        f"{cfg.act_max_noise!r}")
+    if cfg.act_scheme not in (None, "asym", "sym"):
+        raise UserError(f"act_scheme must be asym or sym, got {cfg.act_scheme!r}")
+    if cfg.act_dtype not in (None, "uint8", "int8"):
+        raise UserError(f"act_dtype must be uint8 or int8, got {cfg.act_dtype!r}")
+    if cfg.target == "tensorrt":
+        bad = [f"{name} {val}" for name, val, want in (
+            ("weight scheme", cfg.weight_scheme(), "sym"), ("activation scheme", cfg.act_scheme or "sym", "sym"),
+            ("activation dtype", cfg.act_dtype or "int8", "int8")) if val != want]
+        if cfg.official:
+            bad.append("--official (asymmetric weights)")
+        if bad:
+            raise UserError(f"target tensorrt needs symmetric int8 weights and activations with zero point 0; got "
+                            f"{', '.join(bad)}")
+        if cfg.bits < 5:
+            raise UserError(f"target tensorrt with {cfg.bits}-bit weights and quantized activations: TensorRT "
+                            "takes INT4 only as weight-only block-wise DequantizeLinear (block_size), which this "
+                            "build does not write; use --bits 8 with --act-bits 8, or weight-only --bits "
+                            f"{cfg.bits}")
+        if cfg.granularity != "channel":
+            raise UserError("target tensorrt uses per-channel weights: --granularity tensor is not supported")
+
+
+class ActivationQuantizer:
+    """Activation quantization of one run: the plan, the observers fed by the capture pass, the Q/DQ insertion."""
+
+    def __init__(self, model: onnx.ModelProto, layers, cfg):
+        self.cfg = cfg
+        if any(not n.name for n in model.graph.node):  # name every node as the reports do: the plan refers to them
+            named = onnx.ModelProto()
+            named.CopyFrom(model)
+            for n, name in zip(named.graph.node, node_names(named)):
+                n.name = name
+            model = named
+        self.model = model
+        self.fmt = act_format(cfg.target, cfg.act_bits,
+                              None if cfg.act_scheme is None else cfg.act_scheme == "sym",
+                              None if cfg.act_dtype is None else cfg.act_dtype == "int8")
+        quantized = {c for layer in layers for c, _ in layer.consumers}
+        self.plan = plan(model, quantized, cfg.target, tuple(cfg.act_exclude), fold_relu=not self.fmt.symmetric)
+        if not self.plan.tensors:
+            raise UserError("activation quantization: no activation tensor to quantize (every candidate is "
+                            "excluded, constant or not float)")
+        self.observers = {t: make_observer(cfg.act_method, cfg.act_percentile) for t in self.plan.observed}
+        self._params = None
+        self.float_tensors = []
+
+    @property
+    def params(self) -> dict:
+        """Quantization parameters from the observed ranges; on first use, tensors whose quantization noise
+        (E[(x - fq(x))^2] / E[x^2] on the calibration histogram) exceeds act_max_noise are dropped from the plan:
+        they stay float (e.g. outlier-heavy transformer residual streams, where 8 bits cannot hold both the
+        outliers and the bulk)."""
+        if self._params is None:
+            noise = {t: o.noise(self.fmt) for t, o in self.observers.items()}
+            self.float_tensors = sorted(t for t, key in self.plan.tensors.items()
+                                        if noise[key] > self.cfg.act_max_noise)
+            if self.float_tensors:
+                log.info("activations kept float (quantization noise > %g): %s", self.cfg.act_max_noise,
+                         ", ".join(self.float_tensors))
+            self.plan = dataclasses.replace(self.plan, tensors={
+                t: key for t, key in self.plan.tensors.items() if noise[key] <= self.cfg.act_max_noise})
+            ranges = {t: o.range(self.fmt) for t, o in self.observers.items()}
+            self._params = act_params(self.plan, ranges, self.fmt)
+        return self._params
+
+    def aware_stats(self, specs: dict, calib, capture) -> dict:
+        """Layer statistics from a second pass over the float model carrying the activation Q/DQ: each layer's X is
+        the fake-quantized input it reads in the deployed model. ``capture(model, specs)`` runs the pass."""
+        params = self.params
+        fq, dq = insert(self.model, self.plan, params)
+        moved = {spec: dataclasses.replace(spec, tensor=dq.get(spec.tensor, spec.tensor)) for spec in specs}
+        stats, _ = capture(fq, {moved[s]: g for s, g in specs.items()})
+        return {s: stats[moved[s]] for s in specs}
+
+    def insert(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        params = self.params
+        return insert(model, self.plan, params)[0]
+
+    def metadata(self) -> dict:
+        self.params  # decides which tensors stay float
+        return {"act_bits": self.cfg.act_bits, "target": self.cfg.target, "act_method": self.cfg.act_method,
+                "act_dtype": "int8" if self.fmt.signed else "uint8",
+                "act_scheme": "sym" if self.fmt.symmetric else "asym", "act_tensors": len(self.plan.tensors),
+                "act_float_tensors": self.float_tensors, "act_max_noise": self.cfg.act_max_noise,
+                "act_aware": bool(self.cfg.act_aware)}
