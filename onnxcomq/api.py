@@ -113,7 +113,7 @@ class QuantizeConfig:
             raise UserError(str(e)) from None
 
     def weight_scheme(self) -> str:
-        return self.scheme or ("sym" if self.act_bits else "asym")
+        return self.scheme or ("sym" if self.act_bits or self.target == "tensorrt" else "asym")
 
     def validate(self) -> "QuantizeConfig":
         validate_precision(self)

@@ -137,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="ort: uint8 asymmetric activations, Q/DQ on inputs and outputs of the quantized ops, the "
                           "residual Adds and the ops onnxruntime runs on uint8 (fuses into QLinearConv / "
                           "QLinearMatMul / QLinearAdd / QGemm); tensorrt: int8 symmetric activations and weights "
-                          "(zero point 0), Q/DQ on the inputs of weighted ops and residual Adds (default: ort)")
+                          "(zero point 0), Q/DQ on the inputs of weighted ops and residual Adds; without --act-bits: "
+                          "symmetric weight-only, 2..4 bits only with --granularity block (default: ort)")
     act.add_argument("--act-method", choices=["minmax", "percentile", "mse"], default="minmax",
                      help="activation ranges: min/max, a percentile of the values, or the clip range with the "
                           "lowest quantization MSE (default: minmax)")

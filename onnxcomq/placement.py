@@ -331,9 +331,15 @@ def validate_activations(cfg) -> None:
                                 ("act_scheme", cfg.act_scheme), ("act_dtype", cfg.act_dtype)) if v]
         if extra:
             raise UserError(f"{', '.join(extra)}: only with activation quantization: set act_bits=8 (--act-bits 8)")
-        if cfg.target != "ort":
-            raise UserError(f"target {cfg.target!r} needs activation quantization: set act_bits=8 (--act-bits 8); "
-                            "weight-only output runs on every runtime")
+        if cfg.target == "tensorrt":  # weight-only for TensorRT: symmetric; INT4 only block-wise (DQ block_size)
+            if cfg.weight_scheme() != "sym" or cfg.official:
+                raise UserError("target tensorrt needs symmetric weights (zero point 0): drop --scheme asym / "
+                                "--official")
+            if cfg.bits <= 4 and cfg.granularity != "block":
+                raise UserError(f"target tensorrt takes {cfg.bits}-bit weights only block-wise (DequantizeLinear "
+                                "with block_size, opset 21): add --granularity block --block-size 32|64|128")
+            if cfg.bits > 4 and cfg.granularity != "channel":
+                raise UserError("target tensorrt takes int8 weights per channel: use --granularity channel")
         return
     if cfg.act_bits != 8:
         raise UserError(f"act_bits must be 8 (int8/uint8 activations) or None for weight-only, got {cfg.act_bits!r}")
@@ -361,11 +367,11 @@ def validate_activations(cfg) -> None:
                             f"{', '.join(bad)}")
         if cfg.bits < 5:
             raise UserError(f"target tensorrt with {cfg.bits}-bit weights and quantized activations: TensorRT "
-                            "takes INT4 only as weight-only block-wise DequantizeLinear (block_size), which this "
-                            "build does not write; use --bits 8 with --act-bits 8, or weight-only --bits "
-                            f"{cfg.bits}")
+                            "takes INT4 only as weight-only block-wise weights; use --bits 8 with --act-bits 8, "
+                            f"or drop --act-bits for weight-only --bits {cfg.bits} --granularity block")
         if cfg.granularity != "channel":
-            raise UserError("target tensorrt uses per-channel weights: --granularity tensor is not supported")
+            raise UserError(f"target tensorrt with quantized activations uses per-channel weights: --granularity "
+                            f"{cfg.granularity} is not supported")
 
 
 class ActivationQuantizer:

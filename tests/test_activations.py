@@ -352,7 +352,9 @@ def test_tensorrt_explicit_quantization_rules(shipped):
     (dict(act_bits=8, target="tensorrt", scheme="asym", bits=8), "symmetric int8"),
     (dict(act_bits=8, target="tensorrt", act_dtype="uint8", bits=8), "activation dtype uint8"),
     (dict(act_aware=True), "act_aware: only with activation quantization"),
-    (dict(target="tensorrt"), "needs activation quantization"),
+    (dict(target="tensorrt", bits=4), "only block-wise"),
+    (dict(target="tensorrt", bits=4, granularity="block", scheme="asym"), "symmetric weights"),
+    (dict(target="tensorrt", bits=8, granularity="block"), "int8 weights per channel"),
     (dict(act_bits=8, act_method="kl"), "act_method must be one of"),
     (dict(act_bits=8, act_method="percentile", act_percentile=20.0), "act_percentile must be in"),
     (dict(act_bits=8, act_max_noise=0.0), "act_max_noise must be > 0"),
@@ -360,6 +362,28 @@ def test_tensorrt_explicit_quantization_rules(shipped):
 def test_bad_option_combinations(kw, msg):
     with pytest.raises(UserError, match=msg):
         QuantizeConfig(**kw).validate()
+
+
+def test_tensorrt_weight_only_int4_is_blockwise_symmetric():
+    """TensorRT takes INT4 only as weight-only DequantizeLinear with block_size (opset 21), zero point 0."""
+    m = mlp_model([64, 48, 32], seq=4)
+    x = np.random.default_rng(0).standard_normal((16, 4, 64)).astype(np.float32)
+    q, _ = run(m, {"input": x}, QuantizeConfig(bits=4, target="tensorrt", granularity="block", block_size=16,
+                                               device="cpu"))
+    onnx.checker.check_model(q, full_check=True)
+    assert max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    inits = {t.name: t for t in q.graph.initializer}
+    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == 2 and not any(n.op_type == "QuantizeLinear" for n in q.graph.node)  # weight-only
+    for n in dqs:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["block_size"] == 16 and attrs["axis"] == 0  # MatMul B[K, N]: blocks along K
+        assert inits[n.input[0]].data_type == onnx.TensorProto.INT4
+        assert len(n.input) < 3 or not numpy_helper.to_array(inits[n.input[2]]).any()  # zero point 0
+        K, N = inits[n.input[0]].dims
+        assert list(inits[n.input[1]].dims) == [-(-K // 16), N]
+    y, yf = ort_run(q, {"input": x})[0], ort_run(m, {"input": x})[0]
+    assert 0 < np.linalg.norm(y - yf) / np.linalg.norm(yf) < 0.1
 
 
 def test_everything_excluded_is_a_user_error():
