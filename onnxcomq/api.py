@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -16,13 +17,16 @@ from .backend import get_xp
 from .bias import apply as apply_bias
 from .bias import bias_target
 from .calib import Calibration, model_inputs
-from .capture import collect_stats
 from .emit import QuantizedWeight, emit_qdq
 from .errors import UserError
 from .graph import SUPPORTED_OPS, find_layers, load_weight, node_names
 from .modelio import prepare_model
-from .solver import (SolverConfig, comq_quantize, comq_quantize_groups, objective, rtn_quantize,
+from .sequential import capture, plan_stages, quantized_twin, reiterable
+from .solver import (SolverConfig, comq_quantize, comq_quantize_groups, cross_objective, objective, rtn_quantize,
                      rtn_quantize_groups)
+
+log = logging.getLogger("onnxcomq")
+AUTO_DAMPING_FALLBACK = 0.1  # damping "auto" for a layer that turned out short of rows but kept no folds
 
 
 @dataclass
@@ -42,9 +46,15 @@ class QuantizeConfig:
     lambda_search: bool | None = None
     bias_correction: bool = True  # free bias: solve on the centered Gram, fold the mean error into the bias
     # add damping * mean(diag G) * I to G of layers with few calibration rows (measured: EfficientNet-Lite0 W4 KL
-    # 0.203 -> 0.165, MiniLM W4 cosine 0.9798 -> 0.9805; 0.3 was worse than 0.1)
-    damping: float = 0.1
+    # 0.203 -> 0.165, MiniLM W4 cosine 0.9798 -> 0.9805; 0.3 was worse than 0.1). "auto": per layer, the value of
+    # damping_grid with the lowest held-out error (solve on one half of the samples, evaluate on the other)
+    damping: float | str = "auto"
     damping_rows: float = 4.0  # "few": fewer rows than this times the fan-in
+    damping_grid: tuple = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
+    # sequential (error-feeding) capture: quantize in `stages` topological stages; each later stage's layers solve
+    # min ||X W^T - X~ Q^T||^2 with X~ their input in the model whose earlier stages are quantized (2 passes/stage)
+    sequential: bool = True
+    stages: int = 4
     mask_input: str | None = "auto"  # attention-mask input: padded tokens stay out of G ("auto": common names)
     method: str = "comq"  # comq | rtn (round-to-nearest baseline on the same grid)
     official: bool = False
@@ -70,8 +80,14 @@ class QuantizeConfig:
 
     def validate(self) -> "QuantizeConfig":
         self.solver_config()
-        if not (self.damping >= 0 and np.isfinite(self.damping)):
-            raise UserError(f"damping must be a finite number >= 0, got {self.damping!r}")
+        if self.damping != "auto" and not (isinstance(self.damping, (int, float)) and self.damping >= 0
+                                           and np.isfinite(self.damping)):
+            raise UserError(f"damping must be 'auto' or a finite number >= 0, got {self.damping!r}")
+        if not self.damping_grid or any(not (isinstance(a, (int, float)) and a >= 0 and np.isfinite(a))
+                                        for a in self.damping_grid):
+            raise UserError(f"damping grid must hold finite numbers >= 0, got {self.damping_grid!r}")
+        if not isinstance(self.stages, int) or self.stages < 1:
+            raise UserError(f"stages must be an integer >= 1, got {self.stages!r}")
         if self.method not in ("comq", "rtn"):
             raise UserError(f"method must be comq or rtn, got {self.method!r}")
         if self.device not in ("auto", "cpu", "gpu"):
@@ -94,6 +110,8 @@ class LayerReport:
     rtn_groups: int = 0  # groups (conv groups; 1 for other layers) where COMQ did not beat RTN and RTN was kept
     bias_corrected: bool = False  # the layer's bias was re-fitted (free bias)
     damped: bool = False  # few calibration rows for the fan-in: G was damped
+    damping: float = 0.0  # the damping strength used (chosen on held-out rows with damping "auto")
+    stage: int = 0  # the sequential-capture stage that quantized the layer
     consumers: list = field(default_factory=list)
 
 
@@ -145,98 +163,50 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
         calibration, model_inputs(model), batch_size=config.batch_size, max_samples=config.max_samples)
 
     mask_input = resolve_mask_input(model, config.mask_input)
-    specs = {}
-    for layer in layers:
-        for _, spec in layer.consumers:
-            specs[spec] = layer.groups
-    bar = _bar(progress, total=calib.num_samples, desc="capture", unit="sample")
-    t0 = time.perf_counter()
-    try:
-        stats, samples = collect_stats(model, specs, calib, bar, mask_input=mask_input)
-    finally:
-        if bar is not None:
-            bar.close()
-    t_capture = time.perf_counter() - t0
-
     scfg = config.solver_config()
-    use_bias = config.bias_correction and not config.official
-    damping = 0.0 if config.official else config.damping
-    xp = get_xp(config.device)
-    qweights, reports = [], []
-    deltas = {}
-    nodes = dict(zip(node_names(model), model.graph.node))
-    inits = {t.name: t for t in model.graph.initializer}
-    t0 = time.perf_counter()
-    bar = _bar(progress, total=len(layers), desc="solve", unit="layer")
-    for layer in layers:
-        tl = time.perf_counter()
-        w = load_weight(model, layer.weight)
-        mats = layer.to_matrices(w)
-        specs_used = [spec for _, spec in layer.consumers]
-        grams = [stats[specs_used[0]].G[k] if len(specs_used) == 1 else sum(stats[s].G[k] for s in specs_used)
-                 for k in range(layer.groups)]
-        rows = sum(stats[spec].rows for _, spec in layer.consumers)
-        # free bias only where it is exact: one consumer, a bias we can write
-        bc = use_bias and config.method == "comq" and len(specs_used) == 1 \
-            and bias_target(nodes[layer.consumers[0][0]], inits) is None
-        codes, scales, zps, delta = [], [], [], []
-        num_c = num_r = den = 0.0
-        fallback = 0
-        dt = np.float64 if scfg.dtype == "float64" else np.float32
-        st0 = stats[specs_used[0]]
-        solve_grams = [st0.centered(k) for k in range(layer.groups)] if bc else grams  # the Gram COMQ solves
-        few_rows = rows < config.damping_rows * layer.x.fan_in
-        if few_rows and damping > 0:  # G is (near) rank-deficient: COMQ would fit the calibration noise
-            solve_grams = [Gk + damping * max(float(np.mean(np.diag(Gk))), 0.0) * np.eye(Gk.shape[0])
-                           for Gk in solve_grams]
-        rtns, comqs = _solve_groups(xp, mats, grams, solve_grams, scfg, dt, config.method == "comq")
-        for k, (Wk, Gk) in enumerate(zip(mats, grams)):
-            rtn = rtns[k]  # the baseline: plain round-to-nearest, no bias change
-            o_r = rtn.objective
-            if comqs is None:
-                res, o_c = rtn, o_r
-            else:
-                res, o_c = comqs[k], comqs[k].objective
-                o_rs = objective(Wk.astype(dt), rtn.qweight.astype(dt), solve_grams[k].astype(dt)) if bc else o_r
-                if o_c > o_rs:  # COMQ is a descent from Q = W, not from RTN: never ship something worse than RTN
-                    res, o_c = rtn, o_rs
-                    fallback += 1
-            if bc:
-                mu = st0.sums[k] / max(st0.rows, 1)
-                delta.append((Wk.astype(np.float64) - res.qweight.astype(np.float64)) @ mu)
-            num_c += o_c
-            num_r += o_r
-            den += objective(Wk.astype(dt), np.zeros_like(Wk, dt), Gk.astype(dt))  # ||X W^T||^2
-            codes.append(res.codes)
-            scales.append(res.scale)
-            zps.append(res.zero_point)
-        scale = np.concatenate(scales)
-        zp = np.concatenate(zps)
-        if scfg.granularity == "tensor":
-            if np.unique(scale).size > 1 or np.unique(zp).size > 1:
-                raise UserError(f"{layer.node}: per-tensor granularity with {layer.groups} conv groups is not "
-                                "supported (each group gets its own scale); use --granularity channel")
-            scale, zp = scale[:1].reshape(()), zp[:1].reshape(())
-        qweights.append(QuantizedWeight(layer.weight, layer.from_matrices(codes), scale, zp, layer.axis,
-                                        scfg.bits, signed=scfg.scheme == "sym", float16=layer.float16))
-        if bc:
-            deltas[layer.consumers[0][0]] = np.concatenate(delta)
-        reports.append(LayerReport(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), layer.groups,
-                                   scfg.bits, rows, _rel(num_c, den), _rel(num_r, den),
-                                   time.perf_counter() - tl, rtn_groups=fallback, bias_corrected=bc,
-                                   damped=bool(few_rows and damping > 0),
-                                   consumers=[c for c, _ in layer.consumers]))
-        if bar is not None:
-            bar.update(1)
+    comq = config.method == "comq"
+    sequential = config.sequential and comq and not config.official and len(layers) > 1
+    batches = calib
+    if sequential and not reiterable(calib):  # a one-shot source: keep its batches for the later stages
+        batches = list(calib)
+    stages = plan_stages(layers, config.stages) if sequential else [layers]
+    ctx = _LayerContext(config, scfg, config.bias_correction and comq and not config.official,
+                        0.0 if config.official else config.damping, get_xp(config.device),
+                        dict(zip(node_names(model), model.graph.node)), {t.name: t for t in model.graph.initializer},
+                        model, np.float64 if scfg.dtype == "float64" else np.float32)
+    qweights, reports, deltas = [], [], {}
+    t_capture = t_solve = 0.0
+    bar = _bar(progress, total=(calib.num_samples or 0) * len(stages) or None, desc="capture", unit="sample")
+    for s, stage in enumerate(stages):
+        specs = {spec: layer.groups for layer in stage for _, spec in layer.consumers}
+        fold_below = {spec: config.damping_rows * spec.fan_in for spec in specs} if ctx.damping == "auto" else None
+        t0 = time.perf_counter()
+        twin = quantized_twin(model, qweights, apply_bias, deltas) if s > 0 else None
+        try:
+            stats, samples = capture(model, twin, specs, batches, bar, mask_input, fold_below, calib.num_samples or 0)
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
+        t_capture += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for layer in stage:
+            qw, delta, rep = _quantize_layer(ctx, layer, stats)
+            rep.stage = s
+            qweights.append(qw)
+            reports.append(rep)
+            if delta is not None:
+                deltas[layer.consumers[0][0]] = delta
+        t_solve += time.perf_counter() - t0
+        del stats, twin
     if bar is not None:
         bar.close()
-    t_solve = time.perf_counter() - t0
 
     meta = {"method": config.method, "bits": scfg.bits, "granularity": scfg.granularity, "scheme": scfg.scheme,
             "order": scfg.order, "sweeps": scfg.sweeps, "scale_update": scfg.scale_update,
             "lambda": "search" if scfg.lambda_search else scfg.lam,
             "official": config.official, "bias_correction": bool(deltas), "calibration_samples": samples,
-            "mask_input": mask_input, "damping": damping}
+            "mask_input": mask_input, "damping": ctx.damping, "sequential_stages": len(stages) if sequential else 0}
     out = emit_qdq(apply_bias(model, deltas) if deltas else model, qweights, meta)
     report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)
     report.total_seconds = time.perf_counter() - t_start
@@ -254,21 +224,155 @@ def quantize(model_or_path, calibration, config: QuantizeConfig | None = None) -
     return run(model_or_path, calibration, config)[0]
 
 
-def _solve_groups(xp, mats, grams, solve_grams, scfg: SolverConfig, dt, comq: bool):
+def _solve_groups(xp, mats, grams, solve_grams, scfg: SolverConfig, dt, comq: bool, cross=None, rtn: bool = True):
     """RTN (on ``grams``) and COMQ (on ``solve_grams``) results per group: many groups of one shape (depthwise
-    and grouped convs) in one batched solve, otherwise one by one."""
+    and grouped convs) in one batched solve, otherwise one by one. ``cross``: per group (G0, H) of the cross
+    statistics (sequential capture; ``solve_grams`` then hold G~). ``rtn=False``: COMQ only (rtns is None)."""
+    H = [c[1] for c in cross] if cross else None
+    G0 = [c[0] for c in cross] if cross else None
     if len(mats) > 1 and scfg.order == "cyclic" and scfg.granularity == "channel":
-        W3 = xp.asarray(np.stack(mats).astype(dt))
-        rtns = rtn_quantize_groups(W3, xp.asarray(np.stack(grams).astype(dt)), scfg, xp)
-        comqs = comq_quantize_groups(W3, xp.asarray(np.stack(solve_grams).astype(dt)), scfg, xp) if comq else None
+        def stack(a):
+            return None if a is None else xp.asarray(np.stack(a).astype(dt))
+        W3 = stack(mats)
+        rtns = rtn_quantize_groups(W3, stack(grams), scfg, xp) if rtn else None
+        comqs = comq_quantize_groups(W3, stack(solve_grams), scfg, xp, H3=stack(H), G03=stack(G0)) if comq else None
         return rtns, comqs
-    rtns, comqs = [], [] if comq else None
-    for Wk, Gk, Sk in zip(mats, grams, solve_grams):
+    rtns, comqs = [] if rtn else None, [] if comq else None
+    for k, (Wk, Gk, Sk) in enumerate(zip(mats, grams, solve_grams)):
         Wd = xp.asarray(Wk.astype(dt))
-        rtns.append(rtn_quantize(Wd, xp.asarray(Gk.astype(dt)), scfg, xp))
+        if rtn:
+            rtns.append(rtn_quantize(Wd, xp.asarray(Gk.astype(dt)), scfg, xp))
         if comq:
-            comqs.append(comq_quantize(Wd, xp.asarray(Sk.astype(dt)), scfg, xp))
+            comqs.append(comq_quantize(Wd, xp.asarray(Sk.astype(dt)), scfg, xp,
+                                       H=None if H is None else xp.asarray(H[k].astype(dt)),
+                                       G0=None if G0 is None else xp.asarray(G0[k])))
     return rtns, comqs
+
+
+@dataclass
+class _LayerContext:
+    config: "QuantizeConfig"
+    scfg: SolverConfig
+    use_bias: bool
+    damping: object  # a float, or "auto"
+    xp: object
+    nodes: dict
+    inits: dict
+    model: onnx.ModelProto
+    dt: type
+
+
+def _objective(Wk, Qk, st, dt) -> float:
+    """The layer objective of weights Qk on statistics st = (G, H, G~): e^T G e, or ||X W^T - X~ Q^T||^2 (cross)."""
+    G, H, Gt = st
+    W, Q = Wk.astype(dt), np.asarray(Qk).astype(dt)
+    if H is None:
+        return objective(W, Q, G.astype(dt))
+    return cross_objective(W, Q, G, H, Gt)
+
+
+def _damp(stats: list, alpha: float) -> list:
+    """Each group's (G, H, G~) + alpha * mean(diag of G~, or G) * I: penalizes alpha * d * ||w - q||^2."""
+    if alpha <= 0:
+        return stats
+    out = []
+    for G, H, Gt in stats:
+        ref = G if Gt is None else Gt
+        eye = alpha * max(float(np.mean(np.diag(ref))), 0.0) * np.eye(ref.shape[0])
+        out.append(tuple(None if a is None else a + eye for a in (G, H, Gt)))
+    return out
+
+
+def _split_solve(stats: list):
+    """(solve Grams, cross (G0, H) per group or None) for _solve_groups."""
+    if stats[0][1] is None:
+        return [st[0] for st in stats], None
+    return [st[2] for st in stats], [(st[0], st[1]) for st in stats]
+
+
+def _held_out_alpha(ctx: _LayerContext, mats, fold_stats) -> tuple:
+    """The damping strength among config.damping_grid whose COMQ solution on fold 0 has the lowest objective on
+    fold 1 (the held-out error); returns (alpha, {alpha: held-out error})."""
+    errs = {}
+    for alpha in ctx.config.damping_grid:
+        solve, cross = _split_solve(_damp(fold_stats[0], alpha))
+        _, comqs = _solve_groups(ctx.xp, mats, solve, solve, ctx.scfg, ctx.dt, True, cross, rtn=False)
+        errs[alpha] = sum(_objective(Wk, r.qweight, st, ctx.dt) for Wk, r, st in zip(mats, comqs, fold_stats[1]))
+    return min(errs, key=errs.get), errs
+
+
+def _quantize_layer(ctx: _LayerContext, layer, stats: dict):
+    """Quantize one layer from its captured statistics: (QuantizedWeight, bias delta or None, LayerReport)."""
+    config, scfg, dt = ctx.config, ctx.scfg, ctx.dt
+    tl = time.perf_counter()
+    mats = layer.to_matrices(load_weight(ctx.model, layer.weight))
+    sts = [stats[spec] for _, spec in layer.consumers]
+    rows = sum(st.rows for st in sts)
+    comq = config.method == "comq"
+    # free bias only where it is exact: one consumer, a bias we can write
+    bc = ctx.use_bias and comq and len(sts) == 1 and bias_target(ctx.nodes[layer.consumers[0][0]], ctx.inits) is None
+
+    def gather(centered: bool, fold=None) -> list:  # per group (G, H, G~), summed over the consumers
+        out = []
+        for k in range(layer.groups):
+            parts = [st.stats(k, centered, fold) for st in sts]
+            out.append(tuple(None if parts[0][i] is None else sum(p[i] for p in parts) for i in range(3)))
+        return out
+
+    raw = gather(False)  # the reported errors and the RTN baseline: uncentered, undamped
+    solve = gather(True) if bc else raw  # what COMQ solves
+    few_rows = rows < config.damping_rows * layer.x.fan_in
+    alpha = 0.0
+    if few_rows and comq and ctx.damping != 0:  # G is (near) rank-deficient: COMQ would fit the calibration noise
+        if ctx.damping != "auto":
+            alpha = float(ctx.damping)
+        elif all(st.folded for st in sts):
+            alpha, _ = _held_out_alpha(ctx, mats, [gather(bc, 0), gather(bc, 1)])
+        else:  # the first batch promised enough rows: no folds were kept
+            alpha = AUTO_DAMPING_FALLBACK
+    plain, solve = solve, _damp(solve, alpha)
+    solve_g, cross = _split_solve(solve)
+    rtns, comqs = _solve_groups(ctx.xp, mats, [st[0] for st in raw] if cross is None else solve_g, solve_g, scfg,
+                                dt, comq, cross)
+    codes, scales, zps, delta = [], [], [], []
+    num_c = num_r = den = 0.0
+    fallback = 0
+    for k, Wk in enumerate(mats):
+        rtn = rtns[k]  # the baseline: plain round-to-nearest, no bias change
+        o_r = rtn.objective if cross is None else _objective(Wk, rtn.qweight, raw[k], dt)
+        if comqs is None:
+            res, o_c = rtn, o_r
+        else:
+            res, o_c = comqs[k], comqs[k].objective
+            o_rs = _objective(Wk, rtn.qweight, solve[k], dt) if (bc or alpha or cross) else o_r
+            if o_c > o_rs:  # COMQ is a descent from Q = W, not from RTN: never ship something worse than RTN
+                res, o_c = rtn, o_rs
+                fallback += 1
+            if alpha:  # report the calibration error itself, not the damped objective
+                o_c = _objective(Wk, res.qweight, plain[k], dt)
+        if bc:  # b' = b + mu W^T - mu~ Q^T (mu~ = mu without sequential capture)
+            mu, mut = sts[0].means(k)
+            delta.append(Wk.astype(np.float64) @ mu - res.qweight.astype(np.float64) @ mut)
+        num_c += o_c
+        num_r += o_r
+        den += objective(Wk.astype(dt), np.zeros_like(Wk, dt), raw[k][0].astype(dt))  # ||X W^T||^2
+        codes.append(res.codes)
+        scales.append(res.scale)
+        zps.append(res.zero_point)
+    scale = np.concatenate(scales)
+    zp = np.concatenate(zps)
+    if scfg.granularity == "tensor":
+        if np.unique(scale).size > 1 or np.unique(zp).size > 1:
+            raise UserError(f"{layer.node}: per-tensor granularity with {layer.groups} conv groups is not "
+                            "supported (each group gets its own scale); use --granularity channel")
+        scale, zp = scale[:1].reshape(()), zp[:1].reshape(())
+    qw = QuantizedWeight(layer.weight, layer.from_matrices(codes), scale, zp, layer.axis, scfg.bits,
+                         signed=scfg.scheme == "sym", float16=layer.float16)
+    report = LayerReport(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), layer.groups, scfg.bits,
+                         rows, _rel(num_c, den), _rel(num_r, den), time.perf_counter() - tl, rtn_groups=fallback,
+                         bias_corrected=bc, damped=alpha > 0, damping=alpha,
+                         consumers=[c for c, _ in layer.consumers])
+    return qw, np.concatenate(delta) if bc else None, report
 
 
 def _bar(enabled: bool, **kw):

@@ -123,24 +123,29 @@ class GramStats:
         ``mask`` (the batch's attention mask, (batch, seq)): for row-kind layers whose rows are the mask's token
         positions, the padded positions (mask 0) are left out of G.
         """
+        for X in self.chunks(t, mask):
+            self._fold(X)
+
+    def chunks(self, t: np.ndarray, mask: np.ndarray | None = None):
+        """X of one captured batch tensor, chunk by chunk (rows, groups, n); the chunking depends on shapes only."""
         if self.spec.kind == "rows":
             X = t.T if self.spec.transpose else t
             X = X.reshape(-1, 1, self.spec.fan_in)
             if mask is not None and X.shape[0] == mask.size and not self.spec.transpose:
                 X = X[mask.reshape(-1) != 0]
             for r in range(0, X.shape[0], CHUNK_ROWS):
-                self._fold(X[r:r + CHUNK_ROWS])
+                yield X[r:r + CHUNK_ROWS]
             return
         if t.ndim != len(self.spec.kernel) + 2:
             raise UserError(f"conv input {self.spec.tensor} has rank {t.ndim}, expected {len(self.spec.kernel) + 2}")
         if self.spec.kind == "convT":
             for i0 in range(0, t.shape[0], 1):
-                self._fold(im2col(*convtranspose_as_conv(t[i0:i0 + 1], self.spec)))
+                yield im2col(*convtranspose_as_conv(t[i0:i0 + 1], self.spec))
             return
         rows_per_image = int(np.prod(conv_output_shape(self.spec, t.shape[2:])))
         step = max(1, CHUNK_ROWS // max(rows_per_image, 1))
         for i0 in range(0, t.shape[0], step):
-            self._fold(im2col(t[i0:i0 + step], self.spec))
+            yield im2col(t[i0:i0 + step], self.spec)
 
     def centered(self, k: int) -> np.ndarray:
         """X^T X - N mu^T mu for group k (the Gram of the centered X)."""
