@@ -206,7 +206,7 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
             "order": scfg.order, "sweeps": scfg.sweeps, "scale_update": scfg.scale_update,
             "lambda": "search" if scfg.lambda_search else scfg.lam,
             "official": config.official, "bias_correction": bool(deltas), "calibration_samples": samples,
-            "mask_input": mask_input, "damping": ctx.damping, "sequential_stages": len(stages) if sequential else 0}
+            "mask_input": mask_input, "damping": ctx.damping, "sequential_stages": len(stages) if len(stages) > 1 else 0}
     out = emit_qdq(apply_bias(model, deltas) if deltas else model, qweights, meta)
     report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)
     report.total_seconds = time.perf_counter() - t_start

@@ -285,12 +285,13 @@ def _scale_update(xp, W, level, R, G, grid: Grid, transposed: bool = False, H=No
     q_i = scale_i * c_i with integer levels c_i, so scale_i = (c_i^T G w_i) / (c_i^T G c_i). Returns the new
     R = (W - Q) G from the same product C G: R_new = R_old + (scale_old - scale_new) * C G (one GEMM, not two).
     ``transposed``: W, level, R are (n, m) and R = G (W - Q)^T. W, level, R may also be (groups, m, n) with G
-    (groups, n, n): independent groups whose rows are the grid's rows. Cross statistics (``H`` = X~^T X, G = G~):
+    (groups, n, n): independent groups whose rows are the grid's rows. Cross statistics (``H`` = X~^T X, or H^T
+    in C order when ``transposed``, so that H = G gives bit for bit the products of G; G = G~):
     scale_i = (c_i^T H w_i) / (c_i^T G~ c_i), and R = W H^T - Q G~ moves by the same (scale_old - scale_new) C G~.
     """
     ax = 0 if transposed else -1
     CG = G @ level if transposed else level @ G
-    CH = CG if H is None else (xp.swapaxes(H, -1, -2) @ level if transposed else level @ H)
+    CH = CG if H is None else (H @ level if transposed else level @ H)
     num = (CH * W).sum(axis=ax).reshape(-1)
     den = (CG * level).sum(axis=ax).reshape(-1)
     if grid.granularity == "tensor":
@@ -353,13 +354,14 @@ def comq_quantize(W, G, cfg: SolverConfig = SolverConfig(), xp=None, H=None, G0=
     Qt = Wt.copy()
     Rt = (Hp - Gp) @ Wt if cross else xp.zeros_like(Wt)  # R^T = (H - G~) W^T at Q = W
     Rt0, c0 = (Rt.copy(), c) if cross else (None, 0.0)
+    Hpt = xp.ascontiguousarray(Hp.T) if cross else None
     block = cfg.block_size or _default_block(m, n, False)
     for _ in range(cfg.sweeps):
         _sweep_shared(xp, Wt, Qt, Rt, Gp, gp, gsp, grid, block)
         level_t = grid.levels_of(Qt, transposed=True)
         history.append(_objective_from_R(Wt, Qt, Rt, Rt0, c0))
         if cfg.scale_update:
-            Rt = _scale_update(xp, Wt, level_t, Rt, Gp, grid, transposed=True, H=Hp)
+            Rt = _scale_update(xp, Wt, level_t, Rt, Gp, grid, transposed=True, H=Hpt)
             Qt = grid.values(level_t, transposed=True)
             history.append(_objective_from_R(Wt, Qt, Rt, Rt0, c0))
     Q, level = xp.empty_like(W), xp.empty_like(W)
