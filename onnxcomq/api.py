@@ -21,7 +21,7 @@ from .emit import QuantizedWeight, emit_qdq
 from .errors import UserError
 from .graph import SUPPORTED_OPS, find_layers, load_weight, node_names
 from .modelio import prepare_model
-from .sequential import capture, plan_stages, quantized_twin, reiterable
+from .sequential import capture, plan_stages, quantized_twin, reiterable, stage_entries
 from .solver import (SolverConfig, comq_quantize, comq_quantize_groups, cross_objective, objective, rtn_quantize,
                      rtn_quantize_groups)
 
@@ -55,6 +55,9 @@ class QuantizeConfig:
     # min ||X W^T - X~ Q^T||^2 with X~ their input in the model whose earlier stages are quantized (2 passes/stage)
     sequential: bool = True
     stages: int = 4
+    # which layers of a stage fit the float output X W from X~ (error correction); the others fit X~ W: "entry"
+    # (those whose input depends on no layer of their stage), "all", or "none"
+    correction: str = "entry"
     mask_input: str | None = "auto"  # attention-mask input: padded tokens stay out of G ("auto": common names)
     method: str = "comq"  # comq | rtn (round-to-nearest baseline on the same grid)
     official: bool = False
@@ -86,6 +89,8 @@ class QuantizeConfig:
         if not self.damping_grid or any(not (isinstance(a, (int, float)) and a >= 0 and np.isfinite(a))
                                         for a in self.damping_grid):
             raise UserError(f"damping grid must hold finite numbers >= 0, got {self.damping_grid!r}")
+        if self.correction not in ("entry", "all", "none"):
+            raise UserError(f"correction must be entry, all or none, got {self.correction!r}")
         if not isinstance(self.stages, int) or self.stages < 1:
             raise UserError(f"stages must be an integer >= 1, got {self.stages!r}")
         if self.method not in ("comq", "rtn"):
@@ -112,6 +117,7 @@ class LayerReport:
     damped: bool = False  # few calibration rows for the fan-in: G was damped
     damping: float = 0.0  # the damping strength used (chosen on held-out rows with damping "auto")
     stage: int = 0  # the sequential-capture stage that quantized the layer
+    corrected: bool = False  # sequential capture: the layer fit the float output from the quantized model's input
     consumers: list = field(default_factory=list)
 
 
@@ -190,8 +196,10 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
             raise
         t_capture += time.perf_counter() - t0
         t0 = time.perf_counter()
+        entry = stage_entries(model, stage) if config.correction == "entry" else \
+            {layer.node for layer in stage} if config.correction == "all" else set()
         for layer in stage:
-            qw, delta, rep = _quantize_layer(ctx, layer, stats)
+            qw, delta, rep = _quantize_layer(ctx, layer, stats, layer.node in entry)
             rep.stage = s
             qweights.append(qw)
             reports.append(rep)
@@ -271,6 +279,15 @@ def _objective(Wk, Qk, st, dt) -> float:
     return cross_objective(W, Q, G, H, Gt)
 
 
+def _mix(st: tuple, beta: float) -> tuple:
+    """Cross statistics for the target X_b = b X + (1 - b) X~ instead of X: b = 1 corrects the input error fully
+    (GPFQ), b = 0 only fits the partly quantized model's inputs (X~ W, GPTQ's sequential mode)."""
+    G, H, Gt = st
+    if H is None or beta == 1:
+        return st
+    return (beta * beta * G + beta * (1 - beta) * (H + H.T) + (1 - beta) ** 2 * Gt, beta * H + (1 - beta) * Gt, Gt)
+
+
 def _damp(stats: list, alpha: float) -> list:
     """Each group's (G, H, G~) + alpha * mean(diag of G~, or G) * I: penalizes alpha * d * ||w - q||^2."""
     if alpha <= 0:
@@ -301,8 +318,12 @@ def _held_out_alpha(ctx: _LayerContext, mats, fold_stats) -> tuple:
     return min(errs, key=errs.get), errs
 
 
-def _quantize_layer(ctx: _LayerContext, layer, stats: dict):
-    """Quantize one layer from its captured statistics: (QuantizedWeight, bias delta or None, LayerReport)."""
+def _quantize_layer(ctx: _LayerContext, layer, stats: dict, correct: bool = True):
+    """Quantize one layer from its captured statistics: (QuantizedWeight, bias delta or None, LayerReport).
+
+    With cross statistics, ``correct`` says whether the layer may correct its input error (fit X W from X~): only
+    where its input depends on no other layer of its stage, else it would correct the error that those layers
+    correct already; the others fit X~ W (the partly quantized model's input, no correction)."""
     config, scfg, dt = ctx.config, ctx.scfg, ctx.dt
     tl = time.perf_counter()
     mats = layer.to_matrices(load_weight(ctx.model, layer.weight))
@@ -311,12 +332,14 @@ def _quantize_layer(ctx: _LayerContext, layer, stats: dict):
     comq = config.method == "comq"
     # free bias only where it is exact: one consumer, a bias we can write
     bc = ctx.use_bias and comq and len(sts) == 1 and bias_target(ctx.nodes[layer.consumers[0][0]], ctx.inits) is None
+    correct = correct and sts[0].cross
 
     def gather(centered: bool, fold=None) -> list:  # per group (G, H, G~), summed over the consumers
         out = []
         for k in range(layer.groups):
             parts = [st.stats(k, centered, fold) for st in sts]
-            out.append(tuple(None if parts[0][i] is None else sum(p[i] for p in parts) for i in range(3)))
+            out.append(_mix(tuple(None if parts[0][i] is None else sum(p[i] for p in parts) for i in range(3)),
+                            1.0 if correct else 0.0))
         return out
 
     raw = gather(False)  # the reported errors and the RTN baseline: uncentered, undamped
@@ -352,6 +375,7 @@ def _quantize_layer(ctx: _LayerContext, layer, stats: dict):
                 o_c = _objective(Wk, res.qweight, plain[k], dt)
         if bc:  # b' = b + mu W^T - mu~ Q^T (mu~ = mu without sequential capture)
             mu, mut = sts[0].means(k)
+            mu = mu if correct else mut
             delta.append(Wk.astype(np.float64) @ mu - res.qweight.astype(np.float64) @ mut)
         num_c += o_c
         num_r += o_r
@@ -370,7 +394,7 @@ def _quantize_layer(ctx: _LayerContext, layer, stats: dict):
                          signed=scfg.scheme == "sym", float16=layer.float16)
     report = LayerReport(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), layer.groups, scfg.bits,
                          rows, _rel(num_c, den), _rel(num_r, den), time.perf_counter() - tl, rtn_groups=fallback,
-                         bias_corrected=bc, damped=alpha > 0, damping=alpha,
+                         bias_corrected=bc, damped=alpha > 0, damping=alpha, corrected=correct,
                          consumers=[c for c, _ in layer.consumers])
     return qw, np.concatenate(delta) if bc else None, report
 

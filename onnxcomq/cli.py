@@ -83,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--stages", type=int, default=4,
                    help="stages of --sequential capture: contiguous groups of about equally many layers; more "
                         "stages follow the quantization error more closely and cost more passes (default: 4)")
+    s.add_argument("--correction", choices=["entry", "all", "none"], default="entry",
+                   help="with --sequential, which layers fit the float layer's output from the quantized model's "
+                        "input (correcting the error of the earlier stages); the others fit their own output on "
+                        "that input: entry = the layers whose input comes from earlier stages only, all, none "
+                        "(default: entry)")
     s.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the solver runs: gpu uses CuPy (default: auto)")
     c = q.add_argument_group("calibration and layers")
@@ -170,7 +175,7 @@ def cmd_quantize(a) -> int:
                          scale_update=a.scale_update, lam=1.0 if a.lam is None else a.lam,
                          lambda_search=None if a.lam is None else False, method=a.method, official=a.official,
                          bias_correction=a.bias_correction, mask_input=a.mask_input, damping=a.damping,
-                         sequential=a.sequential, stages=a.stages,
+                         sequential=a.sequential, stages=a.stages, correction=a.correction,
                          batch_size=a.batch_size, max_samples=a.max_samples, device=a.device,
                          op_types=tuple(t.strip() for t in a.op_types.split(",") if t.strip()),
                          exclude=tuple(a.exclude))

@@ -21,15 +21,12 @@ import onnx
 from onnx import numpy_helper
 
 from .capture import GramStats, capture_model, conv_output_shape, make_session
+from .graph import node_names
 
 
-def _cross_gram(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """A^T B per group for chunks (rows, groups, n), float32 GEMMs (accumulated in float64 by the caller)."""
-    A = A.astype(np.float32, copy=False)
-    B = B.astype(np.float32, copy=False)
-    if A.shape[1] == 1:
-        return (A[:, 0].T @ B[:, 0])[None]
-    return np.matmul(A.transpose(1, 2, 0), B.transpose(1, 0, 2))
+def _groups_first(A: np.ndarray) -> np.ndarray:
+    """(rows, groups, n) chunk -> float32 (groups, rows, n) in C order, ready for batched GEMMs."""
+    return np.ascontiguousarray(A.astype(np.float32, copy=False).transpose(1, 0, 2))
 
 
 @dataclass
@@ -42,11 +39,14 @@ class _Part:
     sums_t: np.ndarray = None
 
     def fold(self, X, Xt=None):
+        """Fold one chunk (rows, groups, n) of X (and X~): float32 GEMMs accumulated in float64, like GramStats."""
         self.x._fold(X)
         if Xt is not None:
-            self.H += _cross_gram(Xt, X)
-            self.Gt += _cross_gram(Xt, Xt)
-            self.sums_t += Xt.astype(np.float32, copy=False).sum(axis=0)
+            A, B = _groups_first(X), _groups_first(Xt)
+            Bt = B.transpose(0, 2, 1)
+            self.H += Bt @ A
+            self.Gt += Bt @ B
+            self.sums_t += B.sum(axis=1)
 
 
 class LayerStats:
@@ -169,6 +169,17 @@ def stage_model(model: onnx.ModelProto, tensors: list) -> onnx.ModelProto:
         del m.graph.initializer[:]
         m.graph.initializer.extend(inits)
     return m
+
+
+def stage_entries(model: onnx.ModelProto, stage: list) -> set:
+    """The nodes of a stage's layers whose inputs depend on no layer of the same stage (graph order is
+    topological, so one forward pass marks everything downstream of the stage's layers)."""
+    nodes = {c for layer in stage for c, _ in layer.consumers}
+    down = set()
+    for name, n in zip(node_names(model), model.graph.node):
+        if name in nodes or any(i in down for i in n.input):
+            down.update(n.output)
+    return {layer.node for layer in stage if all(spec.tensor not in down for _, spec in layer.consumers)}
 
 
 def plan_stages(layers: list, stages: int) -> list:

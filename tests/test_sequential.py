@@ -19,7 +19,7 @@ from onnxcomq.cli import main as cli_main
 from onnxcomq.errors import UserError
 from onnxcomq.graph import find_layers
 from onnxcomq.grid import make_grid
-from onnxcomq.sequential import LayerStats, capture, plan_stages, quantized_twin, stage_model
+from onnxcomq.sequential import LayerStats, capture, plan_stages, quantized_twin, stage_entries, stage_model
 from onnxcomq.solver import (SolverConfig, comq_quantize, comq_quantize_groups, cross_objective, rtn_quantize)
 
 
@@ -286,6 +286,21 @@ def test_sequential_lowers_the_output_error():
         ratios.append(_output_error(model, seq, test) / _output_error(model, one, test))
     assert np.mean(ratios) < 0.8, ratios
     assert sum(r < 1 for r in ratios) >= 3, ratios
+
+
+def test_only_stage_entries_correct_their_input_error():
+    """Within a stage, a layer fed by another layer of the same stage must not correct the input error too (that
+    layer corrects it already): only the entries of a stage fit X W from X~."""
+    model = deep_mlp(0)
+    x = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
+    _, rep = run(model, {"input": x}, QuantizeConfig(bits=4, stages=2))
+    assert [L.stage for L in rep.layers] == [0, 0, 1, 1, 1]
+    assert [L.corrected for L in rep.layers] == [False, False, True, False, False]
+    two = two_conv_model()
+    layers, _ = find_layers(two)
+    assert stage_entries(two, layers) == {"conv1"}
+    assert stage_entries(two, layers[1:]) == {"dw"}
+    assert stage_entries(two, layers[2:]) == {"head"}
 
 
 def test_one_shot_calibration_source_is_kept_for_later_stages():
