@@ -52,8 +52,10 @@ class QuantizeConfig:
     damping_rows: float = 4.0  # "few": fewer rows than this times the fan-in
     damping_grid: tuple = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
     # sequential (error-feeding) capture: quantize in `stages` topological stages; each later stage's layers solve
-    # min ||X W^T - X~ Q^T||^2 with X~ their input in the model whose earlier stages are quantized (2 passes/stage)
-    sequential: bool = True
+    # min ||X W^T - X~ Q^T||^2 with X~ their input in the model whose earlier stages are quantized (2 passes/stage).
+    # Off by default: measured on EfficientNet-Lite0 W4 (64 calibration images, 96 held-out crops) agreement
+    # 0.802 one pass, 0.781 with 4 stages, 0.750 with 8, 0.771 with 4 stages without correction, at 2-10x the time
+    sequential: bool = False
     stages: int = 4
     # which layers of a stage fit the float output X W from X~ (error correction); the others fit X~ W: "entry"
     # (those whose input depends on no layer of their stage), "all", or "none"

@@ -293,7 +293,7 @@ def test_only_stage_entries_correct_their_input_error():
     layer corrects it already): only the entries of a stage fit X W from X~."""
     model = deep_mlp(0)
     x = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
-    _, rep = run(model, {"input": x}, QuantizeConfig(bits=4, stages=2))
+    _, rep = run(model, {"input": x}, QuantizeConfig(bits=4, sequential=True, stages=2))
     assert [L.stage for L in rep.layers] == [0, 0, 1, 1, 1]
     assert [L.corrected for L in rep.layers] == [False, False, True, False, False]
     two = two_conv_model()
@@ -306,7 +306,7 @@ def test_only_stage_entries_correct_their_input_error():
 def test_one_shot_calibration_source_is_kept_for_later_stages():
     model = deep_mlp(0)
     x = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
-    cfg = QuantizeConfig(bits=4, stages=3)
+    cfg = QuantizeConfig(bits=4, sequential=True, stages=3)
     a, _ = run(model, [{"input": x[:32]}, {"input": x[32:]}], cfg)
     b, _ = run(model, iter([{"input": x[:32]}, {"input": x[32:]}]), cfg)
     assert a.SerializeToString() == b.SerializeToString()
@@ -339,6 +339,10 @@ def test_damping_and_stages_flags(tmp_path, capsys):
     out = str(tmp_path / "q.onnx")
     base = ["quantize", model, "-o", out, "--calib", str(tmp_path / "c.npz"), "--quiet"]
     assert cli_main(base + ["--stages", "3", "--damping", "0.3", "--no-sequential"]) == 0
+    assert cli_main(base + ["--sequential", "--stages", "2", "--correction", "all", "--report", str(tmp_path / "r.json")]) == 0
+    import json
+    layers = json.load(open(tmp_path / "r.json"))["layers"]
+    assert [L["stage"] for L in layers] == [0, 0, 1, 1, 1] and [L["corrected"] for L in layers] == [0, 0, 1, 1, 1]
     assert cli_main(base + ["--stages", "0"]) == 2
     assert "stages must be an integer >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
