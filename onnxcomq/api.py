@@ -185,6 +185,7 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
     qweights, reports, deltas = [], [], {}
     t_capture = t_solve = 0.0
     bar = _bar(progress, total=(calib.num_samples or 0) * len(stages) or None, desc="capture", unit="sample")
+    solve_bar = _bar(progress, total=len(layers), desc="solve", unit="layer")
     for s, stage in enumerate(stages):
         specs = {spec: layer.groups for layer in stage for _, spec in layer.consumers}
         fold_below = {spec: config.damping_rows * spec.fan_in for spec in specs} if ctx.damping == "auto" else None
@@ -193,8 +194,9 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
         try:
             stats, samples = capture(model, twin, specs, batches, bar, mask_input, fold_below, calib.num_samples or 0)
         except BaseException:
-            if bar is not None:
-                bar.close()
+            for b in (bar, solve_bar):
+                if b is not None:
+                    b.close()
             raise
         t_capture += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -207,10 +209,13 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
             reports.append(rep)
             if delta is not None:
                 deltas[layer.consumers[0][0]] = delta
+            if solve_bar is not None:
+                solve_bar.update(1)
         t_solve += time.perf_counter() - t0
         del stats, twin
-    if bar is not None:
-        bar.close()
+    for b in (bar, solve_bar):
+        if b is not None:
+            b.close()
 
     meta = {"method": config.method, "bits": scfg.bits, "granularity": scfg.granularity, "scheme": scfg.scheme,
             "order": scfg.order, "sweeps": scfg.sweeps, "scale_update": scfg.scale_update,
