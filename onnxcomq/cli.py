@@ -70,11 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="a fixed grid shrink factor for the initial scales; turns the search off (default: at <= 4 "
                         "bits searched per channel among 1.0 .. 0.7 by the layer's own objective, else 1.0)")
-    s.add_argument("--damping", type=_damping, default="auto", metavar="auto|FLOAT",
+    s.add_argument("--damping", type=_damping, default=0.1, metavar="auto|FLOAT",
                    help="for layers with fewer than 4 x fan-in calibration rows, solve with G + damping * "
                         "mean(diag G) * I so the codes do not fit the calibration noise; 'auto' chooses it per layer "
                         "among 0, 0.01, 0.03, 0.1, 0.3, 1 by the error on half of the samples when solved on the "
-                        "other half; a number fixes it; 0 turns it off (default: auto)")
+                        "other half (costs up to 6 extra solves of those layers); a number fixes it; 0 turns it off "
+                        "(default: 0.1)")
     s.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=False,
                    help="sequential (error-feeding) capture: quantize the layers in --stages topological stages and "
                         "let each stage fit the output of the float layer from the input of the model whose earlier "
