@@ -55,12 +55,12 @@ def parse_variant(text: str):
 class Evaluator:
     """The float model's reference outputs once, then a metric string for each quantized model."""
 
-    def __init__(self, name: str, path: str):
+    def __init__(self, name: str, path: str, limit: int | None = None):
         self.name = name
         if name == "effnet":
             import eval_imagenet_agreement as ev
             self.ev = ev
-            self.x = ev.load_eval("out/effnet_eval.npz", None)
+            self.x = ev.load_eval("out/effnet_eval.npz", None)[:limit]
             self.ref = ev.logits(ev.session(path), self.x, 32)
         elif name == "minilm":
             import eval_minilm as ev
@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:FIELD=VALUE,...",
                     help="a configuration to measure (repeatable); 'default:' is QuantizeConfig()")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--limit", type=int, default=None, help="effnet: evaluate on the first LIMIT crops only")
     ap.add_argument("--reuse-capture", action="store_true",
                     help="capture the one-pass statistics once per model and reuse them for every variant (for "
                          "solver-only variants such as sweeps; sequential stages are captured as usual); the "
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     variants = [parse_variant(v) for v in (args.variant or ["default:"])]
     for name in args.model:
         path, calib = MODELS[name]
-        ev = Evaluator(name, path)
+        ev = Evaluator(name, path, args.limit)
         print(f"\n{name}\n\n| bits | variant | {ev.header()} | total s | capture s | solve s | damped layers "
               f"(alphas) |\n|---|---|---|---|---|---|---|---|")
         for bits in args.bits:
