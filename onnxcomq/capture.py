@@ -123,24 +123,29 @@ class GramStats:
         ``mask`` (the batch's attention mask, (batch, seq)): for row-kind layers whose rows are the mask's token
         positions, the padded positions (mask 0) are left out of G.
         """
+        for X in self.chunks(t, mask):
+            self._fold(X)
+
+    def chunks(self, t: np.ndarray, mask: np.ndarray | None = None):
+        """X of one captured batch tensor, chunk by chunk (rows, groups, n); the chunking depends on shapes only."""
         if self.spec.kind == "rows":
             X = t.T if self.spec.transpose else t
             X = X.reshape(-1, 1, self.spec.fan_in)
             if mask is not None and X.shape[0] == mask.size and not self.spec.transpose:
                 X = X[mask.reshape(-1) != 0]
             for r in range(0, X.shape[0], CHUNK_ROWS):
-                self._fold(X[r:r + CHUNK_ROWS])
+                yield X[r:r + CHUNK_ROWS]
             return
         if t.ndim != len(self.spec.kernel) + 2:
             raise UserError(f"conv input {self.spec.tensor} has rank {t.ndim}, expected {len(self.spec.kernel) + 2}")
         if self.spec.kind == "convT":
             for i0 in range(0, t.shape[0], 1):
-                self._fold(im2col(*convtranspose_as_conv(t[i0:i0 + 1], self.spec)))
+                yield im2col(*convtranspose_as_conv(t[i0:i0 + 1], self.spec))
             return
         rows_per_image = int(np.prod(conv_output_shape(self.spec, t.shape[2:])))
         step = max(1, CHUNK_ROWS // max(rows_per_image, 1))
         for i0 in range(0, t.shape[0], step):
-            self._fold(im2col(t[i0:i0 + step], self.spec))
+            yield im2col(t[i0:i0 + step], self.spec)
 
     def centered(self, k: int) -> np.ndarray:
         """X^T X - N mu^T mu for group k (the Gram of the centered X)."""
@@ -148,10 +153,13 @@ class GramStats:
         return self.G[k] - self.rows * np.outer(mu, mu)
 
 
-def capture_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs ``tensors`` (those that are not graph inputs or outputs)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+def capture_model(model: onnx.ModelProto, tensors: list[str], copy: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` (``model`` itself if not ``copy``) whose graph also outputs ``tensors`` (those that are
+    not graph inputs or outputs)."""
+    m = model
+    if copy:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
     have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
     types = {}
     try:
@@ -187,27 +195,10 @@ def collect_stats(model: onnx.ModelProto, specs: dict, batches, progress=None,
     ``specs`` maps XSpec -> number of groups. ``batches`` yields feed dicts. ``progress`` is a tqdm-like object (or
     None) advanced by the batch size. ``mask_input``: the name of the attention-mask input whose zeros mark padded
     token positions to leave out of the statistics. ``observers``: tensor name -> activation range observer
-    (``activations.py``), fed each batch's value of that tensor in the same pass.
+    (``activations.py``), fed each batch's value of that tensor in the same pass. (The pipeline's pass is
+    ``sequential.capture``, which also streams the cross statistics of sequential capture.)
     """
-    stats = {spec: GramStats(spec, groups) for spec, groups in specs.items()}
-    observers = observers or {}
-    tensors = sorted({s.tensor for s in specs} | set(observers))
-    graph_inputs = {i.name for i in model.graph.input}
-    fetch = [t for t in tensors if t not in graph_inputs]
-    sess = make_session(capture_model(model, fetch))
-    samples = 0
-    for feed in batches:
-        outs = sess.run(fetch, feed) if fetch else []
-        values = dict(zip(fetch, outs))
-        values.update({k: v for k, v in feed.items() if k in tensors})
-        mask = feed.get(mask_input) if mask_input else None
-        for spec, st in stats.items():
-            st.add(np.asarray(values[spec.tensor]), mask)
-        for name, obs in observers.items():
-            obs.update(values[name])
-        n = next(iter(feed.values())).shape[0] if feed else 0
-        samples += n
-        del outs, values
-        if progress is not None:
-            progress.update(n)
-    return stats, samples
+    from .sequential import capture  # (sequential.py imports this module)
+
+    stats, samples = capture(model, None, specs, batches, progress, mask_input, observers=observers)
+    return {spec: st.part().x for spec, st in stats.items()}, samples

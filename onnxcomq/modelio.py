@@ -106,7 +106,7 @@ def is_large(model: onnx.ModelProto) -> bool:
     return model_bytes(model) >= LARGE_MODEL_BYTES
 
 
-def _copy_fields(src, dst, skip: str) -> None:
+def copy_fields(src, dst, skip: str) -> None:
     """Copy every set field of protobuf message ``src`` into ``dst`` except the field named ``skip``."""
     for fd, value in src.ListFields():
         if fd.name == skip:
@@ -126,14 +126,14 @@ def skeleton(model: onnx.ModelProto, threshold: int = 1024, place=None,
     ``data_name`` and says where; without it nothing is written (enough for shape inference, which reads only
     dims and small tensors)."""
     skel = onnx.ModelProto()
-    _copy_fields(model, skel, skip="graph")
-    _copy_fields(model.graph, skel.graph, skip="initializer")
+    copy_fields(model, skel, skip="graph")
+    copy_fields(model.graph, skel.graph, skip="initializer")
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") or len(t.raw_data) < threshold:
             skel.graph.initializer.add().CopyFrom(t)
             continue
         e = skel.graph.initializer.add()
-        _copy_fields(t, e, skip="raw_data")
+        copy_fields(t, e, skip="raw_data")
         raw = t.raw_data
         offset = place(raw) if place is not None else 0
         e.data_location = onnx.TensorProto.EXTERNAL

@@ -118,9 +118,38 @@ def objective(W, Q, G) -> float:
     return float(((E @ G) * E).sum(dtype="float64"))
 
 
-def _objective_from_R(W, Q, R) -> float:
-    """The objective from the maintained R = (W - Q) G: O(mn) instead of a GEMM."""
-    return float(((W - Q) * R).sum(dtype="float64"))
+def _objective_from_R(W, Q, R, R0=None, c=0.0) -> float:
+    """The objective from the maintained R = (W - Q) G: O(mn) instead of a GEMM. Cross statistics (``R0`` = the
+    initial R = W (H^T - G~), ``c`` = the input-drift constant): c + sum (W - Q) * (R + R0) (see cross_objective)."""
+    return float(((W - Q) * (R if R0 is None else R + R0)).sum(dtype="float64")) + c
+
+
+def cross_objective(W, Q, G0, H, Gt) -> float:
+    """||X W^T - X~ Q^T||^2 = sum_i w_i^T G0 w_i - 2 q_i^T H w_i + q_i^T G~ q_i from G0 = X^T X, H = X~^T X and
+    G~ = X~^T X~ (inputs of the float and of the partly quantized model, comq.md "Two exact extensions").
+
+    Evaluated without cancellation as c + 2 sum E * (W (H - G~)^T) + sum E * (E G~), E = W - Q, with the input-drift
+    constant c = sum_i w_i^T (G0 - H - H^T + G~) w_i formed in float64; with H = G~ = G0 it is sum e_i^T G e_i."""
+    xp = array_module(W)
+    D = xp.asarray(G0, dtype=xp.float64) - H - xp.asarray(H).T + Gt  # (X - X~)^T (X - X~)
+    P = W @ xp.asarray(H - Gt, dtype=W.dtype).T
+    E = W - Q
+    return (objective(W, xp.zeros_like(W), D.astype(W.dtype)) + 2 * float((E * P).sum(dtype="float64"))
+            + objective(W, Q, xp.asarray(Gt, dtype=W.dtype)))
+
+
+def _prepare_cross(xp, W, Gt, H, G0):
+    """H in the solver's dtype and layout, and the objective's input-drift constant (0 without G0)."""
+    H = xp.ascontiguousarray(xp.asarray(H, dtype=W.dtype))
+    if H.shape != Gt.shape:
+        raise ValueError(f"H (X~^T X) must have the shape of G~ {tuple(Gt.shape)}, got {tuple(H.shape)}")
+    if not bool(xp.isfinite(H).all()):
+        raise ValueError("H (the cross statistics X~^T X) contains NaN or Inf: check the calibration data")
+    if G0 is None:
+        return H, 0.0
+    D = xp.asarray(G0, dtype=xp.float64) - H - xp.swapaxes(H, -1, -2) + Gt  # (X - X~)^T (X - X~), per group
+    c = ((W @ D.astype(W.dtype)) * W).sum(axis=(-2, -1), dtype=xp.float64)
+    return H, c
 
 
 def greedy_order(W, g):
@@ -258,17 +287,20 @@ def _sweep_rows(xp, W, Q, R, G, g, gsafe, grid: Grid, order, block: int, sub: in
         R += Dsp @ G
 
 
-def _scale_update(xp, W, level, R, G, grid: Grid, transposed: bool = False):
+def _scale_update(xp, W, level, R, G, grid: Grid, transposed: bool = False, H=None):
     """Closed-form best scale for fixed integer levels (per row, or one per layer); keeps the old one if not > 0.
 
     q_i = scale_i * c_i with integer levels c_i, so scale_i = (c_i^T G w_i) / (c_i^T G c_i). Returns the new
     R = (W - Q) G from the same product C G: R_new = R_old + (scale_old - scale_new) * C G (one GEMM, not two).
     ``transposed``: W, level, R are (n, m) and R = G (W - Q)^T. W, level, R may also be (groups, m, n) with G
-    (groups, n, n): independent groups whose rows are the grid's rows.
+    (groups, n, n): independent groups whose rows are the grid's rows. Cross statistics (``H`` = X~^T X, or H^T
+    in C order when ``transposed``, so that H = G gives bit for bit the products of G; G = G~):
+    scale_i = (c_i^T H w_i) / (c_i^T G~ c_i), and R = W H^T - Q G~ moves by the same (scale_old - scale_new) C G~.
     """
     ax = 0 if transposed else -1
     CG = G @ level if transposed else level @ G
-    num = (CG * W).sum(axis=ax).reshape(-1)
+    CH = CG if H is None else (H @ level if transposed else level @ H)
+    num = (CH * W).sum(axis=ax).reshape(-1)
     den = (CG * level).sum(axis=ax).reshape(-1)
     if grid.granularity == "tensor":
         num = xp.full_like(num, num.sum())
@@ -281,12 +313,19 @@ def _scale_update(xp, W, level, R, G, grid: Grid, transposed: bool = False):
     return R
 
 
-def comq_quantize(W, G, cfg: SolverConfig = SolverConfig(), xp=None) -> QuantResult:
+def comq_quantize(W, G, cfg: SolverConfig = SolverConfig(), xp=None, H=None, G0=None) -> QuantResult:
     """Quantize one layer's weight W (m, n) given its input Gram G = X^T X (n, n) with COMQ.
 
     ``xp`` selects numpy or cupy (default: the module of W). Returns host arrays (``QuantResult``).
+    Cross statistics (sequential capture): with ``H`` = X~^T X, ``G`` is G~ = X~^T X~ and the problem is
+    min ||X W^T - X~ Q^T||^2: the same sweeps from R = W (H^T - G~) instead of 0, the scale update with H. ``G0`` =
+    X^T X only adds the objective's constant (reported objective = ``cross_objective``; without it, up to a constant).
+    With H = G~ = G the codes are exactly those of the plain problem.
     """
     cfg, xp, W, G = _prepare(W, G, cfg, xp)
+    cross = H is not None
+    if cross:
+        H, c = _prepare_cross(xp, W, G, H, G0)
     m, n = W.shape
     lam = cfg.lam
     if cfg.lambda_search:
@@ -299,35 +338,40 @@ def comq_quantize(W, G, cfg: SolverConfig = SolverConfig(), xp=None) -> QuantRes
         order = greedy_order(W, g)
         block = cfg.block_size or _default_block(m, n, True)
         Q = W.copy()  # the official start: Q = W, so R = (W - Q) G = 0
-        R = xp.zeros_like(W)
+        R = W @ (H.T - G) if cross else xp.zeros_like(W)
+        R0, c0 = (R.copy(), c) if cross else (None, 0.0)
         for _ in range(cfg.sweeps):
             _sweep_rows(xp, W, Q, R, G, g, gsafe, grid, order, block)
             level = grid.levels_of(Q)
-            history.append(_objective_from_R(W, Q, R))
+            history.append(_objective_from_R(W, Q, R, R0, c0))
             if cfg.scale_update:
-                R = _scale_update(xp, W, level, R, G, grid)
+                R = _scale_update(xp, W, level, R, G, grid, H=H)
                 Q = grid.values(level)
-                history.append(_objective_from_R(W, Q, R))
+                history.append(_objective_from_R(W, Q, R, R0, c0))
         return _result(xp, W, G, grid, Q, level, history, obj=history[-1])
 
     # shared orders: permute the columns so that the order is cyclic, and work in the transposed layout
     perm = importance_order(W, g) if cfg.order == "importance" else None
     Wp, Gp, gp, gsp = W, G, g, gsafe
+    Hp = H
     if perm is not None:
         Wp, Gp, gp, gsp = W[:, perm], G[perm][:, perm], g[perm], gsafe[perm]
+        Hp = H[perm][:, perm] if cross else None
     Wt = xp.ascontiguousarray(Wp.T)
     Gp = xp.ascontiguousarray(Gp)
     Qt = Wt.copy()
-    Rt = xp.zeros_like(Wt)
+    Rt = (Hp - Gp) @ Wt if cross else xp.zeros_like(Wt)  # R^T = (H - G~) W^T at Q = W
+    Rt0, c0 = (Rt.copy(), c) if cross else (None, 0.0)
+    Hpt = xp.ascontiguousarray(Hp.T) if cross else None
     block = cfg.block_size or _default_block(m, n, False)
     for _ in range(cfg.sweeps):
         _sweep_shared(xp, Wt, Qt, Rt, Gp, gp, gsp, grid, block)
         level_t = grid.levels_of(Qt, transposed=True)
-        history.append(_objective_from_R(Wt, Qt, Rt))
+        history.append(_objective_from_R(Wt, Qt, Rt, Rt0, c0))
         if cfg.scale_update:
-            Rt = _scale_update(xp, Wt, level_t, Rt, Gp, grid, transposed=True)
+            Rt = _scale_update(xp, Wt, level_t, Rt, Gp, grid, transposed=True, H=Hpt)
             Qt = grid.values(level_t, transposed=True)
-            history.append(_objective_from_R(Wt, Qt, Rt))
+            history.append(_objective_from_R(Wt, Qt, Rt, Rt0, c0))
     Q, level = xp.empty_like(W), xp.empty_like(W)
     cols = perm if perm is not None else slice(None)
     Q[:, cols] = Qt.T
@@ -347,6 +391,12 @@ def _group_results(xp, W3, G3, grid: Grid, Q3, level3, objs, histories) -> list:
     return [QuantResult(codes=codes[b], scale=scale[b], zero_point=zp[b], qweight=Qh[b], objective=float(objs[b]),
                         history=[float(h[b]) for h in histories], bits=grid.bits, scheme=grid.scheme,
                         granularity=grid.granularity) for b in range(B)]
+
+
+def _group_from_R(W3, Q3, R3, R30, c3):
+    """Per-group ``_objective_from_R``."""
+    xp = array_module(W3)
+    return to_numpy(((W3 - Q3) * (R3 if R30 is None else R3 + R30)).sum(axis=(1, 2), dtype=xp.float64)) + c3
 
 
 def _group_objective(E3, G3):
@@ -381,11 +431,15 @@ def rtn_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None) -> 
     return _group_results(xp, W3, G3, grid, Q3, level.reshape(B, m, n), objs, [objs])
 
 
-def comq_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None) -> list:
+def comq_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None, H3=None, G03=None) -> list:
     """``comq_quantize`` of many independent small problems at once (conv groups, e.g. depthwise convs): W3
     (groups, m, n), G3 (groups, n, n); cyclic order, per-channel grids. Each step updates one coordinate of every
-    row of every group with a few vector ops; the same results as solving the groups one by one."""
+    row of every group with a few vector ops; the same results as solving the groups one by one. ``H3``/``G03``:
+    cross statistics per group, as in ``comq_quantize`` (then G3 holds G~)."""
     cfg, xp, W3, G3 = _prepare_groups(W3, G3, cfg, xp)
+    cross = H3 is not None
+    if cross:
+        H3, c3 = _prepare_cross(xp, W3, G3, H3, G03)
     B, m, n = W3.shape
     W2 = W3.reshape(B * m, n)
     lam = cfg.lam
@@ -397,7 +451,9 @@ def comq_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None) ->
     live = g > 0
     has_dead = not bool(live.all())
     Q3 = W3.copy()
-    R3 = xp.zeros_like(W3)
+    R3 = W3 @ (xp.swapaxes(H3, 1, 2) - G3) if cross else xp.zeros_like(W3)
+    R30 = R3.copy() if cross else None
+    c3 = to_numpy(c3) if cross and G03 is not None else 0.0
     histories = []
     for _ in range(cfg.sweeps):
         for t in range(n):
@@ -410,13 +466,13 @@ def comq_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None) ->
             Q3[:, :, t] = q
             R3 += d[:, :, None] * G3[:, None, t, :]
         level3 = grid.levels_of(Q3.reshape(B * m, n)).reshape(B, m, n)
-        histories.append(to_numpy(((W3 - Q3) * R3).sum(axis=(1, 2), dtype=xp.float64)))
+        histories.append(_group_from_R(W3, Q3, R3, R30, c3))
         if cfg.scale_update:
-            R3 = _scale_update(xp, W3, level3, R3, G3, grid)
+            R3 = _scale_update(xp, W3, level3, R3, G3, grid, H=H3)
             Q3 = grid.values(level3.reshape(B * m, n)).reshape(B, m, n)
-            histories.append(to_numpy(((W3 - Q3) * R3).sum(axis=(1, 2), dtype=xp.float64)))
+            histories.append(_group_from_R(W3, Q3, R3, R30, c3))
     return _group_results(xp, W3, G3, grid, Q3, level3, histories[-1], histories)
 
 
 __all__ = ["SolverConfig", "QuantResult", "comq_quantize", "rtn_quantize", "comq_quantize_groups",
-           "rtn_quantize_groups", "objective", "greedy_order", "importance_order"]
+           "rtn_quantize_groups", "objective", "cross_objective", "greedy_order", "importance_order"]

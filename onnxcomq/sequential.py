@@ -1,0 +1,262 @@
+"""Sequential (error-feeding) capture and held-out statistics (../shared/docs/comq.md, "Two exact extensions").
+
+Sequential capture quantizes the layers in topological stages. For stage s every calibration batch runs through the
+float model and through a float copy whose earlier stages carry their dequantized weights and re-fitted biases; per
+layer it streams, besides G = X^T X of the float input X, the cross statistics H = X~^T X and G~ = X~^T X~ of the
+partly quantized model's input X~ (and the column sums of both). The solver then minimizes ||X W^T - X~ Q^T||^2, so
+each layer also corrects the error its inputs already carry. Stage 0 sees X~ = X (one pass); later stages cost two
+passes each, over the part of the graph that leads to the stage's layers only.
+
+Held-out folds: for layers with few calibration rows for their fan-in, the statistics are also kept in two folds
+(alternate samples of each batch), so that the damping strength can be chosen by the error on the fold that was not
+solved on (api.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .capture import GramStats, capture_model, conv_output_shape, make_session
+from .graph import node_names
+from .modelio import copy_fields
+
+
+def _groups_first(A: np.ndarray) -> np.ndarray:
+    """(rows, groups, n) chunk -> float32 (groups, rows, n) in C order, ready for batched GEMMs."""
+    return np.ascontiguousarray(A.astype(np.float32, copy=False).transpose(1, 0, 2))
+
+
+@dataclass
+class _Part:
+    """The statistics of one fold: X's (GramStats) and, for cross statistics, H = X~^T X, G~ and X~'s column sums."""
+
+    x: GramStats
+    H: np.ndarray = None
+    Gt: np.ndarray = None
+    sums_t: np.ndarray = None
+
+    def fold(self, X, Xt=None):
+        """Fold one chunk (rows, groups, n) of X (and X~): float32 GEMMs accumulated in float64, like GramStats."""
+        self.x._fold(X)
+        if Xt is not None:
+            A, B = _groups_first(X), _groups_first(Xt)
+            Bt = B.transpose(0, 2, 1)
+            self.H += Bt @ A
+            self.Gt += Bt @ B
+            self.sums_t += B.sum(axis=1)
+
+
+class LayerStats:
+    """Streaming statistics of one layer input (an XSpec): G, and with ``cross`` also H and G~; kept in two folds
+    when ``fold_below`` > 0 and the rows expected from the first batch (times ``total_samples``) are fewer."""
+
+    def __init__(self, spec, groups: int, cross: bool = False, fold_below: float = 0.0, total_samples: int = 0):
+        self.spec, self.groups, self.cross = spec, groups, cross
+        self.fold_below, self.total_samples = fold_below, total_samples
+        self.parts = None
+        self._sum = None
+
+    def _new_part(self) -> _Part:
+        p = _Part(GramStats(self.spec, self.groups))
+        if self.cross:
+            p.H, p.Gt, p.sums_t = np.zeros_like(p.x.G), np.zeros_like(p.x.G), np.zeros_like(p.x.sums)
+        return p
+
+    def _expected_rows(self, t, mask, samples: int) -> float:
+        if self.spec.kind == "rows":
+            rows = t.size // self.spec.fan_in
+            if mask is not None and rows == mask.size and not self.spec.transpose:
+                rows = int((mask != 0).sum())
+        else:
+            rows = t.shape[0] * int(np.prod(conv_output_shape(self.spec, t.shape[2:])))
+        return rows / max(samples, 1) * max(self.total_samples, samples)
+
+    @property
+    def folded(self) -> bool:
+        return self.parts is not None and len(self.parts) == 2
+
+    def add(self, t: np.ndarray, mask: np.ndarray | None = None, tq: np.ndarray | None = None, samples: int = 1):
+        """Fold one batch: ``t`` the float model's tensor, ``tq`` the partly quantized model's (cross only)."""
+        if self.parts is None:
+            few = self.fold_below > 0 and self._expected_rows(t, mask, samples) < self.fold_below
+            self.parts = [self._new_part() for _ in range(2 if few else 1)]
+        self._sum = None
+        if not self.folded:
+            self._fold_all(self.parts[0], t, mask, tq)
+            return
+        ax = 1 if self.spec.kind == "rows" and self.spec.transpose else 0
+        if t.shape[ax] >= 2:  # alternate samples go to the two folds
+            for f, part in enumerate(self.parts):
+                sl = (slice(None),) * ax + (slice(f, None, 2),)
+                m = mask[f::2] if mask is not None and ax == 0 else None
+                self._fold_all(part, t[sl], m, None if tq is None else tq[sl])
+            return
+        for X, Xt in self._pairs(t, mask, tq):  # one sample: alternate rows
+            for f, part in enumerate(self.parts):
+                part.fold(X[f::2], None if Xt is None else Xt[f::2])
+
+    def _pairs(self, t, mask, tq):
+        xs = self.parts[0].x.chunks(t, mask)
+        if tq is None:
+            return ((X, None) for X in xs)
+        return zip(xs, self.parts[0].x.chunks(tq, mask))
+
+    def _fold_all(self, part, t, mask, tq):
+        for X, Xt in self._pairs(t, mask, tq):
+            part.fold(X, Xt)
+
+    def part(self, fold: int | None = None) -> _Part:
+        """Fold 0 or 1, or (None) all rows."""
+        if fold is not None:
+            return self.parts[fold]
+        if len(self.parts) == 1:
+            return self.parts[0]
+        if self._sum is None:
+            a, b = self.parts
+            s = self._new_part()
+            s.x.G, s.x.sums, s.x.rows = a.x.G + b.x.G, a.x.sums + b.x.sums, a.x.rows + b.x.rows
+            if self.cross:
+                s.H, s.Gt, s.sums_t = a.H + b.H, a.Gt + b.Gt, a.sums_t + b.sums_t
+            self._sum = s
+        return self._sum
+
+    @property
+    def rows(self) -> int:
+        return self.part().x.rows
+
+    def stats(self, k: int, centered: bool = False, fold: int | None = None):
+        """(G, H, G~) of group k (float64); H and G~ are None without cross statistics. ``centered``: the statistics
+        of the centered X and X~ (free bias): G - N mu^T mu, H - N mu~^T mu, G~ - N mu~^T mu~."""
+        p = self.part(fold)
+        N = p.x.rows
+        G = p.x.centered(k) if centered else p.x.G[k]
+        if not self.cross:
+            return G, None, None
+        if not centered:
+            return G, p.H[k], p.Gt[k]
+        mu, mut = p.x.sums[k] / max(N, 1), p.sums_t[k] / max(N, 1)
+        return G, p.H[k] - N * np.outer(mut, mu), p.Gt[k] - N * np.outer(mut, mut)
+
+    def means(self, k: int, fold: int | None = None):
+        """(mu, mu~): the mean rows of X and X~ (mu~ = mu without cross statistics)."""
+        p = self.part(fold)
+        N = max(p.x.rows, 1)
+        mu = p.x.sums[k] / N
+        return mu, (p.sums_t[k] / N if self.cross else mu)
+
+
+def stage_model(model: onnx.ModelProto, tensors: list) -> onnx.ModelProto:
+    """A copy of ``model`` that outputs ``tensors`` only, without the nodes (and initializers) they do not depend
+    on. Built field by field so that the initializers are copied once (large models)."""
+    m = onnx.ModelProto()
+    copy_fields(model, m, skip="graph")
+    copy_fields(model.graph, m.graph, skip="initializer")
+    del m.graph.output[:]
+    subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in m.graph.node
+                    for a in n.attribute)
+    if not subgraphs:  # (subgraphs read outer names implicitly: keep everything then)
+        need = set(tensors)
+        keep = []
+        for n in reversed(m.graph.node):
+            if any(o in need for o in n.output):
+                keep.append(n)
+                need.update(i for i in n.input if i)
+        del m.graph.node[:]
+        m.graph.node.extend(reversed(keep))
+    used = {i for n in m.graph.node for i in n.input}
+    m.graph.initializer.extend(t for t in model.graph.initializer if subgraphs or t.name in used)
+    return capture_model(m, tensors, copy=False)
+
+
+def stage_entries(model: onnx.ModelProto, stage: list) -> set:
+    """The nodes of a stage's layers whose inputs depend on no layer of the same stage (graph order is
+    topological, so one forward pass marks everything downstream of the stage's layers)."""
+    nodes = {c for layer in stage for c, _ in layer.consumers}
+    down = set()
+    for name, n in zip(node_names(model), model.graph.node):
+        if name in nodes or any(i in down for i in n.input):
+            down.update(n.output)
+    return {layer.node for layer in stage if all(spec.tensor not in down for _, spec in layer.consumers)}
+
+
+def plan_stages(layers: list, stages: int) -> list:
+    """Split the layers (in graph order) into ``stages`` contiguous groups of about equal count."""
+    stages = max(1, min(stages, len(layers)))
+    bounds = np.linspace(0, len(layers), stages + 1).round().astype(int)
+    return [layers[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def dequantized(qw) -> np.ndarray:
+    """The weight a QuantizedWeight's DequantizeLinear produces, in the stored layout and float type."""
+    shape = [1] * qw.codes.ndim
+    if np.ndim(qw.scale):
+        shape[qw.axis] = -1
+    dt = np.float16 if qw.float16 else np.float32
+    scale = np.asarray(qw.scale, dt).reshape(shape)
+    return ((qw.codes.astype(np.int32) - np.asarray(qw.zero_point, np.int32).reshape(shape)) * scale).astype(dt)
+
+
+def quantized_twin(model: onnx.ModelProto, qweights: list, apply_bias, deltas: dict) -> onnx.ModelProto:
+    """A float copy of ``model`` carrying the dequantized weights (and the re-fitted biases) of ``qweights``."""
+    m = apply_bias(model, deltas) if deltas else onnx.ModelProto()
+    if not deltas:
+        m.CopyFrom(model)
+    by_name = {qw.name: qw for qw in qweights}
+    for t in m.graph.initializer:
+        qw = by_name.get(t.name)
+        if qw is not None:
+            t.CopyFrom(numpy_helper.from_array(dequantized(qw), t.name))
+    return m
+
+
+def reiterable(calib) -> bool:
+    """Whether a Calibration yields the same batches again (sequential capture reads them once per stage)."""
+    src = getattr(calib, "_source", calib)
+    if hasattr(src, "get_next"):  # an onnxruntime CalibrationDataReader
+        return hasattr(src, "rewind")
+    if isinstance(src, (str, dict)) or hasattr(src, "__fspath__"):
+        return True
+    try:
+        return iter(src) is not src  # a list or other container, not a one-shot iterator or generator
+    except TypeError:
+        return False
+
+
+def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, fold_below: dict | None = None,
+            total_samples: int = 0, observers: dict | None = None) -> tuple:
+    """Run every batch through ``model`` (and ``twin``, the partly quantized copy, when given) and return
+    ({XSpec: LayerStats}, samples). ``specs``: XSpec -> groups; ``fold_below``: XSpec -> row threshold for folds.
+    ``observers``: tensor name -> activation range observer (activations.py), fed the float model's values of
+    that tensor in the same pass."""
+    cross = twin is not None
+    fold_below = fold_below or {}
+    stats = {spec: LayerStats(spec, g, cross, fold_below.get(spec, 0.0), total_samples) for spec, g in specs.items()}
+    graph_inputs = {i.name for i in model.graph.input}
+    observers = observers or {}
+    fetch = sorted({s.tensor for s in specs} - graph_inputs)
+    fetch_float = sorted(set(fetch) | (set(observers) - graph_inputs))
+    sessions = [make_session(stage_model(m, f)) for m, f in ((model, fetch_float), (twin, fetch))[:2 if cross else 1]
+                if f]
+    samples = 0
+    for feed in batches:
+        vals = [dict(zip(f, sess.run(f, feed))) for sess, f in zip(sessions, (fetch_float, fetch))] or [{}, {}]
+        if len(vals) < (2 if cross else 1):
+            vals += [{}] * (2 - len(vals))
+        for v in vals:
+            v.update({k: a for k, a in feed.items() if k in graph_inputs})
+        mask = feed.get(mask_input) if mask_input else None
+        n = next(iter(feed.values())).shape[0] if feed else 0
+        for spec, st in stats.items():
+            tq = np.asarray(vals[1][spec.tensor]) if cross else None
+            st.add(np.asarray(vals[0][spec.tensor]), mask, tq, n)
+        for name, obs in observers.items():
+            obs.update(vals[0][name])
+        samples += n
+        del vals
+        if progress is not None:
+            progress.update(n)
+    return stats, samples

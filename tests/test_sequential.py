@@ -1,0 +1,354 @@
+"""Sequential capture (cross statistics H = X~^T X, G~ = X~^T X~) and held-out damping.
+
+The cross solver is checked against a float64 step loop that works on X and X~ themselves (residuals recomputed from
+scratch at every step), the streamed statistics against X and X~ built from onnxruntime outputs of both models.
+"""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings, strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+import builders
+import reference as ref
+from onnxcomq import QuantizeConfig, run
+from onnxcomq.capture import capture_model, im2col
+from onnxcomq.cli import main as cli_main
+from onnxcomq.errors import UserError
+from onnxcomq.graph import find_layers
+from onnxcomq.grid import make_grid
+from onnxcomq.sequential import LayerStats, capture, plan_stages, quantized_twin, stage_entries, stage_model
+from onnxcomq.solver import (SolverConfig, comq_quantize, comq_quantize_groups, cross_objective, rtn_quantize)
+
+
+def cross_problem(m, n, seed, N=None, drift=0.3):
+    """W, X and X~ = X + drift (the input of a partly quantized model), mean offsets like post-ReLU inputs."""
+    rng = np.random.default_rng(seed)
+    N = N or 3 * n
+    Z = rng.standard_normal((N, max(2, n // 3)))
+    X = Z @ rng.standard_normal((Z.shape[1], n)) + 0.3 * rng.standard_normal((N, n)) + rng.uniform(-1, 1, n)
+    Xt = X + drift * rng.standard_normal((N, n)) * X.std(axis=0)
+    W = rng.standard_normal((m, n)) * rng.uniform(0.5, 2.0, (m, 1))
+    return W, X, Xt
+
+
+def brute_cross(W, X, Xt, scale, lo, hi, order, sweeps, scale_update):
+    """The step loop on X and X~ directly: for row i, coordinate j: target = q_ij + x~_j . r / ||x~_j||^2 with the
+    residual r = X w_i - X~ q_i recomputed from scratch; scale_i = (X~ c_i) . (X w_i) / ||X~ c_i||^2."""
+    m, n = W.shape
+    scale = scale.astype(np.float64).copy()
+    Q = W.copy()
+    level = np.zeros_like(W)
+    if order.ndim == 1:
+        order = np.broadcast_to(order, (m, n))
+    for _ in range(sweeps):
+        table, levels = ref.grid_table(scale, lo, hi)
+        for t in range(n):
+            for i in range(m):
+                j = order[i, t]
+                r = X @ W[i] - Xt @ Q[i]
+                g = Xt[:, j] @ Xt[:, j]
+                target = Q[i, j] + Xt[:, j] @ r / g if g > 0 else W[i, j]
+                q, lv = ref.nearest_bruteforce(table[i:i + 1], levels[i:i + 1], np.array([target]))
+                Q[i, j], level[i, j] = q[0], lv[0]
+        if scale_update:
+            for i in range(m):
+                xc, xw = Xt @ level[i], X @ W[i]
+                num, den = xc @ xw, xc @ xc
+                if den > 0 and num > 0:
+                    scale[i] = num / den
+            Q = level * scale[:, None]
+    return Q, level, scale
+
+
+def direct_objective(W, Q, X, Xt):
+    return float(((X @ W.T - Xt @ Q.T) ** 2).sum())
+
+
+@pytest.mark.parametrize("m,n,order,sweeps,scale_update,block", [
+    (4, 9, "cyclic", 1, False, 0),
+    (5, 23, "cyclic", 3, True, 8),
+    (3, 17, "importance", 2, True, 4),
+    (4, 21, "greedy", 2, True, 16),
+    (6, 12, "greedy", 1, False, 4),
+])
+def test_cross_solver_equals_step_loop_on_x(m, n, order, sweeps, scale_update, block):
+    W, X, Xt = cross_problem(m, n, seed=m * 100 + n)
+    G, H, Gt = X.T @ X, Xt.T @ X, Xt.T @ Xt
+    cfg = SolverConfig(bits=3, order=order, sweeps=sweeps, scale_update=scale_update, lambda_search=False,
+                       lam=0.9, dtype="float64", block_size=block)
+    res = comq_quantize(W, Gt, cfg, H=H, G0=G)
+    grid = make_grid(W, 3, "asym", "channel", 0.9, True)
+    Q, level, scale = brute_cross(W, X, Xt, grid.scale, grid.lo, grid.hi, ref.order(W, Gt, order), sweeps,
+                                  scale_update)
+    np.testing.assert_array_equal(res.codes, (level - grid.lo[:, None]).astype(np.int32))
+    np.testing.assert_allclose(res.scale, scale, rtol=1e-10)
+    np.testing.assert_allclose(res.qweight, Q, rtol=1e-10, atol=1e-12)
+    want = direct_objective(W, Q, X, Xt)
+    assert res.objective == pytest.approx(want, rel=1e-7)
+    assert cross_objective(W, res.qweight, G, H, Gt) == pytest.approx(want, rel=1e-9)
+    # a real improvement over rounding on the drifted inputs
+    assert res.objective < direct_objective(W, rtn_quantize(W, Gt, cfg).qweight, X, Xt)
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 6), n=st.integers(2, 40), seed=st.integers(0, 10_000),
+       order=st.sampled_from(["cyclic", "importance", "greedy"]), sweeps=st.integers(1, 3),
+       scale_update=st.booleans(), search=st.booleans(), bits=st.integers(2, 5))
+def test_cross_reduces_exactly_when_inputs_agree(m, n, seed, order, sweeps, scale_update, search, bits):
+    W, X, _ = cross_problem(m, n, seed)
+    G = X.T @ X
+    cfg = SolverConfig(bits=bits, order=order, sweeps=sweeps, scale_update=scale_update, lambda_search=search,
+                       dtype="float64")
+    plain = comq_quantize(W, G, cfg)
+    cross = comq_quantize(W, G, cfg, H=G, G0=G)
+    np.testing.assert_array_equal(cross.codes, plain.codes)
+    np.testing.assert_array_equal(cross.scale, plain.scale)
+    np.testing.assert_allclose(cross.history, plain.history, rtol=1e-9, atol=1e-9 * abs(plain.history[0]))
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(1, 6), n=st.integers(2, 30), seed=st.integers(0, 10_000), drift=st.floats(0.0, 1.0),
+       order=st.sampled_from(["cyclic", "importance", "greedy"]), dtype=st.sampled_from(["float32", "float64"]))
+def test_cross_objective_is_monotone_and_exact(m, n, seed, drift, order, dtype):
+    W, X, Xt = cross_problem(m, n, seed, drift=drift)
+    G, H, Gt = X.T @ X, Xt.T @ X, Xt.T @ Xt
+    res = comq_quantize(W, Gt, SolverConfig(bits=3, order=order, sweeps=3, dtype=dtype), H=H, G0=G)
+    h = np.array(res.history)
+    tol = (1e-9 if dtype == "float64" else 1e-4) * h[0]
+    assert np.all(np.diff(h) <= tol)
+    signal = float(((X @ W.T) ** 2).sum())  # float32 rounding is relative to the signal, not to the error
+    assert res.objective == pytest.approx(direct_objective(W, res.qweight.astype(np.float64), X, Xt),
+                                          rel=1e-8 if dtype == "float64" else 1e-3,
+                                          abs=1e-12 * signal if dtype == "float64" else 1e-5 * signal)
+
+
+def test_cross_groups_equal_one_by_one():
+    rng = np.random.default_rng(3)
+    probs = [cross_problem(3, 9, seed) for seed in range(5)]
+    W3 = np.stack([p[0] for p in probs])
+    G3 = np.stack([p[1].T @ p[1] for p in probs])
+    H3 = np.stack([p[2].T @ p[1] for p in probs])
+    Gt3 = np.stack([p[2].T @ p[2] for p in probs])
+    cfg = SolverConfig(bits=3, sweeps=2, dtype="float64", lambda_search=bool(rng.integers(2)))
+    batched = comq_quantize_groups(W3, Gt3, cfg, H3=H3, G03=G3)
+    for b, (W, X, Xt) in enumerate(probs):
+        one = comq_quantize(W, Gt3[b], cfg, H=H3[b], G0=G3[b])
+        np.testing.assert_array_equal(batched[b].codes, one.codes)
+        np.testing.assert_allclose(batched[b].scale, one.scale, rtol=1e-12)
+        assert batched[b].objective == pytest.approx(direct_objective(W, one.qweight, X, Xt), rel=1e-8)
+
+
+def test_free_bias_with_cross_statistics():
+    """b' = b + mu W^T - mu~ Q^T is the best bias, and the error with it is the cross objective on the centered
+    statistics that LayerStats streams."""
+    from onnxcomq.graph import XSpec
+    W, X, Xt = cross_problem(4, 7, seed=5, N=40)
+    Q = np.round(W * 3) / 3
+    b = np.random.default_rng(0).standard_normal(4)
+    stats = LayerStats(XSpec("x", "rows", fan_in=7), 1, cross=True)
+    stats.add(X[:25].astype(np.float32), None, Xt[:25].astype(np.float32))
+    stats.add(X[25:].astype(np.float32), None, Xt[25:].astype(np.float32))
+    X32, Xt32 = X.astype(np.float32).astype(np.float64), Xt.astype(np.float32).astype(np.float64)
+    mu, mut = stats.means(0)
+    b2 = b + W @ mu - Q @ mut
+
+    def err(bias):
+        return float(((X32 @ W.T + b - Xt32 @ Q.T - bias) ** 2).sum())
+
+    G, H, Gt = stats.stats(0, centered=True)
+    assert cross_objective(W, Q, G, H, Gt) == pytest.approx(err(b2), rel=1e-6)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        assert err(b2 + 0.01 * rng.standard_normal(4)) > err(b2)
+    G, H, Gt = stats.stats(0)  # uncentered: the error with the bias unchanged
+    assert cross_objective(W, Q, G, H, Gt) == pytest.approx(err(b), rel=1e-6)
+
+
+def two_conv_model(seed=0):
+    """input -> Conv 3x3 (pads 1) -> Relu -> depthwise Conv 3x3 stride 2 -> Relu -> MatMul over channels."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((6, 3, 3, 3)) / 4).astype(np.float32)
+    w2 = (rng.standard_normal((6, 1, 3, 3)) / 3).astype(np.float32)
+    w3 = (rng.standard_normal((6, 5)) / 2).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "W1"), (w2, "W2"), (w3, "W3"))]
+    inits.append(numpy_helper.from_array(rng.standard_normal(6).astype(np.float32) * 0.1, "B1"))
+    nodes = [helper.make_node("Conv", ["input", "W1", "B1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2"], ["c2"], name="dw", group=6, strides=[2, 2]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Transpose", ["r2"], ["t2"], perm=[0, 2, 3, 1]),
+             helper.make_node("MatMul", ["t2", "W3"], ["output"], name="head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                         ["N", 3, 9, 9])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _outputs(model, tensors, x):
+    sess = ort.InferenceSession(capture_model(model, tensors).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    return dict(zip(tensors, sess.run(tensors, {"input": x})))
+
+
+@pytest.mark.parametrize("folds", [False, True])
+def test_streamed_cross_statistics_equal_direct(folds):
+    model = two_conv_model()
+    layers, _ = find_layers(model)
+    # a "quantized" twin: the first conv's weight rounded coarsely, its bias moved
+    from onnxcomq.emit import QuantizedWeight
+    w1 = numpy_helper.to_array(model.graph.initializer[0])
+    codes = np.clip(np.round(w1 / 0.1) + 8, 0, 15).astype(np.int32)
+    qw = QuantizedWeight("W1", codes, np.full(6, 0.1, np.float32), np.full(6, 8, np.int32), 0, 4, False)
+    from onnxcomq.bias import apply as apply_bias
+    twin = quantized_twin(model, [qw], apply_bias, {"conv1": np.linspace(-0.2, 0.2, 6)})
+    x = np.random.default_rng(0).standard_normal((5, 3, 9, 9)).astype(np.float32)
+    batches = [{"input": x[:3]}, {"input": x[3:]}]
+    specs = {L.x: L.groups for L in layers[1:]}
+    fold_below = {s: 1e9 for s in specs} if folds else None
+    stats, samples = capture(model, twin, specs, batches, fold_below=fold_below, total_samples=5)
+    assert samples == 5
+    fa, qa = _outputs(model, ["r1", "t2"], x), _outputs(twin, ["r1", "t2"], x)
+    for L in layers[1:]:
+        st_ = stats[L.x]
+        assert st_.folded == folds
+        t = L.x.tensor
+        if L.x.kind == "conv":
+            X, Xt = im2col(fa[t], L.x).astype(np.float64), im2col(qa[t], L.x).astype(np.float64)
+            rows_per = X.shape[0] // 5
+        else:
+            X, Xt = (a[t].reshape(-1, 1, L.x.fan_in).astype(np.float64) for a in (fa, qa))
+            rows_per = X.shape[0] // 5
+        sample = np.repeat(np.arange(5), rows_per)
+        fold_of = np.concatenate([np.arange(3) % 2, np.arange(2) % 2])[sample]  # alternate samples per batch
+        for k in range(L.groups):
+            for fold in ([None, 0, 1] if folds else [None]):
+                sel = np.ones(len(X), bool) if fold is None else fold_of == fold
+                A, B = X[sel, k], Xt[sel, k]
+                G, H, Gt = st_.stats(k, fold=fold)
+                np.testing.assert_allclose(G, A.T @ A, rtol=1e-5, atol=1e-4)
+                np.testing.assert_allclose(H, B.T @ A, rtol=1e-5, atol=1e-4)
+                np.testing.assert_allclose(Gt, B.T @ B, rtol=1e-5, atol=1e-4)
+                mu, mut = st_.means(k, fold)
+                np.testing.assert_allclose(mu, A.mean(0), rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(mut, B.mean(0), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(st_.stats(0)[1], st_.stats(0)[0])  # the twin really differs
+
+
+def test_stage_model_keeps_only_what_the_stage_needs():
+    model = two_conv_model()
+    m = stage_model(model, ["r1"])
+    assert [n.op_type for n in m.graph.node] == ["Conv", "Relu"]
+    assert [o.name for o in m.graph.output] == ["r1"]
+    assert {t.name for t in m.graph.initializer} == {"W1", "B1"}
+    x = np.random.default_rng(0).standard_normal((2, 3, 9, 9)).astype(np.float32)
+    got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(got, _outputs(model, ["r1"], x)["r1"])
+
+
+def test_plan_stages_contiguous_and_balanced():
+    layers = list(range(11))
+    for n in (1, 2, 4, 11, 20):
+        stages = plan_stages(layers, n)
+        assert [x for s in stages for x in s] == layers
+        assert len(stages) == min(n, 11)
+        assert max(map(len, stages)) - min(map(len, stages)) <= 1
+
+
+def deep_mlp(seed):
+    return builders.mlp_model([12, 24, 24, 24, 24, 6], seed=seed)
+
+
+def _output_error(model, q, x):
+    run_ = [ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for mm in (model, q)]
+    return float(((run_[0] - run_[1]) ** 2).mean())
+
+
+def test_sequential_lowers_the_output_error():
+    """At 3 bits on deep MLPs (5 layers), feeding the quantized inputs forward lowers the final output error on
+    held-out inputs, on average over seeds and on most seeds; one stage is exactly the one-pass result."""
+    ratios = []
+    for seed in range(4):
+        model = deep_mlp(seed)
+        rng = np.random.default_rng(seed)
+        calib = {"input": rng.standard_normal((256, 12)).astype(np.float32)}
+        test = rng.standard_normal((512, 12)).astype(np.float32)
+        base = QuantizeConfig(bits=3, sequential=False, damping=0.0)
+        one, _ = run(model, calib, base)
+        seq, rep = run(model, calib, QuantizeConfig(bits=3, sequential=True, stages=5, damping=0.0))
+        assert [L.stage for L in rep.layers] == [0, 1, 2, 3, 4]
+        assert rep.config["sequential_stages"] == 5
+        single, _ = run(model, calib, QuantizeConfig(bits=3, sequential=True, stages=1, damping=0.0))
+        assert single.SerializeToString() == one.SerializeToString()
+        ratios.append(_output_error(model, seq, test) / _output_error(model, one, test))
+    assert np.mean(ratios) < 0.8, ratios
+    assert sum(r < 1 for r in ratios) >= 3, ratios
+
+
+def test_only_stage_entries_correct_their_input_error():
+    """Within a stage, a layer fed by another layer of the same stage must not correct the input error too (that
+    layer corrects it already): only the entries of a stage fit X W from X~."""
+    model = deep_mlp(0)
+    x = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
+    _, rep = run(model, {"input": x}, QuantizeConfig(bits=4, sequential=True, stages=2))
+    assert [L.stage for L in rep.layers] == [0, 0, 1, 1, 1]
+    assert [L.corrected for L in rep.layers] == [False, False, True, False, False]
+    two = two_conv_model()
+    layers, _ = find_layers(two)
+    assert stage_entries(two, layers) == {"conv1"}
+    assert stage_entries(two, layers[1:]) == {"dw"}
+    assert stage_entries(two, layers[2:]) == {"head"}
+
+
+def test_one_shot_calibration_source_is_kept_for_later_stages():
+    model = deep_mlp(0)
+    x = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
+    cfg = QuantizeConfig(bits=4, sequential=True, stages=3)
+    a, _ = run(model, [{"input": x[:32]}, {"input": x[32:]}], cfg)
+    b, _ = run(model, iter([{"input": x[:32]}, {"input": x[32:]}]), cfg)
+    assert a.SerializeToString() == b.SerializeToString()
+
+
+def test_auto_damping_chooses_by_held_out_error():
+    """A wide layer fed by few samples: 'auto' damps it with an alpha from the grid, and the held-out output error
+    is not worse than without damping; a layer with plenty of rows is left alone."""
+    rng = np.random.default_rng(0)
+    model = builders.mlp_model([64, 48, 4], seed=1)  # Gemm 64 -> 48 (fan-in 64), MatMul 48 -> 4 (fan-in 48)
+    Z = rng.standard_normal((400, 6))
+    A = rng.standard_normal((6, 64))
+    data = (Z @ A + 0.2 * rng.standard_normal((400, 64))).astype(np.float32)
+    calib, test = {"input": data[:96]}, data[96:]
+    cfg = dict(bits=3, sequential=False, bias_correction=False, damping_rows=4.0)
+    auto, rep = run(model, calib, QuantizeConfig(damping="auto", **cfg))
+    off, rep0 = run(model, calib, QuantizeConfig(damping=0.0, **cfg))
+    assert all(L.damped and L.damping in QuantizeConfig().damping_grid for L in rep.layers if L.rows < 4 * 64)
+    assert not any(L.damped for L in rep0.layers)
+    assert _output_error(model, auto, test) <= _output_error(model, off, test) * 1.02
+    # many rows: no damping at all
+    _, rep2 = run(model, {"input": data}, QuantizeConfig(damping="auto", **{**cfg, "damping_rows": 1.0}))
+    assert not any(L.damped for L in rep2.layers)
+
+
+def test_damping_and_stages_flags(tmp_path, capsys):
+    model = builders.save(deep_mlp(0), tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((40, 12)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", input=x)
+    out = str(tmp_path / "q.onnx")
+    base = ["quantize", model, "-o", out, "--calib", str(tmp_path / "c.npz"), "--quiet"]
+    assert cli_main(base + ["--stages", "3", "--damping", "0.3", "--no-sequential"]) == 0
+    assert cli_main(base + ["--sequential", "--stages", "2", "--correction", "all", "--report", str(tmp_path / "r.json")]) == 0
+    import json
+    layers = json.load(open(tmp_path / "r.json"))["layers"]
+    assert [L["stage"] for L in layers] == [0, 0, 1, 1, 1] and [L["corrected"] for L in layers] == [0, 0, 1, 1, 1]
+    assert cli_main(base + ["--stages", "0"]) == 2
+    assert "stages must be an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(base + ["--damping", "lots"])
+    assert "expected 'auto' or a number" in capsys.readouterr().err
+    assert cli_main(base + ["--damping", "-1"]) == 2
+    assert "damping must be 'auto' or a finite number >= 0" in capsys.readouterr().err
+    with pytest.raises(UserError, match="damping grid"):
+        QuantizeConfig(damping_grid=(0.1, -1.0)).validate()

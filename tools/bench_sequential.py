@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Accuracy and time of onnxcomq configurations on the real models, in one run, as a markdown table.
+
+Each --variant is ``label:field=value,field=value`` over QuantizeConfig fields (values are Python literals), so the
+same script measures sequential capture (stages), the damping choice, and sweeps / scale updates:
+
+    python tools/bench_sequential.py --model effnet --bits 4 \\
+        --variant 'one-pass:sequential=False' --variant 'seq4:stages=4' --variant 'seq8:stages=8'
+    python tools/bench_sequential.py --model minilm --bits 4 3 --variant 'fixed0.1:damping=0.1' --variant auto:
+    python tools/bench_sequential.py --model cnn vit --bits 3 --variant 's1:sweeps=1,scale_update=False'
+
+Models: effnet (out/effnet_lite0.onnx; top-1 agreement and mean KL vs float on out/effnet_eval.npz), minilm
+(out/minilm.onnx; mean cosine of sentence embeddings to float on out/minilm_eval.npz), cnn / vit (the shipped
+Fashion-MNIST models; top-1 % on models/fmnist_test.npz). Times are the wall time of onnxcomq.run (load, capture,
+solve, emit) and its capture / solve parts; the CPU may be shared, so compare rows of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+from onnxcomq import QuantizeConfig, run  # noqa: E402
+
+ROOT = os.path.join(HERE, "..")
+MODELS = {
+    "effnet": ("out/effnet_lite0.onnx", "out/effnet_calib.npz"),
+    "minilm": ("out/minilm.onnx", "out/minilm_calib.npz"),
+    "cnn": ("models/fmnist_cnn.onnx", "models/fmnist_calib.npz"),
+    "vit": ("models/fmnist_vit.onnx", "models/fmnist_calib.npz"),
+}
+
+
+def parse_variant(text: str):
+    label, _, rest = text.partition(":")
+    kw = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        try:
+            kw[k.strip()] = ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError):
+            kw[k.strip()] = v.strip()
+    return label, kw
+
+
+class Evaluator:
+    """The float model's reference outputs once, then a metric string for each quantized model."""
+
+    def __init__(self, name: str, path: str, limit: int | None = None):
+        self.name = name
+        if name == "effnet":
+            import eval_imagenet_agreement as ev
+            self.ev = ev
+            self.x = ev.load_eval("out/effnet_eval.npz", None)[:limit]
+            self.ref = ev.logits(ev.session(path), self.x, 32)
+        elif name == "minilm":
+            import eval_minilm as ev
+            self.ev = ev
+            self.a, self.b = ev.load_eval("out/minilm_eval.npz")
+            self.ref = ev.evaluate(ev.session(path), self.a, self.b, None, 32)
+        else:
+            from onnxcomq.evaluate import top1_accuracy
+            self.top1 = top1_accuracy
+            self.ref = top1_accuracy(path, "models/fmnist_test.npz")[0]
+
+    def header(self) -> str:
+        return {"effnet": "agreement | mean KL", "minilm": "cosine mean | cosine min"}.get(self.name,
+                                                                                          "top-1 % | drop points")
+
+    def __call__(self, model) -> str:
+        if self.name == "effnet":
+            r = self.ev.compare(self.ref, self.ev.logits(self.ev.session(model), self.x, 32), 0.5)
+            return f"{r['agree']:.4f} | {r['kl']:.4f}"
+        if self.name == "minilm":
+            r = self.ev.evaluate(self.ev.session(model), self.a, self.b, self.ref, 32)
+            return f"{r['cos_mean']:.4f} | {r['cos_min']:.4f}"
+        import tempfile
+        from onnxcomq.modelio import save_model
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "q.onnx")
+            save_model(model, out)
+            acc = self.top1(out, "models/fmnist_test.npz")[0]
+        return f"{100 * acc:.2f} | {100 * (self.ref - acc):+.2f}"
+
+
+def reuse_capture():
+    """Make onnxcomq.api's one-pass capture (no quantized twin) return cached statistics for the same layers."""
+    import onnxcomq.api as api
+    cache, real = {}, api.capture
+
+    def cached(model, twin, specs, batches, *a, **kw):
+        if twin is not None:
+            return real(model, twin, specs, batches, *a, **kw)
+        key = (frozenset(specs), repr(a[2:]), repr(sorted(kw.items())))  # the layers, the folds
+        if key not in cache:
+            cache[key] = real(model, twin, specs, batches, *a, **kw)
+        return cache[key]
+    api.capture = cached
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="+", default=["effnet"], choices=list(MODELS))
+    ap.add_argument("--bits", nargs="+", type=int, default=[4])
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:FIELD=VALUE,...",
+                    help="a configuration to measure (repeatable); 'default:' is QuantizeConfig()")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--limit", type=int, default=None, help="effnet: evaluate on the first LIMIT crops only")
+    ap.add_argument("--reuse-capture", action="store_true",
+                    help="capture the one-pass statistics once per model and reuse them for every variant (for "
+                         "solver-only variants such as sweeps; sequential stages are captured as usual); the "
+                         "capture time is then only counted in the first row")
+    args = ap.parse_args(argv)
+    if args.reuse_capture:
+        reuse_capture()
+    os.chdir(ROOT)
+    variants = [parse_variant(v) for v in (args.variant or ["default:"])]
+    for name in args.model:
+        path, calib = MODELS[name]
+        ev = Evaluator(name, path, args.limit)
+        print(f"\n{name}\n\n| bits | variant | {ev.header()} | total s | capture s | solve s | damped layers "
+              f"(alphas) |\n|---|---|---|---|---|---|---|---|")
+        for bits in args.bits:
+            for label, kw in variants:
+                cfg = QuantizeConfig(bits=bits, device=args.device, **kw)
+                t = time.perf_counter()
+                model, rep = run(path, calib, cfg)
+                dt = time.perf_counter() - t
+                damped = [L.damping for L in rep.layers if L.damped]
+                alphas = ", ".join(f"{a:g}x{damped.count(a)}" for a in sorted(set(damped)))
+                print(f"| W{bits} | {label} | {ev(model)} | {dt:.1f} | {rep.capture_seconds:.1f} | "
+                      f"{rep.solve_seconds:.1f} | {len(damped)} ({alphas}) |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())
