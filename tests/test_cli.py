@@ -122,6 +122,26 @@ def _bad_cases(tmp):
          "no quantizable layer"),
         ("tensor + groups", [CNN, "-o", out, "--calib", CALIB, "--granularity", "tensor", "--max-samples", "8"],
          "per-tensor granularity with 64 conv groups"),
+        # option combinations the emitter cannot express
+        ("3-bit MatMulNBits", [CNN, "-o", out, "--calib", CALIB, "--bits", "3", "--granularity", "block",
+                               "--format", "matmulnbits"], "supports 2/4/8 bits"),
+        ("MatMulNBits block 24", [CNN, "-o", out, "--calib", CALIB, "--granularity", "block", "--block-size", "24",
+                                  "--format", "matmulnbits"], "power of two >= 16"),
+        ("MatMulNBits per channel", [CNN, "-o", out, "--calib", CALIB, "--format", "matmulnbits"],
+         "needs --granularity block"),
+        ("tensorrt asym", [CNN, "-o", out, "--calib", CALIB, "--bits", "8", "--act-bits", "8", "--target", "tensorrt",
+                           "--scheme", "asym"], "symmetric int8"),
+        ("tensorrt W4A8", [CNN, "-o", out, "--calib", CALIB, "--bits", "4", "--act-bits", "8", "--target",
+                           "tensorrt"], "INT4 only as weight-only"),
+        ("tensorrt W4 per channel", [CNN, "-o", out, "--calib", CALIB, "--bits", "4", "--target", "tensorrt"],
+         "only block-wise"),
+        ("sequential + budget", [CNN, "-o", out, "--calib", CALIB, "--sequential", "--avg-bits", "4.5"],
+         "sequential capture works with"),
+        ("budget above 8", [CNN, "-o", out, "--calib", CALIB, "--avg-bits", "9"], "--avg-bits must be between"),
+        ("layer-bits no match", [CNN, "-o", out, "--calib", CALIB, "--layer-bits", "nomatch*=8"],
+         "matches no quantized layer"),
+        ("stages 0", [CNN, "-o", out, "--calib", CALIB, "--sequential", "--stages", "0"], "stages must be"),
+        ("act option alone", [CNN, "-o", out, "--calib", CALIB, "--act-aware"], "only with activation quantization"),
     ]
 
 
