@@ -145,3 +145,16 @@ def masked_encoder(d=8, seq=5, seed=0):
     ])
     g.initializer.append(numpy_helper.from_array(np.array([2], np.int64), "axes2"))
     return m
+
+
+def assert_cli_one_line_error(tmp_path, capsys, args, needle):
+    """``onnxcomq quantize`` on a small MLP with ``args`` exits 2 with one line naming ``needle``, writing nothing."""
+    from onnxcomq.cli import main
+
+    src = tmp_path / "m.onnx"
+    onnx.save(mlp_model([8, 6, 5], seq=3), str(src))
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(src), "-o", str(out), "--calib", "random", "--quiet"] + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("onnxcomq: error:") and needle in err[0], err
+    assert not out.exists()

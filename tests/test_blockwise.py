@@ -17,7 +17,6 @@ import builders
 from onnxcomq import QuantizeConfig, UserError, run
 from onnxcomq.blockwise import (block_scale_system, comq_quantize_block, make_block_grid, rtn_quantize_block,
                                 solve_block_scales)
-from onnxcomq.cli import main
 from onnxcomq.solver import SolverConfig
 from reference import block_scales_lstsq, block_step_loop, grid_table, nearest_bruteforce, objective
 from test_solver import xp  # noqa: F401  (numpy, and cupy where a CUDA device is present)
@@ -358,13 +357,7 @@ def test_matmulnbits_on_fmnist_vit():
     (["--granularity", "block", "--block-size", "0"], "--block-size"),
 ])
 def test_cli_impossible_combinations_one_line(tmp_path, capsys, args, needle):
-    src = tmp_path / "m.onnx"
-    onnx.save(builders.mlp_model([8, 6, 5], seq=3), str(src))
-    out = tmp_path / "q.onnx"
-    assert main(["quantize", str(src), "-o", str(out), "--calib", "random", "--quiet"] + args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("onnxcomq: error:") and needle in err[0]
-    assert not out.exists()
+    builders.assert_cli_one_line_error(tmp_path, capsys, args, needle)
     with pytest.raises(UserError):
         cfgd = dict(granularity="block", block_size=3, weight_format="matmulnbits")
         QuantizeConfig(**cfgd).validate()

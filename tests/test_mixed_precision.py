@@ -82,7 +82,6 @@ def test_per_layer_bits_flow_to_storage_opset_and_report():
 def brute_force(params, dist, base, budget):
     best = None
     ws = list(params)
-    total = sum(params.values())
     for choice in itertools.product(*[sorted(dist[w]) for w in ws]):
         bits = dict(zip(ws, choice))
         if average_bits(bits, params) > budget + 1e-12:
@@ -229,13 +228,7 @@ def test_keep_8bit_composes_with_mixed_precision():
     (["--mp-samples", "0", "--avg-bits", "5"], "--mp-samples"),
 ])
 def test_cli_errors_one_line(tmp_path, capsys, args, needle):
-    src = tmp_path / "m.onnx"
-    onnx.save(builders.mlp_model([8, 6, 5], seq=3), str(src))
-    out = tmp_path / "q.onnx"
-    assert main(["quantize", str(src), "-o", str(out), "--calib", "random", "--quiet"] + args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("onnxcomq: error:") and needle in err[0], err
-    assert not out.exists()
+    builders.assert_cli_one_line_error(tmp_path, capsys, args, needle)
 
 
 def test_cli_mixed_precision_writes_allocation(tmp_path, capsys):

@@ -5,7 +5,6 @@ scratch at every step), the streamed statistics against X and X~ built from onnx
 """
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from hypothesis import given, settings, strategies as st
