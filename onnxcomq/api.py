@@ -296,15 +296,14 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
         if solve_bar is not None:
             solve_bar.close()
 
-    scfg = base_cfg
-    meta = {"method": config.method, "bits": scfg.bits, "granularity": scfg.granularity, "scheme": scfg.scheme,
-            "order": scfg.order, "sweeps": scfg.sweeps, "scale_update": scfg.scale_update,
-            "lambda": "search" if scfg.lambda_search else scfg.lam,
+    meta = {"method": config.method, "bits": base_cfg.bits, "granularity": base_cfg.granularity, "scheme": base_cfg.scheme,
+            "order": base_cfg.order, "sweeps": base_cfg.sweeps, "scale_update": base_cfg.scale_update,
+            "lambda": "search" if base_cfg.lambda_search else base_cfg.lam,
             "official": config.official, "bias_correction": bool(deltas), "calibration_samples": samples,
             "mask_input": mask_input, "damping": damping,
             "sequential_stages": len(stages) if len(stages) > 1 else 0}
-    if scfg.granularity == "block":
-        meta["block_size"] = scfg.quant_block
+    if base_cfg.granularity == "block":
+        meta["block_size"] = base_cfg.quant_block
     if config.weight_format != "qdq":
         meta["weight_format"] = config.weight_format
     if acts is not None:

@@ -11,6 +11,7 @@ import tempfile
 import onnx
 
 from .errors import UserError
+from .graph import SUPPORTED_OPS
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def load_model(path) -> onnx.ModelProto:
     return model
 
 
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")  # Einsum: rewritten as MatMul (rewrite.py)
+WEIGHT_OPS = SUPPORTED_OPS + ("Einsum",)  # Einsum: rewritten as MatMul (rewrite.py)
 
 
 def _needs_folding(model: onnx.ModelProto) -> bool:

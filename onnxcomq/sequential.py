@@ -239,13 +239,11 @@ def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, f
     observers = observers or {}
     fetch = sorted({s.tensor for s in specs} - graph_inputs)
     fetch_float = sorted(set(fetch) | (set(observers) - graph_inputs))
-    sessions = [make_session(stage_model(m, f)) for m, f in ((model, fetch_float), (twin, fetch))[:2 if cross else 1]
-                if f]
+    pairs = ((model, fetch_float), (twin, fetch)) if cross else ((model, fetch_float),)
+    runs = [(make_session(stage_model(m, f)) if f else None, f) for m, f in pairs]
     samples = 0
     for feed in batches:
-        vals = [dict(zip(f, sess.run(f, feed))) for sess, f in zip(sessions, (fetch_float, fetch))] or [{}, {}]
-        if len(vals) < (2 if cross else 1):
-            vals += [{}] * (2 - len(vals))
+        vals = [dict(zip(f, sess.run(f, feed))) if sess is not None else {} for sess, f in runs]
         for v in vals:
             v.update({k: a for k, a in feed.items() if k in graph_inputs})
         mask = feed.get(mask_input) if mask_input else None
