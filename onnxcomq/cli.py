@@ -84,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="a fixed grid shrink factor for the initial scales; turns the search off (default: at <= 4 "
                         "bits searched per channel among 1.0 .. 0.7 by the layer's own objective, else 1.0)")
+    s.add_argument("--lambda-solves", type=int, default=7, metavar="K",
+                   help="with the lambda search: solve each channel with COMQ from its K best shrink factors (as "
+                        "ranked by round-to-nearest) and keep the one with the lowest COMQ objective; K times the "
+                        "solve time (1..7, default: 7, all candidates)")
     s.add_argument("--damping", type=_damping, default=0.1, metavar="auto|FLOAT",
                    help="for layers with fewer than 4 x fan-in calibration rows, solve with G + damping * "
                         "mean(diag G) * I so the codes do not fit the calibration noise; 'auto' chooses it per layer "
@@ -103,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
                         "input (correcting the error of the earlier stages); the others fit their own output on "
                         "that input: entry = the layers whose input comes from earlier stages only, all, none "
                         "(default: entry)")
+    s.add_argument("--correction-strength", type=float, default=1.0, metavar="B",
+                   help="with --sequential, the share of its input error a correcting layer fits: its target is "
+                        "B x (float input) + (1 - B) x (quantized model's input) (0..1, default: 1)")
+    s.add_argument("--correct-few-rows", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --sequential, let layers with fewer calibration rows than 4 x their fan-in correct "
+                        "too (they fit the calibration set itself) (default: off)")
     s.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the solver runs: gpu uses CuPy (default: auto)")
     m = q.add_argument_group("per-layer precision")
@@ -253,9 +263,11 @@ def cmd_quantize(a) -> int:
             raise UserError(f"{a.report}: report folder {rdir} does not exist")
     cfg = QuantizeConfig(bits=a.bits, granularity=a.granularity, scheme=a.scheme, order=a.order, sweeps=a.sweeps,
                          scale_update=a.scale_update, lam=1.0 if a.lam is None else a.lam,
-                         lambda_search=None if a.lam is None else False, method=a.method, official=a.official,
+                         lambda_search=None if a.lam is None else False, lambda_solves=a.lambda_solves,
+                         method=a.method, official=a.official,
                          bias_correction=a.bias_correction, mask_input=a.mask_input, damping=a.damping,
                          sequential=a.sequential, stages=a.stages, correction=a.correction,
+                         correction_strength=a.correction_strength, correct_few_rows=a.correct_few_rows,
                          batch_size=a.batch_size, max_samples=a.max_samples, device=a.device,
                          block_size=a.block_size, weight_format=a.weight_format,
                          nbits_accuracy_level=a.nbits_accuracy_level,

@@ -146,10 +146,12 @@ def make_grid(W, bits: int, scheme: str = "asym", granularity: str = "channel", 
                 scheme=scheme, granularity=granularity)
 
 
-def search_lambda(W, G, bits: int, scheme: str, granularity: str, candidates, zero_in_range: bool = True):
+def search_lambda(W, G, bits: int, scheme: str, granularity: str, candidates, zero_in_range: bool = True,
+                  top: int = 0):
     """Per row (one for the layer with tensor granularity), the shrink factor among ``candidates`` whose
     round-to-nearest grid has the lowest objective e^T G e: the grid is chosen by the objective, not by min-max.
-    Costs one GEMM per candidate. G may also be (groups, n, n), one Gram per block of W's rows."""
+    Costs one GEMM per candidate. G may also be (groups, n, n), one Gram per block of W's rows.
+    ``top`` = k >= 1: the k best per row instead, as a (k, m) array, best first (ties: the earlier candidate)."""
     xp = array_module(W)
     errs = []
     for lam in candidates:
@@ -161,5 +163,8 @@ def search_lambda(W, G, bits: int, scheme: str, granularity: str, candidates, ze
     errs = xp.stack(errs)  # (candidates, m)
     if granularity == "tensor":
         errs = xp.broadcast_to(errs.sum(axis=1, keepdims=True), errs.shape)
-    best = xp.argmin(errs, axis=0)
-    return xp.asarray(candidates, dtype=W.dtype)[best]
+    cands = xp.asarray(candidates, dtype=W.dtype)
+    if top:
+        rank = xp.argsort(errs, axis=0, kind="stable") if xp.__name__ == "numpy" else xp.argsort(errs, axis=0)
+        return cands[rank[:min(top, len(candidates))]]
+    return cands[xp.argmin(errs, axis=0)]

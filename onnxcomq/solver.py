@@ -41,6 +41,10 @@ class SolverConfig:
     zero_in_range: bool = True  # widen the asym min-max range to contain 0 (needed for ONNX zero points)
     lambda_search: bool = True  # choose lam per row among lambda_grid by the objective (replaces lam)
     lambda_grid: tuple = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+    # with lambda_search: full COMQ solves from each row's k best candidates (ranked by round-to-nearest error);
+    # each row keeps the solve with its lowest COMQ objective. 1: one solve from the best candidate. Rows are
+    # independent problems (channel granularity), so the choice per row is exact; tensor granularity: 1 solve.
+    lambda_solves: int = 1
     dtype: str = "float32"  # float32 | float64
     block_size: int = 0  # steps per lazy block; 0 = choose from the shape
     quant_block: int = 0  # granularity "block": input columns per scale (blockwise.py)
@@ -73,6 +77,9 @@ class SolverConfig:
             raise ValueError(f"sweeps must be an integer >= 1, got {self.sweeps!r}")
         if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam > 0):
             raise ValueError(f"lambda must be a finite number > 0, got {self.lam!r}")
+        if not isinstance(self.lambda_solves, int) or not 1 <= self.lambda_solves <= len(self.lambda_grid):
+            raise ValueError(f"lambda_solves must be an integer in 1..{len(self.lambda_grid)} (the lambda grid), got "
+                             f"{self.lambda_solves!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
         if self.block_size < 0:
@@ -324,12 +331,64 @@ def comq_quantize(W, G, cfg: SolverConfig = SolverConfig(), xp=None, H=None, G0=
     """
     cfg, xp, W, G = _prepare(W, G, cfg, xp)
     cross = H is not None
+    c = 0.0
     if cross:
         H, c = _prepare_cross(xp, W, G, H, G0)
-    m, n = W.shape
-    lam = cfg.lam
+    lams = [cfg.lam]
     if cfg.lambda_search:
-        lam = search_lambda(W, G, cfg.bits, cfg.scheme, cfg.granularity, cfg.lambda_grid, cfg.zero_in_range)
+        solves = cfg.lambda_solves if cfg.granularity == "channel" else 1
+        lams = search_lambda(W, G, cfg.bits, cfg.scheme, cfg.granularity, cfg.lambda_grid, cfg.zero_in_range,
+                             top=solves)
+    results = [_comq_solve(cfg, xp, W, G, H, c, lam) for lam in lams]
+    if len(results) == 1:
+        return results[0]
+    return _best_rows(W[None], G[None], None if H is None else H[None], None if G0 is None else xp.asarray(G0)[None],
+                      [[r] for r in results])[0]
+
+
+def _row_objective(W, Q, G, H=None):
+    """Per row, q^T G q - 2 q^T H w (H = G without cross statistics), in float64 on the host: the objective up to
+    a constant per row (w^T G0 w) that does not depend on Q. W, Q (..., m, n), G and H (..., n, n)."""
+    W, Q, G = (np.asarray(to_numpy(a), dtype=np.float64) for a in (W, Q, G))
+    H = G if H is None else np.asarray(to_numpy(H), dtype=np.float64)
+    return ((Q @ G) * Q).sum(axis=-1) - 2 * ((W @ np.swapaxes(H, -1, -2)) * Q).sum(axis=-1)
+
+
+def _best_rows(W, G, H, G0, results: list) -> list:
+    """Per row, the result among ``results`` (the same problems from different grids) with the lowest objective
+    (ties: the earlier). ``results`` holds, per candidate, one QuantResult per group: W (B, m, n), G/H/G0 (B, n, n)
+    (H/G0 None without cross statistics). The objective of the mix is exact: its rows' objectives plus the constant
+    sum w^T G0 w (G0 = G, or H + H^T - G~ with cross statistics and no G0: the constant the solver's R leaves out)."""
+    f = np.stack([_row_objective(W, np.stack([r.qweight for r in rs]), G, H) for rs in results])  # (k, B, m)
+    k = f.argmin(axis=0)
+    fk = np.take_along_axis(f, k[None], 0)[0]  # (B, m)
+    Wh = np.asarray(to_numpy(W), dtype=np.float64)
+    if G0 is not None:
+        const = np.asarray(to_numpy(G0), dtype=np.float64)
+    elif H is not None:
+        Hh = np.asarray(to_numpy(H), dtype=np.float64)
+        const = Hh + np.swapaxes(Hh, -1, -2) - np.asarray(to_numpy(G), dtype=np.float64)
+    else:
+        const = np.asarray(to_numpy(G), dtype=np.float64)
+    objs = fk.sum(axis=1) + ((Wh @ const) * Wh).sum(axis=(1, 2))
+    out = []
+    for b in range(len(objs)):
+        rows, kb = np.arange(k.shape[1]), k[b]
+        rs = [r[b] for r in results]
+
+        def pick(name):
+            return np.stack([getattr(r, name) for r in rs])[kb, rows]
+        obj = float(objs[b])
+        out.append(QuantResult(codes=pick("codes"), scale=pick("scale"), zero_point=pick("zero_point"),
+                               qweight=pick("qweight"), objective=obj, history=rs[0].history + [obj],
+                               bits=rs[0].bits, scheme=rs[0].scheme, granularity=rs[0].granularity))
+    return out
+
+
+def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam) -> QuantResult:
+    """``comq_quantize`` on prepared arrays from the grid of shrink factor ``lam`` (a number or one per row)."""
+    cross = H is not None
+    m, n = W.shape
     grid = make_grid(W, cfg.bits, cfg.scheme, cfg.granularity, lam, cfg.zero_in_range)
     g = xp.ascontiguousarray(xp.diagonal(G)).copy()
     gsafe = xp.where(g > 0, g, 1)
@@ -442,9 +501,22 @@ def comq_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None, H3
         H3, c3 = _prepare_cross(xp, W3, G3, H3, G03)
     B, m, n = W3.shape
     W2 = W3.reshape(B * m, n)
-    lam = cfg.lam
+    c3 = to_numpy(c3) if cross and G03 is not None else 0.0
+    lams = [cfg.lam]
     if cfg.lambda_search:
-        lam = search_lambda(W2, G3, cfg.bits, cfg.scheme, "channel", cfg.lambda_grid, cfg.zero_in_range)
+        lams = search_lambda(W2, G3, cfg.bits, cfg.scheme, "channel", cfg.lambda_grid, cfg.zero_in_range,
+                             top=cfg.lambda_solves)
+    results = [_comq_solve_groups(cfg, xp, W3, G3, H3, c3, lam) for lam in lams]
+    if len(results) == 1:
+        return results[0]
+    return _best_rows(W3, G3, H3, G03, results)
+
+
+def _comq_solve_groups(cfg: SolverConfig, xp, W3, G3, H3, c3, lam) -> list:
+    """``comq_quantize_groups`` on prepared arrays from the grid of shrink factor ``lam``."""
+    cross = H3 is not None
+    B, m, n = W3.shape
+    W2 = W3.reshape(B * m, n)
     grid = make_grid(W2, cfg.bits, cfg.scheme, "channel", lam, cfg.zero_in_range)
     g = xp.ascontiguousarray(xp.diagonal(G3, axis1=1, axis2=2))  # (B, n)
     gsafe = xp.where(g > 0, g, 1)
@@ -453,7 +525,6 @@ def comq_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None, H3
     Q3 = W3.copy()
     R3 = W3 @ (xp.swapaxes(H3, 1, 2) - G3) if cross else xp.zeros_like(W3)
     R30 = R3.copy() if cross else None
-    c3 = to_numpy(c3) if cross and G03 is not None else 0.0
     histories = []
     for _ in range(cfg.sweeps):
         for t in range(n):

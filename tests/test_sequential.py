@@ -292,8 +292,15 @@ def test_only_stage_entries_correct_their_input_error():
     layer corrects it already): only the entries of a stage fit X W from X~."""
     model = deep_mlp(0)
     x = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
-    _, rep = run(model, {"input": x}, QuantizeConfig(bits=4, sequential=True, stages=2))
+    _, rep = run(model, {"input": x}, QuantizeConfig(bits=4, sequential=True, stages=2, correct_few_rows=True))
     assert [L.stage for L in rep.layers] == [0, 0, 1, 1, 1]
+    assert [L.corrected for L in rep.layers] == [False, False, True, False, False]
+    # by default a layer with fewer rows than 4 x its fan-in does not correct (it would fit the calibration set)
+    entry = rep.layers[2]
+    assert entry.rows < 4 * np.prod(entry.shape[1:])
+    _, rep = run(model, {"input": x}, QuantizeConfig(bits=4, sequential=True, stages=2))
+    assert not any(L.corrected for L in rep.layers)
+    _, rep = run(model, {"input": np.tile(x, (4, 1))}, QuantizeConfig(bits=4, sequential=True, stages=2))
     assert [L.corrected for L in rep.layers] == [False, False, True, False, False]
     two = two_conv_model()
     layers, _ = find_layers(two)
@@ -320,7 +327,8 @@ def test_auto_damping_chooses_by_held_out_error():
     A = rng.standard_normal((6, 64))
     data = (Z @ A + 0.2 * rng.standard_normal((400, 64))).astype(np.float32)
     calib, test = {"input": data[:96]}, data[96:]
-    cfg = dict(bits=3, sequential=False, bias_correction=False, damping_rows=4.0)
+    # one solve per channel: with the grid chosen among 7 solves, held-out error picks alpha 0 for the first layer
+    cfg = dict(bits=3, sequential=False, bias_correction=False, damping_rows=4.0, lambda_solves=1)
     auto, rep = run(model, calib, QuantizeConfig(damping="auto", **cfg))
     off, rep0 = run(model, calib, QuantizeConfig(damping=0.0, **cfg))
     assert all(L.damped and L.damping in QuantizeConfig().damping_grid for L in rep.layers if L.rows < 4 * 64)
@@ -338,7 +346,8 @@ def test_damping_and_stages_flags(tmp_path, capsys):
     out = str(tmp_path / "q.onnx")
     base = ["quantize", model, "-o", out, "--calib", str(tmp_path / "c.npz"), "--quiet"]
     assert cli_main(base + ["--stages", "3", "--damping", "0.3", "--no-sequential"]) == 0
-    assert cli_main(base + ["--sequential", "--stages", "2", "--correction", "all", "--report", str(tmp_path / "r.json")]) == 0
+    assert cli_main(base + ["--sequential", "--stages", "2", "--correction", "all", "--correct-few-rows",
+                                 "--correction-strength", "0.5", "--report", str(tmp_path / "r.json")]) == 0
     import json
     layers = json.load(open(tmp_path / "r.json"))["layers"]
     assert [L["stage"] for L in layers] == [0, 0, 1, 1, 1] and [L["corrected"] for L in layers] == [0, 0, 1, 1, 1]
@@ -351,3 +360,64 @@ def test_damping_and_stages_flags(tmp_path, capsys):
     assert "damping must be 'auto' or a finite number >= 0" in capsys.readouterr().err
     with pytest.raises(UserError, match="damping grid"):
         QuantizeConfig(damping_grid=(0.1, -1.0)).validate()
+
+
+@pytest.mark.parametrize("with_g0", [True, False])
+def test_lambda_solves_with_cross_statistics(with_g0):
+    """Per row, the best of the full cross solves from each fixed lambda, by the exact ||X W^T - X~ Q^T||^2; the
+    batched group solver makes the same choices as the one-by-one solver."""
+    probs = [cross_problem(4, 9, seed) for seed in range(4)]
+    grid = SolverConfig().lambda_grid
+    cfg = SolverConfig(bits=3, sweeps=2, dtype="float64", lambda_solves=len(grid))
+    W3 = np.stack([p[0] for p in probs])
+    G3 = np.stack([X.T @ X for _, X, _ in probs])
+    H3 = np.stack([Xt.T @ X for _, X, Xt in probs])
+    Gt3 = np.stack([Xt.T @ Xt for _, _, Xt in probs])
+    batched = comq_quantize_groups(W3, Gt3, cfg, H3=H3, G03=G3 if with_g0 else None)
+    for b, (W, X, Xt) in enumerate(probs):
+        one = comq_quantize(W, Gt3[b], cfg, H=H3[b], G0=G3[b] if with_g0 else None)
+        np.testing.assert_array_equal(batched[b].codes, one.codes)
+        np.testing.assert_allclose(batched[b].scale, one.scale, rtol=1e-12)
+        per_lam = [comq_quantize(W, Gt3[b], SolverConfig(bits=3, sweeps=2, dtype="float64", lambda_search=False,
+                                                        lam=lam), H=H3[b], G0=G3[b]) for lam in grid]
+        rows = np.array([[direct_objective(W[i:i + 1], r.qweight[i:i + 1], X, Xt) for i in range(len(W))]
+                         for r in per_lam])
+        got = [direct_objective(W[i:i + 1], one.qweight[i:i + 1], X, Xt) for i in range(len(W))]
+        np.testing.assert_allclose(got, rows.min(axis=0), rtol=1e-9)
+        if with_g0:
+            assert one.objective == pytest.approx(direct_objective(W, one.qweight, X, Xt), rel=1e-8)
+        else:  # without G0 the objective leaves out the input-drift constant w^T (X - X~)^T (X - X~) w
+            drift = float((((X - Xt) @ W.T) ** 2).sum())
+            assert one.objective == pytest.approx(direct_objective(W, one.qweight, X, Xt) - drift, rel=1e-8,
+                                                  abs=1e-8 * drift)
+
+
+def test_correction_strength_interpolates_between_none_and_full():
+    """Strength 0 fits X~ W (the same model as --correction none), 1 the float output (the default); a strength
+    in between gives a model between the two; out-of-range strengths are a UserError."""
+    model = deep_mlp(0)
+    x = np.tile(np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32), (4, 1))
+    none, _ = run(model, {"input": x}, QuantizeConfig(bits=4, sequential=True, stages=2, correction="none"))
+    zero, rep = run(model, {"input": x}, QuantizeConfig(bits=4, sequential=True, stages=2, correction_strength=0.0))
+    full, _ = run(model, {"input": x}, QuantizeConfig(bits=4, sequential=True, stages=2))
+    half, _ = run(model, {"input": x}, QuantizeConfig(bits=4, sequential=True, stages=2, correction_strength=0.5))
+    assert any(L.corrected for L in rep.layers)
+    assert zero.SerializeToString() == none.SerializeToString()
+    assert full.SerializeToString() != none.SerializeToString()
+    assert half.SerializeToString() not in (none.SerializeToString(), full.SerializeToString())
+    for bad in (-0.1, 1.5, "x"):
+        with pytest.raises(UserError, match="correction strength"):
+            run(model, {"input": x}, QuantizeConfig(bits=4, sequential=True, correction_strength=bad))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_mixed_target_statistics_equal_those_of_the_mixed_input(beta):
+    """_mix: the statistics of the target X_b = b X + (1 - b) X~, formed directly in float64."""
+    from onnxcomq.api import _mix
+
+    _, X, Xt = cross_problem(2, 7, seed=5)
+    Xb = beta * X + (1 - beta) * Xt
+    G, H, Gt = _mix((X.T @ X, Xt.T @ X, Xt.T @ Xt), beta)
+    np.testing.assert_allclose(G, Xb.T @ Xb, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(H, Xt.T @ Xb, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(Gt, Xt.T @ Xt, rtol=1e-12)

@@ -314,3 +314,46 @@ def test_batched_groups_equal_one_by_one(xp, scale_update, sweeps, m, n):
         r1 = rtn_quantize(W3[b], G3[b], cfg)
         np.testing.assert_array_equal(rtn[b].codes, r1.codes)
         np.testing.assert_allclose(rtn[b].objective, r1.objective, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", ["cyclic", "greedy"])
+@pytest.mark.parametrize("kind", ["random", "correlated"])
+def test_lambda_solves_keeps_each_rows_best_full_solve(xp, order, kind):
+    """lambda_solves = all candidates: per row, the lowest exact objective over full solves from each fixed lambda
+    (brute force: one solve per lambda, rows compared in float64); the reported objective is that of the mix."""
+    W, G = problem(12, 30, seed=7, kind=kind)
+    grid = SolverConfig().lambda_grid
+    cfg = SolverConfig(bits=3, order=order, dtype="float64", lambda_solves=len(grid))
+    got = comq_quantize(xp.asarray(W), xp.asarray(G), cfg)
+    per_lam = [comq_quantize(W, G, SolverConfig(bits=3, order=order, dtype="float64", lambda_search=False, lam=lam))
+               for lam in grid]
+    rows = np.array([[ref.objective(W[i:i + 1], r.qweight[i:i + 1], G) for i in range(len(W))] for r in per_lam])
+    got_rows = np.array([ref.objective(W[i:i + 1], got.qweight[i:i + 1], G) for i in range(len(W))])
+    np.testing.assert_allclose(got_rows, rows.min(axis=0), rtol=1e-10)
+    assert got.objective == pytest.approx(ref.objective(W, got.qweight, G), rel=1e-10)
+    # the stored codes, scales and zero points are those of the chosen rows
+    np.testing.assert_allclose(got.scale[:, None] * (got.codes - got.zero_point[:, None]), got.qweight, rtol=1e-12)
+    assert (rows.argmin(axis=0) > 0).any()  # the case is one where some row gains from another grid
+    one = comq_quantize(xp.asarray(W), xp.asarray(G), SolverConfig(bits=3, order=order, dtype="float64"))
+    assert got.objective < one.objective
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 6), n=st.integers(2, 30), seed=st.integers(0, 10_000), k=st.integers(1, 7),
+       bits=st.integers(2, 5), granularity=st.sampled_from(["channel", "tensor"]))
+def test_more_lambda_solves_never_hurt(m, n, seed, k, bits, granularity):
+    W, G = problem(m, n, seed=seed, kind="correlated")
+    base = SolverConfig(bits=bits, granularity=granularity, dtype="float64")
+    one = comq_quantize(W, G, base)
+    more = comq_quantize(W, G, SolverConfig(bits=bits, granularity=granularity, dtype="float64", lambda_solves=k))
+    assert more.objective <= one.objective * (1 + 1e-12) + 1e-12
+    assert more.objective == pytest.approx(ref.objective(W, more.qweight, G), rel=1e-9, abs=1e-12)
+    if granularity == "tensor":  # one grid for the layer: a single solve, nothing to choose per row
+        np.testing.assert_array_equal(more.codes, one.codes)
+
+
+def test_lambda_solves_rejects_out_of_range():
+    W, G = problem(3, 8, seed=1)
+    for k in (0, 8, 2.0):
+        with pytest.raises(ValueError, match="lambda_solves"):
+            comq_quantize(W, G, SolverConfig(lambda_solves=k))
