@@ -99,17 +99,18 @@ def _parser() -> argparse.ArgumentParser:
                         "let each stage fit the output of the float layer from the input of the model whose earlier "
                         "stages are already quantized; costs 2 calibration passes per stage after the first; "
                         "measured worse than one pass on EfficientNet-Lite0 with 64 images (default: off)")
-    s.add_argument("--stages", type=int, default=4,
+    s.add_argument("--stages", type=int, default=16,
                    help="stages of --sequential capture: contiguous groups of about equally many layers; more "
-                        "stages follow the quantization error more closely and cost more passes (default: 4)")
+                        "stages follow the quantization error more closely and cost more passes (default: 16)")
     s.add_argument("--correction", choices=["entry", "all", "none"], default="entry",
                    help="with --sequential, which layers fit the float layer's output from the quantized model's "
                         "input (correcting the error of the earlier stages); the others fit their own output on "
                         "that input: entry = the layers whose input comes from earlier stages only, all, none "
                         "(default: entry)")
-    s.add_argument("--correction-strength", type=float, default=1.0, metavar="B",
-                   help="with --sequential, the share of its input error a correcting layer fits: its target is "
-                        "B x (float input) + (1 - B) x (quantized model's input) (0..1, default: 1)")
+    s.add_argument("--correction-strength", type=float, default=0.5, metavar="B",
+                   help="with --sequential, the share of its input error a correcting layer's weights fit: their "
+                        "target is B x (float input) + (1 - B) x (quantized model's input); the free bias always "
+                        "fits the float output's mean (0..1, default: 0.5)")
     s.add_argument("--correct-few-rows", action=argparse.BooleanOptionalAction, default=False,
                    help="with --sequential, let layers with fewer calibration rows than 4 x their fan-in correct "
                         "too (they fit the calibration set itself) (default: off)")

@@ -141,6 +141,10 @@ def _bad_cases(tmp):
         ("layer-bits no match", [CNN, "-o", out, "--calib", CALIB, "--layer-bits", "nomatch*=8"],
          "matches no quantized layer"),
         ("stages 0", [CNN, "-o", out, "--calib", CALIB, "--sequential", "--stages", "0"], "stages must be"),
+        ("lambda solves 0", [CNN, "-o", out, "--calib", CALIB, "--lambda-solves", "0"], "--lambda-solves must be"),
+        ("lambda solves 8", [CNN, "-o", out, "--calib", CALIB, "--lambda-solves", "8"], "--lambda-solves must be"),
+        ("correction strength 2", [CNN, "-o", out, "--calib", CALIB, "--sequential", "--correction-strength", "2"],
+         "correction strength must be"),
         ("act option alone", [CNN, "-o", out, "--calib", CALIB, "--act-aware"], "only with activation quantization"),
     ]
 

@@ -13,6 +13,15 @@ Models: effnet (out/effnet_lite0.onnx; top-1 agreement and mean KL vs float on o
 (out/minilm.onnx; mean cosine of sentence embeddings to float on out/minilm_eval.npz), cnn / vit (the shipped
 Fashion-MNIST models; top-1 % on models/fmnist_test.npz). Times are the wall time of onnxcomq.run (load, capture,
 solve, emit) and its capture / solve parts; the CPU may be shared, so compare rows of one run.
+
+Differences of a few hundredths of KL on EfficientNet-Lite0 are within the spread between calibration sets. To see
+that spread, quantize with several sets of 64 crops (the first 64 of these 256 are out/effnet_calib.npz) and report
+each metric's mean and standard deviation over them:
+
+    python tools/export_efficientnet.py --skip-model --calib-crops 256 --calib-out out/effnet_calib256.npz \
+        --eval-out /tmp/eval.npz --manifest-out /tmp/photos.json
+    python tools/bench_sequential.py --model effnet --calib out/effnet_calib256.npz --calib-split 4 \
+        --variant default: --variant 'k1:lambda_solves=1'
 """
 
 from __future__ import annotations
@@ -76,20 +85,43 @@ class Evaluator:
         return {"effnet": "agreement | mean KL", "minilm": "cosine mean | cosine min"}.get(self.name,
                                                                                           "top-1 % | drop points")
 
-    def __call__(self, model) -> str:
+    def __call__(self, model) -> tuple:
+        """The two metrics of the header."""
         if self.name == "effnet":
             r = self.ev.compare(self.ref, self.ev.logits(self.ev.session(model), self.x, 32), 0.5)
-            return f"{r['agree']:.4f} | {r['kl']:.4f}"
+            return r["agree"], r["kl"]
         if self.name == "minilm":
             r = self.ev.evaluate(self.ev.session(model), self.a, self.b, self.ref, 32)
-            return f"{r['cos_mean']:.4f} | {r['cos_min']:.4f}"
+            return r["cos_mean"], r["cos_min"]
         import tempfile
         from onnxcomq.modelio import save_model
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "q.onnx")
             save_model(model, out)
             acc = self.top1(out, "models/fmnist_test.npz")[0]
-        return f"{100 * acc:.2f} | {100 * (self.ref - acc):+.2f}"
+        return 100 * acc, 100 * (self.ref - acc)
+
+
+def fmt_metrics(values: list) -> str:
+    """One set: the two metrics; several: mean +- standard deviation of each, then the values per set."""
+    v = np.array(values)
+    if len(v) == 1:
+        return f"{v[0, 0]:.4f} | {v[0, 1]:.4f}"
+    cols = [f"{v[:, j].mean():.4f} ± {v[:, j].std(ddof=1):.4f} ({', '.join(f'{x:.4f}' for x in v[:, j])})"
+            for j in range(2)]
+    return " | ".join(cols)
+
+
+def calib_sets(path: str, split: int) -> list:
+    """The calibration source, or its arrays cut into ``split`` consecutive equal sets (dicts of arrays)."""
+    if split <= 1:
+        return [path]
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    n = min(len(a) for a in arrays.values()) // split
+    if n < 1:
+        raise SystemExit(f"{path}: fewer samples than --calib-split {split}")
+    return [{k: a[i * n:(i + 1) * n] for k, a in arrays.items()} for i in range(split)]
 
 
 def reuse_capture():
@@ -115,30 +147,42 @@ def main(argv=None) -> int:
                     help="a configuration to measure (repeatable); 'default:' is QuantizeConfig()")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--limit", type=int, default=None, help="effnet: evaluate on the first LIMIT crops only")
+    ap.add_argument("--calib", default=None, help="calibration .npz instead of the model's default")
+    ap.add_argument("--calib-split", type=int, default=1, metavar="K",
+                    help="cut the calibration set into K consecutive equal sets, quantize with each, and report "
+                         "mean +- standard deviation (and each set's value); times are the mean")
     ap.add_argument("--reuse-capture", action="store_true",
                     help="capture the one-pass statistics once per model and reuse them for every variant (for "
                          "solver-only variants such as sweeps; sequential stages are captured as usual); the "
                          "capture time is then only counted in the first row")
     args = ap.parse_args(argv)
+    if args.reuse_capture and args.calib_split > 1:
+        ap.error("--reuse-capture reuses one calibration set's statistics: it cannot go with --calib-split")
     if args.reuse_capture:
         reuse_capture()
     os.chdir(ROOT)
     variants = [parse_variant(v) for v in (args.variant or ["default:"])]
     for name in args.model:
         path, calib = MODELS[name]
+        sets = calib_sets(args.calib or calib, args.calib_split)
         ev = Evaluator(name, path, args.limit)
         print(f"\n{name}\n\n| bits | variant | {ev.header()} | total s | capture s | solve s | damped layers "
               f"(alphas) |\n|---|---|---|---|---|---|---|---|")
         for bits in args.bits:
             for label, kw in variants:
                 cfg = QuantizeConfig(bits=bits, device=args.device, **kw)
-                t = time.perf_counter()
-                model, rep = run(path, calib, cfg)
-                dt = time.perf_counter() - t
-                damped = [L.damping for L in rep.layers if L.damped]
+                metrics, times = [], []
+                for source in sets:
+                    t = time.perf_counter()
+                    model, rep = run(path, source, cfg)
+                    times.append((time.perf_counter() - t, rep.capture_seconds, rep.solve_seconds))
+                    metrics.append(ev(model))
+                    del model
+                dt, cap, sol = np.mean(times, axis=0)
+                damped = [L.damping for L in rep.layers if L.damped]  # (the last set's)
                 alphas = ", ".join(f"{a:g}x{damped.count(a)}" for a in sorted(set(damped)))
-                print(f"| W{bits} | {label} | {ev(model)} | {dt:.1f} | {rep.capture_seconds:.1f} | "
-                      f"{rep.solve_seconds:.1f} | {len(damped)} ({alphas}) |", flush=True)
+                print(f"| W{bits} | {label} | {fmt_metrics(metrics)} | {dt:.1f} | {cap:.1f} | {sol:.1f} | "
+                      f"{len(damped)} ({alphas}) |", flush=True)
     return 0
 
 
