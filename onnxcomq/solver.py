@@ -103,6 +103,8 @@ class QuantResult:
     bits: int = 0
     scheme: str = "asym"
     granularity: str = "channel"
+    # per row, the objective up to a constant of the row's (from the solver's maintained residual; None for RTN)
+    row_objective: np.ndarray | None = field(default=None, repr=False)
 
 
 def _check_inputs(xp, W, G):
@@ -339,50 +341,33 @@ def comq_quantize(W, G, cfg: SolverConfig = SolverConfig(), xp=None, H=None, G0=
         solves = cfg.lambda_solves if cfg.granularity == "channel" else 1
         lams = search_lambda(W, G, cfg.bits, cfg.scheme, cfg.granularity, cfg.lambda_grid, cfg.zero_in_range,
                              top=solves)
-    results = [_comq_solve(cfg, xp, W, G, H, c, lam) for lam in lams]
-    if len(results) == 1:
-        return results[0]
-    return _best_rows(W[None], G[None], None if H is None else H[None], None if G0 is None else xp.asarray(G0)[None],
-                      [[r] for r in results])[0]
+    if len(lams) == 1:
+        return _comq_solve(cfg, xp, W, G, H, c, lams[0])
+    return _best_rows(lambda lam: [_comq_solve(cfg, xp, W, G, H, c, lam)], lams, float(c))[0]
 
 
-def _row_objective(W, Q, G, H=None):
-    """Per row, q^T G q - 2 q^T H w (H = G without cross statistics), in float64 on the host: the objective up to
-    a constant per row (w^T G0 w) that does not depend on Q. W, Q (..., m, n), G and H (..., n, n)."""
-    W, Q, G = (np.asarray(to_numpy(a), dtype=np.float64) for a in (W, Q, G))
-    H = G if H is None else np.asarray(to_numpy(H), dtype=np.float64)
-    return ((Q @ G) * Q).sum(axis=-1) - 2 * ((W @ np.swapaxes(H, -1, -2)) * Q).sum(axis=-1)
-
-
-def _best_rows(W, G, H, G0, results: list) -> list:
-    """Per row, the result among ``results`` (the same problems from different grids) with the lowest objective
-    (ties: the earlier). ``results`` holds, per candidate, one QuantResult per group: W (B, m, n), G/H/G0 (B, n, n)
-    (H/G0 None without cross statistics). The objective of the mix is exact: its rows' objectives plus the constant
-    sum w^T G0 w (G0 = G, or H + H^T - G~ with cross statistics and no G0: the constant the solver's R leaves out)."""
-    f = np.stack([_row_objective(W, np.stack([r.qweight for r in rs]), G, H) for rs in results])  # (k, B, m)
-    k = f.argmin(axis=0)
-    fk = np.take_along_axis(f, k[None], 0)[0]  # (B, m)
-    Wh = np.asarray(to_numpy(W), dtype=np.float64)
-    if G0 is not None:
-        const = np.asarray(to_numpy(G0), dtype=np.float64)
-    elif H is not None:
-        Hh = np.asarray(to_numpy(H), dtype=np.float64)
-        const = Hh + np.swapaxes(Hh, -1, -2) - np.asarray(to_numpy(G), dtype=np.float64)
-    else:
-        const = np.asarray(to_numpy(G), dtype=np.float64)
-    objs = fk.sum(axis=1) + ((Wh @ const) * Wh).sum(axis=(1, 2))
-    out = []
-    for b in range(len(objs)):
-        rows, kb = np.arange(k.shape[1]), k[b]
-        rs = [r[b] for r in results]
-
-        def pick(name):
-            return np.stack([getattr(r, name) for r in rs])[kb, rows]
-        obj = float(objs[b])
-        out.append(QuantResult(codes=pick("codes"), scale=pick("scale"), zero_point=pick("zero_point"),
-                               qweight=pick("qweight"), objective=obj, history=rs[0].history + [obj],
-                               bits=rs[0].bits, scheme=rs[0].scheme, granularity=rs[0].granularity))
-    return out
+def _best_rows(solve, lams, const) -> list:
+    """Per row, the best of the solves ``solve(lam)`` (each a list of QuantResult, one per group) by the rows'
+    objectives (ties: the earlier lam), merged in place into the first solve's results so that only two solves are
+    held at a time. Rows are independent problems with per-channel grids, so mixing rows is exact. ``const``: the
+    constant of each group's objective beyond its rows' (0, or the cross statistics' input-drift term)."""
+    best = None
+    for lam in lams:
+        rs = solve(lam)
+        if best is None:
+            best = rs
+            continue
+        for rb, r in zip(best, rs):
+            take = r.row_objective < rb.row_objective
+            if take.any():
+                for name in ("codes", "scale", "zero_point", "qweight", "row_objective"):
+                    getattr(rb, name)[take] = getattr(r, name)[take]
+        del rs
+    for b, rb in enumerate(best):
+        obj = float(rb.row_objective.sum() + (const[b] if np.ndim(const) else const))
+        rb.history = rb.history + [obj]
+        rb.objective = obj
+    return best
 
 
 def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam) -> QuantResult:
@@ -407,7 +392,9 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam) -> QuantResult:
                 R = _scale_update(xp, W, level, R, G, grid, H=H)
                 Q = grid.values(level)
                 history.append(_objective_from_R(W, Q, R, R0, c0))
-        return _result(xp, W, G, grid, Q, level, history, obj=history[-1])
+        res = _result(xp, W, G, grid, Q, level, history, obj=history[-1])
+        res.row_objective = to_numpy(((W - Q) * (R if R0 is None else R + R0)).sum(axis=1, dtype=xp.float64))
+        return res
 
     # shared orders: permute the columns so that the order is cyclic, and work in the transposed layout
     perm = importance_order(W, g) if cfg.order == "importance" else None
@@ -431,12 +418,15 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam) -> QuantResult:
             Rt = _scale_update(xp, Wt, level_t, Rt, Gp, grid, transposed=True, H=Hpt)
             Qt = grid.values(level_t, transposed=True)
             history.append(_objective_from_R(Wt, Qt, Rt, Rt0, c0))
+    rows = to_numpy(((Wt - Qt) * (Rt if Rt0 is None else Rt + Rt0)).sum(axis=0, dtype=xp.float64))
     Q, level = xp.empty_like(W), xp.empty_like(W)
     cols = perm if perm is not None else slice(None)
     Q[:, cols] = Qt.T
     level[:, cols] = level_t.T
     # the last history entry is the final objective, from R (exact up to the float drift of the lazy updates)
-    return _result(xp, W, G, grid, Q, level, history, obj=history[-1])
+    res = _result(xp, W, G, grid, Q, level, history, obj=history[-1])
+    res.row_objective = rows
+    return res
 
 
 
@@ -506,10 +496,9 @@ def comq_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None, H3
     if cfg.lambda_search:
         lams = search_lambda(W2, G3, cfg.bits, cfg.scheme, "channel", cfg.lambda_grid, cfg.zero_in_range,
                              top=cfg.lambda_solves)
-    results = [_comq_solve_groups(cfg, xp, W3, G3, H3, c3, lam) for lam in lams]
-    if len(results) == 1:
-        return results[0]
-    return _best_rows(W3, G3, H3, G03, results)
+    if len(lams) == 1:
+        return _comq_solve_groups(cfg, xp, W3, G3, H3, c3, lams[0])
+    return _best_rows(lambda lam: _comq_solve_groups(cfg, xp, W3, G3, H3, c3, lam), lams, c3)
 
 
 def _comq_solve_groups(cfg: SolverConfig, xp, W3, G3, H3, c3, lam) -> list:
@@ -542,7 +531,11 @@ def _comq_solve_groups(cfg: SolverConfig, xp, W3, G3, H3, c3, lam) -> list:
             R3 = _scale_update(xp, W3, level3, R3, G3, grid, H=H3)
             Q3 = grid.values(level3.reshape(B * m, n)).reshape(B, m, n)
             histories.append(_group_from_R(W3, Q3, R3, R30, c3))
-    return _group_results(xp, W3, G3, grid, Q3, level3, histories[-1], histories)
+    out = _group_results(xp, W3, G3, grid, Q3, level3, histories[-1], histories)
+    rows = to_numpy(((W3 - Q3) * (R3 if R30 is None else R3 + R30)).sum(axis=2, dtype=xp.float64))
+    for r, row in zip(out, rows):
+        r.row_objective = row
+    return out
 
 
 __all__ = ["SolverConfig", "QuantResult", "comq_quantize", "rtn_quantize", "comq_quantize_groups",
