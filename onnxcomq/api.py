@@ -148,11 +148,6 @@ class QuantizeConfig:
         return self.scheme or ("sym" if self.act_bits or self.target == "tensorrt" else "asym")
 
     def validate(self) -> "QuantizeConfig":
-        ngrid = len(SolverConfig().lambda_grid)
-        if isinstance(self.lambda_solves, bool) or not isinstance(self.lambda_solves, int) or \
-                not 1 <= self.lambda_solves <= ngrid:
-            raise UserError(f"--lambda-solves must be an integer in 1..{ngrid} (the shrink factors searched), got "
-                            f"{self.lambda_solves!r}")
         validate_precision(self)
         self.solver_config()
         validate_activations(self)
