@@ -88,12 +88,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="with the lambda search: solve each channel with COMQ from its K best shrink factors (as "
                         "ranked by round-to-nearest) and keep the one with the lowest COMQ objective; K times the "
                         "solve time (1..7, default: 7, all candidates)")
-    s.add_argument("--damping", type=_damping, default=0.1, metavar="auto|FLOAT",
-                   help="for layers with fewer than 4 x fan-in calibration rows, solve with G + damping * "
-                        "mean(diag G) * I so the codes do not fit the calibration noise; 'auto' chooses it per layer "
+    s.add_argument("--damping", type=_damping, default="scaled", metavar="scaled|auto|FLOAT",
+                   help="solve with G + alpha * mean(diag G) * I so the codes do not fit what is particular to the "
+                        "calibration data; 'scaled': every layer, alpha = min(10, S * sqrt(fan-in / rows)) with S "
+                        "from --damping-scale (more for layers with few rows per input: late convs, classifiers); a "
+                        "number: that alpha for layers with fewer than 4 x fan-in rows only; 'auto': per such layer "
                         "among 0, 0.01, 0.03, 0.1, 0.3, 1 by the error on half of the samples when solved on the "
-                        "other half (costs up to 6 extra solves of those layers); a number fixes it; 0 turns it off "
-                        "(default: 0.1)")
+                        "other half; 0 turns it off (default: scaled)")
+    s.add_argument("--damping-scale", type=float, default=3.0, metavar="S",
+                   help="S of --damping scaled (default: 3)")
     s.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=False,
                    help="sequential (error-feeding) capture: quantize the layers in --stages topological stages and "
                         "let each stage fit the output of the float layer from the input of the model whose earlier "
@@ -199,13 +202,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _damping(text: str):
-    """--damping: 'auto' or a number (checked by QuantizeConfig.validate)."""
-    if text == "auto":
+    """--damping: 'scaled', 'auto' or a number (checked by QuantizeConfig.validate)."""
+    if text in ("auto", "scaled"):
         return text
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected 'scaled', 'auto' or a number, got {text!r}") from None
 
 
 def _check_output(model_path: str, out: str):
@@ -268,6 +271,7 @@ def cmd_quantize(a) -> int:
                          lambda_search=None if a.lam is None else False, lambda_solves=a.lambda_solves,
                          method=a.method, official=a.official,
                          bias_correction=a.bias_correction, mask_input=a.mask_input, damping=a.damping,
+                         damping_scale=a.damping_scale,
                          sequential=a.sequential, stages=a.stages, correction=a.correction,
                          correction_strength=a.correction_strength, correct_few_rows=a.correct_few_rows,
                          batch_size=a.batch_size, max_samples=a.max_samples, device=a.device,

@@ -145,6 +145,8 @@ def _bad_cases(tmp):
         ("lambda solves 8", [CNN, "-o", out, "--calib", CALIB, "--lambda-solves", "8"], "lambda_solves must be"),
         ("correction strength 2", [CNN, "-o", out, "--calib", CALIB, "--sequential", "--correction-strength", "2"],
          "correction strength must be"),
+        ("damping scale inf", [CNN, "-o", out, "--calib", CALIB, "--damping-scale", "inf"],
+         "damping scale must be a finite number"),
         ("act option alone", [CNN, "-o", out, "--calib", CALIB, "--act-aware"], "only with activation quantization"),
     ]
 

@@ -531,11 +531,13 @@ def test_damping_helps_held_out_error_when_calibration_is_short():
     calib, held = data(24), data(4000)
     (yf,) = ort_run(m, {"input": held})
     errs, reps = {}, {}
-    for d in (0.0, 0.1):
+    for d in (0.0, 0.1, "scaled"):
         q, reps[d] = run(m, {"input": calib}, QuantizeConfig(bits=3, device="cpu", damping=d))
         (yq,) = ort_run(q, {"input": held})
         errs[d] = float(np.mean((yq - yf) ** 2))
     assert reps[0.1].layers[0].damped and not reps[0.0].layers[0].damped
     assert errs[0.1] < errs[0.0], errs
+    assert reps["scaled"].layers[0].damping == pytest.approx(min(10, 3 * np.sqrt(64 / 24)))
+    assert errs["scaled"] < errs[0.0], errs
     # and on the calibration rows themselves undamped COMQ looks better: the overfitting damping prevents
     assert reps[0.0].layers[0].comq_error <= reps[0.1].layers[0].comq_error

@@ -339,6 +339,54 @@ def test_auto_damping_chooses_by_held_out_error():
     assert not any(L.damped for L in rep2.layers)
 
 
+def test_scaled_damping_alpha_per_layer():
+    """damping 'scaled': every layer gets alpha = min(10, 3 sqrt(fan_in / rows)), with rows counting every output
+    position of a conv and fan_in the inputs of one group; damping_scale 0 is exactly no damping."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)  # 4 channels in 2 groups: fan-in 2 * 9 per group
+    conv = builders.conv_model((3, 4, 7, 7), w, pads=[1, 1, 1, 1], group=2)
+    calib = {"input": rng.standard_normal((3, 4, 7, 7)).astype(np.float32)}
+    _, rep = run(conv, calib, QuantizeConfig(bits=3, device="cpu"))
+    (L,) = rep.layers
+    assert L.rows == 3 * 7 * 7 and L.damped
+    assert L.damping == pytest.approx(min(10.0, 3.0 * np.sqrt(18 / (3 * 49))))
+    mlp = builders.mlp_model([64, 48, 4], seed=1)
+    x = {"input": rng.standard_normal((20, 64)).astype(np.float32)}
+    _, rep = run(mlp, x, QuantizeConfig(bits=3, device="cpu", damping_scale=0.5, damping_max=0.8))
+    assert [L.damping for L in rep.layers] == pytest.approx([0.8, 0.5 * np.sqrt(48 / 20)])  # capped, then not
+    a, rep0 = run(mlp, x, QuantizeConfig(bits=3, device="cpu", damping_scale=0.0))
+    b, _ = run(mlp, x, QuantizeConfig(bits=3, device="cpu", damping=0.0))
+    assert not any(L.damped for L in rep0.layers)
+    assert a.graph.SerializeToString() == b.graph.SerializeToString()  # (the metadata names the damping)
+
+
+def test_scaled_damping_solves_the_damped_problem():
+    """The scaled alpha enters the solve exactly like a fixed damping of the same strength on a layer with few
+    rows; the RTN baseline and the reported errors stay undamped."""
+    rng = np.random.default_rng(1)
+    m = builders.mlp_model([32, 12], seed=2)
+    x = {"input": (rng.standard_normal((40, 32)) @ rng.standard_normal((32, 32)) / 6).astype(np.float32)}
+    scaled, rep = run(m, x, QuantizeConfig(bits=3, device="cpu"))
+    alpha = rep.layers[0].damping
+    assert alpha == pytest.approx(3.0 * np.sqrt(32 / 40))
+    fixed, rep2 = run(m, x, QuantizeConfig(bits=3, device="cpu", damping=alpha, damping_rows=1e9))
+    assert rep2.layers[0].damped and rep2.layers[0].damping == alpha
+    assert scaled.graph.SerializeToString() == fixed.graph.SerializeToString()
+    assert rep.layers[0].comq_error == rep2.layers[0].comq_error
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=st.integers(1, 10 ** 7), fan_in=st.integers(1, 5000), scale=st.floats(0, 20), cap=st.floats(0, 50))
+def test_scaled_damping_rule_properties(rows, fan_in, scale, cap):
+    from onnxcomq.api import scaled_damping
+    a = scaled_damping(rows, fan_in, scale, cap)
+    assert 0 <= a <= cap and a <= scale * np.sqrt(fan_in / rows) * (1 + 1e-12)
+    assert scaled_damping(rows * 4, fan_in, scale, cap) <= a  # more rows per input: less damping
+    assert scaled_damping(rows, fan_in * 4, scale, cap) >= a
+    if scale * np.sqrt(fan_in / rows) < cap:
+        assert a == pytest.approx(scale * np.sqrt(fan_in / rows))
+
+
 def test_damping_and_stages_flags(tmp_path, capsys):
     model = builders.save(deep_mlp(0), tmp_path / "m.onnx")
     x = np.random.default_rng(0).standard_normal((40, 12)).astype(np.float32)
@@ -355,9 +403,11 @@ def test_damping_and_stages_flags(tmp_path, capsys):
     assert "stages must be an integer >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(base + ["--damping", "lots"])
-    assert "expected 'auto' or a number" in capsys.readouterr().err
+    assert "expected 'scaled', 'auto' or a number" in capsys.readouterr().err
     assert cli_main(base + ["--damping", "-1"]) == 2
-    assert "damping must be 'auto' or a finite number >= 0" in capsys.readouterr().err
+    assert "damping must be 'scaled', 'auto' or a finite number >= 0" in capsys.readouterr().err
+    assert cli_main(base + ["--damping-scale", "-1"]) == 2
+    assert "damping scale must be a finite number >= 0" in capsys.readouterr().err
     with pytest.raises(UserError, match="damping grid"):
         QuantizeConfig(damping_grid=(0.1, -1.0)).validate()
 
