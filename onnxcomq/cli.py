@@ -111,10 +111,10 @@ def _parser() -> argparse.ArgumentParser:
                         "input (correcting the error of the earlier stages); the others fit their own output on "
                         "that input: entry = the layers whose input comes from earlier stages only, all, none "
                         "(default: entry)")
-    s.add_argument("--correction-strength", type=float, default=0.5, metavar="B",
+    s.add_argument("--correction-strength", type=float, default=1.0, metavar="B",
                    help="with --sequential, the share of its input error a correcting layer's weights fit: their "
                         "target is B x (float input) + (1 - B) x (quantized model's input); the free bias always "
-                        "fits the float output's mean (0..1, default: 0.5)")
+                        "fits the float output's mean (0..1, default: 1)")
     s.add_argument("--correct-few-rows", action=argparse.BooleanOptionalAction, default=False,
                    help="with --sequential, let layers with fewer calibration rows than 4 x their fan-in correct "
                         "too (they fit the calibration set itself) (default: off)")

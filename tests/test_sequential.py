@@ -443,7 +443,7 @@ def test_lambda_solves_with_cross_statistics(with_g0):
 
 
 def test_correction_strength_scales_the_weight_correction_only():
-    """Strength 0 gives the weights of --correction none (they fit X~ W), 1 and the default 0.5 others; at any
+    """Strength 0 gives the weights of --correction none (they fit X~ W), 0.5 and the default 1 others; at any
     strength a correcting layer's bias fits the float output's mean (so strength 0 differs from none there only);
     out-of-range strengths are a UserError."""
     model = deep_mlp(0)
@@ -455,8 +455,8 @@ def test_correction_strength_scales_the_weight_correction_only():
     none = inits(run(model, {"input": x}, QuantizeConfig(correction="none", **base))[0])
     zero_m, rep = run(model, {"input": x}, QuantizeConfig(correction_strength=0.0, **base))
     zero = inits(zero_m)
-    half = inits(run(model, {"input": x}, QuantizeConfig(**base))[0])
-    full = inits(run(model, {"input": x}, QuantizeConfig(correction_strength=1.0, **base))[0])
+    half = inits(run(model, {"input": x}, QuantizeConfig(correction_strength=0.5, **base))[0])
+    full = inits(run(model, {"input": x}, QuantizeConfig(**base))[0])
     corrected = [L for L in rep.layers if L.corrected]
     assert len(corrected) == 1
     node = next(n for n in zero_m.graph.node if n.name == corrected[0].node)

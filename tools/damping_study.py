@@ -7,8 +7,8 @@ and what damping "scaled" gives that layer. This is the measurement behind the d
     python tools/damping_study.py out/effnet_lite0.onnx --calib out/effnet_calib.npz --held-out out/effnet_eval.npz
 
 One pass on float inputs (no sequential capture), centered statistics (the free bias), the default solver at
-``--bits``. Prints a markdown table: per layer its rows per input, the alpha "scaled" picks, the best alpha of the
-grid, and each alpha's held-out error relative to the best one (1.000 = the best).
+``--bits``. Prints a markdown table: per layer its rows per input, the alpha "scaled" picks and its held-out error,
+the best alpha of the grid, and each alpha's held-out error; errors are relative to the grid's best (1.000).
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ def main(argv=None):
     held, n_held = capture(model, layers, a.held_out, a.batch_size, a.held_out_samples)
     qc = QuantizeConfig(bits=a.bits)
     print(f"{a.model}: W{a.bits}, {n_cal} calibration samples, {n_held} held-out samples\n")
-    print("| layer | shape | rows / input | scaled alpha | best alpha | " + " | ".join(f"a={v:g}" for v in alphas)
-          + " |")
-    print("|---" * (5 + len(alphas)) + "|")
+    print("| layer | shape | rows / input | scaled alpha | its error | best alpha | "
+          + " | ".join(f"a={v:g}" for v in alphas) + " |")
+    print("|---" * (6 + len(alphas)) + "|")
     for L in layers:
         if len(L.consumers) != 1:
             continue
@@ -78,16 +78,17 @@ def main(argv=None):
         gc = [cal[spec].centered(k) for k in range(L.groups)]
         gh = [held[spec].centered(k) for k in range(L.groups)]
         cfg = qc.solver_config(taps=conv_taps(L))
+        rows = cal[spec].rows
+        scaled = scaled_damping(rows, spec.fan_in, qc.damping_scale, qc.damping_max)
         errs = []
-        for alpha in alphas:
+        for alpha in alphas + [scaled]:
             damped = [(G + alpha * max(float(np.mean(np.diag(G))), 0.0) * np.eye(len(G))).astype(np.float32)
                       for G in gc]
             errs.append(rel_error(mats, solve(mats, damped, cfg), gh))
-        best = min(errs)
-        rows = cal[spec].rows
-        print(f"| {L.node} | {'x'.join(map(str, L.weight_shape))} | {rows / spec.fan_in:.3g} | "
-              f"{scaled_damping(rows, spec.fan_in, qc.damping_scale, qc.damping_max):.3g} | "
-              f"{alphas[int(np.argmin(errs))]:g} | " + " | ".join(f"{e / best:.3f}" for e in errs) + " |", flush=True)
+        best = min(errs[:-1])
+        print(f"| {L.node} | {'x'.join(map(str, L.weight_shape))} | {rows / spec.fan_in:.3g} | {scaled:.3g} | "
+              f"{errs[-1] / best:.3f} | {alphas[int(np.argmin(errs[:-1]))]:g} | "
+              + " | ".join(f"{e / best:.3f}" for e in errs[:-1]) + " |", flush=True)
 
 
 if __name__ == "__main__":
