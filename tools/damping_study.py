@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from onnxcomq import QuantizeConfig  # noqa: E402
-from onnxcomq.api import scaled_damping  # noqa: E402
+from onnxcomq.api import _damp, scaled_damping  # noqa: E402
 from onnxcomq.calib import Calibration, model_inputs  # noqa: E402
 from onnxcomq.capture import collect_stats  # noqa: E402
 from onnxcomq.graph import find_layers, load_weight  # noqa: E402
@@ -82,8 +82,7 @@ def main(argv=None):
         scaled = scaled_damping(rows, spec.fan_in, qc.damping_scale, qc.damping_max)
         errs = []
         for alpha in alphas + [scaled]:
-            damped = [(G + alpha * max(float(np.mean(np.diag(G))), 0.0) * np.eye(len(G))).astype(np.float32)
-                      for G in gc]
+            damped = [st[0].astype(np.float32) for st in _damp([(G, None, None) for G in gc], alpha)]
             errs.append(rel_error(mats, solve(mats, damped, cfg), gh))
         best = min(errs[:-1])
         print(f"| {L.node} | {'x'.join(map(str, L.weight_shape))} | {rows / spec.fan_in:.3g} | {scaled:.3g} | "
