@@ -133,6 +133,12 @@ def _objective_from_R(W, Q, R, R0=None, c=0.0) -> float:
     return float(((W - Q) * (R if R0 is None else R + R0)).sum(dtype="float64")) + c
 
 
+def _rows_from_R(W, Q, R, R0, axis):
+    """``_objective_from_R`` without the constant, summed over ``axis`` only (per row, or per group), on the host."""
+    xp = array_module(W)
+    return to_numpy(((W - Q) * (R if R0 is None else R + R0)).sum(axis=axis, dtype=xp.float64))
+
+
 def cross_objective(W, Q, G0, H, Gt) -> float:
     """||X W^T - X~ Q^T||^2 = sum_i w_i^T G0 w_i - 2 q_i^T H w_i + q_i^T G~ q_i from G0 = X^T X, H = X~^T X and
     G~ = X~^T X~ (inputs of the float and of the partly quantized model, comq.md "Two exact extensions").
@@ -393,7 +399,7 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam) -> QuantResult:
                 Q = grid.values(level)
                 history.append(_objective_from_R(W, Q, R, R0, c0))
         res = _result(xp, W, G, grid, Q, level, history, obj=history[-1])
-        res.row_objective = to_numpy(((W - Q) * (R if R0 is None else R + R0)).sum(axis=1, dtype=xp.float64))
+        res.row_objective = _rows_from_R(W, Q, R, R0, axis=1)
         return res
 
     # shared orders: permute the columns so that the order is cyclic, and work in the transposed layout
@@ -418,7 +424,7 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam) -> QuantResult:
             Rt = _scale_update(xp, Wt, level_t, Rt, Gp, grid, transposed=True, H=Hpt)
             Qt = grid.values(level_t, transposed=True)
             history.append(_objective_from_R(Wt, Qt, Rt, Rt0, c0))
-    rows = to_numpy(((Wt - Qt) * (Rt if Rt0 is None else Rt + Rt0)).sum(axis=0, dtype=xp.float64))
+    rows = _rows_from_R(Wt, Qt, Rt, Rt0, axis=0)
     Q, level = xp.empty_like(W), xp.empty_like(W)
     cols = perm if perm is not None else slice(None)
     Q[:, cols] = Qt.T
@@ -444,8 +450,7 @@ def _group_results(xp, W3, G3, grid: Grid, Q3, level3, objs, histories) -> list:
 
 def _group_from_R(W3, Q3, R3, R30, c3):
     """Per-group ``_objective_from_R``."""
-    xp = array_module(W3)
-    return to_numpy(((W3 - Q3) * (R3 if R30 is None else R3 + R30)).sum(axis=(1, 2), dtype=xp.float64)) + c3
+    return _rows_from_R(W3, Q3, R3, R30, axis=(1, 2)) + c3
 
 
 def _group_objective(E3, G3):
@@ -532,7 +537,7 @@ def _comq_solve_groups(cfg: SolverConfig, xp, W3, G3, H3, c3, lam) -> list:
             Q3 = grid.values(level3.reshape(B * m, n)).reshape(B, m, n)
             histories.append(_group_from_R(W3, Q3, R3, R30, c3))
     out = _group_results(xp, W3, G3, grid, Q3, level3, histories[-1], histories)
-    rows = to_numpy(((W3 - Q3) * (R3 if R30 is None else R3 + R30)).sum(axis=2, dtype=xp.float64))
+    rows = _rows_from_R(W3, Q3, R3, R30, axis=2)
     for r, row in zip(out, rows):
         r.row_objective = row
     return out
