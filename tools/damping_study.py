@@ -28,14 +28,12 @@ from onnxcomq.capture import collect_stats  # noqa: E402
 from onnxcomq.graph import find_layers, load_weight  # noqa: E402
 from onnxcomq.modelio import prepare_model  # noqa: E402
 from onnxcomq.precision import conv_taps  # noqa: E402
-from onnxcomq.solver import comq_quantize, comq_quantize_groups  # noqa: E402
+from onnxcomq.solver import comq_quantize, comq_quantize_groups, objective  # noqa: E402
 
 
 def capture(model, layers, path, batch, samples):
     specs = {spec: L.groups for L in layers for _, spec in L.consumers}
-    calib = Calibration(path, model_inputs(model), batch_size=batch, max_samples=samples)
-    stats, n = collect_stats(model, specs, calib)
-    return stats, n
+    return collect_stats(model, specs, Calibration(path, model_inputs(model), batch_size=batch, max_samples=samples))
 
 
 def solve(mats, grams, cfg):
@@ -45,9 +43,8 @@ def solve(mats, grams, cfg):
 
 
 def rel_error(mats, qs, grams) -> float:
-    num = sum(float(((W - Q) @ G * (W - Q)).sum()) for W, Q, G in zip(mats, qs, grams))
-    den = sum(float((W @ G * W).sum()) for W, G in zip(mats, grams))
-    return num / den
+    num = sum(objective(W, Q, G) for W, Q, G in zip(mats, qs, grams))
+    return num / sum(objective(W, np.zeros_like(W), G) for W, G in zip(mats, grams))
 
 
 def main(argv=None):
