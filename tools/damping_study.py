@@ -22,13 +22,13 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from onnxcomq import QuantizeConfig  # noqa: E402
-from onnxcomq.api import _damp, scaled_damping  # noqa: E402
+from onnxcomq.api import _damp, _solve_groups, scaled_damping  # noqa: E402
 from onnxcomq.calib import Calibration, model_inputs  # noqa: E402
 from onnxcomq.capture import collect_stats  # noqa: E402
 from onnxcomq.graph import find_layers, load_weight  # noqa: E402
 from onnxcomq.modelio import prepare_model  # noqa: E402
 from onnxcomq.precision import conv_taps  # noqa: E402
-from onnxcomq.solver import comq_quantize, comq_quantize_groups, objective  # noqa: E402
+from onnxcomq.solver import objective  # noqa: E402
 
 
 def capture(model, layers, path, batch, samples):
@@ -37,9 +37,9 @@ def capture(model, layers, path, batch, samples):
 
 
 def solve(mats, grams, cfg):
-    if len(mats) > 1:
-        return [r.qweight for r in comq_quantize_groups(np.stack(mats), np.stack(grams), cfg)]
-    return [comq_quantize(mats[0], grams[0], cfg).qweight]
+    """COMQ weights per group, dispatched as the pipeline does (batched groups or one by one), float32."""
+    _, comqs = _solve_groups(np, mats, grams, grams, cfg, np.float32, comq=True, rtn=False)
+    return [r.qweight for r in comqs]
 
 
 def rel_error(mats, qs, grams) -> float:
@@ -79,7 +79,7 @@ def main(argv=None):
         scaled = scaled_damping(rows, spec.fan_in, qc.damping_scale, qc.damping_max)
         errs = []
         for alpha in alphas + [scaled]:
-            damped = [st[0].astype(np.float32) for st in _damp([(G, None, None) for G in gc], alpha)]
+            damped = [st[0] for st in _damp([(G, None, None) for G in gc], alpha)]
             errs.append(rel_error(mats, solve(mats, damped, cfg), gh))
         best = min(errs[:-1])
         print(f"| {L.node} | {'x'.join(map(str, L.weight_shape))} | {rows / spec.fan_in:.3g} | {scaled:.3g} | "
