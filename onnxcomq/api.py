@@ -107,9 +107,13 @@ class QuantizeConfig:
     # (b = 1), 0.123 (0.75), 0.125 (0.5); MiniLM cosine W4 0.9856 (1) / 0.9851 (0.5), W3 0.9521 / 0.9498. With the
     # old damping (0.1 on few-row layers only) b = 0.5 was best: 0.138, and 0.149 with b = 0.5 for the bias too
     correction_strength: float = 1.0
-    # let layers with few calibration rows (< damping_rows x fan-in) correct too; off: they fit X~ W, because with
-    # more weights than rows the correction fits the calibration set itself (measured: EfficientNet-Lite0 W4, 16
-    # stages, classifier correcting: calibration KL 0.009, held-out KL 0.214)
+    # a layer corrects only where it has at least correct_rows x fan-in calibration rows; with fewer, it fits X~ W,
+    # because with few rows per weight the correction fits the calibration set itself (measured: EfficientNet-Lite0
+    # W4, 16 stages, classifier correcting: calibration KL 0.009, held-out KL 0.214). Rows of one image are far from
+    # independent, so the right threshold depends on the data: 256 crops of 14 photos (the 7x7 project convs then
+    # have 11x their fan-in) give KL 0.161 at 4 and 0.129 at 16, 256 crops of 44 scenes 0.147 and 0.110; MiniLM (64
+    # texts) wants 4: cosine W4 0.9856 at 4, 0.9816 at 16. correct_few_rows lets every entry layer correct.
+    correct_rows: float = 4.0
     correct_few_rows: bool = False
     mask_input: str | None = "auto"  # attention-mask input: padded tokens stay out of G ("auto": common names)
     method: str = "comq"  # comq | rtn (round-to-nearest baseline on the same grid)
@@ -174,6 +178,8 @@ class QuantizeConfig:
             raise UserError(f"correction must be entry, all or none, got {self.correction!r}")
         if not (isinstance(self.correction_strength, (int, float)) and 0 <= self.correction_strength <= 1):
             raise UserError(f"correction strength must be a number in 0..1, got {self.correction_strength!r}")
+        if not (isinstance(self.correct_rows, (int, float)) and 0 <= self.correct_rows < float("inf")):
+            raise UserError(f"correct-min-rows must be a finite number >= 0, got {self.correct_rows!r}")
         if not isinstance(self.stages, int) or self.stages < 1:
             raise UserError(f"stages must be an integer >= 1, got {self.stages!r}")
         if self.sequential and (self.granularity == "block" or self.avg_bits is not None or self.act_bits):
@@ -542,7 +548,7 @@ def _quantize_layer(ctx: _LayerContext, layer, stats: dict, correct: bool = True
     # free bias only where it is exact: one consumer, a bias we can write
     bc = ctx.use_bias and comq and len(sts) == 1 and bias_target(ctx.nodes[layer.consumers[0][0]], ctx.inits) is None
     few_rows = rows < config.damping_rows * layer.x.fan_in
-    correct = correct and sts[0].cross and (config.correct_few_rows or not few_rows)
+    correct = correct and sts[0].cross and (config.correct_few_rows or rows >= config.correct_rows * layer.x.fan_in)
     beta = float(config.correction_strength) if correct else 0.0
 
     def gather(centered: bool, fold=None) -> list:  # per group (G, H, G~), summed over the consumers

@@ -115,9 +115,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --sequential, the share of its input error a correcting layer's weights fit: their "
                         "target is B x (float input) + (1 - B) x (quantized model's input); the free bias always "
                         "fits the float output's mean (0..1, default: 1)")
+    s.add_argument("--correct-min-rows", type=float, default=4.0, metavar="R",
+                   help="with --sequential, a layer corrects only where it has at least R x its fan-in calibration "
+                        "rows (with fewer it fits the calibration set itself); raise it when the calibration samples "
+                        "are many crops of few images: 256 crops of 14 photos give EfficientNet-Lite0 W4 KL 0.161 "
+                        "at 4 and 0.129 at 16 (default: 4)")
     s.add_argument("--correct-few-rows", action=argparse.BooleanOptionalAction, default=False,
-                   help="with --sequential, let layers with fewer calibration rows than 4 x their fan-in correct "
-                        "too (they fit the calibration set itself) (default: off)")
+                   help="with --sequential, let every entry layer correct, whatever its rows (default: off)")
     s.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the solver runs: gpu uses CuPy (default: auto)")
     m = q.add_argument_group("per-layer precision")
@@ -274,6 +278,7 @@ def cmd_quantize(a) -> int:
                          damping_scale=a.damping_scale,
                          sequential=a.sequential, stages=a.stages, correction=a.correction,
                          correction_strength=a.correction_strength, correct_few_rows=a.correct_few_rows,
+                         correct_rows=a.correct_min_rows,
                          batch_size=a.batch_size, max_samples=a.max_samples, device=a.device,
                          block_size=a.block_size, weight_format=a.weight_format,
                          nbits_accuracy_level=a.nbits_accuracy_level,

@@ -302,6 +302,20 @@ def test_only_stage_entries_correct_their_input_error():
     assert not any(L.corrected for L in rep.layers)
     _, rep = run(model, {"input": np.tile(x, (4, 1))}, QuantizeConfig(bits=4, sequential=True, stages=2))
     assert [L.corrected for L in rep.layers] == [False, False, True, False, False]
+    # correct_rows moves that threshold, and only it (damping_rows is the fixed damping's threshold)
+    fan_in = int(np.prod(entry.shape[1:]))
+    ratio = 4 * entry.rows / fan_in  # the entry's rows per input with the tiled calibration set
+    for r, want in ((ratio * 0.99, True), (ratio * 1.01, False)):
+        for dr in (1.0, 1e9):
+            _, rep = run(model, {"input": np.tile(x, (4, 1))},
+                         QuantizeConfig(bits=4, sequential=True, stages=2, correct_rows=r, damping_rows=dr))
+            assert [L.corrected for L in rep.layers] == [False, False, want, False, False], (r, dr)
+    _, rep = run(model, {"input": x}, QuantizeConfig(bits=4, sequential=True, stages=2, correct_rows=0.0))
+    assert [L.corrected for L in rep.layers] == [False, False, True, False, False]
+    with pytest.raises(UserError, match="correct-min-rows"):
+        QuantizeConfig(correct_rows=float("nan")).validate()
+    with pytest.raises(UserError, match="correct-min-rows"):
+        QuantizeConfig(correct_rows=-1).validate()
     two = two_conv_model()
     layers, _ = find_layers(two)
     assert stage_entries(two, layers) == {"conv1"}
@@ -399,6 +413,13 @@ def test_damping_and_stages_flags(tmp_path, capsys):
     import json
     layers = json.load(open(tmp_path / "r.json"))["layers"]
     assert [L["stage"] for L in layers] == [0, 0, 1, 1, 1] and [L["corrected"] for L in layers] == [0, 0, 1, 1, 1]
+    # --correct-min-rows 0: every entry corrects, without --correct-few-rows; 1e6: none does
+    for r, want in (("0", [0, 0, 1, 0, 0]), ("1e6", [0, 0, 0, 0, 0])):
+        assert cli_main(base + ["--sequential", "--stages", "2", "--correct-min-rows", r,
+                                "--report", str(tmp_path / "r.json")]) == 0
+        assert [L["corrected"] for L in json.load(open(tmp_path / "r.json"))["layers"]] == want, r
+    assert cli_main(base + ["--sequential", "--correct-min-rows", "-2"]) == 2
+    assert "correct-min-rows must be a finite number >= 0, got -2" in capsys.readouterr().err
     assert cli_main(base + ["--stages", "0"]) == 2
     assert "stages must be an integer >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
