@@ -53,6 +53,9 @@ def test_wide_search_finds_the_calibration_only_sources(tmp_path, monkeypatch):
     monkeypatch.setattr(ee.glob, "glob", _only_under(tmp_path, ee.glob.glob))
 
     assert [p for p in ee.find_photos([]) if p["source"] in ee.CALIB_ONLY_SOURCES] == []
+    # files given with --photos are all kept, even with one name in two folders
+    extra = [p for p in ee.find_photos([str(ocv1 / "apple.jpg"), str(ocv2 / "apple.jpg")]) if p["source"] == "extra"]
+    assert [p["path"] for p in extra] == [str(ocv1 / "apple.jpg"), str(ocv2 / "apple.jpg")]
     found = ee.find_photos([], wide=True)
     got = {(p["source"], p["name"]): p for p in found if p["source"] in ee.CALIB_ONLY_SOURCES}
     # one copy of each photo although two folders hold it; the two aerial views share a scene

@@ -126,8 +126,10 @@ def find_photos(extra: list[str], wide: bool = False) -> list[dict]:
 
     def add(source, path, group=None, name=None):
         name = name or os.path.splitext(os.path.basename(path))[0]
+        # a photo once, also where a source is searched in two folders (files given with --photos may share names)
         if os.path.isfile(path) and not any(os.path.realpath(p["path"]) == os.path.realpath(path)
-                                            or (p["source"], p["name"]) == (source, name) for p in found):
+                                            or (source != "extra" and (p["source"], p["name"]) == (source, name))
+                                            for p in found):
             found.append({"source": source, "path": path, "name": name, "group": group or f"{source}/{name}"})
 
     d = _package_dir("skimage")
