@@ -167,10 +167,11 @@ class QuantizeConfig:
         if self.damping not in ("auto", "scaled") and not (isinstance(self.damping, (int, float))
                                                            and self.damping >= 0 and np.isfinite(self.damping)):
             raise UserError(f"damping must be 'scaled', 'auto' or a finite number >= 0, got {self.damping!r}")
-        for name in ("damping_scale", "damping_max"):
+        for name, label in (("damping_scale", "damping scale"), ("damping_max", "damping max"),
+                            ("correct_rows", "correct-min-rows")):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v >= 0 and np.isfinite(v)):
-                raise UserError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {v!r}")
+                raise UserError(f"{label} must be a finite number >= 0, got {v!r}")
         if not self.damping_grid or any(not (isinstance(a, (int, float)) and a >= 0 and np.isfinite(a))
                                         for a in self.damping_grid):
             raise UserError(f"damping grid must hold finite numbers >= 0, got {self.damping_grid!r}")
@@ -178,8 +179,6 @@ class QuantizeConfig:
             raise UserError(f"correction must be entry, all or none, got {self.correction!r}")
         if not (isinstance(self.correction_strength, (int, float)) and 0 <= self.correction_strength <= 1):
             raise UserError(f"correction strength must be a number in 0..1, got {self.correction_strength!r}")
-        if not (isinstance(self.correct_rows, (int, float)) and 0 <= self.correct_rows < float("inf")):
-            raise UserError(f"correct-min-rows must be a finite number >= 0, got {self.correct_rows!r}")
         if not isinstance(self.stages, int) or self.stages < 1:
             raise UserError(f"stages must be an integer >= 1, got {self.stages!r}")
         if self.sequential and (self.granularity == "block" or self.avg_bits is not None or self.act_bits):
