@@ -3,6 +3,15 @@ dicts, onnxruntime ``CalibrationDataReader`` objects, and ``random`` for smoke t
 
 Every source is validated against the model's inputs (names, rank, static dims, dtype, finite values) and re-batched
 to ``batch_size``. Files are read with ``allow_pickle=False``: loading calibration data never runs code.
+
+How an array maps to an input (``Layout``), decided once from the first data seen:
+- stacked: the samples are stacked along the input's batch axis (axis 0 when it is dynamic; else the axis that
+  carries the same symbolic dim as another input's batch axis, e.g. a recurrent state [2, batch, 128]; else the one
+  axis whose size differs from the model's static shape). A static batch axis (a model exported with batch 1 or N)
+  fixes the batch size.
+- per sample: one rank more than the input: entry i is sample i's whole feed (a state per sample, a fixed batch).
+- constant: rank-0 (scalar) inputs, such as a sample rate, and arrays that are exactly the input's static shape
+  are fed as they are with every batch.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ class InputInfo:
     name: str
     dtype: type
     shape: tuple  # ints for static dims, None for dynamic ones
+    params: tuple = ()  # the symbolic name of each dynamic dim ("" if none)
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputInfo]:
@@ -44,8 +54,10 @@ def model_inputs(model: onnx.ModelProto) -> list[InputInfo]:
         if tt.elem_type not in _NP_TYPES:
             raise UserError(f"model input {i.name} has unsupported type "
                             f"{onnx.TensorProto.DataType.Name(tt.elem_type)}")
-        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-        out.append(InputInfo(i.name, _NP_TYPES[tt.elem_type], shape))
+        # Paddle2ONNX writes dynamic dims as dim_value -1 (rapidocr's classifier): a size <= 0 is dynamic
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
+        out.append(InputInfo(i.name, _NP_TYPES[tt.elem_type], shape,
+                             tuple("" if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim)))
     return out
 
 
@@ -57,43 +69,25 @@ class _Meta:
 
 
 def _check_layout(where: str, info: InputInfo, dtype, shape) -> None:
-    """Dtype kind, rank, static dims and emptiness: everything that a file header already tells."""
-    if dtype == object:
-        raise UserError(f"{where}: input {info.name} holds Python objects, expected numeric data")
-    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
-        raise UserError(f"{where}: input {info.name} has dtype {dtype}, the model expects "
-                        f"{np.dtype(info.dtype).name}")
+    """Dtype kind, rank, static dims and emptiness of an array stacked along axis 0."""
+    _check_kind(where, info, dtype)
     if len(shape) != len(info.shape):
         raise UserError(f"{where}: input {info.name} has rank {len(shape)} (shape {tuple(shape)}), the model "
                         f"expects rank {len(info.shape)} {_fmt_shape(info.shape)}")
-    for ax, (got, want) in enumerate(zip(shape, info.shape)):
-        if ax > 0 and want is not None and got != want:
-            raise UserError(f"{where}: input {info.name} has shape {tuple(shape)}, the model expects "
-                            f"{_fmt_shape(info.shape)} (axis {ax}: {got} != {want})")
-    if shape[0] == 0:
-        raise UserError(f"{where}: input {info.name} is empty (0 samples)")
-    if not np.issubdtype(info.dtype, np.floating) and np.issubdtype(dtype, np.floating):
-        pass  # float data for an integer input: allowed when the values are integers (checked on the data)
-    elif np.issubdtype(info.dtype, np.floating) and not (np.issubdtype(dtype, np.floating)
-                                                         or np.issubdtype(dtype, np.integer)):
-        raise UserError(f"{where}: input {info.name} has dtype {dtype}, the model expects "
-                        f"{np.dtype(info.dtype).name}")
+    if shape:
+        _check_static(where, info, shape, skip=0)
+        if shape[0] == 0:
+            raise UserError(f"{where}: input {info.name} is empty (0 samples)")
 
 
 def _check_array(where: str, info: InputInfo, a):
+    """An array stacked along axis 0 (``onnxcomq eval``'s data): its layout, then its values."""
     if isinstance(a, _Meta):
         _check_layout(where, info, a.dtype, a.shape)
         return a
-    if not isinstance(a, np.ndarray):
-        a = np.asarray(a)
+    a = np.asarray(a)
     _check_layout(where, info, a.dtype, a.shape)
-    if np.issubdtype(a.dtype, np.floating):
-        if not np.isfinite(a).all():
-            raise UserError(f"{where}: input {info.name} contains NaN or Inf values")
-        if not np.issubdtype(info.dtype, np.floating) and not np.array_equal(a, np.round(a)):
-            raise UserError(f"{where}: input {info.name} has dtype {a.dtype} with non-integer values, the model "
-                            f"expects {np.dtype(info.dtype).name}")
-    return a.astype(info.dtype, copy=False)
+    return _check_values(where, info, a)
 
 
 def _fmt_shape(shape) -> str:
@@ -103,17 +97,7 @@ def _fmt_shape(shape) -> str:
 def _check_feed(where: str, inputs: list[InputInfo], feed) -> dict:
     if not isinstance(feed, dict):
         raise UserError(f"{where}: expected a dict of input name -> array, got {type(feed).__name__}")
-    names = [i.name for i in inputs]
-    missing = [n for n in names if n not in feed]
-    extra = [k for k in feed if k not in names]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing)}")
-        if extra:
-            parts.append(f"unexpected {', '.join(map(str, extra))}")
-        raise UserError(f"{where}: keys do not match the model inputs ({'; '.join(parts)}; the model's inputs are "
-                        f"{', '.join(names)})")
+    _check_names(where, inputs, feed)
     out = {i.name: _check_array(where, i, feed[i.name]) for i in inputs}
     sizes = {k: v.shape[0] for k, v in out.items()}
     if len(set(sizes.values())) > 1:
@@ -180,13 +164,15 @@ class NpzStream:
     def dtype(self, key):
         return self.headers[key][2]
 
-    def chunks(self, keys, size: int):
-        """Yield dicts {key: array of up to ``size`` samples} in order, all keys in lockstep."""
+    def chunks(self, keys, size: int, axes: dict | None = None):
+        """Yield dicts {key: array of up to ``size`` samples} in order, all keys in lockstep. ``axes``: the axis
+        of each key that holds the samples (default 0), or None for an array yielded whole with every chunk."""
+        axes = axes or {}
         files, rowbytes = {}, {}
         try:
             for k in keys:
                 shape, fortran, dtype = self.headers[k]
-                if fortran or len(shape) == 0:  # rare: read it whole
+                if fortran or len(shape) == 0 or axes.get(k, 0) != 0:  # rare: read it whole
                     files[k] = None
                     continue
                 f = self._zip.open(self.members[k])
@@ -194,13 +180,16 @@ class NpzStream:
                 files[k] = f
                 rowbytes[k] = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
             whole = {k: _load_npz_member(self.path, self._zip, self.members[k]) for k in keys if files[k] is None}
-            n = min(self.shape(k)[0] if self.shape(k) else 0 for k in keys)
+            counted = [k for k in keys if axes.get(k, 0) is not None]
+            n = min((self.shape(k)[axes.get(k, 0)] if self.shape(k) else 0 for k in counted), default=1)
             for start in range(0, n, size):
                 count = min(size, n - start)
                 out = {}
                 for k in keys:
                     if files[k] is None:
-                        out[k] = whole[k][start:start + count]
+                        ax = axes.get(k, 0)
+                        out[k] = whole[k] if ax is None or not whole[k].ndim else \
+                            whole[k][(slice(None),) * ax + (slice(start, start + count),)]
                         continue
                     shape, _, dtype = self.headers[k]
                     buf = files[k].read(count * rowbytes[k])
@@ -235,8 +224,108 @@ def _load_npy(path: str) -> np.ndarray:
         raise UserError(f"{path}: cannot read calibration data: {e}") from None
 
 
-def _rebatch(chunks, batch_size: int, max_samples: int | None):
-    """Split/concatenate a stream of validated feeds into batches of ``batch_size`` samples."""
+@dataclass(frozen=True)
+class Layout:
+    """How the calibration arrays of one input become its feeds (see the module docstring)."""
+
+    form: str  # "stacked" | "sample" (one entry per sample, rank + 1) | "const" (fed as it is)
+    axis: int | None = None  # the input's batch axis (stacked / sample)
+    fixed: int | None = None  # the model's static size of that axis: the batch size is fixed
+
+    def data_axis(self) -> int | None:
+        """The axis of the calibration array that counts the samples (None: a constant)."""
+        return None if self.form == "const" else self.axis if self.form == "stacked" else 0
+
+
+def model_batch_axis(info: InputInfo, inputs: list) -> int | None:
+    """The input's batch axis as the model declares it: axis 0 if it is dynamic, else the dynamic axis named like
+    another input's dynamic axis 0 (a recurrent state [2, batch, 128] beside an input [batch, seq]); None if the
+    model does not say."""
+    if not info.shape:
+        return None
+    if info.shape[0] is None:
+        return 0
+    names = {i.params[0] for i in inputs if i.shape and i.shape[0] is None and i.params and i.params[0]}
+    return next((ax for ax, p in enumerate(info.params) if p and p in names and info.shape[ax] is None), None)
+
+
+def _layout(where: str, info: InputInfo, inputs: list, shape: tuple) -> Layout:
+    """The Layout of an input from its model shape and the shape of its first calibration array."""
+    rank, want = len(shape), len(info.shape)
+    bax = model_batch_axis(info, inputs)
+    if want == 0:
+        if rank == 0:
+            return Layout("const")
+        if rank == 1:  # one value per sample: fed as one scalar (all values must be equal, checked on the data)
+            return Layout("sample", 0)
+        raise UserError(f"{where}: input {info.name} is a scalar (rank 0), got an array of shape {tuple(shape)}")
+    if rank == want + 1:
+        if shape[0] == 0:
+            raise UserError(f"{where}: input {info.name} is empty (0 samples)")
+        _check_static(where, info, shape[1:], skip=bax)
+        if bax is None:  # the model names no batch axis: each entry is one whole feed (batches of 1)
+            return Layout("sample", None, 1)
+        return Layout("sample", bax, info.shape[bax])
+    if rank != want:
+        raise UserError(f"{where}: input {info.name} has rank {rank} (shape {tuple(shape)}), the model "
+                        f"expects rank {want} {_fmt_shape(info.shape)}")
+    if bax is None:
+        diff = [ax for ax, (g, w) in enumerate(zip(shape, info.shape)) if w is not None and g != w]
+        if len(diff) > 1:
+            raise UserError(f"{where}: input {info.name} has shape {tuple(shape)}, the model expects "
+                            f"{_fmt_shape(info.shape)} (axes {', '.join(map(str, diff))} differ; at most the "
+                            "batch axis may)")
+        if not diff:
+            return Layout("const")
+        bax = diff[0]
+    _check_static(where, info, shape, skip=bax)
+    if shape[bax] == 0:
+        raise UserError(f"{where}: input {info.name} is empty (0 samples)")
+    return Layout("stacked", bax, info.shape[bax])
+
+
+def _check_static(where: str, info: InputInfo, shape: tuple, skip: int | None) -> None:
+    for ax, (got, want) in enumerate(zip(shape, info.shape)):
+        if ax != skip and want is not None and got != want:
+            raise UserError(f"{where}: input {info.name} has shape {tuple(shape)}, the model expects "
+                            f"{_fmt_shape(info.shape)} (axis {ax}: {got} != {want})")
+
+
+def _check_values(where: str, info: InputInfo, a: np.ndarray) -> np.ndarray:
+    """Dtype kind, finite values, integer values for integer inputs; the array in the input's dtype."""
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+        raise UserError(f"{where}: input {info.name} has dtype {a.dtype}, the model expects "
+                        f"{np.dtype(info.dtype).name}")
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise UserError(f"{where}: input {info.name} contains NaN or Inf values")
+        if not np.issubdtype(info.dtype, np.floating) and not np.array_equal(a, np.round(a)):
+            raise UserError(f"{where}: input {info.name} has dtype {a.dtype} with non-integer values, the model "
+                            f"expects {np.dtype(info.dtype).name}")
+    elif np.issubdtype(info.dtype, np.floating) and not np.issubdtype(a.dtype, np.integer):
+        raise UserError(f"{where}: input {info.name} has dtype {a.dtype}, the model expects "
+                        f"{np.dtype(info.dtype).name}")
+    return a.astype(info.dtype, copy=False)
+
+
+class Batch(dict):
+    """One feed (input name -> array, ready for onnxruntime) and the number of calibration samples it holds."""
+
+    samples: int = 0
+
+
+def batch_samples(feed) -> int:
+    """The samples of a feed: a Batch says; a plain dict counts axis 0 of its first array (1 for a scalar)."""
+    if isinstance(feed, Batch):
+        return feed.samples
+    first = next(iter(feed.values()), None)
+    return int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1
+
+
+def _rebatch(chunks, batch_size: int, max_samples: int | None, fixed: bool = False, dropped=None):
+    """Split/concatenate a stream of canonical chunks (samples on axis 0 of every array) into batches of
+    ``batch_size`` samples. ``fixed``: a shorter last batch is not yielded (its sample count goes to
+    ``dropped[0]``)."""
     pending: list[dict] = []
     count = 0
     total = 0
@@ -251,19 +340,25 @@ def _rebatch(chunks, batch_size: int, max_samples: int | None):
         pending.append(feed)
         count += n
         while count >= batch_size:
-            merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+            merged = {k: np.concatenate([p[k] for p in pending]) if len(pending) > 1 else pending[0][k]
+                      for k in pending[0]}
             yield {k: v[:batch_size] for k, v in merged.items()}
             rest = {k: v[batch_size:] for k, v in merged.items()}
             count -= batch_size
             pending = [rest] if count else []
         if max_samples is not None and total >= max_samples:
             break
-    if count:
+    if count and not fixed:
         yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+    elif count and dropped is not None:
+        dropped[0] = count
 
 
 class Calibration:
-    """A re-iterable, validated source of calibration batches (dicts of input name -> array)."""
+    """A re-iterable, validated source of calibration batches (``Batch``: input name -> array, and its samples).
+
+    ``fixed_batch``: the model's batch size when its batch axis is static (then every batch has exactly that many
+    samples and ``batch_size`` equals it), else None. ``batch_size`` may be changed before iterating."""
 
     def __init__(self, source, inputs: list[InputInfo], batch_size: int = 32, max_samples: int | None = None,
                  seed: int = 0):
@@ -272,25 +367,132 @@ class Calibration:
         if max_samples is not None and max_samples < 1:
             raise UserError(f"max samples must be a positive integer, got {max_samples!r}")
         self.inputs = inputs
+        self.requested_batch_size = batch_size
         self.batch_size = batch_size
         self.max_samples = max_samples
         self.seed = seed
         self.is_random = isinstance(source, str) and source == "random"
         self._source = source
         self.num_samples = None
+        self.layouts: dict | None = None
+        self.fixed_batch: int | None = None
         self._chunks_fn = self._resolve(source)
-        if self._arrays is not None:
-            n = next(iter(self._arrays.values())).shape[0]
-            self.num_samples = min(n, max_samples) if max_samples else n
 
     _arrays = None
+    whole_feeds = False  # every input fed as it is (a fully static model): each source feed is one batch
 
+    # ------------------------------------------------------------------------------------------------ layouts
+    def _set_layouts(self, where: str, shapes: dict) -> None:
+        """Decide every input's Layout from the shapes of the first data seen (once)."""
+        if self.layouts is not None:
+            return
+        layouts = {i.name: _layout(where, i, self.inputs, tuple(shapes[i.name])) for i in self.inputs}
+        fixed = {n: L.fixed for n, L in layouts.items() if L.form != "const" and L.fixed is not None}
+        if all(L.form == "const" or not self._info(n).shape for n, L in layouts.items()):
+            # every array is exactly one feed (a fully static model): each is fed as it is, one batch each
+            fixed = {"": 1}
+            self.whole_feeds = True
+        if len(set(fixed.values())) > 1:
+            raise UserError(f"{where}: the model's inputs have different static batch sizes "
+                            f"({', '.join(f'{n}: {v}' for n, v in fixed.items())}); cannot form a batch")
+        self.layouts = layouts
+        if fixed:
+            n = next(iter(fixed.values()))
+            self.fixed_batch = n
+            if self.batch_size != n and not self.whole_feeds:
+                log.info("the model's batch dimension is fixed at %d: calibration batches of %d", n, n)
+            self.batch_size = n
+        sizes = {n: s for n, s in ((n, _samples_in(L, shapes[n])) for n, L in layouts.items()
+                                   if self._info(n).shape) if s is not None}
+        if len(set(sizes.values())) > 1:
+            raise UserError(f"{where}: inputs have different numbers of samples: "
+                            f"{', '.join(f'{n}: {v}' for n, v in sizes.items())}")
+
+    def _info(self, name: str) -> InputInfo:
+        return next(i for i in self.inputs if i.name == name)
+
+    def _canon(self, where: str, feed) -> tuple[dict, dict]:
+        """A feed of the source -> (arrays with the samples on axis 0, constants), validated."""
+        if not isinstance(feed, dict):
+            raise UserError(f"{where}: expected a dict of input name -> array, got {type(feed).__name__}")
+        _check_names(where, self.inputs, feed)
+        arrays = {}
+        for i in self.inputs:
+            a = feed[i.name]
+            arrays[i.name] = a if isinstance(a, (np.ndarray, _Meta)) else np.asarray(a)
+        self._set_layouts(where, {k: v.shape for k, v in arrays.items()})
+        samples, consts = {}, {}
+        for i in self.inputs:
+            L, a = self.layouts[i.name], arrays[i.name]
+            if isinstance(a, _Meta):
+                continue
+            a = _check_values(where, i, a)
+            if L.form == "const":
+                if a.shape != i.shape:
+                    raise UserError(f"{where}: input {i.name} has shape {a.shape}, the model expects "
+                                    f"{_fmt_shape(i.shape)} (fed as it is, like the first calibration data)")
+                consts[i.name] = a
+            elif not i.shape:  # a scalar input given per sample: one value for all
+                if a.ndim != 1 or (a.size and not np.all(a == a.flat[0])):
+                    raise UserError(f"{where}: input {i.name} is a scalar (rank 0): give one value (shape ()), not "
+                                    f"different values per sample (shape {a.shape})")
+                consts[i.name] = a.reshape(-1)[:1].reshape(())
+            elif L.form == "stacked":
+                if a.ndim != len(i.shape):
+                    raise UserError(f"{where}: input {i.name} has rank {a.ndim} (shape {a.shape}), the model "
+                                    f"expects rank {len(i.shape)} {_fmt_shape(i.shape)}")
+                _check_static(where, i, a.shape, skip=L.axis)
+                samples[i.name] = np.moveaxis(a, L.axis, 0)
+            else:  # one entry per sample: entry k is sample k's feed; its batch axis is merged into the samples
+                if a.ndim != len(i.shape) + 1:
+                    raise UserError(f"{where}: input {i.name} has rank {a.ndim} (shape {a.shape}), expected one "
+                                    f"entry per sample of rank {len(i.shape)} {_fmt_shape(i.shape)}")
+                _check_static(where, i, a.shape[1:], skip=L.axis)
+                if L.axis is None:
+                    samples[i.name] = a
+                else:
+                    b = np.moveaxis(a, 1 + L.axis, 1)
+                    samples[i.name] = b.reshape((-1,) + b.shape[2:])
+        sizes = {k: v.shape[0] for k, v in samples.items()}
+        if len(set(sizes.values())) > 1:
+            raise UserError(f"{where}: inputs have different numbers of samples: "
+                            f"{', '.join(f'{n}: {v}' for n, v in sizes.items())}")
+        if any(v == 0 for v in sizes.values()):
+            raise UserError(f"{where}: input {next(k for k, v in sizes.items() if v == 0)} is empty (0 samples)")
+        return samples, consts
+
+    def head(self, feed: Batch, k: int) -> Batch:
+        """The first ``k`` samples of a batch of this source."""
+        out = Batch()
+        for name, v in feed.items():
+            L = self.layouts[name]
+            batched = L.form != "const" and L.axis is not None and self._info(name).shape
+            out[name] = v[(slice(None),) * L.axis + (slice(0, k),)] if batched else v
+        out.samples = min(k, batch_samples(feed))
+        return out
+
+    def _to_feed(self, batch: dict, consts: dict) -> Batch:
+        out = Batch()
+        for i in self.inputs:
+            if i.name in batch:
+                v = batch[i.name]
+                L = self.layouts[i.name]
+                out[i.name] = v[0] if L.axis is None else np.ascontiguousarray(np.moveaxis(v, 0, L.axis)) \
+                    if L.axis else v
+            else:
+                out[i.name] = consts[i.name]
+        out.samples = next((v.shape[0] for v in batch.values()), 1)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ sources
     def _resolve(self, source):
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             if path == "random":
                 log.warning("calibration data: RANDOM inputs (smoke test only): the quantized model's accuracy "
                             "means nothing")
+                self._set_layouts("random calibration", {i.name: self._random_shape(i, 2) for i in self.inputs})
+                self.num_samples = self._random_count()
                 return self._random_chunks
             if os.path.isdir(path):
                 files = sorted(f for f in os.listdir(path) if f.endswith((".npz", ".npy")))
@@ -306,13 +508,16 @@ class Calibration:
                     return self._folder_chunks
                 raise UserError(f"{path}: calibration file must be .npz (keys = model input names) or .npy")
             self._npz = NpzStream(path)
-            _check_feed(path, self.inputs, {k: _Meta(self._npz.dtype(k), self._npz.shape(k))
-                                            for k in self._npz.members})
-            n = self._npz.shape(self.inputs[0].name)[0]
-            self.num_samples = min(n, self.max_samples) if self.max_samples else n
+            metas = {k: _Meta(self._npz.dtype(k), self._npz.shape(k)) for k in self._npz.members}
+            _check_names(path, self.inputs, metas)
+            for i in self.inputs:
+                _check_kind(path, i, metas[i.name].dtype)
+            self._canon(path, metas)
+            self.num_samples = self._count({k: m.shape for k, m in metas.items()})
             return self._npz_chunks
         if isinstance(source, dict):
-            self._arrays = _check_feed("calibration dict", self.inputs, source)
+            self._arrays = self._canon("calibration dict", source)
+            self.num_samples = self._count({k: np.shape(v) for k, v in source.items()})
             return self._array_chunks
         if hasattr(source, "get_next"):  # onnxruntime.quantization.CalibrationDataReader
             return self._reader_chunks
@@ -321,16 +526,30 @@ class Calibration:
         raise UserError(f"calibration must be a path, 'random', a dict, an iterable of feed dicts or a "
                         f"CalibrationDataReader; got {type(source).__name__}")
 
+    def _count(self, shapes: dict) -> int:
+        """Samples in a source of known shapes, after --max-samples and the fixed batch."""
+        counts = [_samples_in(self.layouts[i.name], shapes[i.name]) for i in self.inputs if i.shape]
+        n = next((c for c in counts if c is not None), 1)
+        n = min(n, self.max_samples) if self.max_samples else n
+        if self.fixed_batch:
+            if n < self.fixed_batch:
+                raise UserError(f"calibration data has {n} samples, fewer than the model's fixed batch size "
+                                f"{self.fixed_batch}")
+            n -= n % self.fixed_batch
+        return n
+
     def _array_chunks(self):
         yield self._arrays
 
     def _npz_chunks(self):
         names = [i.name for i in self.inputs]
+        axes = {n: self.layouts[n].data_axis() for n in names}
         limit = self.max_samples
-        for chunk in self._npz.chunks(names, self.batch_size):
-            yield _check_feed(self._npz.path, self.inputs, chunk)
-            if limit is not None:
-                limit -= next(iter(chunk.values())).shape[0]
+        for chunk in self._npz.chunks(names, self.batch_size, axes):
+            samples, consts = self._canon(self._npz.path, chunk)
+            yield samples, consts
+            if limit is not None and samples:
+                limit -= next(iter(samples.values())).shape[0]
                 if limit <= 0:
                     break
 
@@ -345,9 +564,10 @@ class Calibration:
                 feed = {self.inputs[0].name: _load_npy(f)}
             # a file holding one sample without the batch axis gets one
             feed = {k: (v[None] if isinstance(v, np.ndarray) and k in {i.name for i in self.inputs}
-                        and v.ndim == len(next(i for i in self.inputs if i.name == k).shape) - 1 else v)
+                        and v.ndim == len(next(i for i in self.inputs if i.name == k).shape) - 1
+                        and v.ndim >= 1 else v)
                     for k, v in feed.items()}
-            yield _check_feed(f, self.inputs, feed)
+            yield self._canon(f, feed)
 
     def _reader_chunks(self):
         if hasattr(self._source, "rewind"):
@@ -357,29 +577,87 @@ class Calibration:
             feed = self._source.get_next()
             if feed is None:
                 break
-            yield _check_feed(f"calibration reader batch {i}", self.inputs, feed)
+            yield self._canon(f"calibration reader batch {i}", feed)
             i += 1
 
     def _iter_chunks(self):
         for i, feed in enumerate(self._source):
-            yield _check_feed(f"calibration batch {i}", self.inputs, feed)
+            yield self._canon(f"calibration batch {i}", feed)
+
+    def _random_shape(self, i: InputInfo, n: int) -> tuple:
+        """n samples along the model's dynamic batch axis; other dynamic dims 1; a static input as it is."""
+        ax = model_batch_axis(i, self.inputs)
+        return tuple(n if a == ax else (d if d is not None else 1) for a, d in enumerate(i.shape))
+
+    def _random_count(self) -> int:
+        return 1 if self.whole_feeds else self.max_samples or 64
 
     def _random_chunks(self):
         rng = np.random.default_rng(self.seed)
-        n = self.max_samples or 64
+        n = self._random_count()
         feed = {}
         for i in self.inputs:
-            shape = (n,) + tuple(d if d is not None else 1 for d in i.shape[1:])
+            shape = self._random_shape(i, n)
             if np.issubdtype(i.dtype, np.floating):
                 feed[i.name] = rng.standard_normal(shape).astype(i.dtype)
             else:
                 feed[i.name] = np.zeros(shape, i.dtype)
-        yield feed
+        yield self._canon("random calibration", feed)
 
     def __iter__(self):
         empty = True
-        for b in _rebatch(self._chunks_fn(), self.batch_size, self.max_samples):
+        consts = {}
+        dropped = [0]
+
+        def canonical():
+            for samples, c in self._chunks_fn():
+                consts.update(c)
+                if samples:
+                    yield samples
+                else:  # every input a constant: the chunk is one feed, as it is
+                    yield {"": np.zeros((1, 0))}
+
+        for b in _rebatch(canonical(), self.batch_size, self.max_samples, bool(self.fixed_batch), dropped):
             empty = False
-            yield b
+            b.pop("", None)
+            yield self._to_feed(b, consts)
         if empty:
+            if self.fixed_batch and dropped[0]:
+                raise UserError(f"calibration data has {dropped[0]} samples, fewer than the model's fixed batch "
+                                f"size {self.fixed_batch}")
             raise UserError("calibration data is empty")
+        if dropped[0]:
+            log.warning("the model's batch size is fixed at %d: the last %d calibration samples (not a whole batch) "
+                        "were left out", self.fixed_batch, dropped[0])
+
+
+def _samples_in(layout: Layout, shape: tuple) -> int | None:
+    """The samples in an array of ``shape`` laid out as ``layout`` (None for a constant)."""
+    if layout.form == "const":
+        return None
+    if layout.form == "sample":
+        return shape[0] if layout.axis is None else shape[0] * shape[1 + layout.axis]
+    return shape[layout.axis]
+
+
+def _check_names(where: str, inputs: list, feed: dict) -> None:
+    names = [i.name for i in inputs]
+    missing = [n for n in names if n not in feed]
+    extra = [k for k in feed if k not in names]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if extra:
+            parts.append(f"unexpected {', '.join(map(str, extra))}")
+        raise UserError(f"{where}: keys do not match the model inputs ({'; '.join(parts)}; the model's inputs are "
+                        f"{', '.join(names)})")
+
+
+def _check_kind(where: str, info: InputInfo, dtype) -> None:
+    """What a file header tells of the dtype (before any data is read)."""
+    if dtype == object:
+        raise UserError(f"{where}: input {info.name} holds Python objects, expected numeric data")
+    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        raise UserError(f"{where}: input {info.name} has dtype {dtype}, the model expects "
+                        f"{np.dtype(info.dtype).name}")

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .backend import array_module
 
 SCHEMES = ("asym", "sym")
+DEAD_ROW = 2.0 ** -100  # rows whose weights are all smaller (zero, denormal) are quantized to exact zeros
 GRANULARITIES = ("channel", "tensor")
 
 
@@ -121,7 +124,8 @@ def make_grid(W, bits: int, scheme: str = "asym", granularity: str = "channel", 
         if zero_in_range:
             wmax = xp.maximum(wmax, 0)
             wmin = xp.minimum(wmin, 0)
-        span = wmax - wmin
+        with np.errstate(over="ignore"):  # a row of huge weights: see _safe_step
+            span = wmax - wmin
         absmax = xp.maximum(xp.abs(wmax), xp.abs(wmin))
         if granularity == "tensor":
             span = xp.full(m, span.mean(), dtype=W.dtype)
@@ -129,7 +133,7 @@ def make_grid(W, bits: int, scheme: str = "asym", granularity: str = "channel", 
             wmin = xp.full(m, wmin.mean(), dtype=W.dtype)
         # constant rows (span 0): a step that still puts the constant on the grid; all-zero rows: any step.
         delta = xp.where(span > 0, span, xp.where(absmax > 0, absmax, 1)) / (nlev - 1)
-        delta = delta.astype(W.dtype)
+        delta = _safe_step(delta.astype(W.dtype), absmax, wmax.astype(xp.float64) - wmin, nlev - 1)
         lo = xp.round(wmin / delta)
         if zero_in_range:
             lo = xp.minimum(xp.maximum(lo, -(nlev - 1)), 0)
@@ -140,10 +144,26 @@ def make_grid(W, bits: int, scheme: str = "asym", granularity: str = "channel", 
         if granularity == "tensor":
             absmax = xp.full(m, absmax.mean(), dtype=W.dtype)
         delta = (xp.where(absmax > 0, absmax, 1) / qmax).astype(W.dtype)
+        delta = _safe_step(delta, absmax, absmax.astype(xp.float64), qmax)
         lo = xp.full(m, -(nlev >> 1), dtype=W.dtype)
         hi = xp.full(m, qmax, dtype=W.dtype)
     return Grid(scale=(lam * delta).astype(W.dtype), lo=lo.astype(W.dtype), hi=hi.astype(W.dtype), bits=bits,
                 scheme=scheme, granularity=granularity)
+
+
+def _safe_step(delta, absmax, span64, steps: int):
+    """The grid step of each row, made finite and usable: a dead row (every |w| < DEAD_ROW: zero or denormal
+    weights, whose step would underflow and whose reciprocal is inf) gets step 1, so it is quantized to exact
+    zeros with a harmless scale; a row of huge weights (~3e38, whose span overflows) gets its step from the span
+    in float64, capped so that every grid value stays finite. Other rows keep their step bit for bit."""
+    xp = array_module(delta)
+    dead = absmax < DEAD_ROW
+    wide = ~xp.isfinite(delta)
+    if not bool((dead | wide).any()):
+        return delta
+    cap = float(np.finfo(delta.dtype).max) / (2 * steps + 2)
+    big = xp.minimum(span64 / steps, cap).astype(delta.dtype)
+    return xp.where(dead, xp.ones_like(delta), xp.where(wide, big, delta))
 
 
 def search_lambda(W, G, bits: int, scheme: str, granularity: str, candidates, zero_in_range: bool = True,

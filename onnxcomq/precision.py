@@ -22,6 +22,7 @@ import re
 import numpy as np
 import onnx
 
+from .calib import batch_samples
 from .errors import UserError
 
 NBITS_BITS = (2, 4, 8)  # bits com.microsoft MatMulNBits accepts
@@ -142,8 +143,11 @@ def first_feeds(calib, samples: int) -> list:
     """The calibration batches holding the first ``samples`` samples."""
     feeds, n = [], 0
     for feed in calib:
-        k = min(next(iter(feed.values())).shape[0], samples - n)
-        feeds.append({name: v[:k] for name, v in feed.items()})
+        k = batch_samples(feed)
+        if not getattr(calib, "fixed_batch", None) and k > samples - n:  # (a fixed batch is taken whole)
+            k = samples - n
+            feed = calib.head(feed, k)
+        feeds.append(feed)
         n += k
         if n >= samples:
             break
@@ -230,4 +234,15 @@ def plan_layers(layers, cfg) -> dict:
                 raise UserError(f"{L.node}: {bits} bits cannot be stored as MatMulNBits (supports "
                                 f"{'/'.join(map(str, NBITS_BITS))} bits); change --layer-bits or --format")
         plan[L.weight] = [bits, gran, fmt, "; ".join(notes), L.weight in fixed]
+    # A block wider than a layer's fan-in is padded to the block width (scale system (m, block), sub-Grams
+    # block x block): harmless where another layer is at least that wide (the cost is bounded by the widest
+    # layer's), but a block wider than every fan-in is a mistake that only costs memory (100000 on a 40-wide
+    # layer: 37 GiB) for what is per-channel quantization: refused, naming the widest layer.
+    blocked = [L for L in layers if plan[L.weight][1] == "block"]
+    if blocked:
+        widest = max(blocked, key=lambda L: L.x.fan_in)
+        if cfg.block_size > widest.x.fan_in > 0:
+            raise UserError(f"--block-size {cfg.block_size} is wider than every block-wise layer's fan-in (the "
+                            f"widest, {widest.node}, has fan-in {widest.x.fan_in}); use at most "
+                            f"{widest.x.fan_in}, or --granularity channel")
     return plan

@@ -1,0 +1,125 @@
+"""Stage 5: verify a quantized model before it is written.
+
+The quantized model is loaded in onnxruntime and run on calibration samples beside the float model; every graph
+output must be finite wherever the float model's is (else the model is not written), and its distance from the float
+output is reported (a warning where it exceeds the float output itself). This catches what no per-layer error shows: a
+model onnxruntime cannot load (a weight also listed as a graph input, an IR version it does not know), a NaN or an
+overflow anywhere in the graph, a weight whose layout does not match its input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from .calib import batch_samples
+from .capture import make_session, ort_message, run_session
+from .errors import UserError
+
+# an output further from the float model's than the float output is from zero (||q - f|| > ||f||) gets a warning
+MAX_REL_ERROR = 1.0
+
+
+@dataclass
+class OutputCheck:
+    """How close one graph output of the quantized model is to the float model's, on the verification samples."""
+
+    name: str
+    finite: bool  # finite wherever the float output is
+    cosine: float | None = None  # float outputs: cosine similarity of the flattened outputs
+    rel_error: float | None = None  # float outputs: ||q - f|| / ||f||
+    agreement: float | None = None  # integer / boolean outputs: the fraction of equal elements
+    float_finite: bool = True  # the float model's own output is finite
+    mismatch: str = ""  # the outputs cannot be compared (shapes differ)
+
+    def problem(self) -> str | None:
+        """Why this output fails the check, or None."""
+        if self.mismatch:
+            return f"output {self.name}: {self.mismatch}"
+        if not self.finite:
+            return f"output {self.name} has NaN or Inf values where the float model's is finite"
+        return None
+
+    def warning(self) -> str | None:
+        """Why this output deserves a look (the model is still written), or None."""
+        if self.rel_error is not None and self.rel_error > MAX_REL_ERROR:
+            return (f"output {self.name} is far from the float model's (relative error {self.rel_error:.3g}, "
+                    f"cosine {self.cosine:.3g}): check the calibration data, or use more bits")
+        return None
+
+    def summary(self) -> str:
+        if self.agreement is not None:
+            return f"{self.name}: {100 * self.agreement:.1f} % equal"
+        if self.cosine is None:
+            return f"{self.name}: {'finite' if self.finite else 'NOT FINITE'}"
+        return f"{self.name}: cosine {self.cosine:.4f}, rel. error {self.rel_error:.3g}" + \
+            ("" if self.finite else " (NOT FINITE)")
+
+
+class VerificationError(UserError):
+    """The quantized model failed verification; ``model`` and ``report`` hold what would have been written."""
+
+    def __init__(self, message: str, model=None, report=None):
+        super().__init__(message)
+        self.model, self.report = model, report
+
+
+def _compare(name: str, f: np.ndarray, q: np.ndarray) -> OutputCheck:
+    if not np.issubdtype(f.dtype, np.floating):
+        return OutputCheck(name, True, agreement=float(np.mean(f == q)) if f.size else 1.0)
+    ok = np.isfinite(f)
+    finite = bool(np.isfinite(q[ok]).all())
+    f64, q64 = f[ok].astype(np.float64), q[ok].astype(np.float64)
+    if not finite:
+        return OutputCheck(name, False, float_finite=bool(ok.all()))
+    nf, nq = float(np.linalg.norm(f64)), float(np.linalg.norm(q64))
+    diff = float(np.linalg.norm(q64 - f64))
+    rel = diff / nf if nf > 0 else (0.0 if diff == 0 else float("inf"))
+    cos = float(f64 @ q64 / (nf * nq)) if nf > 0 and nq > 0 else (1.0 if nf == nq else 0.0)
+    return OutputCheck(name, True, cosine=cos, rel_error=rel, float_finite=bool(ok.all()))
+
+
+def verify(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, feeds: list) -> tuple[list, int]:
+    """Run both models on ``feeds`` (calibration batches) and compare every graph output; returns
+    ([OutputCheck], samples). A quantized model that onnxruntime cannot load or run is a UserError."""
+    names = [o.name for o in float_model.graph.output]
+    sess = make_session(float_model, what="the float model")
+    ref = [run_session(sess, names, feed) for feed in feeds]
+    del sess
+    sess = make_session(qmodel, what="the quantized model")
+    got = []
+    for feed in feeds:
+        try:
+            got.append(sess.run(names, feed))
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise UserError(f"onnxruntime cannot run the quantized model: {ort_message(e)}") from None
+    checks = []
+    for k, name in enumerate(names):
+        f, q = [np.asarray(r[k]) for r in ref], [np.asarray(g[k]) for g in got]
+        bad = next(((a.shape, b.shape) for a, b in zip(f, q) if a.shape != b.shape or a.dtype != b.dtype), None)
+        if bad is not None:
+            checks.append(OutputCheck(name, True, mismatch=f"shape/type {bad[1]} differs from the float "
+                                                             f"model's {bad[0]}"))
+            continue
+        checks.append(_compare(name, np.concatenate([a.ravel() for a in f]), np.concatenate([b.ravel() for b in q])))
+    return checks, sum(batch_samples(feed) for feed in feeds)
+
+
+def problems(checks: list) -> list:
+    """Why the quantized model must not be written (NaN/Inf outputs, outputs of another shape)."""
+    return [p for p in (c.problem() for c in checks) if p]
+
+
+def warnings(checks: list) -> list:
+    return [w for w in (c.warning() for c in checks) if w]
+
+
+def to_dicts(checks: list) -> list:
+    return [asdict(c) for c in checks]
+
+
+__all__ = ["OutputCheck", "VerificationError", "verify", "problems", "warnings", "MAX_REL_ERROR"]
