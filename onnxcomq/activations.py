@@ -47,8 +47,19 @@ class ActFormat:
         return np.int8 if self.signed else np.uint8
 
 
-def qparams(lo: float, hi: float, fmt: ActFormat) -> tuple[np.float32, int]:
-    """(scale, zero point) of the range [lo, hi] (widened to contain 0)."""
+def half_up(scale):
+    """The smallest float16 number >= ``scale`` (at least the smallest subnormal, 2^-24; at most float16's max),
+    elementwise: a float16 scale that still covers the range (Q and DQ use the same stored scale, so its own
+    rounding costs nothing). A float for a float, a float64 array for an array."""
+    s = np.clip(np.asarray(scale, np.float64), 2.0 ** -24, 65504.0)
+    h = s.astype(np.float16)
+    h = np.where(h.astype(np.float64) < s, np.nextafter(h, np.float16(np.inf)), h).astype(np.float64)
+    return float(h) if h.ndim == 0 else h
+
+
+def qparams(lo: float, hi: float, fmt: ActFormat, float16: bool = False) -> tuple[np.float32, int]:
+    """(scale, zero point) of the range [lo, hi] (widened to contain 0). ``float16``: the scale is a float16
+    number (rounded up, the zero point fitted to it) for a float16 tensor's QuantizeLinear."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if fmt.symmetric:
         amax = max(-lo, hi)
@@ -56,8 +67,12 @@ def qparams(lo: float, hi: float, fmt: ActFormat) -> tuple[np.float32, int]:
             scale, zp = amax / fmt.qmax, 0
         else:  # uint8 symmetric: zero point 128, [-128, 127] levels around it
             scale, zp = amax / ((fmt.qmax - fmt.qmin) / 2), (fmt.qmax + fmt.qmin + 1) // 2
+        if float16 and scale > 0 and np.isfinite(scale):
+            scale = half_up(scale)
     else:
         scale = (hi - lo) / (fmt.qmax - fmt.qmin)
+        if float16 and scale > 0 and np.isfinite(scale):
+            scale = half_up(scale)
         zp = int(np.clip(round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax)) if scale > 0 else 0
     if not scale > 0 or not np.isfinite(scale):
         scale = 1.0  # an all-zero tensor: any scale represents it

@@ -2,8 +2,9 @@
 
 The DequantizeLinear node outputs the original weight name, so every consumer (shared weights included) reads the
 dequantized weight unchanged; the float initializer is removed from the file. 8..5-bit codes are int8/uint8 (opset
->= 13 for the per-channel axis); 4..2-bit codes are int4/uint4, two per byte (opset >= 21). Older models are
-converted with onnx's version converter, not just renumbered.
+>= 13 for the per-channel axis); 4..2-bit codes are int4/uint4, two per byte (opset >= 21), or, under a
+``max_opset`` below 21 (older runtimes), the same codes in int8/uint8 containers (opset 13, twice the bytes, the same
+dequantized weights). Older models are converted with onnx's version converter, not just renumbered.
 """
 
 from __future__ import annotations
@@ -45,22 +46,28 @@ class QuantizedWeight:
             shape[self.axis] = -1
         return a.reshape(shape)
 
-    def code_dtype(self):
-        if self.bits <= 4:
+    def code_dtype(self, max_opset: int | None = None):
+        """The stored code type: int4/uint4 for 2..4 bits (int8/uint8 containers under a max_opset below 21)."""
+        if self.bits <= 4 and not (max_opset and max_opset < 21):
             return ml_dtypes.int4 if self.signed else ml_dtypes.uint4
         return np.int8 if self.signed else np.uint8
 
-    def storage(self):
-        """(codes, zero_point, dtype) as stored. Codes whose zero point does not fit the b-bit type (the official
+    def storage(self, max_opset: int | None = None):
+        """(codes, zero_point, dtype) as stored. Codes whose zero point does not fit the stored type (the official
         min-max grid of a row whose weights all have one sign does not contain 0) are stored as signed levels
-        ``codes - zero_point`` with zero point 0 in the smallest signed type that holds them (int8, int16, int32)."""
+        ``codes - zero_point`` with zero point 0 in the smallest signed type that holds them (int8, int16, int32;
+        int16 needs opset 21, so under a lower ``max_opset`` int32)."""
         lo, hi = (-(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1) if self.signed else (0, (1 << self.bits) - 1)
         if self.codes.min() < lo or self.codes.max() > hi:
             raise ValueError(f"codes of {self.name} outside the {self.bits}-bit range [{lo}, {hi}]")
-        if lo <= self.zero_point.min() and self.zero_point.max() <= hi:
-            return self.codes, self.zero_point, self.code_dtype()
+        dt = self.code_dtype(max_opset)
+        zlo, zhi = lo, hi
+        if self.bits <= 4 and dt in (np.int8, np.uint8):  # an 8-bit container of 4-bit codes holds more zero points
+            zlo, zhi = np.iinfo(dt).min, np.iinfo(dt).max
+        if zlo <= self.zero_point.min() and self.zero_point.max() <= zhi:
+            return self.codes, self.zero_point, dt
         levels = self.codes.astype(np.int64) - self.expand(self.zero_point.astype(np.int64))
-        for dt in (np.int8, np.int16, np.int32):
+        for dt in (np.int8, np.int16, np.int32) if not (max_opset and max_opset < 21) else (np.int8, np.int32):
             info = np.iinfo(dt)
             if info.min <= levels.min() and levels.max() <= info.max:
                 return levels, np.zeros_like(self.zero_point), dt
@@ -80,14 +87,45 @@ def _opset(model) -> int:
     raise UserError("model has no default-domain (ai.onnx) opset import")
 
 
-def required_opset(dtype) -> int:
-    """DequantizeLinear with a per-channel axis needs opset 13; int4/uint4 and int16 inputs need 21 (float16 scales
-    need 19: see emit_qdq)."""
-    return 21 if dtype in (ml_dtypes.int4, ml_dtypes.uint4, np.int16) else 13
+opset_of = _opset
+MIN_MAX_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
 
 
-def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    """Convert ``model`` to at least opset ``target`` with onnx's version converter."""
+def weight_opset(w: "QuantizedWeight", dtype) -> tuple[int, str]:
+    """(the opset the DequantizeLinear of ``w`` stored as ``dtype`` needs, why): a per-channel axis needs 13, float16
+    scales 19, int4/uint4 and int16 inputs and block_size 21."""
+    if w.block_size:
+        return 21, "block-wise scales (DequantizeLinear block_size)"
+    if dtype in (ml_dtypes.int4, ml_dtypes.uint4):
+        return 21, f"{w.bits}-bit codes stored as int4/uint4"
+    if dtype == np.int16:
+        return 21, "int16 weight levels"
+    if w.float16:
+        return 19, "float16 scales of float16 weights"
+    return 13, "per-channel DequantizeLinear axis" if w.scale.ndim else "int8 DequantizeLinear"
+
+
+def validate_max_opset(cfg) -> None:
+    """UserError for a QuantizeConfig whose max_opset cannot hold its output (what a model needs beyond this,
+    e.g. float16 scales, is checked when writing)."""
+    m = getattr(cfg, "max_opset", None)
+    if m is None:
+        return
+    if not isinstance(m, int) or isinstance(m, bool) or m < MIN_MAX_OPSET:
+        raise UserError(f"max opset must be an integer >= {MIN_MAX_OPSET} (per-channel DequantizeLinear needs "
+                        f"opset 13), got {m!r}")
+    if m < 21 and cfg.granularity == "block" and getattr(cfg, "weight_format", "qdq") != "matmulnbits":
+        raise UserError(f"--max-opset {m}: --granularity block needs DequantizeLinear's block_size, opset 21; use "
+                        "--granularity channel, or --format matmulnbits (com.microsoft MatMulNBits for the MatMul "
+                        "weights, no opset 21 needed)")
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int, why: str = "", max_opset: int | None = None) \
+        -> onnx.ModelProto:
+    """Convert ``model`` to at least opset ``target`` with onnx's version converter; ``why``: what needs it (for
+    the error when ``max_opset`` is lower)."""
+    if max_opset is not None and target > max_opset:
+        raise UserError(f"--max-opset {max_opset}: {why or 'the quantized model'} needs opset {target}")
     if _opset(model) >= target:
         return model
     try:
@@ -101,16 +139,21 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
 
 
 def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: dict | None = None,
-             inplace: bool = False) -> onnx.ModelProto:
+             inplace: bool = False, max_opset: int | None = None) -> onnx.ModelProto:
     """A new model in which every weight of ``weights`` is replaced by a DequantizeLinear of its codes.
 
-    ``inplace``: ``model`` is a private copy that may be edited (saves a copy of a large model)."""
+    ``inplace``: ``model`` is a private copy that may be edited (saves a copy of a large model). ``max_opset``:
+    the highest opset the output may have (2..4-bit codes then go in int8/uint8 containers below 21)."""
     if not weights:
         raise UserError("no layer was quantized: nothing to write")
-    stored = [(w,) + tuple(w.storage()) for w in weights]
-    target = max(max(required_opset(dt), 19 if w.float16 else 0, 21 if w.block_size else 0)
-                 for w, *_, dt in stored)
-    out = upgrade_opset(model, target)
+    if max_opset is not None and _opset(model) > max_opset:
+        raise UserError(f"--max-opset {max_opset}: the model is already at opset {_opset(model)} (onnxcomq does not "
+                        "lower a model's opset)")
+    stored = [(w,) + tuple(w.storage(max_opset)) for w in weights]
+    target, why = max((weight_opset(w, dt) for w, *_, dt in stored), key=lambda t: t[0])
+    if max_opset is not None and target > max_opset:
+        raise UserError(f"--max-opset {max_opset}: {why} need opset {target}")
+    out = upgrade_opset(model, target, why, max_opset)
     if out is model and not inplace:
         out = onnx.ModelProto()
         out.CopyFrom(model)
@@ -141,6 +184,39 @@ def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: d
     del g.node[:]
     g.node.extend(nodes)
     return set_metadata(out, metadata, copy=False)
+
+
+def opset_change(before: onnx.ModelProto, after: onnx.ModelProto, max_opset: int | None = None) -> dict:
+    """{'input': opset, 'output': opset, 'reason': what in ``after`` needs its opset ('' when unchanged), and
+    'max': max_opset when one was set}: for the report and the run summary (raising the opset is not silent)."""
+    inits = {t.name: t for t in after.graph.initializer}
+    need, why = 0, ""
+    T = onnx.TensorProto
+    for n in after.graph.node:
+        if n.op_type not in ("DequantizeLinear", "QuantizeLinear"):
+            continue
+        at = {a.name for a in n.attribute}
+        x = inits.get(n.input[0])
+        s = inits.get(n.input[1]) if len(n.input) > 1 else None
+        cands = [(10, "QuantizeLinear/DequantizeLinear")]
+        if "axis" in at and s is not None and len(s.dims):
+            cands.append((13, "per-channel DequantizeLinear axis"))
+        if s is not None and s.data_type == T.FLOAT16:
+            cands.append((19, "float16 scales (a float16 model)"))
+        if x is not None and x.data_type in (T.INT4, T.UINT4):
+            cands.append((21, "2..4-bit weights stored as int4/uint4"))
+        if x is not None and x.data_type == T.INT16:
+            cands.append((21, "int16 weight levels"))
+        if "block_size" in at:
+            cands.append((21, "block-wise scales (DequantizeLinear block_size)"))
+        top = max(cands, key=lambda c: c[0])
+        if top[0] > need:
+            need, why = top
+    a, b = _opset(before), _opset(after)
+    out = {"input": a, "output": b, "reason": why if b > a else ""}
+    if max_opset is not None:
+        out["max"] = max_opset
+    return out
 
 
 def set_metadata(model: onnx.ModelProto, metadata: dict | None, copy: bool = True) -> onnx.ModelProto:

@@ -94,9 +94,147 @@ class Layer:
 
 @dataclass
 class Skipped:
-    node: str
+    node: str  # inside a control-flow subgraph: "<parent node>/<attribute>/<node>"
     op_type: str
     reason: str
+    params: int = 0  # float weight parameters this node holds (its constant float inputs with >= 2 non-unit axes)
+    share: float = 0.0  # params / all float parameters of the model (initializers and Constants, subgraphs too)
+
+
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def _float_constants(graph) -> dict:
+    """{name: TensorProto} of the float initializers and Constant-node values of ``graph`` (not its subgraphs)."""
+    out = {t.name: t for t in graph.initializer if t.data_type in FLOAT_TYPES}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value" and a.t.data_type in FLOAT_TYPES:
+                    out[n.output[0]] = a.t
+    return out
+
+
+def _subgraphs(node):
+    """(attribute name, GraphProto) of a node's subgraphs (If branches, Loop/Scan bodies, ...)."""
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for k, g in enumerate(a.graphs):
+                yield f"{a.name}[{k}]", g
+
+
+def _numel(t) -> int:
+    return int(np.prod(t.dims)) if len(t.dims) else 1
+
+
+def _is_weight(t) -> bool:
+    """A weight-like constant: float, with at least two axes longer than 1 (a matrix, kernel, embedding table or
+    recurrent W/R; not a bias, a per-channel scale [1, C, 1, 1] or a scalar)."""
+    return sum(d > 1 for d in t.dims) >= 2
+
+
+def weight_params(model: onnx.ModelProto) -> int:
+    """All float parameters of the model: elements of its float initializers and Constant values, subgraphs too."""
+    def count(graph) -> int:
+        total = sum(_numel(t) for t in _float_constants(graph).values())
+        return total + sum(count(g) for n in graph.node for _, g in _subgraphs(n))
+    return count(model.graph)
+
+
+_NOT_CONSTANT = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli")
+
+
+def _const_sources(graph, outer: dict) -> dict:
+    """{tensor: {id: float weight-like constant it is computed from}} for every tensor of ``graph`` computed from
+    constants only (a Constant, an initializer, or a Slice/Reshape/Transpose/... of them: silero's LSTM weights
+    are Slices of one initializer), ``outer`` being the enclosing graphs' map."""
+    src = dict(outer)
+    for t in graph.initializer:
+        src[t.name] = {id(t): t} if t.data_type in FLOAT_TYPES and _is_weight(t) else {}
+    for name, t in _float_constants(graph).items():
+        src[name] = {id(t): t} if _is_weight(t) else {}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            for o in n.output:
+                src.setdefault(o, {})
+        elif n.input and n.op_type not in _NOT_CONSTANT and not any(True for _ in _subgraphs(n)) \
+                and all(i == "" or i in src for i in n.input):
+            merged = {}
+            for i in n.input:
+                if i:
+                    merged.update(src[i])
+            for o in n.output:
+                if o:
+                    src[o] = merged
+    return src
+
+
+class _Holdings:
+    """Which float weights each left-out node holds: the weight-like constants its runtime computation reads
+    (through pure constant arithmetic), each counted once in the whole model so that the shares add up."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.total = weight_params(model)
+        self.taken: set = set()
+
+    def held(self, node, src: dict, claim: bool = True) -> int:
+        """Parameters that ``node`` holds and no node before it claimed (0 for a node of constants only: it is
+        part of a weight's computation, the node that reads its result holds the weight)."""
+        if node.input and all(i == "" or i in src for i in node.input):
+            return 0
+        found = {}
+        for i in node.input:
+            if i in src:
+                found.update(src[i])
+        new = {k: t for k, t in found.items() if k not in self.taken}
+        if claim:
+            self.taken.update(new)
+        return sum(_numel(t) for t in new.values())
+
+    def holds(self, node, src: dict) -> bool:
+        return not (node.input and all(i == "" or i in src for i in node.input)) and any(
+            src.get(i) for i in node.input)
+
+    def share(self, params: int) -> float:
+        return params / self.total if self.total else 0.0
+
+
+def _float_reason(node, src: dict) -> str:
+    """Why a node of a type COMQ does not solve, that holds a float weight, stays float."""
+    op = node.op_type
+    if op in RECURRENT_OPS:
+        return ("recurrent layer: its W and R weights stay float (onnxcomq quantizes the weights of Conv, "
+                "ConvTranspose, Gemm and MatMul)")
+    if op == "Gather" and node.input and src.get(node.input[0]):
+        return "embedding table (Gather of a constant): a lookup, not a layer COMQ solves"
+    if op == "Einsum":
+        return ("Einsum with a constant operand: not rewritten as MatMul (equation not a plain contraction with the "
+                "weight, or --no-rewrite-matmul)")
+    return f"{op} with a constant float operand: not a layer COMQ quantizes"
+
+
+def _subgraph_skips(parent: str, node, outer: dict, hold: _Holdings) -> list:
+    """Every node inside ``node``'s subgraphs (recursively) that holds a float weight: left float, with why."""
+    out = []
+    for attr, g in _subgraphs(node):
+        src = _const_sources(g, outer)
+        where = f"inside the {attr} subgraph of {node.op_type} {parent}"
+        for i, n in enumerate(g.node):
+            name = f"{parent}/{attr}/{n.name or f'{n.op_type}_{i}'}"
+            if any(True for _ in _subgraphs(n)):
+                out.extend(_subgraph_skips(name, n, src, hold))
+                continue
+            if not hold.holds(n, src):
+                continue
+            params = hold.held(n, src)
+            why = f"{where}: control-flow subgraphs are not quantized" if n.op_type in SUPPORTED_OPS \
+                else f"{_float_reason(n, src)} ({where})"
+            out.append(Skipped(name, n.op_type, why, params, hold.share(params)))
+    return out
 
 
 def _attrs(node) -> dict:
@@ -123,7 +261,9 @@ def _matches(patterns, name: str, op_type: str) -> bool:
 
 
 def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> tuple[list[Layer], list[Skipped]]:
-    """Quantizable layers of ``model`` (top-level graph) and every weighted-looking node that was left out, with why.
+    """Quantizable layers of ``model`` (top-level graph) and every node left out that holds a float weight (or is
+    a Conv/Gemm/MatMul that was not taken), with why and its share of the model's float parameters: recurrent
+    layers, embedding lookups, Einsums, control-flow nodes and the weighted nodes inside their subgraphs.
 
     ``exclude``: fnmatch patterns over node names and op types. ``op_types``: which of Conv/Gemm/MatMul to consider.
     """
@@ -132,61 +272,72 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> t
         raise UserError(f"--op-types: unsupported op type(s) {', '.join(bad)}; choose from {', '.join(SUPPORTED_OPS)}")
     g = model.graph
     inits = {t.name: t for t in g.initializer}
+    consts = _float_constants(g)
+    src = _const_sources(g, {})
+    hold = _Holdings(model)
     names = node_names(model)
     layers: list[Layer] = []
     skipped: list[Skipped] = []
     by_weight: dict[str, Layer] = {}
+
+    def skip(name, node, reason):
+        params = hold.held(node, src)
+        skipped.append(Skipped(name, node.op_type, reason, params, hold.share(params)))
+
     for name, node in zip(names, g.node):
-        if node.op_type in ("If", "Loop", "Scan"):
-            skipped.append(Skipped(name, node.op_type, "control-flow subgraph: its layers are not quantized"))
+        if node.op_type in CONTROL_FLOW_OPS or any(True for _ in _subgraphs(node)):
+            inner = _subgraph_skips(name, node, src, hold)
+            skip(name, node, "control-flow subgraph: its layers are not quantized" + (
+                f" (the {len(inner)} node(s) inside that hold weights are listed on their own)" if inner else ""))
+            skipped.extend(inner)
             continue
         if node.op_type == "Einsum" and any(i in inits for i in node.input):
-            skipped.append(Skipped(name, node.op_type, "Einsum with a constant operand: not rewritten as MatMul "
-                                   "(equation not a plain contraction with the weight, or --no-rewrite-matmul)"))
+            skip(name, node, "Einsum with a constant operand: not rewritten as MatMul "
+                 "(equation not a plain contraction with the weight, or --no-rewrite-matmul)")
             continue
         if node.op_type not in SUPPORTED_OPS:
+            if hold.holds(node, src):
+                skip(name, node, _float_reason(node, src))
             continue
         if node.op_type not in op_types:
-            skipped.append(Skipped(name, node.op_type, "op type not selected (--op-types)"))
+            skip(name, node, "op type not selected (--op-types)")
             continue
         if _matches(exclude, name, node.op_type):
-            skipped.append(Skipped(name, node.op_type, "excluded by --exclude"))
+            skip(name, node, "excluded by --exclude")
             continue
         widx = 1
         wname = node.input[widx] if len(node.input) > widx else ""
         if wname not in inits:
             a_const = node.op_type == "MatMul" and node.input[0] in inits
-            skipped.append(Skipped(name, node.op_type,
-                                   "constant weight on input A (activation rank unknown, or --no-rewrite-matmul)"
-                                   if a_const
-                                   else "weight is not a constant (activation x activation)"))
+            skip(name, node, "constant weight on input A (activation rank unknown, or --no-rewrite-matmul)"
+                 if a_const else "weight is a Constant node's output, not an initializer (constant folding "
+                 "failed?)" if wname in consts else "weight is not a constant (activation x activation)")
             continue
         if node.input[0] in inits:
-            skipped.append(Skipped(name, node.op_type, "input is a constant too: nothing to calibrate"))
+            skip(name, node, "input is a constant too: nothing to calibrate")
             continue
         wt = inits[wname]
         if wt.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
-            skipped.append(Skipped(name, node.op_type,
-                                   f"weight {wname} has type {onnx.TensorProto.DataType.Name(wt.data_type)}, "
-                                   "only float32 and float16 weights are quantized"))
+            skip(name, node, f"weight {wname} has type {onnx.TensorProto.DataType.Name(wt.data_type)}, "
+                 "only float32 and float16 weights are quantized")
             continue
         shape = tuple(wt.dims)
         at = _attrs(node)
         layer = _make_layer(name, node, wname, shape, at)
         if isinstance(layer, str):
-            skipped.append(Skipped(name, node.op_type, layer))
+            skip(name, node, layer)
             continue
         layer.float16 = wt.data_type == onnx.TensorProto.FLOAT16
         if wname in by_weight:
             first = by_weight[wname]
             if first.x.kind != layer.x.kind or first.op_type != layer.op_type or first.axis != layer.axis \
                     or first.x.fan_in != layer.x.fan_in:
-                skipped.append(Skipped(name, node.op_type,
-                                       f"weight {wname} is shared with {first.node} in an incompatible layout"))
+                skip(name, node, f"weight {wname} is shared with {first.node} in an incompatible layout")
                 continue
             first.consumers.append((name, layer.x))
             continue
         layer.consumers.append((name, layer.x))
+        hold.held(node, src)  # its weight is quantized: no left-out node holds it
         by_weight[wname] = layer
         layers.append(layer)
     return layers, skipped

@@ -29,7 +29,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .activations import METHODS, ActFormat, make_observer, qparams
+from .activations import METHODS, ActFormat, half_up, make_observer, qparams
+from .emit import opset_of, upgrade_opset
 from .errors import UserError
 from .graph import node_names, unique_name
 
@@ -58,6 +59,9 @@ class Plan:
     folded: dict = field(default_factory=dict)  # Relu/Clip node name -> (its input, its output): removed by insert
     nodes: list = field(default_factory=list)  # names of the nodes whose activations are quantized
     float_nodes: set = field(default_factory=set)  # excluded nodes: they read the float tensors
+    # float16 tensors (a float16 model): their Q/DQ pairs take float16 scales (QuantizeLinear-19), so that the
+    # DequantizeLinear output keeps the tensor's type
+    float16: set = field(default_factory=set)
 
     @property
     def observed(self) -> list:
@@ -68,22 +72,24 @@ def _matches(patterns, *names) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
 
 
-def _tensor_info(model: onnx.ModelProto) -> tuple[set, dict]:
-    """(float32 tensors, {tensor: shape}) from shape inference (best effort: a model it fails on, e.g. one over
-    2 GB, gets no activation quantization)."""
+def _tensor_info(model: onnx.ModelProto) -> tuple[set, dict, set]:
+    """(float32 and float16 tensors, {tensor: shape}, the float16 ones) from shape inference (best effort: a model
+    it fails on, e.g. one over 2 GB, gets no activation quantization)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
         inferred = model
-    floats, shapes = set(), {}
+    floats, shapes, halves = set(), {}, set()
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         t = vi.type.tensor_type
-        if t.elem_type == onnx.TensorProto.FLOAT:
+        if t.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
             floats.add(vi.name)
+        if t.elem_type == onnx.TensorProto.FLOAT16:
+            halves.add(vi.name)
         if t.HasField("shape"):
             shapes[vi.name] = tuple(d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None)
                                     for d in t.shape.dim)
-    return floats, shapes
+    return floats, shapes, halves
 
 
 def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", exclude=(), fold_relu: bool = True) \
@@ -96,7 +102,7 @@ def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", excl
     names = node_names(model)
     inits = {t.name: t for t in g.initializer}
     consts = set(inits) | {o for n in g.node if n.op_type == "Constant" for o in n.output}
-    floats, shapes = _tensor_info(model)
+    floats, shapes, halves = _tensor_info(model)
     floats -= consts
     graph_outputs = {o.name for o in g.output}
     consumers: dict = {}
@@ -180,6 +186,7 @@ def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", excl
     # a folded Relu's input is written under the Relu's output name: it is never a tensor of its own
     for a, _ in p.folded.values():
         p.tensors.pop(a, None)
+    p.float16 = {t for t in p.tensors if t in halves}
     return p
 
 
@@ -192,6 +199,10 @@ def _foldable(t, consumers, graph_outputs, exclude, inits):
     name, n = cs[0]
     if _matches(exclude, name, n.op_type) or n.output[0] in graph_outputs:
         return None
+    # a reader kept float (--act-exclude) reads the tensor itself, not its DequantizeLinear: without the Relu it
+    # would get the pre-activation values (measured: relative output error 1.1 on a 3-layer MLP)
+    if any(_matches(exclude, cname, c.op_type) for cname, c in consumers.get(n.output[0], [])):
+        return None
     if n.op_type == "Relu":
         return name, n
     if n.op_type == "Clip":
@@ -203,12 +214,17 @@ def _foldable(t, consumers, graph_outputs, exclude, inits):
     return None
 
 
-def insert(model: onnx.ModelProto, p: Plan, params: dict) -> tuple[onnx.ModelProto, dict]:
+def insert(model: onnx.ModelProto, p: Plan, params: dict, max_opset: int | None = None) \
+        -> tuple[onnx.ModelProto, dict]:
     """A copy of ``model`` with a QuantizeLinear -> DequantizeLinear pair on every planned tensor.
 
-    ``params``: observed tensor -> (scale, zero point, numpy dtype). Returns (model, {tensor: DequantizeLinear output})."""
+    ``params``: observed tensor -> (scale, zero point, numpy dtype). Returns (model, {tensor: DequantizeLinear output}).
+    Float16 tensors get float16 scales: QuantizeLinear takes float16 from opset 19, to which the model is raised
+    (a UserError if ``max_opset`` is lower)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    if p.float16 and opset_of(out) < 19:
+        out = upgrade_opset(out, 19, "QuantizeLinear of float16 activations", max_opset)
     g = out.graph
     taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input} \
         | {n.name for n in g.node}
@@ -233,13 +249,15 @@ def insert(model: onnx.ModelProto, p: Plan, params: dict) -> tuple[onnx.ModelPro
     new_nodes: dict = {}  # tensor -> [Q, DQ]
     for t, key in sorted(p.tensors.items()):
         scale, zp, dt = params[key]
-        if key not in inits:
-            sname = unique_name(f"{key}_act_scale", taken)
+        half = t in p.float16
+        if (key, half) not in inits:
+            sname = unique_name(f"{key}_act_scale" + ("_fp16" if half and (key, False) in inits else ""), taken)
             zname = unique_name(f"{key}_act_zero_point", taken)
-            g.initializer.append(numpy_helper.from_array(np.asarray(scale, np.float32), sname))
+            g.initializer.append(numpy_helper.from_array(np.asarray(scale, np.float16 if half else np.float32),
+                                                         sname))
             g.initializer.append(numpy_helper.from_array(np.asarray(zp, dt), zname))
-            inits[key] = (sname, zname)
-        sname, zname = inits[key]
+            inits[key, half] = (sname, zname)
+        sname, zname = inits[key, half]
         q = unique_name(f"{t}_QuantizeLinear_Output", taken)
         dq = t if t in pre else unique_name(f"{t}_DequantizeLinear_Output", taken)
         new_nodes[pre.get(t, t)] = [helper.make_node("QuantizeLinear", [pre.get(t, t), sname, zname], [q],
@@ -271,7 +289,51 @@ def insert(model: onnx.ModelProto, p: Plan, params: dict) -> tuple[onnx.ModelPro
         g.initializer.remove(t)  # a folded Clip's bounds
     if p.target == "ort":
         _int32_biases(g, p, params, taken)
+    if p.float16:  # (the ort target's int32 biases are DequantizeLinear outputs already)
+        _bias_adds(g, taken)
     return out, qdq_out
+
+
+def _bias_adds(g, taken: set) -> None:
+    """Float16 Conv/Gemm biases next to DequantizeLinear input and weight become an Add after the node (exact;
+    TensorRT fuses it back into the kernel). onnxruntime's BiasQuantization would otherwise quantize such a bias
+    itself, dividing it by scale_a * scale_w in float16, which overflows (measured: a relative output error of 0.32
+    on a small float16 CNN under ORT_ENABLE_ALL, 0 without optimizations)."""
+    inits = {t.name: t for t in g.initializer}
+    dq_out = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"}
+    rank = {n.output[0]: len(inits[n.input[0]].dims) for n in g.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    ordered, changed = [], []
+    for n in g.node:
+        ordered.append(n)
+        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or n.input[2] not in inits:
+            continue
+        b = inits[n.input[2]]
+        if b.data_type != onnx.TensorProto.FLOAT16 or len(b.dims) != 1 or not (
+                n.input[0] in dq_out and n.input[1] in dq_out):
+            continue
+        if n.op_type == "Conv" and n.input[1] not in rank:
+            continue
+        beta = {x.name: helper.get_attribute_value(x) for x in n.attribute}.get("beta", 1.0) \
+            if n.op_type == "Gemm" else 1.0
+        shape = (int(b.dims[0]),) + (1,) * (rank[n.input[1]] - 2 if n.op_type == "Conv" else 0)
+        bname = unique_name(f"{n.input[2]}_add", taken)
+        value = numpy_helper.to_array(b).reshape(shape)
+        if beta != 1.0:  # Gemm's C is scaled by beta: the Add takes beta * C
+            value = (value.astype(np.float32) * np.float32(beta)).astype(np.float16)
+        g.initializer.append(numpy_helper.from_array(value, bname))
+        pre = unique_name(f"{n.output[0]}_before_bias", taken)
+        ordered.append(helper.make_node("Add", [pre, bname], [n.output[0]],
+                                        name=unique_name(f"{n.name or n.output[0]}_bias_add", taken)))
+        changed.append(n.input[2])
+        n.output[0] = pre
+        del n.input[2]
+    if changed:
+        del g.node[:]
+        g.node.extend(ordered)
+        used = {i for n in g.node for i in n.input}
+        for name in set(changed) - used:
+            g.initializer.remove(inits[name])
 
 
 def _int32_biases(g, p: Plan, params: dict, taken: set) -> None:
@@ -290,12 +352,23 @@ def _int32_biases(g, p: Plan, params: dict, taken: set) -> None:
         at = {x.name: helper.get_attribute_value(x) for x in n.attribute}
         if at.get("transA", 0) or at.get("alpha", 1.0) != 1.0 or at.get("beta", 1.0) != 1.0:
             continue
+        half = inits[n.input[2]].data_type == onnx.TensorProto.FLOAT16
+        if inits[n.input[2]].data_type != onnx.TensorProto.FLOAT and not half:
+            continue
         sw = numpy_helper.to_array(inits[w.input[1]]).astype(np.float64)
         sa = float(numpy_helper.to_array(inits[a.input[1]]))
         bias = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64)
         if bias.ndim != 1 or (sw.ndim and sw.shape[0] != bias.shape[0]):
             continue
-        scale = (sa * sw * np.ones_like(bias)).astype(np.float32)
+        if half:
+            # float16: onnxruntime's CPU has no QLinearConv/QGemm for float16 (the node stays a float Conv/Gemm
+            # between Casts), but its own bias quantization (a float bias next to DQ input and weight) divides the
+            # bias by scale_a * scale_w in float16 and overflows (measured: outputs off by 2 on the reference CNN).
+            # So the bias is written here as int32 codes with a float16 scale: scale_a * scale_w rounded up to
+            # float16, widened where the codes would not fit in 2^30 (no fused kernel needs it to be exact)
+            scale = half_up(np.maximum(sa * sw * np.ones_like(bias), np.abs(bias) / 2.0 ** 30)).astype(np.float16)
+        else:
+            scale = (sa * sw * np.ones_like(bias)).astype(np.float32)
         codes = np.clip(np.rint(bias / scale.astype(np.float64)), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
         qn, sn = unique_name(f"{n.input[2]}_int32", taken), unique_name(f"{n.input[2]}_int32_scale", taken)
         zn = unique_name(f"{n.input[2]}_int32_zero_point", taken)
@@ -316,10 +389,12 @@ def _int32_biases(g, p: Plan, params: dict, taken: set) -> None:
 
 
 def act_params(p: Plan, ranges: dict, fmt: ActFormat) -> dict:
-    """observed tensor -> (scale, zero point, dtype) from its (lo, hi) range."""
+    """observed tensor -> (scale, zero point, dtype) from its (lo, hi) range; the scale of a tensor that a float16
+    tensor shares is a float16 number (exact in both types)."""
     out = {}
+    halves = {p.tensors[t] for t in p.float16 if t in p.tensors}
     for key in p.observed:
-        scale, zp = qparams(*ranges[key], fmt)
+        scale, zp = qparams(*ranges[key], fmt, float16=key in halves)
         out[key] = (scale, zp, fmt.dtype)
     return out
 
@@ -421,14 +496,14 @@ class ActivationQuantizer:
         """Layer statistics from a second pass over the float model carrying the activation Q/DQ: each layer's X is
         the fake-quantized input it reads in the deployed model. ``capture(model, specs)`` runs the pass."""
         params = self.params
-        fq, dq = insert(self.model, self.plan, params)
+        fq, dq = insert(self.model, self.plan, params, getattr(self.cfg, "max_opset", None))
         moved = {spec: dataclasses.replace(spec, tensor=dq.get(spec.tensor, spec.tensor)) for spec in specs}
         stats, _ = capture(fq, {moved[s]: g for s, g in specs.items()})
         return {s: stats[moved[s]] for s in specs}
 
     def insert(self, model: onnx.ModelProto) -> onnx.ModelProto:
         params = self.params
-        return insert(model, self.plan, params)[0]
+        return insert(model, self.plan, params, getattr(self.cfg, "max_opset", None))[0]
 
     def metadata(self) -> dict:
         self.params  # decides which tensors stay float
