@@ -20,14 +20,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .capture import GramStats, capture_model, conv_output_shape, make_session
+from .calib import batch_samples
+from .capture import GramStats, blas_threads, capture_model, conv_output_shape, free_scratch, make_session, run_session
 from .graph import node_names
 from .modelio import copy_fields
-
-
-def _groups_first(A: np.ndarray) -> np.ndarray:
-    """(rows, groups, n) chunk -> float32 (groups, rows, n) in C order, ready for batched GEMMs."""
-    return np.ascontiguousarray(A.astype(np.float32, copy=False).transpose(1, 0, 2))
 
 
 @dataclass
@@ -40,14 +36,14 @@ class _Part:
     sums_t: np.ndarray = None
 
     def fold(self, X, Xt=None):
-        """Fold one chunk (rows, groups, n) of X (and X~): float32 GEMMs accumulated in float64, like GramStats."""
+        """Fold one chunk of X (and X~), transposed: (groups, n, rows) float32 (``GramStats.chunks``); float32
+        GEMMs accumulated in float64, like GramStats."""
         self.x._fold(X)
         if Xt is not None:
-            A, B = _groups_first(X), _groups_first(Xt)
-            Bt = B.transpose(0, 2, 1)
-            self.H += Bt @ A
-            self.Gt += Bt @ B
-            self.sums_t += B.sum(axis=1)
+            A, B = X.astype(np.float32, copy=False), Xt.astype(np.float32, copy=False)
+            self.H += np.matmul(B, A.transpose(0, 2, 1))
+            self.Gt += np.matmul(B, B.transpose(0, 2, 1))
+            self.sums_t += B.sum(axis=-1)
 
 
 class LayerStats:
@@ -58,7 +54,6 @@ class LayerStats:
         self.spec, self.groups, self.cross = spec, groups, cross
         self.fold_below, self.total_samples = fold_below, total_samples
         self.parts = None
-        self._sum = None
 
     def _new_part(self) -> _Part:
         p = _Part(GramStats(self.spec, self.groups))
@@ -84,7 +79,6 @@ class LayerStats:
         if self.parts is None:
             few = self.fold_below > 0 and self._expected_rows(t, mask, samples) < self.fold_below
             self.parts = [self._new_part() for _ in range(2 if few else 1)]
-        self._sum = None
         if not self.folded:
             self._fold_all(self.parts[0], t, mask, tq)
             return
@@ -95,58 +89,85 @@ class LayerStats:
                 m = mask[f::2] if mask is not None and ax == 0 else None
                 self._fold_all(part, t[sl], m, None if tq is None else tq[sl])
             return
-        for X, Xt in self._pairs(t, mask, tq):  # one sample: alternate rows
-            for f, part in enumerate(self.parts):
-                part.fold(X[f::2], None if Xt is None else Xt[f::2])
+        with blas_threads(self.spec.fan_in):
+            for X, Xt in self._pairs(t, mask, tq):  # one sample: alternate rows
+                for f, part in enumerate(self.parts):
+                    part.fold(X[..., f::2], None if Xt is None else Xt[..., f::2])
 
     def _pairs(self, t, mask, tq):
         xs = self.parts[0].x.chunks(t, mask)
         if tq is None:
             return ((X, None) for X in xs)
-        return zip(xs, self.parts[0].x.chunks(tq, mask))
+        return zip(xs, self.parts[0].x.chunks(tq, mask, slot=1))
 
     def _fold_all(self, part, t, mask, tq):
-        for X, Xt in self._pairs(t, mask, tq):
-            part.fold(X, Xt)
+        with blas_threads(self.spec.fan_in):
+            for X, Xt in self._pairs(t, mask, tq):
+                part.fold(X, Xt)
 
     def part(self, fold: int | None = None) -> _Part:
-        """Fold 0 or 1, or (None) all rows."""
+        """Fold 0 or 1, or (None) all rows (for two folds: a new merged part, not kept; ``stats`` and ``means``
+        merge one group at a time instead, so that no full copy of the statistics outlives the call)."""
         if fold is not None:
             return self.parts[fold]
         if len(self.parts) == 1:
             return self.parts[0]
-        if self._sum is None:
-            a, b = self.parts
-            s = self._new_part()
-            s.x.G, s.x.sums, s.x.rows = a.x.G + b.x.G, a.x.sums + b.x.sums, a.x.rows + b.x.rows
-            if self.cross:
-                s.H, s.Gt, s.sums_t = a.H + b.H, a.Gt + b.Gt, a.sums_t + b.sums_t
-            self._sum = s
-        return self._sum
+        a, b = self.parts
+        s = _Part(GramStats.__new__(GramStats))
+        s.x.spec, s.x.groups = self.spec, self.groups
+        s.x.G, s.x.sums, s.x.rows = a.x.G + b.x.G, a.x.sums + b.x.sums, a.x.rows + b.x.rows
+        if self.cross:
+            s.H, s.Gt, s.sums_t = a.H + b.H, a.Gt + b.Gt, a.sums_t + b.sums_t
+        return s
+
+    def _group(self, k: int, fold: int | None):
+        """(N, G, sums, H, G~, sums~) of group k over ``fold`` (None: both folds; H.. None without cross)."""
+        ps = self.parts if fold is None else [self.parts[fold]]
+        N = sum(p.x.rows for p in ps)
+
+        def total(get):
+            if len(ps) == 1:
+                return get(ps[0])
+            return get(ps[0]) + get(ps[1])
+
+        G, sums = total(lambda p: p.x.G[k]), total(lambda p: p.x.sums[k])
+        if not self.cross:
+            return N, G, sums, None, None, None
+        return N, G, sums, total(lambda p: p.H[k]), total(lambda p: p.Gt[k]), total(lambda p: p.sums_t[k])
 
     @property
     def rows(self) -> int:
-        return self.part().x.rows
+        return sum(p.x.rows for p in self.parts)
 
     def stats(self, k: int, centered: bool = False, fold: int | None = None):
         """(G, H, G~) of group k (float64); H and G~ are None without cross statistics. ``centered``: the statistics
-        of the centered X and X~ (free bias): G - N mu^T mu, H - N mu~^T mu, G~ - N mu~^T mu~."""
-        p = self.part(fold)
-        N = p.x.rows
-        G = p.x.centered(k) if centered else p.x.G[k]
+        of the centered X and X~ (free bias): G - N mu^T mu, H - N mu~^T mu, G~ - N mu~^T mu~. Uncentered ones of
+        a single fold are views of the running sums (callers copy before changing them)."""
+        N, G, sums, H, Gt, sums_t = self._group(k, fold)
+        if centered:
+            mu = sums / max(N, 1)
+            G = _minus_outer(G, N, mu, mu)
         if not self.cross:
             return G, None, None
         if not centered:
-            return G, p.H[k], p.Gt[k]
-        mu, mut = p.x.sums[k] / max(N, 1), p.sums_t[k] / max(N, 1)
-        return G, p.H[k] - N * np.outer(mut, mu), p.Gt[k] - N * np.outer(mut, mut)
+            return G, H, Gt
+        mut = sums_t / max(N, 1)
+        return G, _minus_outer(H, N, mut, mu), _minus_outer(Gt, N, mut, mut)
 
     def means(self, k: int, fold: int | None = None):
         """(mu, mu~): the mean rows of X and X~ (mu~ = mu without cross statistics)."""
-        p = self.part(fold)
-        N = max(p.x.rows, 1)
-        mu = p.x.sums[k] / N
-        return mu, (p.sums_t[k] / N if self.cross else mu)
+        N, _, sums, _, _, sums_t = self._group(k, fold)
+        N = max(N, 1)
+        mu = sums / N
+        return mu, (sums_t / N if self.cross else mu)
+
+
+def _minus_outer(A: np.ndarray, N: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """A - N u^T v as one new array (the same numbers as ``A - N * np.outer(u, v)``, one n x n temporary less)."""
+    out = np.outer(u, v)
+    out *= -N
+    out += A
+    return out
 
 
 def stage_model(model: onnx.ModelProto, tensors: list) -> onnx.ModelProto:
@@ -240,21 +261,24 @@ def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, f
     fetch = sorted({s.tensor for s in specs} - graph_inputs)
     fetch_float = sorted(set(fetch) | (set(observers) - graph_inputs))
     pairs = ((model, fetch_float), (twin, fetch)) if cross else ((model, fetch_float),)
-    runs = [(make_session(stage_model(m, f)) if f else None, f) for m, f in pairs]
+    runs = [(make_session(stage_model(m, f), mem_pattern=False) if f else None, f) for m, f in pairs]
     samples = 0
     for feed in batches:
-        vals = [dict(zip(f, sess.run(f, feed))) if sess is not None else {} for sess, f in runs]
+        vals = [dict(zip(f, run_session(sess, f, feed, samples))) if sess is not None else {} for sess, f in runs]
         for v in vals:
             v.update({k: a for k, a in feed.items() if k in graph_inputs})
         mask = feed.get(mask_input) if mask_input else None
-        n = next(iter(feed.values())).shape[0] if feed else 0
+        n = batch_samples(feed)
         for spec, st in stats.items():
             tq = np.asarray(vals[1][spec.tensor]) if cross else None
             st.add(np.asarray(vals[0][spec.tensor]), mask, tq, n)
         for name, obs in observers.items():
             obs.update(vals[0][name])
         samples += n
-        del vals
+        # (all of them: the loop variable v alone kept a batch's outputs alive through the next batch's run, which
+        # doubled capture's peak memory from the second batch on)
+        del vals, v
         if progress is not None:
             progress.update(n)
+    free_scratch()  # (the chunk buffers of GramStats.chunks)
     return stats, samples

@@ -185,11 +185,23 @@ def importance_order(W, g):
     return xp.argsort(-score)
 
 
+def safe_dtype(xp, W, G, dtype: str):
+    """The solver's float type: ``dtype``, or float64 for a layer whose products would overflow float32 (weights
+    or input statistics near float32's range: sum_j |e_j| |G_jk| |e_k| reaches n * max|w|^2 * max|G|)."""
+    if dtype == "float64":
+        return xp.float64
+    wmax = float(xp.abs(xp.asarray(W)).max()) if W.size else 0.0
+    gmax = float(xp.abs(xp.asarray(G)).max()) if G.size else 0.0
+    with np.errstate(over="ignore"):
+        risk = np.float64(W.shape[-1]) * np.float64(wmax) ** 2 * np.float64(gmax) * 256
+    return xp.float64 if not np.isfinite(risk) or risk > 1e36 else xp.float32
+
+
 def _prepare(W, G, cfg: SolverConfig, xp):
     cfg = cfg.validate()
     if xp is None:
         xp = array_module(W) if array_module(G) is array_module(W) else np
-    dt = xp.float32 if cfg.dtype == "float32" else xp.float64
+    dt = safe_dtype(xp, W, G, cfg.dtype)
     # C order matters: the sweep writes through flat views (reshape(-1) of an F-ordered array is a copy)
     W = xp.ascontiguousarray(xp.asarray(W, dtype=dt))
     G = xp.ascontiguousarray(xp.asarray(G, dtype=dt))
@@ -234,39 +246,46 @@ def _step_block(xp, Rb, Qb, Wb, gb, gs, Gs, nearest, per_row: bool, sub: int):
     smallest chunks each step updates the next rows directly. Returns the changes D = Q_old - Q_new (B, m).
     """
     live = gb > 0
-    has_dead = not bool(live.all())  # dead inputs (G_jj = 0) keep the nearest grid point of w_ij
+    # dead inputs (G_jj = 0) keep the nearest grid point of w_ij
+    live = None if bool(live.all()) else live
     Q0 = Qb.copy()
+    # (module-level helpers, not closures: a recursive closure is a reference cycle that kept every call's copies
+    # of R and Q0 alive until Python's cycle collector ran, so peak memory grew with the number of calls)
+    _step_chunk(xp, Rb, Qb, Q0, Wb, gs, Gs, live, nearest, per_row, sub, 0, Rb.shape[0])
+    Q0 -= Qb
+    return Q0
 
-    def steps(a, e):
-        for t in range(a, e):
-            qt = Qb[t]
-            target = Rb[t] / gs[t]
-            target += qt
-            if has_dead:
-                target = xp.where(live[t], target, Wb[t])
-            q = nearest(target)
-            d = qt - q
-            Qb[t] = q
-            if t + 1 < e:
-                Rb[t + 1:e] += Gs[t, t + 1:e] * d
 
-    def chunk(a, e):
-        if e - a <= sub:
-            steps(a, e)
-            return
-        size = max(sub, -(-(e - a) // 4))
-        for c in range(a, e, size):
-            c1 = min(c + size, e)
-            chunk(c, c1)
-            if c1 < e:
-                Dc = Q0[c:c1] - Qb[c:c1]  # (s, m)
-                if per_row:
-                    Rb[c1:e] += xp.einsum("si,ski->ki", Dc, Gs[c:c1, c1:e])
-                else:
-                    Rb[c1:e] += Gs[c1:e, c:c1, 0] @ Dc
+def _step_range(xp, Rb, Qb, Wb, gs, Gs, live, nearest, a: int, e: int):
+    """Steps a..e-1 of a block, each updating the later rows of the range directly (``_step_block``)."""
+    for t in range(a, e):
+        qt = Qb[t]
+        target = Rb[t] / gs[t]
+        target += qt
+        if live is not None:
+            target = xp.where(live[t], target, Wb[t])
+        q = nearest(target)
+        d = qt - q
+        Qb[t] = q
+        if t + 1 < e:
+            Rb[t + 1:e] += Gs[t, t + 1:e] * d
 
-    chunk(0, Rb.shape[0])
-    return Q0 - Qb
+
+def _step_chunk(xp, Rb, Qb, Q0, Wb, gs, Gs, live, nearest, per_row: bool, sub: int, a: int, e: int):
+    """Steps a..e-1 of a block, split recursively into 4 chunks per level down to ``sub`` steps (``_step_block``)."""
+    if e - a <= sub:
+        _step_range(xp, Rb, Qb, Wb, gs, Gs, live, nearest, a, e)
+        return
+    size = max(sub, -(-(e - a) // 4))
+    for c in range(a, e, size):
+        c1 = min(c + size, e)
+        _step_chunk(xp, Rb, Qb, Q0, Wb, gs, Gs, live, nearest, per_row, sub, c, c1)
+        if c1 < e:
+            Dc = Q0[c:c1] - Qb[c:c1]  # (s, m)
+            if per_row:
+                Rb[c1:e] += xp.einsum("si,ski->ki", Dc, Gs[c:c1, c1:e])
+            else:
+                Rb[c1:e] += Gs[c1:e, c:c1, 0] @ Dc
 
 
 def _sweep_shared(xp, Wt, Qt, Rt, G, g, gsafe, grid: Grid, block: int, sub: int = 16):
@@ -463,7 +482,7 @@ def _prepare_groups(W3, G3, cfg: SolverConfig, xp):
     if cfg.granularity != "channel" or cfg.order != "cyclic":
         raise ValueError("the batched group solver supports channel granularity and the cyclic order only")
     xp = xp or array_module(W3)
-    dt = xp.float32 if cfg.dtype == "float32" else xp.float64
+    dt = safe_dtype(xp, W3, G3, cfg.dtype)
     W3 = xp.ascontiguousarray(xp.asarray(W3, dtype=dt))
     G3 = xp.ascontiguousarray(xp.asarray(G3, dtype=dt))
     if W3.ndim != 3 or G3.shape != (W3.shape[0], W3.shape[2], W3.shape[2]):

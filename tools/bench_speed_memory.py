@@ -14,6 +14,9 @@ Fashion-MNIST CNN (``--max-samples 64`` vs all 512 of models/fmnist_calib.npz).
     python tools/bench_speed_memory.py                    # everything; creates out/resnet18*.onnx/npz if missing
     python tools/bench_speed_memory.py --skip-memory --repeats 1
     python tools/bench_speed_memory.py --skip-speed --skip-resnet-memory
+    # issue 14: EfficientNet-Lite0 and MiniLM, 32 vs 256 samples at 8 and 4 bits, and the ratio to quantize_static
+    python tools/bench_speed_memory.py --models effnet=out/effnet_lite0.onnx,out/effnet_calib256.npz \
+        minilm=out/minilm.onnx,out/minilm_calib.npz [--parts memory|speed] [--bits 8 4] [--repeats 1]
 
 Note onnxcomq quantizes weights only (with a COMQ solve per layer), quantize_static quantizes weights by rounding
 and also calibrates activation ranges: the comparison is of what each tool costs to run, not of like-for-like
@@ -182,6 +185,79 @@ def ensure_resnet(model: str, calib64: str, calib512: str | None):
                        check=True, cwd=ROOT)
 
 
+# ------------------------------------------------------------------------------- issue 14: two models, 4 and 8 bits
+
+def subset_npz(src: str, n: int, dst: str) -> str:
+    """The first n samples of every key of src (written once)."""
+    if not os.path.exists(dst):
+        import numpy as np
+        d = np.load(src)
+        np.savez(dst, **{k: v[:n] for k, v in d.items()})
+    return dst
+
+
+def suite_models(a, W) -> list:
+    """Peak RSS with --mem-small vs --mem-large samples at 4 and 8 bits, per phase (from the report), and the wall
+    time of onnxcomq against quantize_static on --speed-samples samples at 8 and 4 bits, for each NAME=MODEL,NPZ of
+    --models. Every figure of one table comes from this one run, in fresh processes."""
+    me = os.path.abspath(__file__)
+    md = []
+    for spec in a.models:
+        name, rest = spec.split("=", 1)
+        model, npz = rest.split(",", 1)
+        if "memory" in a.parts:
+            md.append(f"### Memory: {name}, peak RSS of a fresh onnxcomq process (MB), {a.mem_small} vs "
+                      f"{a.mem_large} samples\n")
+            md.append("| bits | samples | peak RSS | capture | solve | emit | batch | wall s |")
+            md.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+            ratios = []
+            for bits in a.bits:
+                res = {}
+                for n in (a.mem_small, a.mem_large):
+                    rep = W(f"{name}_w{bits}_{n}.json")
+                    r = measure_comq(onnxcomq_cmd(model, npz, W(f"{name}_w{bits}_{n}.onnx"), rep, max_samples=n,
+                                                  extra=["--bits", str(bits)]), f"{name} W{bits}, {n} samples", rep)
+                    res[n] = r
+                    ph = r["report"].get("peak_rss_mb", {})
+                    md.append(f"| {bits} | {r['report'].get('samples')} | {r['rss_mb']:.0f} | "
+                              f"{fmt(ph.get('capture'), 0)} | {fmt(ph.get('solve'), 0)} | {fmt(ph.get('emit'), 0)} | "
+                              f"{r['report'].get('config', {}).get('batch_size', '')} | {r['wall']:.1f} |")
+                ratios.append(f"W{bits}: {res[a.mem_large]['rss_mb'] / res[a.mem_small]['rss_mb']:.2f}x")
+            md.append("")
+            md.append(f"{name}: peak RSS {a.mem_large} / {a.mem_small} samples: **" + "**, **".join(ratios) + "** "
+                      "(phase columns: the process's peak up to the end of that phase; the write is in the total)")
+            md.append("")
+        if "speed" in a.parts:
+            calib = subset_npz(npz, a.speed_samples, W(f"{name}_calib{a.speed_samples}.npz"))
+            pre = W(f"{name}.pre.onnx")
+            if not os.path.exists(pre):
+                try:
+                    measure([PY, "-m", "onnxruntime.quantization.preprocess", "--input", model, "--output", pre],
+                            f"{name} ORT preprocess")
+                except RuntimeError as e:  # (symbolic shape inference fails on some exports: quantize the model)
+                    print(f"  {name}: ORT preprocess failed ({str(e).strip().splitlines()[-1]}); quantize_static "
+                          "runs on the model itself", flush=True)
+                    pre = model
+            md.append(f"### Speed: {name}, {a.speed_samples} samples, median of {a.repeats} alternating runs\n")
+            md.append("| bits | onnxcomq wall s | capture s | solve s | quantize_static wall s | ratio |")
+            md.append("|---|---:|---:|---:|---:|---:|")
+            for bits in a.bits:
+                comq, stat = [], []
+                for r in range(a.repeats):
+                    stat.append(measure([PY, me, "--worker", "ort-static", pre, calib, W(f"{name}_static.onnx"),
+                                         str(a.ort_batch)], f"{name} quantize_static #{r + 1}"))
+                    rep = W(f"{name}_speed_w{bits}_{r}.json")
+                    comq.append(measure_comq(onnxcomq_cmd(model, calib, W(f"{name}_speed_w{bits}.onnx"), rep,
+                                                          extra=["--bits", str(bits)]),
+                                             f"{name} onnxcomq W{bits} #{r + 1}", rep))
+                tc, ts = med([x["wall"] for x in comq]), med([x["wall"] for x in stat])
+                md.append(f"| {bits} | {tc:.1f} | {fmt(med([x['report'].get('capture_seconds') for x in comq]))} | "
+                          f"{fmt(med([x['report'].get('solve_seconds') for x in comq]))} | {ts:.1f} | "
+                          f"**{tc / ts:.2f}x** |")
+            md.append("")
+    return md
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -212,6 +288,16 @@ def main(argv=None) -> int:
                     help="extra onnxcomq CLI options for every onnxcomq run, e.g. '--order greedy'")
     ap.add_argument("--max-load", type=float, default=1.5, help="wait while the 1-min load average is above this")
     ap.add_argument("--max-wait", type=float, default=600, help="wait at most this many seconds for a quiet machine")
+    ap.add_argument("--models", nargs="+", metavar="NAME=MODEL,NPZ", default=None,
+                    help="issue-14 suite instead of the ResNet-18 one: per model, peak RSS with --mem-small vs "
+                         "--mem-large samples at --bits (per phase), and the time against quantize_static; e.g. "
+                         "effnet=out/effnet_lite0.onnx,out/effnet_calib256.npz minilm=out/minilm.onnx,"
+                         "out/minilm_calib.npz")
+    ap.add_argument("--parts", default="memory,speed", help="with --models: memory, speed or both (default)")
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4], help="with --models (default: 8 4)")
+    ap.add_argument("--mem-small", type=int, default=32)
+    ap.add_argument("--mem-large", type=int, default=256)
+    ap.add_argument("--speed-samples", type=int, default=64)
     a = ap.parse_args(argv)
 
     os.chdir(ROOT)
@@ -219,7 +305,7 @@ def main(argv=None) -> int:
     fp0 = source_fingerprint()
     os.makedirs(a.work_dir, exist_ok=True)
     need_512 = not a.skip_memory and not a.skip_resnet_memory
-    if a.model == "out/resnet18.onnx":
+    if a.model == "out/resnet18.onnx" and not a.models:
         ensure_resnet(a.model, a.calib, a.calib512 if need_512 else None)
     W = lambda name: os.path.join(a.work_dir, name)  # noqa: E731
     me = os.path.abspath(__file__)
@@ -235,6 +321,9 @@ def main(argv=None) -> int:
     out_md = []
 
     comq_runs = []
+    if a.models:
+        out_md += suite_models(a, W)
+        a.skip_speed = a.skip_memory = True
     if not a.skip_speed:
         n_calib = len(numpy.load(a.calib)[onnx.load(a.model, load_external_data=False).graph.input[0].name])
         print(f"speed: {a.model}, {n_calib} calibration samples, {a.repeats} repeat(s)", flush=True)
