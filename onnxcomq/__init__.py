@@ -6,9 +6,31 @@
 
 __version__ = "0.1.0"
 
-from .api import QuantizeConfig, Report, quantize, run  # noqa: E402
 from .errors import UserError  # noqa: E402
-from .solver import SolverConfig, comq_quantize, rtn_quantize  # noqa: E402
 
-__all__ = ["QuantizeConfig", "Report", "quantize", "run", "UserError", "SolverConfig", "comq_quantize",
+# The public names are imported on first use (PEP 562), so that ``import onnxcomq.cli`` costs no numpy/onnx import
+# before the command line's Ctrl-C handling is in place (an interrupt while importing is one line, not a traceback).
+_LAZY = {"QuantizeConfig": "api", "Report": "api", "quantize": "api", "run": "api", "SolverConfig": "solver",
+         "comq_quantize": "solver", "rtn_quantize": "solver", "VerificationError": "verify"}
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    try:  # onnxcomq.api etc. without importing them first, as when this file imported them eagerly
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+__all__ = ["QuantizeConfig", "Report", "quantize", "run", "UserError", "VerificationError", "SolverConfig", "comq_quantize",
            "rtn_quantize", "__version__"]

@@ -13,14 +13,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .backend import get_xp
 from .bias import apply as apply_bias
 from .bias import bias_target
-from .calib import Calibration, model_inputs
+from .calib import Calibration, batch_samples, model_inputs
 from .blockwise import block_layout, comq_quantize_block, rtn_quantize_block
-from .emit import QuantizedWeight, emit_qdq, set_metadata
+from .emit import QuantizedWeight, emit_qdq, opset_change, set_metadata, validate_max_opset
+from .capture import (CAPTURE_OVERHEAD, batch_for_budget, current_rss, default_max_memory, measured_sample_bytes,
+                      parse_bytes, sample_bytes, stats_bytes)
 from .errors import UserError
+from .verify import VerificationError, problems, verify
+from .verify import to_dicts as verify_dicts
 from .graph import SUPPORTED_OPS, find_layers, load_weight, node_names
 from .modelio import model_bytes, prepare_model
 from .nbits import emit_matmulnbits
@@ -30,7 +35,7 @@ from .rewrite import rewrite_to_matmul
 from .sequential import capture, plan_stages, quantized_twin, reiterable, stage_entries
 from .placement import ActivationQuantizer, validate_activations
 from .solver import (SolverConfig, comq_quantize, comq_quantize_groups, cross_objective, objective, rtn_quantize,
-                     rtn_quantize_groups)
+                     rtn_quantize_groups, safe_dtype)
 
 log = logging.getLogger("onnxcomq")
 AUTO_DAMPING_FALLBACK = 0.1  # damping "auto" for a layer that turned out short of rows but kept no folds
@@ -118,7 +123,11 @@ class QuantizeConfig:
     mask_input: str | None = "auto"  # attention-mask input: padded tokens stay out of G ("auto": common names)
     method: str = "comq"  # comq | rtn (round-to-nearest baseline on the same grid)
     official: bool = False
-    batch_size: int = 32
+    batch_size: int = 32  # the largest calibration batch; lowered so that capture fits max_memory
+    # memory budget of the run (bytes, or a size such as "4G" / "512M"); None: a quarter of the machine's RAM.
+    # The calibration batch is the largest <= batch_size whose captured activations fit it (a model with a fixed
+    # batch keeps its batch); the chosen batch is in the report's config ("batch_size")
+    max_memory: int | str | None = None
     max_samples: int | None = None
     device: str = "auto"  # auto | cpu | gpu
     dtype: str = "float32"
@@ -139,6 +148,14 @@ class QuantizeConfig:
     # residual stream 1.3e-2 .. 6e-2 and LayerNorm outputs ~4e-3: cosine 0.959 at 0.01, 0.995 at 0.003; the CNN,
     # ViT and EfficientNet-Lite0 stay below 2.6e-3)
     act_max_noise: float = 0.003
+    # the highest opset of the output (None: what the quantized weights need, up to 21 for int4). Below 21, 2..4-bit
+    # codes are stored in int8/uint8 containers (opset 13: twice the bytes, the same dequantized weights), for
+    # runtimes without int4 DequantizeLinear; block granularity and float16 scales (19) cannot go below theirs
+    max_opset: int | None = None
+    # run the quantized model beside the float one on calibration samples before returning it: every graph output
+    # must be finite and close to the float model's (verify.py); a failure raises VerificationError
+    verify: bool = True
+    verify_samples: int = 8  # calibration samples for the check (a model with a fixed batch: one whole batch)
 
     def solver_config(self, bits: int | None = None, granularity: str | None = None, taps: int = 1) -> SolverConfig:
         bits = self.bits if bits is None else bits
@@ -164,6 +181,7 @@ class QuantizeConfig:
         validate_precision(self)
         self.solver_config()
         validate_activations(self)
+        validate_max_opset(self)
         if self.damping not in ("auto", "scaled") and not (isinstance(self.damping, (int, float))
                                                            and self.damping >= 0 and np.isfinite(self.damping)):
             raise UserError(f"damping must be 'scaled', 'auto' or a finite number >= 0, got {self.damping!r}")
@@ -186,6 +204,10 @@ class QuantizeConfig:
                             "without --act-bits")
         if self.method not in ("comq", "rtn"):
             raise UserError(f"method must be comq or rtn, got {self.method!r}")
+        if not isinstance(self.verify_samples, int) or self.verify_samples < 1:
+            raise UserError(f"verify samples must be an integer >= 1, got {self.verify_samples!r}")
+        if self.max_memory is not None:
+            self.max_memory = parse_bytes(self.max_memory, "max memory")
         if self.device not in ("auto", "cpu", "gpu"):
             raise UserError(f"device must be auto, cpu or gpu, got {self.device!r}")
         return self
@@ -229,6 +251,10 @@ class Report:
     avg_bits: float = 0.0  # parameter-weighted mean bits of the quantized weights
     storage_bits: float = 0.0  # the same with the stored code widths (4 for 2..4 bits, 8 for 5..8)
     mixed_precision: dict = field(default_factory=dict)  # the allocation's inputs and result (--avg-bits)
+    # peak RSS (MiB) of the process up to the end of each phase: capture, solve, emit (ru_maxrss: monotone)
+    peak_rss_mb: dict = field(default_factory=dict)
+    # the check of the quantized model against the float one: {"samples": n, "outputs": [OutputCheck as dict]}
+    verification: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -274,9 +300,11 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
     if not layers:
         why = "; ".join(f"{s.node}: {s.reason}" for s in skipped[:5]) or "it has no Conv, Gemm or MatMul node"
         raise UserError(f"no quantizable layer found ({why})")
+    _check_weights(model, layers)
     calib = calibration if isinstance(calibration, Calibration) else Calibration(
         calibration, model_inputs(model), batch_size=config.batch_size, max_samples=config.max_samples)
 
+    budget, batch_note = _choose_batch(model, layers, calib, config)
     mask_input = resolve_mask_input(model, config.mask_input)
     acts = ActivationQuantizer(model, layers, config) if config.act_bits else None
     model = acts.model if acts else model  # (every node named)
@@ -287,6 +315,9 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
     batches = calib
     if sequential and not reiterable(calib):  # a one-shot source: keep its batches for the later stages
         batches = list(calib)
+    held = []  # the first calibration samples, for the check of the output (kept as the first pass streams)
+    if config.verify:
+        batches = _Keep(batches, held, calib, config.verify_samples)
     stages = plan_stages(layers, config.stages) if sequential else [layers]
     damping = 0.0 if config.official else config.damping
     ctx = _LayerContext(config, base_cfg, config.bias_correction and comq and not config.official, damping,
@@ -295,6 +326,7 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
                         np.float64 if base_cfg.dtype == "float64" else np.float32, plan)
     qweights, reports, deltas, mp = [], [], {}, {}
     t_capture = t_solve = 0.0
+    peaks = {}
     total = calib.num_samples or 0
     solve_bar = None
     try:
@@ -310,6 +342,8 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
                 stats = acts.aware_stats(specs, calib, lambda m, sp: _capture(
                     m, None, sp, calib, progress, mask_input, total, desc="capture (quantized activations)"))
             t_capture += time.perf_counter() - t0
+            peaks["capture"] = _peak_rss_mb()
+            _check_stats(model, stats)
             if config.avg_bits is not None:  # (one stage: sequential capture is refused with a budget)
                 mp = _mixed_precision(model, layers, stats, calib, config, plan, ctx.xp, progress)
             t0 = time.perf_counter()
@@ -327,6 +361,7 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
                 if solve_bar is not None:
                     solve_bar.update(1)
             t_solve += time.perf_counter() - t0
+            peaks["solve"] = _peak_rss_mb()
             del stats, twin
     finally:
         if solve_bar is not None:
@@ -350,18 +385,127 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
     if nbits:
         out, owned = emit_matmulnbits(out, nbits, config.nbits_accuracy_level), True
     rest = [q for q in qweights if plan[q.name][2] != "matmulnbits"]
-    out = emit_qdq(out, rest, meta, inplace=owned) if rest else set_metadata(out, meta, copy=not owned)
+    out = emit_qdq(out, rest, meta, inplace=owned, max_opset=config.max_opset) if rest \
+        else set_metadata(out, meta, copy=not owned)
     if acts is not None:
         out = acts.insert(out)
+    _drop_weight_inputs(out, {q.name for q in qweights})
+    meta["opset"] = opset_change(model, out, config.max_opset)  # (after the metadata: the report's only)
+    # (after the metadata too: the report's only)
+    meta.update(batch_size=calib.batch_size, max_memory=budget, batch_choice=batch_note)
     report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)
     params = {L.weight: int(np.prod(L.weight_shape)) for L in layers}
     report.avg_bits = average_bits({L.weight: plan[L.weight][0] for L in layers}, params)
-    report.storage_bits = average_bits({L.weight: 4 if plan[L.weight][0] <= 4 else 8 for L in layers}, params)
+    int4 = config.max_opset is None or config.max_opset >= 21  # else 2..4-bit codes in int8 containers
+    report.storage_bits = average_bits({L.weight: 4 if plan[L.weight][0] <= 4 and int4 else 8 for L in layers},
+                                       params)
     report.mixed_precision = mp
+    peaks["emit"] = _peak_rss_mb()
+    report.peak_rss_mb = peaks
     report.total_seconds = time.perf_counter() - t_start
     report.float_bytes = model_bytes(model)
     report.quant_bytes = model_bytes(out)
+    if config.verify:
+        t0 = time.perf_counter()
+        checks, n = verify(model, out, held)
+        report.verification = {"samples": n, "outputs": verify_dicts(checks)}
+        report.total_seconds += time.perf_counter() - t0
+        bad = problems(checks)
+        if bad:
+            raise VerificationError(f"the quantized model failed its check on {n} calibration sample(s): "
+                                    f"{'; '.join(bad)}", out, report)
     return out, report
+
+
+class _Keep:
+    """Iterates ``batches`` and keeps (in ``held``) the batches that hold the first ``samples`` samples."""
+
+    def __init__(self, batches, held: list, calib, samples: int):
+        self.batches, self.held, self.calib, self.samples = batches, held, calib, samples
+
+    def __iter__(self):
+        for feed in self.batches:
+            kept = sum(batch_samples(f) for f in self.held)
+            if kept < self.samples:
+                k = batch_samples(feed)
+                fixed = getattr(self.calib, "fixed_batch", None) or not hasattr(self.calib, "head")
+                self.held.append(feed if fixed or k <= self.samples - kept else
+                                 self.calib.head(feed, self.samples - kept))
+            yield feed
+
+
+def _drop_weight_inputs(model: onnx.ModelProto, weights: set) -> None:
+    """A weight that the float model also listed as a graph input (older exporters list every initializer there)
+    is now a DequantizeLinear output: it must not stay an input too (onnxruntime: "Duplicate definition")."""
+    keep = [i for i in model.graph.input if i.name not in weights]
+    if len(keep) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+
+
+def _check_weights(model: onnx.ModelProto, layers: list) -> None:
+    """A NaN or Inf in a weight is the user's to fix (one line naming the tensor), before any work is done."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for L in layers:
+        w = numpy_helper.to_array(inits[L.weight])
+        bad = ~np.isfinite(w)
+        if bad.any():
+            raise UserError(f"weight {L.weight} of node {L.node} holds {int(bad.sum())} NaN or Inf value(s) "
+                            f"(of {w.size}): the float model itself is broken")
+
+
+def _check_stats(model: onnx.ModelProto, stats: dict) -> None:
+    """Input statistics beyond float32's range (calibration data that drives a layer input to |x|^2 > 3.4e38)."""
+    limit = float(np.finfo(np.float32).max)
+    for spec, st in stats.items():
+        for part in getattr(st, "parts", None) or []:
+            mats = [part.x.G] + [a for a in (part.H, part.Gt) if a is not None]
+            if all(bool(np.isfinite(a).all()) and float(np.abs(a).max(initial=0.0)) < limit for a in mats):
+                continue
+            inputs = ", ".join(i.name for i in model_inputs(model))
+            raise UserError(f"the calibration data drives tensor {spec.tensor} (the input of a quantized layer) "
+                            f"beyond float32's range (its squares overflow): check the scale of the calibration "
+                            f"input(s) {inputs}")
+
+
+def _peak_rss_mb() -> float:
+    try:
+        import resource
+    except ImportError:  # (not on Windows)
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _choose_batch(model, layers, calib, config: QuantizeConfig) -> tuple:
+    """Set ``calib.batch_size`` to the largest batch <= config.batch_size whose capture fits the memory budget
+    (config.max_memory, or the default share of the RAM), from the bytes of the captured layer inputs of one
+    calibration sample (shape inference on the first sample's shapes, else one measured run). A model with a
+    fixed batch keeps it. Returns (budget in bytes, a line saying what was chosen and why)."""
+    budget = config.max_memory if config.max_memory is not None else default_max_memory()
+    requested = calib.batch_size
+    if getattr(calib, "fixed_batch", False):
+        return budget, f"{calib.batch_size} (the model's fixed batch)"
+    if not reiterable(calib) or requested <= 1:
+        return budget, f"{calib.batch_size} (as given)"
+    specs = {spec: L.groups for L in layers for _, spec in L.consumers}
+    tensors = sorted({spec.tensor for spec in specs})
+    first = next(iter(calib))
+    if getattr(calib, "fixed_batch", False):  # (known once data was seen)
+        return budget, f"{calib.batch_size} (the model's fixed batch)"
+    one = calib.head(first, 1) if hasattr(calib, "head") else {k: v[:1] for k, v in first.items()}
+    del first
+    per = sample_bytes(model, tensors, one)
+    if per is None:
+        per = measured_sample_bytes(model, tensors, one)
+    cross = config.sequential and config.method == "comq"
+    fixed = current_rss() + stats_bytes(specs, cross) * (2 if config.damping == "auto" else 1)
+    batch = batch_for_budget(per * (2 if cross else 1), budget, fixed, requested)
+    calib.batch_size = batch
+    note = (f"{batch}: captured activations {per / 2**20:.1f} MiB a sample, memory budget "
+            f"{budget / 2**30:.2f} GiB" + ("" if batch == requested else f" (lowered from {requested})"))
+    (log.warning if batch < requested and batch == 1 and fixed + CAPTURE_OVERHEAD * per > budget else log.info)(
+        "calibration batch %s", note)
+    return budget, note
 
 
 def quantize(model_or_path, calibration, config: QuantizeConfig | None = None) -> onnx.ModelProto:
@@ -501,8 +645,15 @@ def _damp(stats: list, alpha: float) -> list:
     out = []
     for G, H, Gt in stats:
         ref = G if Gt is None else Gt
-        eye = alpha * max(float(np.mean(np.diag(ref))), 0.0) * np.eye(ref.shape[0])
-        out.append(tuple(None if a is None else a + eye for a in (G, H, Gt)))
+        v = alpha * max(float(np.mean(np.diag(ref))), 0.0)
+        out.append(tuple(None if a is None else _plus_diag(a, v) for a in (G, H, Gt)))
+    return out
+
+
+def _plus_diag(a: np.ndarray, v: float) -> np.ndarray:
+    """a + v * I as one new array (the numbers of ``a + v * np.eye(n)`` without the n x n identity)."""
+    out = np.array(a, dtype=np.result_type(a, np.float64))
+    out.reshape(-1)[::out.shape[0] + 1] += v
     return out
 
 
@@ -554,11 +705,15 @@ def _quantize_layer(ctx: _LayerContext, layer, stats: dict, correct: bool = True
         out = []
         for k in range(layer.groups):
             parts = [st.stats(k, centered, fold) for st in sts]
-            out.append(_mix(tuple(None if parts[0][i] is None else sum(p[i] for p in parts) for i in range(3)),
-                            beta))
+            # (one consumer: its arrays as they are, no copy; they are only read from here on)
+            out.append(_mix(tuple(None if parts[0][i] is None else parts[0][i] if len(parts) == 1
+                                  else sum(p[i] for p in parts) for i in range(3)), beta))
         return out
 
     raw = gather(False)  # the reported errors and the RTN baseline: uncentered, undamped
+    if dt is np.float32 and any(safe_dtype(np, Wk, st[0], "float32") is np.float64 for Wk, st in zip(mats, raw)):
+        dt = np.float64  # weights or inputs near float32's range: the solver works in float64, and so do the errors
+        ctx = dataclasses.replace(ctx, dt=dt)
     solve = gather(True) if bc else raw  # what COMQ solves
     alpha = 0.0
     if comq and ctx.damping == "scaled":  # every layer, by its rows per input
@@ -628,4 +783,4 @@ def _bar(enabled: bool, **kw):
     return tqdm(leave=False, dynamic_ncols=True, **kw)
 
 
-__all__ = ["QuantizeConfig", "Report", "LayerReport", "quantize", "run"]
+__all__ = ["QuantizeConfig", "Report", "LayerReport", "VerificationError", "quantize", "run"]

@@ -10,11 +10,11 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from . import __version__
 from .errors import UserError
-from .graph import SUPPORTED_OPS
 
 EPILOG_QUANTIZE = """\
 examples:
@@ -27,13 +27,24 @@ ModelOpt's convention), or a folder of .npz/.npy files, or 'random' for a smoke 
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (``onnxcomq: error: ...``), exit status 2, like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"onnxcomq: error: {message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .graph import SUPPORTED_OPS  # (numpy, onnx: imported inside main, where Ctrl-C is one line)
+
+    debug = dict(action="store_true", help="show the Python traceback of an unexpected error instead of one line")
+    p = _Parser(
         prog="onnxcomq",
         description="COMQ post-training quantization of ONNX models: closed-form coordinate descent on integer "
                     "codes and scales, layer by layer, without backpropagation. Writes a QDQ model "
                     "(DequantizeLinear weights) that onnxruntime, TensorRT and OpenVINO run.")
     p.add_argument("--version", action="version", version=f"onnxcomq {__version__}")
+    p.add_argument("--debug", **debug)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     q = sub.add_parser("quantize", help="quantize a float ONNX model's weights with COMQ",
@@ -150,7 +161,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--mp-samples", type=int, default=8,
                    help="calibration samples for --mp-sensitivity output (default: 8)")
     c = q.add_argument_group("calibration and layers")
-    c.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default: 32)")
+    c.add_argument("--batch-size", type=int, default=32,
+                   help="largest calibration batch; lowered to fit --max-memory, and a model with a fixed batch "
+                        "dimension uses its own (default: 32)")
+    c.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget, e.g. 4G, 512M or a number of bytes: the calibration batch is chosen from "
+                        "the model's activation sizes so that capture fits it (default: a quarter of the RAM)")
     c.add_argument("--max-samples", type=int, default=None, help="use at most this many calibration samples")
     c.add_argument("--mask-input", default="auto", metavar="NAME",
                    help="attention-mask input (0 = padding): padded token positions stay out of the statistics; "
@@ -194,7 +210,17 @@ def _parser() -> argparse.ArgumentParser:
                           "'inf' quantizes every planned tensor (default: 0.003)")
     o = q.add_argument_group("output")
     o.add_argument("--report", metavar="REPORT.json", help="also write the per-layer report as JSON")
+    o.add_argument("--max-opset", type=int, default=None, metavar="N",
+                   help="the highest opset of the output, for older runtimes (>= 13): below 21, 2..4-bit codes are "
+                        "stored in int8/uint8 containers at opset 13 (twice the bytes of int4, the same weights); "
+                        "--granularity block needs 21, float16 models 19 (default: what the weights need, 21 for "
+                        "2..4 bits, 13 for 5..8; the summary says when the model's opset was raised)")
+    o.add_argument("--write-unverified", action="store_true",
+                   help="before writing, the quantized model runs beside the float one on calibration samples and "
+                        "every output must be finite and close to float; with this flag a model that fails the "
+                        "check is written anyway, with a warning (for debugging)")
     o.add_argument("--quiet", action="store_true", help="no progress bars and no table")
+    o.add_argument("--debug", **debug, default=argparse.SUPPRESS)
 
     e = sub.add_parser("eval", help="top-1 accuracy of a classifier on a labelled .npz",
                        description="Run MODEL on the inputs of DATA (.npz with the model's input names and a "
@@ -202,6 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="ONNX model (float or quantized)")
     e.add_argument("--data", required=True, help=".npz with input arrays and 'labels'")
     e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--debug", **debug, default=argparse.SUPPRESS)
     return p
 
 
@@ -215,15 +242,79 @@ def _damping(text: str):
         raise argparse.ArgumentTypeError(f"expected 'scaled', 'auto' or a number, got {text!r}") from None
 
 
-def _check_output(model_path: str, out: str):
-    if os.path.abspath(out) == os.path.abspath(model_path) or (
-            os.path.exists(out) and os.path.exists(model_path) and os.path.samefile(out, model_path)):
-        raise UserError(f"{out}: output path is the input model; choose another file")
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise UserError(f"{out}: output folder {folder} does not exist")
-    if os.path.isdir(out):
-        raise UserError(f"{out}: is a directory, expected a file path")
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file: the same path once symlinks are resolved, or (where both exist)
+    the same inode, which catches hard links."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def _external_data_files(model_path: str) -> list:
+    """The external-data files that the ONNX file ``model_path`` refers to, read without loading any tensor
+    ([] if the file cannot be read: loading it reports that later)."""
+    try:
+        import onnx
+        from onnx.external_data_helper import _get_all_tensors
+
+        m = onnx.load(model_path, load_external_data=False)
+        base = os.path.dirname(os.path.abspath(model_path))
+        return sorted({os.path.join(base, e.value) for t in _get_all_tensors(m)
+                       if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data
+                       if e.key == "location"})
+    except Exception:
+        return []
+
+
+def _check_outputs(model_path: str, out: str, report: str | None, calib) -> None:
+    """Before the long run, refuse outputs that cannot be written (modelio.check_output_path) and outputs that
+    would replace an input: the model, its external data, a calibration file or an .npz/.npy of the calibration
+    folder (an existing one, or a new one that the next run would read as calibration data; other files there are
+    not inputs), or each other. Paths are compared after resolving symlinks and, where both exist, by inode (hard
+    links). The model's own external data file ``<out>.data`` (written for large models) counts as an output."""
+    from .modelio import check_output_path
+
+    check_output_path(out, "output")
+    if report is not None:
+        check_output_path(report, "report")
+    outputs = [(out, "output path"), (out + ".data", f"the output's external data file {out}.data")]
+    if report is not None:
+        outputs.append((report, "--report path"))
+    inputs = [(model_path, "the input model")]
+    if any(os.path.lexists(p) for p, _ in outputs):  # only an existing file can be an external data file
+        inputs += [(f, f"the input model's external data file {os.path.basename(f)}")
+                   for f in _external_data_files(model_path)]
+    calib_dir = None
+    if isinstance(calib, str) and calib != "random":
+        if os.path.isdir(calib):
+            calib_dir = os.path.realpath(calib)
+            inputs += [(os.path.join(calib, f), f"the calibration file {f} (of the calibration folder)")
+                       for f in sorted(os.listdir(calib)) if f.endswith((".npz", ".npy"))]
+        else:
+            inputs.append((calib, "the calibration file"))
+    for p, label in outputs:
+        for q, what in inputs:
+            if _same_file(p, q):
+                raise UserError(f"{p}: {label} is {what}; choose another file")
+        if calib_dir is not None and p.endswith((".npz", ".npy")) and \
+                os.path.realpath(os.path.dirname(os.path.abspath(p))) == calib_dir:
+            raise UserError(f"{p}: {label} is in the calibration folder {calib} as an .npz/.npy file, which the "
+                            "next run would read as calibration data; choose another file")
+    if report is not None and (_same_file(report, out) or _same_file(report, out + ".data")):
+        raise UserError(f"{report}: --report path is the same file as the output model {out}; choose another file")
+
+
+def _report_json(report) -> str:
+    """The report as JSON text (numpy scalars and arrays as numbers and lists), made before anything is written."""
+    def default(o):
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        return str(o)
+
+    return json.dumps(report.to_dict(), indent=2, default=default) + "\n"
 
 
 def format_table(report) -> str:
@@ -242,15 +333,27 @@ def format_table(report) -> str:
     return "\n".join(lines)
 
 
+def _percent(share: float) -> str:
+    return f"{100 * share:.2g} %" if share < 0.1 else f"{100 * share:.1f} %"
+
+
 def format_skipped(skipped: list, show: int = 4) -> list:
-    """One line per (op type, reason), naming the first few nodes."""
+    """One line per (op type, reason), naming the first few nodes, with the share of the model's float parameters
+    that those nodes hold; then the share left float in all."""
     groups: dict = {}
     for s in skipped:
-        groups.setdefault((s["op_type"], s["reason"]), []).append(s["node"])
+        groups.setdefault((s["op_type"], s["reason"]), []).append(s)
     lines = []
     for (op, reason), nodes in groups.items():
-        names = ", ".join(nodes[:show]) + (f", ... ({len(nodes) - show} more)" if len(nodes) > show else "")
-        lines.append(f"not quantized: {len(nodes)} {op} node{'s' if len(nodes) > 1 else ''}: {reason}: {names}")
+        names = ", ".join(s["node"] for s in nodes[:show]) + (
+            f", ... ({len(nodes) - show} more)" if len(nodes) > show else "")
+        share = sum(s.get("share", 0.0) for s in nodes)
+        held = f" holding {_percent(share)} of the weights" if share > 0 else ""
+        lines.append(f"not quantized: {len(nodes)} {op} node{'s' if len(nodes) > 1 else ''}{held}: {reason}: "
+                     f"{names}")
+    total = sum(s.get("share", 0.0) for s in skipped)
+    if total > 0:
+        lines.append(f"left float: {_percent(total)} of the model's float parameters sit in the nodes above")
     return lines
 
 
@@ -264,12 +367,12 @@ def _int_list(text: str) -> tuple:
 def cmd_quantize(a) -> int:
     from .api import QuantizeConfig, run
     from .modelio import save_model
+    from .verify import OutputCheck, VerificationError
 
-    _check_output(a.model, a.output)
-    if a.report:
-        rdir = os.path.dirname(os.path.abspath(a.report))
-        if not os.path.isdir(rdir):
-            raise UserError(f"{a.report}: report folder {rdir} does not exist")
+    _check_outputs(a.model, a.output, a.report, a.calib)
+    if a.device == "gpu":  # fail now, not after loading the model and the calibration data
+        from .backend import get_xp
+        get_xp(a.device)
     cfg = QuantizeConfig(bits=a.bits, granularity=a.granularity, scheme=a.scheme, order=a.order, sweeps=a.sweeps,
                          scale_update=a.scale_update, lam=1.0 if a.lam is None else a.lam,
                          lambda_search=None if a.lam is None else False, lambda_solves=a.lambda_solves,
@@ -279,7 +382,8 @@ def cmd_quantize(a) -> int:
                          sequential=a.sequential, stages=a.stages, correction=a.correction,
                          correction_strength=a.correction_strength, correct_few_rows=a.correct_few_rows,
                          correct_rows=a.correct_min_rows,
-                         batch_size=a.batch_size, max_samples=a.max_samples, device=a.device,
+                         batch_size=a.batch_size, max_memory=a.max_memory, max_samples=a.max_samples,
+                         device=a.device,
                          block_size=a.block_size, weight_format=a.weight_format,
                          nbits_accuracy_level=a.nbits_accuracy_level,
                          keep_8bit=tuple(t.strip() for t in a.keep_8bit.split(",") if t.strip()),
@@ -291,14 +395,16 @@ def cmd_quantize(a) -> int:
                          target=a.target, act_method=a.act_method,
                          act_percentile=a.act_percentile, act_scheme=a.act_scheme, act_dtype=a.act_dtype,
                          act_exclude=tuple(a.act_exclude), act_aware=a.act_aware,
-                         act_max_noise=a.act_max_noise)
-    model, report = run(a.model, a.calib, cfg, progress=not a.quiet and sys.stderr.isatty())
-    save_model(model, a.output)
-    if a.report:
-        tmp = a.report + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
-        os.replace(tmp, a.report)
+                         act_max_noise=a.act_max_noise, max_opset=a.max_opset)
+    try:
+        model, report = run(a.model, a.calib, cfg, progress=not a.quiet and sys.stderr.isatty())
+    except VerificationError as e:
+        if not a.write_unverified or e.model is None:
+            raise
+        print(f"onnxcomq: warning: {e} (written anyway: --write-unverified)", file=sys.stderr)
+        model, report = e.model, e.report
+    # the model and the report are written together, all or nothing (modelio.AtomicFiles)
+    save_model(model, a.output, also={a.report: _report_json(report)} if a.report else None)
     if not a.quiet:
         print(format_table(report))
         for line in format_skipped(report.skipped):
@@ -319,8 +425,18 @@ def cmd_quantize(a) -> int:
               + f", {cfg.granularity}, {cfg.weight_scheme()}"
               + (f"; {report.config['act_dtype']} activations for {cfg.target}" if cfg.act_bits else "")
               + f") with {report.samples} calibration samples"
+              + (f" in batches of {report.config['batch_choice']}" if report.config.get("batch_choice") else "")
               + (f"; {n_fb} layer(s) kept round-to-nearest for some groups, where COMQ was not better"
                  if n_fb else ""))
+        op = report.config.get("opset")
+        if op and op["output"] != op["input"]:
+            print(f"opset raised {op['input']} -> {op['output']} for {op['reason'] or 'the quantized model'}"
+                  + (" (--max-opset 13 stores them in int8/uint8 at opset 13, for runtimes without int4)"
+                     if "int4" in op["reason"] else ""))
+        ver = report.verification
+        if ver:
+            print(f"check against float on {ver['samples']} calibration sample(s): "
+                  + "; ".join(OutputCheck(**o).summary() for o in ver["outputs"]))
         print(f"time: capture {report.capture_seconds:.1f} s, solve {report.solve_seconds:.1f} s, total "
               f"{report.total_seconds:.1f} s; size {size_in / 1e6:.2f} MB -> {size_out / 1e6:.2f} MB "
               f"({size_in / max(size_out, 1):.1f}x smaller); wrote {a.output}")
@@ -335,21 +451,82 @@ def cmd_eval(a) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the signal arrives: the same clean-up as Ctrl-C runs (temporary folders
+    removed, no half-written output), then the exit status is 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> dict:
+    """SIGTERM/SIGHUP -> Terminated; returns the previous handlers (to restore: main is also called in-process)."""
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            previous[sig] = signal.signal(sig, _raise_terminated)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    return previous
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    lines = [t.strip() for t in str(text).splitlines() if t.strip()]
+    line = "; ".join(lines)
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="onnxcomq: warning: %(message)s")
-    p = _parser()
-    a = p.parse_args(argv)
-    if a.command is None:
-        p.print_help()
-        return 2
+    """Run the command line; every failure is one line on stderr: exit 2 for the user's mistakes (UserError, bad
+    options), 1 for anything unexpected (rerun with --debug for the traceback), 130 for Ctrl-C, 128 + N for
+    signal N (SIGTERM, SIGHUP)."""
+    argv = sys.argv[1:] if argv is None else [os.fspath(x) if isinstance(x, os.PathLike) else x for x in argv]
+    debug = "--debug" in argv
+    previous = _install_signal_handlers()
     try:
+        logging.basicConfig(level=logging.WARNING, format="onnxcomq: warning: %(message)s")
+        p = _parser()
+        a = p.parse_args(argv)
+        debug = bool(getattr(a, "debug", False))
+        if a.command is None:
+            p.print_help()
+            return 2
         return {"quantize": cmd_quantize, "eval": cmd_eval}[a.command](a)
     except UserError as e:
-        print(f"onnxcomq: error: {e}", file=sys.stderr)
+        print(f"onnxcomq: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"onnxcomq: error: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print("onnxcomq: interrupted", file=sys.stderr)
+        print("onnxcomq: error: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as e:
+        if debug:
+            raise
+        print(f"onnxcomq: error: out of memory ({_one_line(e) or 'MemoryError'}); try a smaller --batch-size or "
+              "--max-samples (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if debug:
+            raise
+        print(f"onnxcomq: error: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError, TypeError):
+                pass
 
 
 if __name__ == "__main__":

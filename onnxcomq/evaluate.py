@@ -14,7 +14,9 @@ from .modelio import load_model
 
 def top1_accuracy(model, data_path: str, batch_size: int = 256) -> tuple[float, int]:
     """(accuracy, samples) of ``model`` (path or ModelProto) on ``data_path``: an .npz with the model's inputs and
-    an integer ``labels`` array."""
+    an integer ``labels`` array (class indices, one per sample, each below the model's number of classes)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise UserError(f"--batch-size must be a positive integer, got {batch_size!r}")
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)
     if not os.path.exists(data_path):
@@ -23,13 +25,32 @@ def top1_accuracy(model, data_path: str, batch_size: int = 256) -> tuple[float, 
     if "labels" not in data:
         raise UserError(f"{data_path}: no 'labels' array (keys: {', '.join(data)})")
     labels = np.asarray(data.pop("labels"))
-    feed = _check_feed(data_path, model_inputs(model), data)
+    if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{data_path}: 'labels' must hold integer class indices, got dtype {labels.dtype}")
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise UserError(f"{data_path}: 'labels' must be one class index per sample (shape [N]), got shape "
+                        f"{list(labels.shape)}")
     n = labels.shape[0]
-    if next(iter(feed.values())).shape[0] != n:
-        raise UserError(f"{data_path}: 'labels' has {n} entries, the inputs have a different number of samples")
+    if n == 0:
+        raise UserError(f"{data_path}: 'labels' is empty")
+    if labels.min() < 0:
+        raise UserError(f"{data_path}: 'labels' holds a negative class index ({int(labels.min())})")
+    feed = _check_feed(data_path, model_inputs(model), data)
+    samples = next(iter(feed.values())).shape[0]
+    if samples != n:
+        raise UserError(f"{data_path}: 'labels' has {n} entries, the inputs have {samples} samples")
     sess = make_session(model)
     correct = 0
     for i in range(0, n, batch_size):
         out = sess.run(None, {k: v[i:i + batch_size] for k, v in feed.items()})[0]
-        correct += int((out.reshape(out.shape[0], -1).argmax(axis=1) == labels[i:i + batch_size]).sum())
+        out = out.reshape(out.shape[0], -1)
+        if i == 0 and labels.max() >= out.shape[1]:
+            raise UserError(f"{data_path}: 'labels' holds class index {int(labels.max())}, but the model's first "
+                            f"output has {out.shape[1]} classes")
+        if out.shape[0] != labels[i:i + batch_size].shape[0]:
+            raise UserError(f"{data_path}: the model's first output has {out.shape[0]} rows for a batch of "
+                            f"{labels[i:i + batch_size].shape[0]} samples: not one score vector per sample")
+        correct += int((out.argmax(axis=1) == labels[i:i + batch_size]).sum())
     return correct / n, n

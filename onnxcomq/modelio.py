@@ -167,32 +167,179 @@ def _chmod_default(path: str) -> None:
     os.chmod(path, 0o666 & ~umask)  # mkstemp/mkdtemp make private files; give outputs ordinary permissions
 
 
-def save_model(model: onnx.ModelProto, path, external_data: bool | None = None) -> None:
+def _os_reason(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
+
+
+def _name_max(folder: str) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def check_output_path(path, what: str = "output") -> str:
+    """Before a long run: a one-line UserError unless ``path`` can be written as a new or replaced regular file.
+
+    Refused: an empty path, a path ending with a separator or naming a directory, an existing file that is not a
+    regular file (a device, pipe or socket: replacing ``/dev/null`` as root would be a disaster), a missing folder,
+    a name longer than the file system allows, and a folder where no file can be created (read-only, immutable,
+    ``/proc``, no permission), probed by creating and removing a temporary file (root ignores permission bits, so
+    asking os.access would not do). Returns the path."""
+    path = os.fspath(path)
+    if not path:
+        raise UserError(f"{what} path is empty; give a file name")
+    if path.endswith((os.sep, os.altsep or os.sep)) or os.path.basename(path) in (".", ".."):
+        raise UserError(f"{path}: {what} path names a folder, expected a file path")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory, expected a file path")
+    if os.path.lexists(path) and os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"{path}: exists and is not a regular file (a device, pipe or socket); refusing to replace "
+                        f"it with the {what}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise UserError(f"{path}: {what} folder {folder} is not a folder")
+        raise UserError(f"{path}: {what} folder {folder} does not exist")
+    name = os.fsencode(os.path.basename(path))
+    if len(name) > _name_max(folder):
+        raise UserError(f"{path[:40]}...: {what} file name is {len(name)} bytes long, longer than the file "
+                        f"system's limit of {_name_max(folder)}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".onnxcomq-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the {what} in folder {folder} ({_os_reason(e)})") from None
+    return path
+
+
+class AtomicFiles:
+    """Files staged beside their final paths and put in place together, all or none.
+
+    Each file is written into a temporary folder (``.onnxcomq-*``) in its destination folder, so the final
+    ``os.replace`` is a rename within one file system. ``commit`` replaces the destinations one after the other,
+    keeping a hard link to each file it replaces; if a replace fails (or the run is interrupted) the ones already
+    done are rolled back. Leaving the ``with`` block always removes the temporary folders. Every OSError becomes a
+    one-line UserError naming the destination."""
+
+    def __init__(self):
+        self._dirs: dict = {}  # folder -> temporary folder in it
+        self._staged: list = []  # (temporary path, final path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cleanup()
+        return False
+
+    def cleanup(self) -> None:
+        for d in self._dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
+        self._dirs.clear()
+
+    def _tmpdir(self, path: str) -> str:
+        folder = os.path.dirname(os.path.abspath(path))
+        if folder not in self._dirs:
+            try:
+                self._dirs[folder] = tempfile.mkdtemp(prefix=".onnxcomq-", dir=folder)
+            except OSError as e:
+                raise UserError(f"{path}: cannot write in folder {folder} ({_os_reason(e)})") from None
+        return self._dirs[folder]
+
+    def _stage(self, path: str, write) -> None:
+        tmp = os.path.join(self._tmpdir(path), f"{len(self._staged)}-{os.path.basename(path)[:200]}")
+        try:
+            write(tmp)
+            _chmod_default(tmp)
+        except OSError as e:
+            raise UserError(f"{path}: cannot write ({_os_reason(e)})") from None
+        self._staged.append((tmp, os.path.abspath(path)))
+
+    def add_bytes(self, path, data: bytes | str) -> None:
+        data = data.encode() if isinstance(data, str) else data
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+        self._stage(os.fspath(path), write)
+
+    def add_model(self, model: onnx.ModelProto, path, external_data: bool | None = None) -> None:
+        """Stage ``model`` for ``path``; large models (or ``external_data=True``) keep their tensors in
+        ``<name>.data`` beside it."""
+        path = os.fspath(path)
+        if external_data is None:
+            external_data = is_large(model)
+        name = os.path.basename(path)
+        if not external_data:
+            self._stage(path, lambda tmp: onnx.save(model, tmp))
+            return
+        data_name = name + ".data"
+        if len(os.fsencode(data_name)) > _name_max(os.path.dirname(os.path.abspath(path))):
+            raise UserError(f"{path[:40]}...: the name of its external data file {data_name[:20]}... is too long "
+                            "for the file system")
+        tmpdir = self._tmpdir(path)
+        sub = tempfile.mkdtemp(prefix="m", dir=tmpdir)  # the model refers to its data file by the final name
+        try:
+            _save_external(model, os.path.join(sub, name), data_name)
+            for f in (name, data_name):
+                _chmod_default(os.path.join(sub, f))
+        except OSError as e:
+            raise UserError(f"{path}: cannot write ({_os_reason(e)})") from None
+        folder = os.path.dirname(os.path.abspath(path))
+        self._staged.append((os.path.join(sub, data_name), os.path.join(folder, data_name)))
+        self._staged.append((os.path.join(sub, name), os.path.abspath(path)))
+
+    def commit(self) -> None:
+        done = []  # (final, backup or None)
+        try:
+            for i, (tmp, final) in enumerate(self._staged):
+                backup = None
+                if os.path.lexists(final):
+                    backup = os.path.join(os.path.dirname(tmp), f".old-{i}")
+                    try:
+                        os.link(final, backup, follow_symlinks=False)
+                    except OSError:  # no hard links here (or an immutable file, which the replace will refuse)
+                        backup = None
+                try:
+                    os.replace(tmp, final)
+                except OSError as e:
+                    raise UserError(f"{final}: cannot write ({_os_reason(e)})") from None
+                done.append((final, backup))
+        except BaseException:
+            for final, backup in reversed(done):
+                try:
+                    if backup is not None:
+                        os.replace(backup, final)
+                    else:
+                        os.unlink(final)
+                except OSError:
+                    pass
+            raise
+        finally:
+            self.cleanup()
+
+
+def save_model(model: onnx.ModelProto, path, external_data: bool | None = None, also: dict | None = None) -> None:
     """Write ``model`` to ``path`` atomically: into a temporary folder beside it, then renamed into place.
 
     Large models (or ``external_data=True``) keep their tensors in ``<name>.data`` beside the model file.
+    ``also``: {path: bytes or str} of further files (a report) written in the same all-or-nothing step: if any of
+    them cannot be written, none is, and no temporary file is left. OSErrors are one-line UserErrors.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"{path}: output folder {folder} does not exist")
-    if external_data is None:
-        external_data = is_large(model)
-    name = os.path.basename(path)
-    tmpdir = tempfile.mkdtemp(prefix=".onnxcomq-", dir=folder)
-    try:
-        tmp_model = os.path.join(tmpdir, name)
-        if external_data:
-            data_name = name + ".data"
-            _save_external(model, tmp_model, data_name)
-            _chmod_default(os.path.join(tmpdir, data_name))
-            os.replace(os.path.join(tmpdir, data_name), os.path.join(folder, data_name))
-        else:
-            onnx.save(model, tmp_model)
-        _chmod_default(tmp_model)
-        os.replace(tmp_model, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    with AtomicFiles() as files:
+        for p, data in (also or {}).items():  # small: staged first, so a failure costs no model write
+            files.add_bytes(p, data)
+        files.add_model(model, path, external_data)
+        files.commit()
 
 
 @contextlib.contextmanager
