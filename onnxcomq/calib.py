@@ -367,7 +367,6 @@ class Calibration:
         if max_samples is not None and max_samples < 1:
             raise UserError(f"max samples must be a positive integer, got {max_samples!r}")
         self.inputs = inputs
-        self.requested_batch_size = batch_size
         self.batch_size = batch_size
         self.max_samples = max_samples
         self.seed = seed

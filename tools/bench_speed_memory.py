@@ -94,13 +94,14 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
-def measure(cmd: list, label: str) -> dict:
-    """Run cmd in a fresh child; wall time, peak RSS (MB) of that child, its JSON line (if any), the load average."""
+def measure(cmd: list, label: str, cwd: str = ROOT) -> dict:
+    """Run cmd in a fresh child (in ``cwd``); wall time, peak RSS (MB) of that child, its JSON line (if any), the load
+    average."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
         l0 = load1()
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fo, stderr=fe)
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fo, stderr=fe)
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
         p.returncode = os.waitstatus_to_exitcode(status)
@@ -232,8 +233,9 @@ def suite_models(a, W) -> list:
             pre = W(f"{name}.pre.onnx")
             if not os.path.exists(pre):
                 try:
-                    measure([PY, "-m", "onnxruntime.quantization.preprocess", "--input", model, "--output", pre],
-                            f"{name} ORT preprocess")
+                    measure([PY, "-m", "onnxruntime.quantization.preprocess", "--input", os.path.abspath(model),
+                             "--output", os.path.abspath(pre)], f"{name} ORT preprocess",
+                            cwd=os.path.dirname(os.path.abspath(pre)))  # (it leaves temporary files in its cwd)
                 except RuntimeError as e:  # (symbolic shape inference fails on some exports: quantize the model)
                     print(f"  {name}: ORT preprocess failed ({str(e).strip().splitlines()[-1]}); quantize_static "
                           "runs on the model itself", flush=True)
@@ -332,8 +334,9 @@ def main(argv=None) -> int:
         for r in range(a.repeats):
             fwd.append(measure([PY, me, "--worker", "ort-forward", a.model, a.calib, str(a.ort_batch)],
                                f"ORT fp32 forward #{r + 1}"))
-            prep.append(measure([PY, "-m", "onnxruntime.quantization.preprocess", "--input", a.model,
-                                 "--output", pre], f"ORT preprocess #{r + 1}"))
+            prep.append(measure([PY, "-m", "onnxruntime.quantization.preprocess", "--input", os.path.abspath(a.model),
+                                 "--output", os.path.abspath(pre)], f"ORT preprocess #{r + 1}",
+                                cwd=os.path.dirname(os.path.abspath(pre))))
             stat.append(measure([PY, me, "--worker", "ort-static", pre, a.calib, W("ort_static.onnx"),
                                  str(a.ort_batch)], f"ORT quantize_static #{r + 1}"))
             rep = W(f"onnxcomq_w8_report{r}.json")
