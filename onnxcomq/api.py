@@ -22,11 +22,11 @@ from .calib import Calibration, batch_samples, model_inputs
 from .blockwise import block_layout, comq_quantize_block, rtn_quantize_block
 from .emit import QuantizedWeight, emit_qdq, opset_change, set_metadata, validate_max_opset
 from .capture import (CAPTURE_OVERHEAD, batch_for_budget, current_rss, default_max_memory, measured_sample_bytes,
-                      parse_bytes, sample_bytes, stats_bytes)
+                      parse_bytes, sample_bytes, spec_tensors, stats_bytes)
 from .errors import UserError
 from .verify import VerificationError, problems, verify
 from .verify import to_dicts as verify_dicts
-from .graph import SUPPORTED_OPS, find_layers, load_weight, node_names
+from .graph import RECURRENT_OPS, SUPPORTED_OPS, find_layers, load_weight, node_names, with_rnn_outputs
 from .modelio import model_bytes, prepare_model
 from .nbits import emit_matmulnbits
 from .precision import (allocate, average_bits, conv_taps, first_feeds, output_sensitivity, plan_layers,
@@ -304,7 +304,7 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
     calib = calibration if isinstance(calibration, Calibration) else Calibration(
         calibration, model_inputs(model), batch_size=config.batch_size, max_samples=config.max_samples)
 
-    budget, batch_note = _choose_batch(model, layers, calib, config)
+    budget, batch_note = _choose_batch(with_rnn_outputs(model, layers), layers, calib, config)
     mask_input = resolve_mask_input(model, config.mask_input)
     acts = ActivationQuantizer(model, layers, config) if config.act_bits else None
     model = acts.model if acts else model  # (every node named)
@@ -325,6 +325,7 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
                         {t.name: t for t in model.graph.initializer}, model,
                         np.float64 if base_cfg.dtype == "float64" else np.float32, plan)
     qweights, reports, deltas, mp = [], [], {}, {}
+    cap_model = with_rnn_outputs(model, layers)  # (recurrent nodes without a Y output get one for capture)
     t_capture = t_solve = 0.0
     peaks = {}
     total = calib.num_samples or 0
@@ -334,8 +335,8 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
             specs = {spec: layer.groups for layer in stage for _, spec in layer.consumers}
             fold_below = {spec: config.damping_rows * spec.fan_in for spec in specs} if damping == "auto" else None
             t0 = time.perf_counter()
-            twin = quantized_twin(model, qweights, apply_bias, deltas) if s > 0 else None
-            stats, samples = _capture(model, twin, specs, batches, progress, mask_input, total,
+            twin = quantized_twin(cap_model, qweights, apply_bias, deltas) if s > 0 else None
+            stats, samples = _capture(cap_model, twin, specs, batches, progress, mask_input, total,
                                       observers=acts.observers if acts is not None else None, fold_below=fold_below,
                                       desc="capture" if len(stages) == 1 else f"capture {s + 1}/{len(stages)}")
             if acts is not None and config.act_aware:  # G from the inputs the deployed layers see
@@ -488,7 +489,8 @@ def _choose_batch(model, layers, calib, config: QuantizeConfig) -> tuple:
     if not reiterable(calib) or requested <= 1:
         return budget, f"{calib.batch_size} (as given)"
     specs = {spec: L.groups for L in layers for _, spec in L.consumers}
-    tensors = sorted({spec.tensor for spec in specs})
+    inits = {t.name for t in model.graph.initializer}
+    tensors = sorted({t for spec in specs for t in spec_tensors(spec)} - inits)
     first = next(iter(calib))
     if getattr(calib, "fixed_batch", False):  # (known once data was seen)
         return budget, f"{calib.batch_size} (the model's fixed batch)"
@@ -576,8 +578,10 @@ def _mixed_precision(model, layers, stats, calib, config: QuantizeConfig, plan: 
     return {"budget": config.avg_bits, "achieved": average_bits(bits, params), "candidates": cands,
             "sensitivity": config.mp_sensitivity, "estimate": config.mp_estimate,
             "seconds": time.perf_counter() - t0,
-            "layers": {L.node: {"bits": bits[L.weight], "params": params[L.weight], "sensitivity": sens[L.weight],
-                                "relerr": {str(b): e for b, e in relerr[L.weight].items()}} for L in free}}
+            # (a recurrent node has two layers, W and R: named with their weight)
+            "layers": {(f"{L.node} [{L.weight}]" if L.op_type in RECURRENT_OPS else L.node): {
+                "bits": bits[L.weight], "params": params[L.weight], "sensitivity": sens[L.weight],
+                "relerr": {str(b): e for b, e in relerr[L.weight].items()}} for L in free}}
 
 
 def _solve_groups(xp, mats, grams, solve_grams, scfg: SolverConfig, dt, comq: bool, cross=None, rtn: bool = True):
@@ -696,7 +700,9 @@ def _quantize_layer(ctx: _LayerContext, layer, stats: dict, correct: bool = True
     rows = sum(st.rows for st in sts)
     comq = config.method == "comq"
     # free bias only where it is exact: one consumer, a bias we can write
-    bc = ctx.use_bias and comq and len(sts) == 1 and bias_target(ctx.nodes[layer.consumers[0][0]], ctx.inits) is None
+    # (never for a recurrent layer: its B is left alone, a free bias would not be exact through the gates)
+    bc = ctx.use_bias and comq and len(sts) == 1 and layer.op_type not in RECURRENT_OPS \
+        and bias_target(ctx.nodes[layer.consumers[0][0]], ctx.inits) is None
     few_rows = rows < config.damping_rows * layer.x.fan_in
     correct = correct and sts[0].cross and (config.correct_few_rows or rows >= config.correct_rows * layer.x.fan_in)
     beta = float(config.correction_strength) if correct else 0.0
@@ -756,9 +762,15 @@ def _quantize_layer(ctx: _LayerContext, layer, stats: dict, correct: bool = True
         scales.append(res.scale)
         zps.append(res.zero_point)
     del rtns, comqs, res  # free the solver's full-size arrays before the next layer (large models)
+    if layer.op_type in RECURRENT_OPS and den == 0:
+        log.warning("%s: weight %s (%s) read zeros in every calibration row (e.g. R, with one-step sequences from "
+                    "a zero initial state): rounded to nearest", layer.node, layer.weight, _RNN_ROLE[layer.x.kind])
     scale = np.concatenate(scales)
     zp = np.concatenate(zps)
     if scfg.granularity == "tensor":
+        if layer.op_type in RECURRENT_OPS and layer.groups > 1:
+            raise UserError(f"{layer.node}: per-tensor granularity is not supported for a bidirectional "
+                            f"{layer.op_type} (each direction gets its own scale); use --granularity channel")
         if np.unique(scale).size > 1 or np.unique(zp).size > 1:
             raise UserError(f"{layer.node}: per-tensor granularity with {layer.groups} conv groups is not "
                             "supported (each group gets its own scale); use --granularity channel")
@@ -766,14 +778,24 @@ def _quantize_layer(ctx: _LayerContext, layer, stats: dict, correct: bool = True
     axis = layer.axis
     if scfg.granularity == "block":
         scale, zp, axis = block_layout(layer, scale, zp)
+    directions = 0
+    if layer.op_type in RECURRENT_OPS and layer.groups > 1 and scale.ndim:
+        # per (direction, gate row) scales of W/R [2, gates * hidden, n]: scale [2, gates * hidden] (emit writes
+        # one DequantizeLinear per direction and a Concat)
+        scale, zp, directions = scale.reshape(layer.groups, -1), zp.reshape(layer.groups, -1), layer.groups
     qw = QuantizedWeight(layer.weight, layer.from_matrices(codes), scale, zp, axis, scfg.bits,
-                         signed=scfg.scheme == "sym", float16=layer.float16, block_size=scfg.quant_block)
+                         signed=scfg.scheme == "sym", float16=layer.float16, block_size=scfg.quant_block,
+                         directions=directions)
     report = LayerReport(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), layer.groups, scfg.bits,
                          rows, _rel(num_c, den), _rel(num_r, den), time.perf_counter() - tl, rtn_groups=fallback,
                          bias_corrected=bc, damped=alpha > 0, damping=alpha, corrected=correct,
                          consumers=[c for c, _ in layer.consumers], granularity=scfg.granularity,
-                         weight_format=ctx.plan[layer.weight][2], note=ctx.plan[layer.weight][3])
+                         weight_format=ctx.plan[layer.weight][2],
+                         note="; ".join(x for x in (_RNN_ROLE.get(layer.x.kind, ""), ctx.plan[layer.weight][3]) if x))
     return qw, np.concatenate(delta) if bc else None, report
+
+
+_RNN_ROLE = {"rnn_input": "W: input sequence", "rnn_hidden": "R: hidden states"}  # (the report's note)
 
 
 def _bar(enabled: bool, **kw):

@@ -207,6 +207,50 @@ def im2col_t(x: np.ndarray, spec: XSpec, band: tuple | None = None, slot=None) -
     return buf.reshape(g, c // g * len(taps), rows)
 
 
+RNN_KINDS = ("rnn_input", "rnn_hidden")
+
+
+def spec_tensors(spec: XSpec) -> list:
+    """The tensors X of ``spec`` is formed from: its tensor, and an rnn_hidden's initial_h."""
+    return [spec.tensor] + ([spec.initial] if spec.kind == "rnn_hidden" and spec.initial else [])
+
+
+def rnn_rows(spec: XSpec, vals: dict) -> np.ndarray:
+    """X of a recurrent layer for one batch, (1 or directions, rows, n) float32 (``GramStats.chunks`` of an
+    rnn_* XSpec reads this). rnn_input: the input sequence's (step, batch) rows (one array for every direction).
+    rnn_hidden: per direction d the hidden state each step read, h_{t-1}: initial_h (zeros if absent) then
+    Y[:-1, d] going forward; Y[1:, d] then initial_h at the last step going backwards (``spec.reverse[d]``)."""
+    t = np.asarray(vals[spec.tensor])
+    n = spec.fan_in
+    if spec.kind == "rnn_input":
+        if t.ndim != 3 or t.shape[-1] != n:
+            raise UserError(f"recurrent input {spec.tensor} has shape {t.shape}, but its W expects "
+                            f"[seq, batch, {n}]: the model's weight does not match its input")
+        return t.reshape(1, -1, n).astype(np.float32, copy=False)
+    nd = spec.group
+    if t.ndim != 4:
+        raise UserError(f"recurrent output {spec.tensor} has shape {t.shape}, expected rank 4")
+    y = t  # [seq, num_directions, batch, hidden] (layout 0)
+    if y.shape[1] != nd or y.shape[3] != n:
+        raise UserError(f"recurrent output {spec.tensor} has shape {t.shape}, expected {nd} direction(s) of "
+                        f"hidden size {n}")
+    seq, batch = y.shape[0], y.shape[2]
+    if spec.initial:
+        h0 = np.asarray(vals[spec.initial])
+        h0 = np.broadcast_to(h0, (nd, batch, n))
+    else:
+        h0 = np.zeros((nd, batch, n), np.float32)
+    out = np.empty((nd, seq, batch, n), np.float32)
+    for d in range(nd):
+        if spec.reverse[d]:
+            out[d, :-1] = y[1:, d]
+            out[d, -1] = h0[d]
+        else:
+            out[d, 0] = h0[d]
+            out[d, 1:] = y[:-1, d]
+    return out.reshape(nd, -1, n)
+
+
 @dataclass
 class GramStats:
     """Streaming statistics of one X, per group: G = X^T X (groups, n, n), column sums (groups, n), row count.
@@ -253,6 +297,11 @@ class GramStats:
         shapes only (so that two tensors of one shape give matching chunks). Each chunk is valid until the next
         one of the same ``slot`` (conv chunks are built in a reused buffer): two generators alive at once (X and
         X~ of cross statistics) need two slots."""
+        if self.spec.kind in RNN_KINDS:  # t from rnn_rows: (1 or groups, rows, n)
+            for r in range(0, t.shape[1], CHUNK_ROWS):
+                c = t[:, r:r + CHUNK_ROWS].transpose(0, 2, 1).astype(np.float32, copy=False)
+                yield c if c.shape[0] == self.groups else np.broadcast_to(c, (self.groups,) + c.shape[1:])
+            return
         if self.spec.kind == "rows":
             if t.ndim == 0 or t.shape[0 if self.spec.transpose else -1] != self.spec.fan_in:
                 raise UserError(f"tensor {self.spec.tensor} has shape {t.shape}, but the weight it is multiplied "

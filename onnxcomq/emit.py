@@ -35,9 +35,14 @@ class QuantizedWeight:
     signed: bool
     float16: bool = False  # a float16 weight: the scale (and so the DequantizeLinear output) is float16
     block_size: int = 0  # > 0: blocked DequantizeLinear (opset 21), scale like codes with axis cut in blocks
+    # > 0: W/R [directions, rows, n] of a bidirectional LSTM/GRU/RNN, scale [directions, rows]: one per direction and
+    # gate row (axis 1), written as one per-channel DequantizeLinear per direction and a Concat (exact, opset 13)
+    directions: int = 0
 
     def expand(self, a: np.ndarray) -> np.ndarray:
         """A scale-shaped array broadcast against the codes (blocks repeated along ``axis``)."""
+        if self.directions:
+            return a.reshape(a.shape + (1,))
         if self.block_size:
             rep = np.repeat(a, self.block_size, axis=self.axis)
             return rep[tuple(slice(0, d) for d in self.codes.shape)]
@@ -168,12 +173,26 @@ def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: d
         if tuple(init.dims) != tuple(codes.shape):
             raise ValueError(f"codes for {w.name} have shape {w.codes.shape}, weight has {tuple(init.dims)}")
         g.initializer.remove(init)
+        sdt = np.float16 if w.float16 else np.float32
+        if w.directions:  # one DequantizeLinear per direction (codes [1, rows, n], scale [rows]), then Concat
+            parts = []
+            for d in range(w.directions):
+                qd, sd, zd, od = (unique_name(f"{w.name}_{k}_dir{d}", taken)
+                                  for k in ("quantized", "scale", "zero_point", "dequantized"))
+                g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(codes[d:d + 1]).astype(dt), qd))
+                g.initializer.append(numpy_helper.from_array(np.asarray(w.scale[d], sdt), sd))
+                g.initializer.append(numpy_helper.from_array(np.asarray(zp[d]).astype(dt), zd))
+                dq_nodes.append(helper.make_node("DequantizeLinear", [qd, sd, zd], [od], axis=1,
+                                                 name=unique_name(f"{w.name}_DequantizeLinear_dir{d}", taken)))
+                parts.append(od)
+            dq_nodes.append(helper.make_node("Concat", parts, [w.name], axis=0,
+                                             name=unique_name(f"{w.name}_Concat", taken)))
+            continue
         qname = unique_name(f"{w.name}_quantized", taken)
         sname = unique_name(f"{w.name}_scale", taken)
         zname = unique_name(f"{w.name}_zero_point", taken)
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(codes).astype(dt), qname))
-        g.initializer.append(numpy_helper.from_array(
-            np.asarray(w.scale, np.float16 if w.float16 else np.float32), sname))
+        g.initializer.append(numpy_helper.from_array(np.asarray(w.scale, sdt), sname))
         g.initializer.append(numpy_helper.from_array(np.asarray(zp).astype(dt), zname))
         attrs = {"axis": int(w.axis)} if w.scale.ndim else {}
         if w.block_size:

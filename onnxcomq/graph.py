@@ -17,7 +17,9 @@ from onnx import numpy_helper
 
 from .errors import UserError
 
-SUPPORTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+SUPPORTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul") + RECURRENT_OPS
+RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,12 @@ class XSpec:
     kind "conv": X = im2col of an (N, C, *spatial) tensor with the conv's kernel/stride/pads/dilations, per group.
     kind "convT": ConvTranspose as the equivalent stride-1 conv: the input is upsampled by ``strides`` (zeros
     between pixels) and padded by ``pads`` (already converted to the equivalent conv's, may be negative = crop).
+    kind "rnn_input": the input sequence X of an LSTM/GRU/RNN (``tensor``), rows = its (step, batch) positions,
+    the same X for each of the ``group`` = num_directions directions (one group per direction of W).
+    kind "rnn_hidden": the hidden state each step of an LSTM/GRU/RNN saw, per direction (``group`` of them), formed
+    from its output Y (``tensor``) and ``initial`` (initial_h, "" = zeros): forward h_{t-1} = initial_h then
+    Y[:-1, d]; reverse (``reverse[d]``) Y[1:, d] then initial_h at the last step. Both are built by
+    ``capture.rnn_rows`` (layout 0 only: [seq, batch, ...]).
     Layers with equal XSpec on the same tensor share one Gram matrix.
     """
 
@@ -41,6 +49,8 @@ class XSpec:
     dilations: tuple = ()
     group: int = 1
     auto_pad: str = "NOTSET"
+    initial: str = ""  # rnn_hidden: the initial_h tensor ("" = zeros)
+    reverse: tuple = ()  # rnn_hidden: per direction, whether it runs backwards in time
 
 
 @dataclass
@@ -63,6 +73,8 @@ class Layer:
 
     def to_matrices(self, w: np.ndarray) -> list[np.ndarray]:
         """The stored weight -> one (m, n) matrix per group, rows = output channels, columns = X's columns."""
+        if self.op_type in RECURRENT_OPS:  # W/R [num_directions, gates * hidden, n]: one group per direction
+            return [w[d] for d in range(w.shape[0])]
         if self.op_type == "ConvTranspose":  # W[C_in, C_out/g, *k] -> per group the flipped conv kernel
             cin = w.shape[0] // self.groups
             spatial = tuple(range(2, w.ndim))
@@ -80,6 +92,8 @@ class Layer:
 
     def from_matrices(self, mats: list[np.ndarray]) -> np.ndarray:
         """Inverse of ``to_matrices`` (codes or dequantized weights back to the stored layout)."""
+        if self.op_type in RECURRENT_OPS:
+            return np.stack(mats)
         if self.op_type == "ConvTranspose":
             cin = self.weight_shape[0] // self.groups
             kshape = tuple(self.weight_shape[2:])
@@ -101,7 +115,6 @@ class Skipped:
     share: float = 0.0  # params / all float parameters of the model (initializers and Constants, subgraphs too)
 
 
-RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
@@ -207,8 +220,7 @@ def _float_reason(node, src: dict) -> str:
     """Why a node of a type COMQ does not solve, that holds a float weight, stays float."""
     op = node.op_type
     if op in RECURRENT_OPS:
-        return ("recurrent layer: its W and R weights stay float (onnxcomq quantizes the weights of Conv, "
-                "ConvTranspose, Gemm and MatMul)")
+        return "recurrent layer: its W and R weights stay float"
     if op == "Gather" and node.input and src.get(node.input[0]):
         return "embedding table (Gather of a constant): a lookup, not a layer COMQ solves"
     if op == "Einsum":
@@ -232,7 +244,7 @@ def _subgraph_skips(parent: str, node, outer: dict, hold: _Holdings) -> list:
                 continue
             params = hold.held(n, src)
             why = f"{where}: control-flow subgraphs are not quantized" if n.op_type in SUPPORTED_OPS \
-                else f"{_float_reason(n, src)} ({where})"
+                and n.op_type not in RECURRENT_OPS else f"{_float_reason(n, src)} ({where})"
             out.append(Skipped(name, n.op_type, why, params, hold.share(params)))
     return out
 
@@ -279,6 +291,7 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> t
     layers: list[Layer] = []
     skipped: list[Skipped] = []
     by_weight: dict[str, Layer] = {}
+    taken_rnn: set = set()  # recurrent W/R (not shared with other nodes)
 
     def skip(name, node, reason):
         params = hold.held(node, src)
@@ -300,10 +313,26 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> t
                 skip(name, node, _float_reason(node, src))
             continue
         if node.op_type not in op_types:
-            skip(name, node, "op type not selected (--op-types)")
+            skip(name, node, ("recurrent layer: " if node.op_type in RECURRENT_OPS else "")
+                 + "op type not selected (--op-types)")
             continue
         if _matches(exclude, name, node.op_type):
             skip(name, node, "excluded by --exclude")
+            continue
+        if node.op_type in RECURRENT_OPS:
+            made = _make_recurrent(name, node, inits, _attrs(node))
+            if isinstance(made, str):
+                skip(name, node, made)
+                continue
+            if any(L.weight in by_weight or L.weight in taken_rnn for L in made):
+                skip(name, node, "recurrent weight shared with another node: not supported")
+                continue
+            for L in made:
+                L.float16 = inits[L.weight].data_type == onnx.TensorProto.FLOAT16
+                L.consumers.append((name, L.x))
+                taken_rnn.add(L.weight)
+                layers.append(L)
+            hold.held(node, src)
             continue
         widx = 1
         wname = node.input[widx] if len(node.input) > widx else ""
@@ -315,6 +344,9 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> t
             continue
         if node.input[0] in inits:
             skip(name, node, "input is a constant too: nothing to calibrate")
+            continue
+        if wname in taken_rnn:
+            skip(name, node, f"weight {wname} is shared with a recurrent layer")
             continue
         wt = inits[wname]
         if wt.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
@@ -407,6 +439,68 @@ def _make_layer(name, node, wname, shape, at):
     k = shape[1] if trans_b else shape[0]
     return Layer(name, op, wname, shape, XSpec(node.input[0], "rows", fan_in=k, transpose=trans_a),
                  axis=0 if trans_b else 1)
+
+
+def _make_recurrent(name, node, inits, at):
+    """The two layers of an LSTM/GRU/RNN node: W (input sequence -> gates) and R (hidden state -> gates), each
+    [num_directions, gates * hidden, n], quantized per direction and gate row; or why the node stays float."""
+    op = node.op_type
+    ins = list(node.input) + [""] * (6 - len(node.input))
+    x, w, r, seq_lens, h0 = ins[0], ins[1], ins[2], ins[4], ins[5]
+    if seq_lens:
+        return ("recurrent layer with sequence_lens: padded steps would enter the statistics (give equal-length "
+                "sequences without sequence_lens)")
+    if w not in inits or r not in inits:
+        return "recurrent layer whose W or R is not an initializer: its weights stay float"
+    if x in inits:
+        return "input is a constant too: nothing to calibrate"
+    for t in (w, r):
+        if inits[t].data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            return f"weight {t} has type {onnx.TensorProto.DataType.Name(inits[t].data_type)}, only float32 " \
+                   "and float16 weights are quantized"
+    if h0 and h0 in inits and len(inits[h0].dims) != 3:
+        return f"initial_h {h0} has rank {len(inits[h0].dims)}, expected 3"
+    direction = at.get("direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else str(direction)
+    if direction not in ("forward", "reverse", "bidirectional"):
+        return f"unknown direction {direction!r}"
+    nd = 2 if direction == "bidirectional" else 1
+    if int(at.get("layout", 0)) != 0:  # (the statistics would need only transposes, but nothing could run it)
+        return ("recurrent layer with layout 1 (batch first): onnxruntime's CPU LSTM/GRU/RNN do not run it, so "
+                "it cannot be calibrated")
+    hidden = int(at.get("hidden_size", 0))
+    gates = RNN_GATES[op]
+    ws, rs = tuple(inits[w].dims), tuple(inits[r].dims)
+    if len(ws) != 3 or len(rs) != 3 or ws[0] != nd or rs[0] != nd or ws[1] != gates * hidden \
+            or rs[1:] != (gates * hidden, hidden):
+        return f"W {ws} / R {rs} do not match {op} hidden_size {hidden}, {nd} direction(s)"
+    # Y (the hidden states) is the statistic of R: an extra output of the capture model where the node has none
+    y = node.output[0] if len(node.output) and node.output[0] else f"{name}_Y_onnxcomq"
+    reverse = (False, True) if nd == 2 else (direction == "reverse",)
+    # GRU with linear_before_reset = 0: the candidate gate's rows of R see r * h_{t-1}, which no output carries;
+    # their statistic is h_{t-1} itself, as for the update and reset gates (an approximation of those rows only)
+    xw = XSpec(x, "rnn_input", fan_in=ws[2], group=nd)
+    xr = XSpec(y, "rnn_hidden", fan_in=hidden, group=nd, initial=h0, reverse=reverse)
+    return [Layer(name, op, w, ws, xw, axis=1, groups=nd), Layer(name, op, r, rs, xr, axis=1, groups=nd)]
+
+
+def with_rnn_outputs(model: onnx.ModelProto, layers: list) -> onnx.ModelProto:
+    """``model``, or a copy whose recurrent nodes without a Y output get one (named as their layer's XSpec says),
+    for the capture model: R's statistic is formed from Y."""
+    want = {L.node: L.x.tensor for L in layers if L.x.kind == "rnn_hidden"}
+    produced = {o for n in model.graph.node for o in n.output if o}
+    missing = {k: v for k, v in want.items() if v not in produced}
+    if not missing:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for name, n in zip(node_names(out), out.graph.node):
+        if name in missing:
+            if len(n.output):
+                n.output[0] = missing[name]
+            else:
+                n.output.append(missing[name])
+    return out
 
 
 def load_weight(model: onnx.ModelProto, name: str) -> np.ndarray:

@@ -11,7 +11,7 @@ import tempfile
 import onnx
 
 from .errors import UserError
-from .graph import SUPPORTED_OPS
+from .graph import RECURRENT_OPS, SUPPORTED_OPS
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ def _needs_folding(model: onnx.ModelProto) -> bool:
             const.update(o for o in n.output if o)
     for n in graph.node:
         if n.op_type in WEIGHT_OPS:
-            w = list(n.input if n.op_type == "Einsum" else n.input[:2])
+            w = list(n.input if n.op_type == "Einsum" else n.input[1:3] if n.op_type in RECURRENT_OPS
+                     else n.input[:2])
             if any(t in const and t not in inits for t in w):
                 return True
     return False

@@ -21,7 +21,8 @@ import onnx
 from onnx import numpy_helper
 
 from .calib import batch_samples
-from .capture import GramStats, blas_threads, capture_model, conv_output_shape, free_scratch, make_session, run_session
+from .capture import (RNN_KINDS, GramStats, blas_threads, capture_model, conv_output_shape, free_scratch,
+                      make_session, rnn_rows, run_session, spec_tensors)
 from .graph import node_names
 from .modelio import copy_fields
 
@@ -62,7 +63,9 @@ class LayerStats:
         return p
 
     def _expected_rows(self, t, mask, samples: int) -> float:
-        if self.spec.kind == "rows":
+        if self.spec.kind in RNN_KINDS:
+            rows = t.shape[1]
+        elif self.spec.kind == "rows":
             rows = t.size // self.spec.fan_in
             if mask is not None and rows == mask.size and not self.spec.transpose:
                 rows = int((mask != 0).sum())
@@ -82,7 +85,7 @@ class LayerStats:
         if not self.folded:
             self._fold_all(self.parts[0], t, mask, tq)
             return
-        ax = 1 if self.spec.kind == "rows" and self.spec.transpose else 0
+        ax = 1 if (self.spec.kind == "rows" and self.spec.transpose) or self.spec.kind in RNN_KINDS else 0
         if t.shape[ax] >= 2:  # alternate samples go to the two folds
             for f, part in enumerate(self.parts):
                 sl = (slice(None),) * ax + (slice(f, None, 2),)
@@ -217,6 +220,9 @@ def dequantized(qw) -> np.ndarray:
     if np.ndim(qw.scale):
         shape[qw.axis] = -1
     dt = np.float16 if qw.float16 else np.float32
+    if qw.directions:  # (a bidirectional recurrent weight: scale [2, rows])
+        return ((qw.codes.astype(np.int32) - qw.expand(np.asarray(qw.zero_point, np.int32)))
+                * qw.expand(np.asarray(qw.scale, dt))).astype(dt)
     scale = np.asarray(qw.scale, dt).reshape(shape)
     return ((qw.codes.astype(np.int32) - np.asarray(qw.zero_point, np.int32).reshape(shape)) * scale).astype(dt)
 
@@ -258,7 +264,9 @@ def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, f
     stats = {spec: LayerStats(spec, g, cross, fold_below.get(spec, 0.0), total_samples) for spec, g in specs.items()}
     graph_inputs = {i.name for i in model.graph.input}
     observers = observers or {}
-    fetch = sorted({s.tensor for s in specs} - graph_inputs)
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+              if any(t.name == s.initial for s in specs if s.kind == "rnn_hidden")}  # a constant initial_h
+    fetch = sorted({t for s in specs for t in spec_tensors(s)} - graph_inputs - set(consts))
     fetch_float = sorted(set(fetch) | (set(observers) - graph_inputs))
     pairs = ((model, fetch_float), (twin, fetch)) if cross else ((model, fetch_float),)
     runs = [(make_session(stage_model(m, f), mem_pattern=False) if f else None, f) for m, f in pairs]
@@ -267,11 +275,16 @@ def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, f
         vals = [dict(zip(f, run_session(sess, f, feed, samples))) if sess is not None else {} for sess, f in runs]
         for v in vals:
             v.update({k: a for k, a in feed.items() if k in graph_inputs})
+            v.update(consts)
         mask = feed.get(mask_input) if mask_input else None
         n = batch_samples(feed)
         for spec, st in stats.items():
-            tq = np.asarray(vals[1][spec.tensor]) if cross else None
-            st.add(np.asarray(vals[0][spec.tensor]), mask, tq, n)
+            if spec.kind in RNN_KINDS:
+                tq = rnn_rows(spec, vals[1]) if cross else None
+                st.add(rnn_rows(spec, vals[0]), mask, tq, n)
+            else:
+                tq = np.asarray(vals[1][spec.tensor]) if cross else None
+                st.add(np.asarray(vals[0][spec.tensor]), mask, tq, n)
         for name, obs in observers.items():
             obs.update(vals[0][name])
         samples += n

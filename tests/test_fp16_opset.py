@@ -185,7 +185,8 @@ def test_cli_says_when_the_opset_is_raised_and_keeps_13(tmp_path, capsys):
 # ------------------------------------------------------------------------------------- nodes left float
 
 def model_with_float_weights():
-    """A quantizable MatMul, then nodes holding float weights COMQ does not quantize: an LSTM (W, R, B), a Gather
+    """A quantizable MatMul and LSTM (W, R; its B stays float), then nodes holding float weights COMQ does not
+    quantize: a Gather
     embedding, a MatMul of two activations, and an If whose branches hold a MatMul and an LSTM whose W and R are
     Slices of one initializer (as silero-vad's export writes them)."""
     rng = np.random.default_rng(0)
@@ -228,10 +229,10 @@ def model_with_float_weights():
 def test_every_node_holding_a_float_weight_is_listed_with_its_share():
     m, t = model_with_float_weights()
     layers, skipped = find_layers(m)
-    assert [L.node for L in layers] == ["mm"]
+    assert [(L.node, L.weight) for L in layers] == [("mm", "Wmm"), ("lstm", "lstm_W"), ("lstm", "lstm_R")]
     total = sum(v.size for v in t.values())  # every float parameter (the int64 slice bounds are not)
     by = {s.node: s for s in skipped}
-    expect = {"lstm": t["lstm_W"].size + t["lstm_R"].size, "embed": t["emb"].size,  # B [1, 8h]: a bias
+    expect = {"embed": t["emb"].size,  # (the LSTM's B [1, 8h]: a bias)
               "branch/then_branch/then_mm": t["Wthen"].size,
               "branch/else_branch/inner_lstm": t["packed"].size,  # the whole packed tensor, counted once
               "act_mm": 0, "branch": 0}
@@ -239,15 +240,16 @@ def test_every_node_holding_a_float_weight_is_listed_with_its_share():
     for name, params in expect.items():
         assert by[name].params == params, name
         assert by[name].share == pytest.approx(params / total)
-    assert "recurrent" in by["lstm"].reason and "embedding" in by["embed"].reason
+    assert "embedding" in by["embed"].reason
     assert "recurrent" in by["branch/else_branch/inner_lstm"].reason and "else_branch" in \
         by["branch/else_branch/inner_lstm"].reason
     assert "subgraph" in by["branch"].reason and "then_branch" in by["branch/then_branch/then_mm"].reason
     # quantized + left float + biases = everything
-    assert t["Wmm"].size + sum(expect.values()) + t["bias1d"].size + t["lstm_B"].size == total
+    quantized = t["Wmm"].size + t["lstm_W"].size + t["lstm_R"].size
+    assert quantized + sum(expect.values()) + t["bias1d"].size + t["lstm_B"].size == total
     lines = format_skipped([{"node": s.node, "op_type": s.op_type, "reason": s.reason, "share": s.share}
                             for s in skipped])
     lstm_line = next(line for line in lines if line.startswith("not quantized: 1 LSTM node holding"))
-    assert f"{100 * expect['lstm'] / total:.1f} %" in lstm_line
+    assert f"{100 * expect['branch/else_branch/inner_lstm'] / total:.1f} %" in lstm_line
     left = sum(expect.values()) / total
     assert lines[-1].startswith(f"left float: {100 * left:.1f} %")
