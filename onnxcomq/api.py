@@ -426,12 +426,9 @@ class _Keep:
 
     def __iter__(self):
         for feed in self.batches:
-            kept = sum(batch_samples(f) for f in self.held)
-            if kept < self.samples:
-                k = batch_samples(feed)
-                fixed = getattr(self.calib, "fixed_batch", None) or not hasattr(self.calib, "head")
-                self.held.append(feed if fixed or k <= self.samples - kept else
-                                 self.calib.head(feed, self.samples - kept))
+            room = self.samples - sum(batch_samples(f) for f in self.held)
+            if room > 0:
+                self.held.append(self.calib.head(feed, room))
             yield feed
 
 
@@ -494,7 +491,7 @@ def _choose_batch(model, layers, calib, config: QuantizeConfig) -> tuple:
     first = next(iter(calib))
     if getattr(calib, "fixed_batch", False):  # (known once data was seen)
         return budget, f"{calib.batch_size} (the model's fixed batch)"
-    one = calib.head(first, 1) if hasattr(calib, "head") else {k: v[:1] for k, v in first.items()}
+    one = calib.head(first, 1)
     del first
     per = sample_bytes(model, tensors, one)
     if per is None:

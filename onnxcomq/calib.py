@@ -461,7 +461,10 @@ class Calibration:
         return samples, consts
 
     def head(self, feed: Batch, k: int) -> Batch:
-        """The first ``k`` samples of a batch of this source."""
+        """The first ``k`` samples of a batch of this source; the whole batch where it has no more or cannot be cut
+        (the model's batch is fixed)."""
+        if self.fixed_batch or k >= batch_samples(feed):
+            return feed
         out = Batch()
         for name, v in feed.items():
             L = self.layouts[name]

@@ -143,12 +143,8 @@ def first_feeds(calib, samples: int) -> list:
     """The calibration batches holding the first ``samples`` samples."""
     feeds, n = [], 0
     for feed in calib:
-        k = batch_samples(feed)
-        if not getattr(calib, "fixed_batch", None) and k > samples - n:  # (a fixed batch is taken whole)
-            k = samples - n
-            feed = calib.head(feed, k)
-        feeds.append(feed)
-        n += k
+        feeds.append(calib.head(feed, samples - n))  # (a fixed batch is taken whole)
+        n += batch_samples(feeds[-1])
         if n >= samples:
             break
     return feeds
