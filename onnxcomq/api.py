@@ -26,6 +26,7 @@ from .capture import (CAPTURE_OVERHEAD, batch_for_budget, current_rss, default_m
 from .errors import UserError
 from .verify import VerificationError, problems, verify
 from .verify import to_dicts as verify_dicts
+from .verify import warnings as verify_warnings
 from .graph import RECURRENT_OPS, SUPPORTED_OPS, find_layers, load_weight, node_names, with_rnn_outputs
 from .modelio import model_bytes, prepare_model
 from .nbits import emit_matmulnbits
@@ -411,6 +412,8 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
         checks, n = verify(model, out, held)
         report.verification = {"samples": n, "outputs": verify_dicts(checks)}
         report.total_seconds += time.perf_counter() - t0
+        for w in verify_warnings(checks):
+            log.warning(w)
         bad = problems(checks)
         if bad:
             raise VerificationError(f"the quantized model failed its check on {n} calibration sample(s): "
@@ -716,7 +719,8 @@ def _quantize_layer(ctx: _LayerContext, layer, stats: dict, correct: bool = True
     raw = gather(False)  # the reported errors and the RTN baseline: uncentered, undamped
     if dt is np.float32 and any(safe_dtype(np, Wk, st[0], "float32") is np.float64 for Wk, st in zip(mats, raw)):
         dt = np.float64  # weights or inputs near float32's range: the solver works in float64, and so do the errors
-        ctx = dataclasses.replace(ctx, dt=dt)
+        scfg = dataclasses.replace(scfg, dtype="float64")  # (so that the solver need not check again)
+        ctx = dataclasses.replace(ctx, dt=dt, scfg=scfg)
     solve = gather(True) if bc else raw  # what COMQ solves
     alpha = 0.0
     if comq and ctx.damping == "scaled":  # every layer, by its rows per input

@@ -404,9 +404,10 @@ def make_session(model: onnx.ModelProto, providers=None, what: str = "the model"
         raise UserError(f"onnxruntime cannot load {what}: {ort_message(e)}") from None
 
 
-def run_session(sess: ort.InferenceSession, fetch: list, feed: dict, first_sample: int = 0) -> list:
-    """``sess.run(fetch, feed)``; an onnxruntime failure is a one-line UserError naming the batch and, where
-    onnxruntime names it, the node (token ids out of an embedding's range are said so)."""
+def run_session(sess: ort.InferenceSession, fetch: list | None, feed: dict, first_sample: int = 0,
+                what: str = "") -> list:
+    """``sess.run(fetch, feed)``; an onnxruntime failure is a one-line UserError naming the batch (or saying
+    ``what``) and, where onnxruntime names it, the node (token ids out of an embedding's range are said so)."""
     try:
         return sess.run(fetch, feed)
     except (MemoryError, KeyboardInterrupt):
@@ -419,8 +420,8 @@ def run_session(sess: ort.InferenceSession, fetch: list, feed: dict, first_sampl
                     if np.size(v) and np.issubdtype(np.asarray(v).dtype, np.integer)]
             hint = ("; an index (token id) is out of range for a Gather: check the calibration input" +
                     (f" {', '.join(ints)}" if ints else "") + " against the model's vocabulary / table size")
-        raise UserError(f"onnxruntime failed on the calibration batch starting at sample {first_sample}: "
-                        f"{msg}{hint}") from None
+        what = what or f"onnxruntime failed on the calibration batch starting at sample {first_sample}"
+        raise UserError(f"{what}: {msg}{hint}") from None
 
 
 # ------------------------------------------------------------------------------------ memory budget (batch size)
@@ -468,8 +469,7 @@ def current_rss() -> int:
 def sample_bytes(model: onnx.ModelProto, tensors: list, feed: dict) -> int | None:
     """Bytes of ``tensors`` (the captured layer inputs) for the one-sample ``feed``, from ONNX shape inference
     with the graph inputs set to the feed's shapes; None when a shape stays unknown."""
-    m = onnx.ModelProto()
-    m.CopyFrom(skeleton(model) if is_large(model) else model)
+    m = skeleton(model)  # (a copy without the bytes of the large tensors: inference needs only their dims)
     for i in m.graph.input:
         if i.name in feed:
             dims = i.type.tensor_type.shape.dim

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from .calib import _check_feed, _load_npz, model_inputs
-from .capture import make_session
+from .capture import make_session, run_session
 from .errors import UserError
 from .modelio import load_model
 
@@ -44,7 +44,8 @@ def top1_accuracy(model, data_path: str, batch_size: int = 256) -> tuple[float, 
     sess = make_session(model)
     correct = 0
     for i in range(0, n, batch_size):
-        out = sess.run(None, {k: v[i:i + batch_size] for k, v in feed.items()})[0]
+        out = run_session(sess, None, {k: v[i:i + batch_size] for k, v in feed.items()},
+                          what=f"onnxruntime failed on {data_path} at sample {i}")[0]
         out = out.reshape(out.shape[0], -1)
         if i == 0 and labels.max() >= out.shape[1]:
             raise UserError(f"{data_path}: 'labels' holds class index {int(labels.max())}, but the model's first "

@@ -122,16 +122,16 @@ def with_weights_as_inputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
 def output_sensitivity(model: onnx.ModelProto, feeds: list, perturbed: dict, progress=None) -> dict:
     """{weight: relative output error of the model} with only that weight replaced by ``perturbed[weight]`` (the
     stored layout), on the calibration batches ``feeds``: sum over outputs and samples of ||y' - y||^2 / ||y||^2."""
-    from .capture import make_session
+    from .capture import make_session, run_session
 
     sess = make_session(with_weights_as_inputs(model, list(perturbed)))
-    ref = [sess.run(None, f) for f in feeds]
+    ref = [run_session(sess, None, f) for f in feeds]
     den = sum(float(np.sum(np.square(o, dtype=np.float64))) for outs in ref for o in outs)
     out = {}
     for w, value in perturbed.items():
         num = 0.0
         for f, outs in zip(feeds, ref):
-            got = sess.run(None, {**f, w: value})
+            got = run_session(sess, None, {**f, w: value})
             num += sum(float(np.sum(np.square(a.astype(np.float64) - b))) for a, b in zip(got, outs))
         out[w] = num / den if den > 0 else 0.0
         if progress is not None:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .calib import batch_samples
-from .capture import make_session, ort_message, run_session
+from .capture import make_session, run_session
 from .errors import UserError
 
 # an output further from the float model's than the float output is from zero (||q - f|| > ||f||) gets a warning
@@ -89,14 +89,7 @@ def verify(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, feeds: list) -
     ref = [run_session(sess, names, feed) for feed in feeds]
     del sess
     sess = make_session(qmodel, what="the quantized model")
-    got = []
-    for feed in feeds:
-        try:
-            got.append(sess.run(names, feed))
-        except (MemoryError, KeyboardInterrupt):
-            raise
-        except Exception as e:
-            raise UserError(f"onnxruntime cannot run the quantized model: {ort_message(e)}") from None
+    got = [run_session(sess, names, feed, what="onnxruntime cannot run the quantized model") for feed in feeds]
     checks = []
     for k, name in enumerate(names):
         f, q = [np.asarray(r[k]) for r in ref], [np.asarray(g[k]) for g in got]

@@ -363,3 +363,18 @@ def test_negative_dim_value_is_a_dynamic_batch():
     m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
     cal = Calibration({"x": x6}, model_inputs(m), batch_size=3)
     assert cal.fixed_batch is None and [b.samples for b in cal] == [3, 3, 2]
+
+
+def test_an_output_far_from_float_is_written_with_a_warning(caplog):
+    """y = x @ W - 0.34 is exactly 0 in float; at 2 bits round-to-nearest the weight 0.34 becomes 2/3: the output is
+    finite (so the model is returned) but further from float than float is from zero (a warning says so)."""
+    w = np.array([[0.34], [1.0], [-1.0]], np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h"], name="mm0"), helper.make_node("Sub", ["h", "c"], ["y"])]
+    m = _model(nodes, [_vi("x", ["N", 3])], [_vi("y", ["N", 1])],
+               [numpy_helper.from_array(w, "W0"), numpy_helper.from_array(np.array([0.34], np.float32), "c")])
+    with caplog.at_level("WARNING", logger="onnxcomq"):
+        q, rep = run(m, {"x": np.tile(np.array([[1, 0, 0]], np.float32), (8, 1))},
+                     QuantizeConfig(bits=2, method="rtn", device="cpu"))
+    out = rep.verification["outputs"][0]
+    assert out["finite"] and out["rel_error"] > 1
+    assert any("output y is far from the float model's" in r.getMessage() for r in caplog.records)
