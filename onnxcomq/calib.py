@@ -68,41 +68,8 @@ class _Meta:
         self.dtype, self.shape, self.ndim = np.dtype(dtype), tuple(shape), len(shape)
 
 
-def _check_layout(where: str, info: InputInfo, dtype, shape) -> None:
-    """Dtype kind, rank, static dims and emptiness of an array stacked along axis 0."""
-    _check_kind(where, info, dtype)
-    if len(shape) != len(info.shape):
-        raise UserError(f"{where}: input {info.name} has rank {len(shape)} (shape {tuple(shape)}), the model "
-                        f"expects rank {len(info.shape)} {_fmt_shape(info.shape)}")
-    if shape:
-        _check_static(where, info, shape, skip=0)
-        if shape[0] == 0:
-            raise UserError(f"{where}: input {info.name} is empty (0 samples)")
-
-
-def _check_array(where: str, info: InputInfo, a):
-    """An array stacked along axis 0 (``onnxcomq eval``'s data): its layout, then its values."""
-    if isinstance(a, _Meta):
-        _check_layout(where, info, a.dtype, a.shape)
-        return a
-    a = np.asarray(a)
-    _check_layout(where, info, a.dtype, a.shape)
-    return _check_values(where, info, a)
-
-
 def _fmt_shape(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-
-
-def _check_feed(where: str, inputs: list[InputInfo], feed) -> dict:
-    if not isinstance(feed, dict):
-        raise UserError(f"{where}: expected a dict of input name -> array, got {type(feed).__name__}")
-    _check_names(where, inputs, feed)
-    out = {i.name: _check_array(where, i, feed[i.name]) for i in inputs}
-    sizes = {k: v.shape[0] for k, v in out.items()}
-    if len(set(sizes.values())) > 1:
-        raise UserError(f"{where}: inputs have different numbers of samples along axis 0: {sizes}")
-    return out
 
 
 def _load_npz(path: str) -> dict:
@@ -361,7 +328,7 @@ class Calibration:
     samples and ``batch_size`` equals it), else None. ``batch_size`` may be changed before iterating."""
 
     def __init__(self, source, inputs: list[InputInfo], batch_size: int = 32, max_samples: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, name: str = "calibration dict"):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
         if max_samples is not None and max_samples < 1:
@@ -372,6 +339,7 @@ class Calibration:
         self.seed = seed
         self.is_random = isinstance(source, str) and source == "random"
         self._source = source
+        self.name = name  # what errors about a dict source call it
         self.num_samples = None
         self.layouts: dict | None = None
         self.fixed_batch: int | None = None
@@ -518,7 +486,7 @@ class Calibration:
             self.num_samples = self._count({k: m.shape for k, m in metas.items()})
             return self._npz_chunks
         if isinstance(source, dict):
-            self._arrays = self._canon("calibration dict", source)
+            self._arrays = self._canon(self.name, source)
             self.num_samples = self._count({k: np.shape(v) for k, v in source.items()})
             return self._array_chunks
         if hasattr(source, "get_next"):  # onnxruntime.quantization.CalibrationDataReader

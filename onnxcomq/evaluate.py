@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from .calib import _check_feed, _load_npz, model_inputs
+from .calib import Calibration, _load_npz, model_inputs
 from .capture import make_session, run_session
 from .errors import UserError
 from .modelio import load_model
@@ -37,21 +37,22 @@ def top1_accuracy(model, data_path: str, batch_size: int = 256) -> tuple[float, 
         raise UserError(f"{data_path}: 'labels' is empty")
     if labels.min() < 0:
         raise UserError(f"{data_path}: 'labels' holds a negative class index ({int(labels.min())})")
-    feed = _check_feed(data_path, model_inputs(model), data)
-    samples = next(iter(feed.values())).shape[0]
-    if samples != n:
-        raise UserError(f"{data_path}: 'labels' has {n} entries, the inputs have {samples} samples")
+    cal = Calibration(data, model_inputs(model), batch_size=batch_size, name=data_path)  # (the same input layouts)
+    expected = n - n % cal.fixed_batch if cal.fixed_batch else n
+    if cal.num_samples != expected:
+        raise UserError(f"{data_path}: 'labels' has {n} entries, the inputs have {cal.num_samples} samples")
     sess = make_session(model)
-    correct = 0
-    for i in range(0, n, batch_size):
-        out = run_session(sess, None, {k: v[i:i + batch_size] for k, v in feed.items()},
-                          what=f"onnxruntime failed on {data_path} at sample {i}")[0]
+    correct = i = 0
+    for feed in cal:
+        k = feed.samples
+        out = run_session(sess, None, feed, what=f"onnxruntime failed on {data_path} at sample {i}")[0]
         out = out.reshape(out.shape[0], -1)
         if i == 0 and labels.max() >= out.shape[1]:
             raise UserError(f"{data_path}: 'labels' holds class index {int(labels.max())}, but the model's first "
                             f"output has {out.shape[1]} classes")
-        if out.shape[0] != labels[i:i + batch_size].shape[0]:
+        if out.shape[0] != k:
             raise UserError(f"{data_path}: the model's first output has {out.shape[0]} rows for a batch of "
-                            f"{labels[i:i + batch_size].shape[0]} samples: not one score vector per sample")
-        correct += int((out.argmax(axis=1) == labels[i:i + batch_size]).sum())
-    return correct / n, n
+                            f"{k} samples: not one score vector per sample")
+        correct += int((out.argmax(axis=1) == labels[i:i + k]).sum())
+        i += k
+    return correct / i, i

@@ -378,3 +378,16 @@ def test_an_output_far_from_float_is_written_with_a_warning(caplog):
     out = rep.verification["outputs"][0]
     assert out["finite"] and out["rel_error"] > 1
     assert any("output y is far from the float model's" in r.getMessage() for r in caplog.records)
+
+
+def test_eval_feeds_a_fixed_batch_model_like_quantize(tmp_path):
+    """onnxcomq eval reads its data with the same layouts: a model with a static batch of 1 gets batches of 1."""
+    from onnxcomq.evaluate import top1_accuracy
+
+    m = fixed_batch_conv(1)
+    x = RNG.standard_normal((5, 3, 8, 8)).astype(np.float32)
+    pred = np.array([_run_ort(m, {"x": x[i:i + 1]})[0].reshape(-1).argmax() for i in range(5)])
+    labels = pred.copy()
+    labels[:2] = (labels[:2] + 1) % 256
+    np.savez(tmp_path / "d.npz", x=x, labels=labels)
+    assert top1_accuracy(m, str(tmp_path / "d.npz"), batch_size=4) == (3 / 5, 5)
