@@ -769,9 +769,6 @@ def _quantize_layer(ctx: _LayerContext, layer, stats: dict, correct: bool = True
     scale = np.concatenate(scales)
     zp = np.concatenate(zps)
     if scfg.granularity == "tensor":
-        if layer.op_type in RECURRENT_OPS and layer.groups > 1:
-            raise UserError(f"{layer.node}: per-tensor granularity is not supported for a bidirectional "
-                            f"{layer.op_type} (each direction gets its own scale); use --granularity channel")
         if np.unique(scale).size > 1 or np.unique(zp).size > 1:
             raise UserError(f"{layer.node}: per-tensor granularity with {layer.groups} conv groups is not "
                             "supported (each group gets its own scale); use --granularity channel")

@@ -24,6 +24,7 @@ import onnx
 
 from .calib import batch_samples
 from .errors import UserError
+from .graph import RECURRENT_OPS
 
 NBITS_BITS = (2, 4, 8)  # bits com.microsoft MatMulNBits accepts
 
@@ -219,6 +220,9 @@ def plan_layers(layers, cfg) -> dict:
     for L in layers:
         bits, why = fixed.get(L.weight, (cfg.bits, ""))
         gran, fmt, notes = cfg.granularity, "qdq", [why] if why else []
+        if gran == "tensor" and L.op_type in RECURRENT_OPS and L.groups > 1:  # (before any capture)
+            raise UserError(f"{L.node}: per-tensor granularity is not supported for a bidirectional {L.op_type} "
+                            "(each direction gets its own scale); use --granularity channel")
         if gran == "block":
             why_not = block_unsupported(L, cfg.block_size)
             if why_not:

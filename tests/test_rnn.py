@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomq import QuantizeConfig, run
 from onnxcomq.capture import capture_model, collect_stats
+from onnxcomq.errors import UserError
 from onnxcomq.graph import find_layers, with_rnn_outputs
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -298,3 +299,16 @@ def test_constant_initial_h():
     q, rep = run(model, {"input": np.random.default_rng(6).standard_normal((4 * n, S, I)).astype(np.float32)},
                  QuantizeConfig(bits=8))
     assert cosine(ort_run(model, feed)[0], ort_run(q, feed)[0]) > 0.99
+
+
+def test_tensor_granularity_on_a_bidirectional_lstm_is_refused_before_capture(monkeypatch):
+    """Each direction gets its own scale: per-tensor is a one-line error, raised before any calibration pass."""
+    import onnxcomq.api as api
+
+    def no_capture(*a, **k):
+        raise AssertionError("capture ran before the error")
+
+    monkeypatch.setattr(api, "_capture", no_capture)
+    model = rnn_model("LSTM", "bidirectional", True)
+    with pytest.raises(UserError, match="per-tensor granularity is not supported for a bidirectional LSTM"):
+        api.run(model, calib(model), api.QuantizeConfig(bits=8, granularity="tensor", device="cpu"))
