@@ -391,7 +391,6 @@ def run(model_or_path, calibration, config: QuantizeConfig | None = None, progre
         else set_metadata(out, meta, copy=not owned)
     if acts is not None:
         out = acts.insert(out)
-    _drop_weight_inputs(out, {q.name for q in qweights})
     meta["opset"] = opset_change(model, out, config.max_opset)  # (after the metadata: the report's only)
     # (after the metadata too: the report's only)
     meta.update(batch_size=calib.batch_size, max_memory=budget, batch_choice=batch_note)
@@ -433,15 +432,6 @@ class _Keep:
             if room > 0:
                 self.held.append(self.calib.head(feed, room))
             yield feed
-
-
-def _drop_weight_inputs(model: onnx.ModelProto, weights: set) -> None:
-    """A weight that the float model also listed as a graph input (older exporters list every initializer there)
-    is now a DequantizeLinear output: it must not stay an input too (onnxruntime: "Duplicate definition")."""
-    keep = [i for i in model.graph.input if i.name not in weights]
-    if len(keep) != len(model.graph.input):
-        del model.graph.input[:]
-        model.graph.input.extend(keep)
 
 
 def _check_weights(model: onnx.ModelProto, layers: list) -> None:

@@ -143,6 +143,16 @@ def upgrade_opset(model: onnx.ModelProto, target: int, why: str = "", max_opset:
     return converted
 
 
+def drop_weight(graph: onnx.GraphProto, init: onnx.TensorProto) -> None:
+    """Remove a float weight that is replaced (by DequantizeLinear or MatMulNBits): its initializer and, where the
+    float model also listed it as a graph input (older exporters list every initializer there), that input, which
+    would otherwise clash with the new producer of the name (onnxruntime: "Duplicate definition")."""
+    graph.initializer.remove(init)
+    listed = next((i for i in graph.input if i.name == init.name), None)
+    if listed is not None:
+        graph.input.remove(listed)
+
+
 def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: dict | None = None,
              inplace: bool = False, max_opset: int | None = None) -> onnx.ModelProto:
     """A new model in which every weight of ``weights`` is replaced by a DequantizeLinear of its codes.
@@ -172,7 +182,7 @@ def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: d
         init = by_name[w.name]
         if tuple(init.dims) != tuple(codes.shape):
             raise ValueError(f"codes for {w.name} have shape {w.codes.shape}, weight has {tuple(init.dims)}")
-        g.initializer.remove(init)
+        drop_weight(g, init)
         sdt = np.float16 if w.float16 else np.float32
         if w.directions:  # one DequantizeLinear per direction (codes [1, rows, n], scale [rows]), then Concat
             parts = []

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .emit import QuantizedWeight
+from .emit import QuantizedWeight, drop_weight
 from .errors import UserError
 from .graph import unique_name
 
@@ -88,7 +88,7 @@ def emit_matmulnbits(model: onnx.ModelProto, weights: list, accuracy_level: int 
                                    domain=DOMAIN, K=K, N=N, bits=q.bits, block_size=q.block_size,
                                    accuracy_level=int(accuracy_level))
             node.CopyFrom(new)
-        g.initializer.remove(by_name[q.name])
+        drop_weight(g, by_name[q.name])
     if not any(o.domain == DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return out

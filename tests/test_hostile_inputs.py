@@ -391,3 +391,16 @@ def test_eval_feeds_a_fixed_batch_model_like_quantize(tmp_path):
     labels[:2] = (labels[:2] + 1) % 256
     np.savez(tmp_path / "d.npz", x=x, labels=labels)
     assert top1_accuracy(m, str(tmp_path / "d.npz"), batch_size=4) == (3 / 5, 5)
+
+
+def test_weight_listed_as_graph_input_is_dropped_by_matmulnbits_too():
+    w = np.random.default_rng(4).standard_normal((32, 5)).astype(np.float32)
+    m = _mlp_with_weight(w)
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 32
+    m.graph.input.append(_vi("W0", [32, 5]))
+    x = RNG.standard_normal((16, 32)).astype(np.float32)
+    q, rep = run(m, {"x": x}, QuantizeConfig(bits=4, granularity="block", block_size=16, weight_format="matmulnbits",
+                                            device="cpu"))
+    assert "W0" not in [i.name for i in q.graph.input]
+    assert any(n.op_type == "MatMulNBits" for n in q.graph.node)
+    assert rep.verification["outputs"][0]["cosine"] > 0.99
