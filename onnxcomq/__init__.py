@@ -10,8 +10,9 @@ from .errors import UserError  # noqa: E402
 
 # The public names are imported on first use (PEP 562), so that ``import onnxcomq.cli`` costs no numpy/onnx import
 # before the command line's Ctrl-C handling is in place (an interrupt while importing is one line, not a traceback).
-_LAZY = {"QuantizeConfig": "api", "Report": "api", "quantize": "api", "run": "api", "SolverConfig": "solver",
-         "comq_quantize": "solver", "rtn_quantize": "solver", "VerificationError": "verify"}
+_LAZY = {"QuantizeConfig": "pipeline", "Report": "pipeline", "quantize": "pipeline", "run": "pipeline",
+         "SolverConfig": "solve.comq",
+         "comq_quantize": "solve.comq", "rtn_quantize": "solve.comq", "VerificationError": "verify"}
 
 
 def __getattr__(name):

@@ -35,7 +35,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .graph import SUPPORTED_OPS  # (numpy, onnx: imported inside main, where Ctrl-C is one line)
+    from .graph.layers import (
+        SUPPORTED_OPS,  # (numpy, onnx: imported inside main, where Ctrl-C is one line)
+    )
 
     debug = dict(action="store_true", help="show the Python traceback of an unexpected error instead of one line")
     p = _Parser(
@@ -275,7 +277,7 @@ def _check_outputs(model_path: str, out: str, report: str | None, calib) -> None
     folder (an existing one, or a new one that the next run would read as calibration data; other files there are
     not inputs), or each other. Paths are compared after resolving symlinks and, where both exist, by inode (hard
     links). The model's own external data file ``<out>.data`` (written for large models) counts as an output."""
-    from .modelio import check_output_path
+    from .graph.modelio import check_output_path
 
     check_output_path(out, "output")
     if report is not None:
@@ -365,13 +367,13 @@ def _int_list(text: str) -> tuple:
 
 
 def cmd_quantize(a) -> int:
-    from .api import QuantizeConfig, run
-    from .modelio import save_model
+    from .graph.modelio import save_model
+    from .pipeline import QuantizeConfig, run
     from .verify import OutputCheck, VerificationError
 
     _check_outputs(a.model, a.output, a.report, a.calib)
     if a.device == "gpu":  # fail now, not after loading the model and the calibration data
-        from .backend import get_xp
+        from .solve.backend import get_xp
         get_xp(a.device)
     cfg = QuantizeConfig(bits=a.bits, granularity=a.granularity, scheme=a.scheme, order=a.order, sweeps=a.sweeps,
                          scale_update=a.scale_update, lam=1.0 if a.lam is None else a.lam,

@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 
-from .calib import Calibration, _load_npz, model_inputs
-from .capture import make_session, run_session
+from .capture.calib import Calibration, _load_npz, model_inputs
+from .capture.session import make_session, run_session
 from .errors import UserError
-from .modelio import load_model
+from .graph.modelio import load_model
 
 
 def top1_accuracy(model, data_path: str, batch_size: int = 256) -> tuple[float, int]:

@@ -22,9 +22,9 @@ import re
 import numpy as np
 import onnx
 
-from .calib import batch_samples
+from .capture.calib import batch_samples
 from .errors import UserError
-from .graph import RECURRENT_OPS
+from .graph.layers import RECURRENT_OPS
 
 NBITS_BITS = (2, 4, 8)  # bits com.microsoft MatMulNBits accepts
 
@@ -123,7 +123,7 @@ def with_weights_as_inputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
 def output_sensitivity(model: onnx.ModelProto, feeds: list, perturbed: dict, progress=None) -> dict:
     """{weight: relative output error of the model} with only that weight replaced by ``perturbed[weight]`` (the
     stored layout), on the calibration batches ``feeds``: sum over outputs and samples of ||y' - y||^2 / ||y||^2."""
-    from .capture import make_session, run_session
+    from .capture.session import make_session, run_session
 
     sess = make_session(with_weights_as_inputs(model, list(perturbed)))
     ref = [run_session(sess, None, f) for f in feeds]

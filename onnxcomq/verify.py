@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from .calib import batch_samples
-from .capture import make_session, run_session
+from .capture.calib import batch_samples
+from .capture.session import make_session, run_session
 from .errors import UserError
 
 # an output further from the float model's than the float output is from zero (||q - f|| > ||f||) gets a warning

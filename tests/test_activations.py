@@ -9,14 +9,21 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import attention_like, mlp_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-from builders import attention_like, mlp_model
 from onnxcomq import QuantizeConfig, run
-from onnxcomq.activations import (ActFormat, HistogramObserver, MinMaxObserver, candidate_ranges, fake_quant,
-                                  make_observer, qparams)
+from onnxcomq.capture.observers import (
+    ActFormat,
+    HistogramObserver,
+    MinMaxObserver,
+    candidate_ranges,
+    fake_quant,
+    make_observer,
+    qparams,
+)
 from onnxcomq.cli import main
 from onnxcomq.errors import UserError
 
@@ -197,10 +204,10 @@ def test_mlp_qdq_model_equals_its_numpy_twin(target):
 
 
 def test_act_aware_gram_is_the_fake_quantized_inputs():
-    from onnxcomq.placement import ActivationQuantizer
-    from onnxcomq.calib import Calibration, model_inputs
-    from onnxcomq.capture import collect_stats
-    from onnxcomq.graph import find_layers
+    from onnxcomq.capture.calib import Calibration, model_inputs
+    from onnxcomq.capture.passes import collect_stats
+    from onnxcomq.graph.layers import find_layers
+    from onnxcomq.write.activations import ActivationQuantizer
     m = mlp_model([6, 5, 4], seed=1)
     x = np.random.default_rng(1).standard_normal((40, 6)).astype(np.float32)
     cfg = QuantizeConfig(bits=8, act_bits=8, act_aware=True).validate()

@@ -4,6 +4,7 @@ MatMulNBits models against float twins in onnxruntime."""
 
 import os
 
+import builders
 import hypothesis.strategies as st
 import ml_dtypes
 import numpy as np
@@ -12,14 +13,24 @@ import onnxruntime as ort
 import pytest
 from hypothesis import given, settings
 from onnx import numpy_helper
-
-import builders
-from onnxcomq import QuantizeConfig, UserError, run
-from onnxcomq.blockwise import (block_scale_system, comq_quantize_block, make_block_grid, rtn_quantize_block,
-                                solve_block_scales)
-from onnxcomq.solver import SolverConfig
-from reference import block_scales_lstsq, block_step_loop, grid_table, nearest_bruteforce, objective
+from reference import (
+    block_scales_lstsq,
+    block_step_loop,
+    grid_table,
+    nearest_bruteforce,
+    objective,
+)
 from test_solver import xp  # noqa: F401  (numpy, and cupy where a CUDA device is present)
+
+from onnxcomq import QuantizeConfig, UserError, run
+from onnxcomq.solve.blockwise import (
+    block_scale_system,
+    comq_quantize_block,
+    make_block_grid,
+    rtn_quantize_block,
+    solve_block_scales,
+)
+from onnxcomq.solve.comq import SolverConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,7 +135,7 @@ def test_blocks_beat_channels_on_rtn_and_comq():
     W, G = problem(16, 64, seed=11)
     W[:, ::16] *= 8
     ch = SolverConfig(bits=4, sweeps=2, lambda_search=False, dtype="float64")
-    from onnxcomq.solver import comq_quantize, rtn_quantize
+    from onnxcomq.solve.comq import comq_quantize, rtn_quantize
     assert rtn_quantize_block(W, G, cfg(bits=4, block=8)).objective < rtn_quantize(W, G, ch).objective
     assert comq_quantize_block(W, G, cfg(bits=4, block=8)).objective < comq_quantize(W, G, ch).objective
 

@@ -6,11 +6,10 @@ import os
 import subprocess
 import sys
 
+import builders
 import numpy as np
 import onnx
 import pytest
-
-import builders
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CNN = os.path.join(ROOT, "models", "fmnist_cnn.onnx")

@@ -1,7 +1,7 @@
 """Models from other exporters: tf2onnx (Keras, NHWC, opset 13) and Paddle2ONNX (opset 11, Constant-node weights).
 
 The shipped models/fmnist_keras_*.onnx and models/fmnist_paddle_cnn.onnx were trained and exported by
-tools/export_foreign.py; these tests need only onnx, onnxruntime and onnxcomq. The builder-model tests reproduce
+tools/export/foreign.py; these tests need only onnx, onnxruntime and onnxcomq. The builder-model tests reproduce
 the exporters' quirks in a few nodes, so the fixes are checked without the shipped files too.
 """
 
@@ -15,21 +15,22 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from test_pipeline import _dequantized_reference, float_twin
 
 from onnxcomq import QuantizeConfig, UserError, run
-from onnxcomq.rewrite import plan, rewrite_to_matmul
-from test_pipeline import _dequantized_reference, float_twin
+from onnxcomq.graph.rewrite import plan, rewrite_to_matmul
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "models")
 # name -> (input layout, number of Conv/Gemm/MatMul nodes with a constant weight, from the architectures in
-# tools/export_foreign.py: Keras CNN 5 convs + 2 Dense; Keras ViT patch conv + q/k/v/output Gemms + 2 MLP Dense +
+# tools/export/foreign.py: Keras CNN 5 convs + 2 Dense; Keras ViT patch conv + q/k/v/output Gemms + 2 MLP Dense +
 # head; Paddle CNN 4 convs + 2 Linear)
 FOREIGN = {"keras_cnn": ("NHWC", 7), "keras_vit": ("NHWC", 8), "paddle_cnn": ("NCHW", 6)}
 CALIB_SAMPLES = 128
-# accuracy bounds on the 2000 test images (fractions), from `python tools/bench_e2e.py --models keras_cnn keras_vit
+# accuracy bounds on the 2000 test images (fractions), from `python tools/bench/e2e.py --models keras_cnn keras_vit
 # paddle_cnn --bits 8 4 3 --methods COMQ RTN --max-samples 128`: W8 drops measured 0.00 / -0.05 / -0.05 points, W4
 # COMQ 0.30 / 0.40 / 0.05 points (RTN 3.10 / 0.65 / 0.90); the bounds leave room for other onnxruntime/numpy builds
 W8_MAX_DROP = 0.01
@@ -70,7 +71,7 @@ def constant_weighted_nodes(model):
 def shipped(name):
     path = os.path.join(MODELS, f"fmnist_{name}.onnx")
     if not os.path.exists(path):
-        pytest.skip(f"{path} not built (tools/export_foreign.py)")
+        pytest.skip(f"{path} not built (tools/export/foreign.py)")
     return path
 
 

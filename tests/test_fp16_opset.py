@@ -4,17 +4,17 @@ References: the float model itself (float32 and its float16 twin, run by onnxrun
 float32 model, and the opset-21 int4 emission (the opset-13 int8 containers must dequantize to the same weights).
 """
 
+import builders
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import builders
 from onnxcomq import QuantizeConfig, run
 from onnxcomq.cli import format_skipped, main
 from onnxcomq.errors import UserError
-from onnxcomq.graph import find_layers
+from onnxcomq.graph.layers import find_layers
 
 
 def small_cnn(seed=0, opset=17, bias_scale=2.0):
@@ -95,7 +95,7 @@ def test_float16_model_with_quantized_activations(target, aware):
 def test_float16_scales_cover_the_range():
     """A float16 activation scale is rounded up (not to nearest) so the observed range still fits; the zero
     point is fitted to that scale."""
-    from onnxcomq.activations import ActFormat, half_up, qparams
+    from onnxcomq.capture.observers import ActFormat, half_up, qparams
 
     for lo, hi in [(-0.3, 1.7), (0.0, 6.0), (-1e-6, 2e-6), (0.0, 0.0)]:
         for fmt in (ActFormat(8, False, False), ActFormat(8, True, True)):

@@ -68,7 +68,7 @@ def calibration(model: str) -> dict:
 
 
 def output_sha(name: str) -> str:
-    from onnxcomq.api import QuantizeConfig, run
+    from onnxcomq.pipeline import QuantizeConfig, run
 
     model, fields = CASES[name]
     out, _ = run(os.path.join(MODELS, model + ".onnx"), calibration(model),

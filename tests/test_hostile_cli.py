@@ -21,11 +21,11 @@ import sys
 import textwrap
 import time
 
+import builders
 import numpy as np
 import onnx
 import pytest
 
-import builders
 from onnxcomq.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -294,11 +294,11 @@ def _boom(exc):
 
 INJECTED = [
     # (id, target, replacement factory, fragment, exit status)
-    ("unexpected exception in the run", "onnxcomq.api.run", lambda: _boom(ValueError("boom\nsecond line")),
+    ("unexpected exception in the run", "onnxcomq.pipeline.run", lambda: _boom(ValueError("boom\nsecond line")),
      "internal error: ValueError: boom; second line (rerun with --debug for the traceback)", 1),
-    ("out of memory in the run", "onnxcomq.api.run",
+    ("out of memory in the run", "onnxcomq.pipeline.run",
      lambda: _boom(MemoryError("Unable to allocate 37.3 GiB for an array")), "out of memory", 1),
-    ("Ctrl-C in the run", "onnxcomq.api.run", lambda: _boom(KeyboardInterrupt()), "interrupted", 130),
+    ("Ctrl-C in the run", "onnxcomq.pipeline.run", lambda: _boom(KeyboardInterrupt()), "interrupted", 130),
     ("disk full while writing the model", "onnx.save",
      lambda: _boom(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))), "No space left on device", 2),
 ]
@@ -361,7 +361,7 @@ def test_hostile_cli_commit_rolls_back(tmp_path, capsys, monkeypatch):
 
 def test_internal_error_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     env = Env(tmp_path)
-    monkeypatch.setattr("onnxcomq.api.run", _boom(ValueError("boom")))
+    monkeypatch.setattr("onnxcomq.pipeline.run", _boom(ValueError("boom")))
     for argv in (["--debug"] + quantize(env), quantize(env, "--debug")):
         with pytest.raises(ValueError, match="boom"):
             main(argv)
@@ -394,7 +394,7 @@ def test_non_calibration_file_in_calibration_folder_is_allowed(tmp_path, capsys)
 
 def test_parser_ops_match_graph():
     from onnxcomq.cli import _parser
-    from onnxcomq.graph import SUPPORTED_OPS
+    from onnxcomq.graph.layers import SUPPORTED_OPS
 
     assert _parser().parse_args(["quantize", "m", "-o", "o", "--calib", "c"]).op_types == ",".join(SUPPORTED_OPS)
 

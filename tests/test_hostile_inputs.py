@@ -7,20 +7,20 @@ per sample, dead and denormal weight rows, a weight also listed as a graph input
 in onnxruntime and stays close to the float model.
 """
 
+import builders
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
-import builders
-from onnxcomq import QuantizeConfig, run
-from onnxcomq.calib import Calibration, model_inputs
-from onnxcomq.cli import main
-from onnxcomq.grid import DEAD_ROW, make_grid
-from onnxcomq.solver import SolverConfig, comq_quantize, rtn_quantize
-from onnxcomq.verify import VerificationError
 from test_hostile_cli import assert_one_line_error, snapshot
+
+from onnxcomq import QuantizeConfig, run
+from onnxcomq.capture.calib import Calibration, model_inputs
+from onnxcomq.cli import main
+from onnxcomq.solve.comq import SolverConfig, comq_quantize, rtn_quantize
+from onnxcomq.solve.grid import DEAD_ROW, make_grid
+from onnxcomq.verify import VerificationError
 
 RNG = np.random.default_rng(0)
 

@@ -11,13 +11,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomq import capture as cap
-from onnxcomq.api import QuantizeConfig, run
-from onnxcomq.blockwise import comq_quantize_block
-from onnxcomq.capture import GramStats, batch_for_budget, im2col, im2col_t, parse_bytes
+from onnxcomq.capture import gram, memory
+from onnxcomq.capture.gram import GramStats
+from onnxcomq.capture.memory import batch_for_budget, parse_bytes
+from onnxcomq.capture.rows import im2col, im2col_t
 from onnxcomq.errors import UserError
-from onnxcomq.graph import XSpec
-from onnxcomq.solver import SolverConfig, comq_quantize, comq_quantize_groups
+from onnxcomq.graph.layers import XSpec
+from onnxcomq.pipeline import QuantizeConfig, run
+from onnxcomq.solve.blockwise import comq_quantize_block
+from onnxcomq.solve.comq import SolverConfig, comq_quantize, comq_quantize_groups
 
 
 def _problem(m=12, n=40, rows=300, seed=0):
@@ -92,8 +94,8 @@ def test_transposed_chunks_and_bands_give_the_same_statistics(shape, kernel, str
     X64 = X.astype(np.float64).transpose(1, 0, 2)
     G = np.matmul(X64.transpose(0, 2, 1), X64)
     for chunk_bytes, chunk_rows in ((1 << 30, 8192), (64, 3), (1, 1)):  # whole, bands of output rows, single rows
-        monkeypatch.setattr(cap, "CHUNK_BYTES", chunk_bytes)
-        monkeypatch.setattr(cap, "CHUNK_ROWS", chunk_rows)
+        monkeypatch.setattr(gram, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(gram, "CHUNK_ROWS", chunk_rows)
         st = GramStats(spec, group)
         st.add(x)
         assert st.rows == X.shape[0]
@@ -145,7 +147,7 @@ def test_small_budget_gives_a_smaller_batch():
     assert roomy.config["batch_size"] == 32
     # a budget just above what the process holds already: room for a few samples of activations only
     per = 2 * 4 * 16 * 16 * 4 + 8 * 16 * 16 * 4  # x (twice: it is also fed) and r, bytes a sample (about)
-    tight = cap.current_rss() + 4 * cap.CHUNK_BYTES + 40 * 8 * 16 * 16 * 4 + int(6 * cap.CAPTURE_OVERHEAD * per)
+    tight = memory.current_rss() + 4 * gram.CHUNK_BYTES + 40 * 8 * 16 * 16 * 4 + int(6 * memory.CAPTURE_OVERHEAD * per)
     _, small = run(model, calib, QuantizeConfig(bits=8, batch_size=32, max_memory=tight))
     assert 1 <= small.config["batch_size"] < 32
     assert small.samples == roomy.samples == 64

@@ -2,6 +2,7 @@
 
 import itertools
 
+import builders
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -10,12 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-import builders
 from onnxcomq import QuantizeConfig, UserError, run
 from onnxcomq.cli import main
-from onnxcomq.emit import with_float_weights
-from onnxcomq.graph import find_layers
-from onnxcomq.precision import allocate, average_bits, fixed_bits, output_sensitivity, parse_layer_bits
+from onnxcomq.graph.layers import find_layers
+from onnxcomq.precision import (
+    allocate,
+    average_bits,
+    fixed_bits,
+    output_sensitivity,
+    parse_layer_bits,
+)
+from onnxcomq.write.qdq import with_float_weights
 
 
 def sess_run(model, feed):

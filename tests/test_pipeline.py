@@ -2,6 +2,7 @@
 
 import os
 
+import builders
 import ml_dtypes
 import numpy as np
 import onnx
@@ -9,13 +10,13 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-import builders
 from onnxcomq import QuantizeConfig, UserError, quantize, run
-from onnxcomq.calib import Calibration, model_inputs
-from onnxcomq.capture import collect_stats, im2col
-from onnxcomq.emit import QuantizedWeight, with_float_weights
-from onnxcomq.graph import find_layers, load_weight
-from onnxcomq.modelio import prepare_model
+from onnxcomq.capture.calib import Calibration, model_inputs
+from onnxcomq.capture.passes import collect_stats
+from onnxcomq.capture.rows import im2col
+from onnxcomq.graph.layers import find_layers, load_weight
+from onnxcomq.graph.modelio import prepare_model
+from onnxcomq.write.qdq import QuantizedWeight, with_float_weights
 
 
 def ort_run(model, feed):
@@ -68,7 +69,7 @@ CONVT_CASES = [
 
 @pytest.mark.parametrize("x_shape,w_shape,attrs", CONVT_CASES)
 def test_convtranspose_equivalent_conv_reproduces_onnxruntime(x_shape, w_shape, attrs):
-    from onnxcomq.capture import convtranspose_as_conv
+    from onnxcomq.capture.rows import convtranspose_as_conv
 
     rng = np.random.default_rng(3)
     w = rng.standard_normal(w_shape).astype(np.float32)
@@ -399,8 +400,8 @@ def test_float16_model_keeps_its_precision(bits):
 def test_external_data_model_in_and_out(tmp_path, monkeypatch):
     """A model whose weights live in an external data file; the large-model paths (sessions, shape inference and
     saving through files with external data) are exercised by lowering the size threshold."""
-    from onnxcomq import modelio
-    from onnxcomq.modelio import load_model, save_model
+    from onnxcomq.graph import modelio
+    from onnxcomq.graph.modelio import load_model, save_model
 
     m = builders.mlp_model([64, 48, 32], seq=4)
     src = tmp_path / "src"
@@ -502,7 +503,7 @@ def test_padded_tokens_stay_out_of_the_statistics(mask_input):
     mask[0, 1:] = 0
     x[mask == 0] = 50.0  # padding with garbage activations: must not enter G
     (layer,), _ = find_layers(m)
-    from onnxcomq.api import resolve_mask_input
+    from onnxcomq.pipeline import resolve_mask_input
 
     name = resolve_mask_input(m, mask_input)
     stats, _ = collect_stats(m, {layer.x: 1}, Calibration({"input": x, "attention_mask": mask}, model_inputs(m),

@@ -8,9 +8,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomq import QuantizeConfig, run
-from onnxcomq.capture import capture_model, collect_stats
+from onnxcomq.capture.passes import collect_stats
+from onnxcomq.capture.session import capture_model
 from onnxcomq.errors import UserError
-from onnxcomq.graph import find_layers, with_rnn_outputs
+from onnxcomq.graph.layers import find_layers, with_rnn_outputs
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 S, I, H = 6, 5, 7  # steps, input features, hidden size
@@ -303,7 +304,7 @@ def test_constant_initial_h():
 
 def test_tensor_granularity_on_a_bidirectional_lstm_is_refused_before_capture(monkeypatch):
     """Each direction gets its own scale: per-tensor is a one-line error, raised before any calibration pass."""
-    import onnxcomq.api as api
+    import onnxcomq.pipeline as api
 
     def no_capture(*a, **k):
         raise AssertionError("capture ran before the error")

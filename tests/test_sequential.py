@@ -4,22 +4,32 @@ The cross solver is checked against a float64 step loop that works on X and X~ t
 scratch at every step), the streamed statistics against X and X~ built from onnxruntime outputs of both models.
 """
 
+import builders
 import numpy as np
 import onnxruntime as ort
 import pytest
-from hypothesis import given, settings, strategies as st
+import reference as ref
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-import builders
-import reference as ref
 from onnxcomq import QuantizeConfig, run
-from onnxcomq.capture import capture_model, im2col
+from onnxcomq.capture.gram import LayerStats
+from onnxcomq.capture.passes import capture, plan_stages, stage_entries, stage_model
+from onnxcomq.capture.rows import im2col
+from onnxcomq.capture.session import capture_model
 from onnxcomq.cli import main as cli_main
 from onnxcomq.errors import UserError
-from onnxcomq.graph import find_layers
-from onnxcomq.grid import make_grid
-from onnxcomq.sequential import LayerStats, capture, plan_stages, quantized_twin, stage_entries, stage_model
-from onnxcomq.solver import (SolverConfig, comq_quantize, comq_quantize_groups, cross_objective, rtn_quantize)
+from onnxcomq.graph.layers import find_layers
+from onnxcomq.solve.comq import (
+    SolverConfig,
+    comq_quantize,
+    comq_quantize_groups,
+    cross_objective,
+    rtn_quantize,
+)
+from onnxcomq.solve.grid import make_grid
+from onnxcomq.write.qdq import quantized_twin
 
 
 def cross_problem(m, n, seed, N=None, drift=0.3):
@@ -143,7 +153,7 @@ def test_cross_groups_equal_one_by_one():
 def test_free_bias_with_cross_statistics():
     """b' = b + mu W^T - mu~ Q^T is the best bias, and the error with it is the cross objective on the centered
     statistics that LayerStats streams."""
-    from onnxcomq.graph import XSpec
+    from onnxcomq.graph.layers import XSpec
     W, X, Xt = cross_problem(4, 7, seed=5, N=40)
     Q = np.round(W * 3) / 3
     b = np.random.default_rng(0).standard_normal(4)
@@ -197,11 +207,11 @@ def test_streamed_cross_statistics_equal_direct(folds):
     model = two_conv_model()
     layers, _ = find_layers(model)
     # a "quantized" twin: the first conv's weight rounded coarsely, its bias moved
-    from onnxcomq.emit import QuantizedWeight
+    from onnxcomq.write.qdq import QuantizedWeight
     w1 = numpy_helper.to_array(model.graph.initializer[0])
     codes = np.clip(np.round(w1 / 0.1) + 8, 0, 15).astype(np.int32)
     qw = QuantizedWeight("W1", codes, np.full(6, 0.1, np.float32), np.full(6, 8, np.int32), 0, 4, False)
-    from onnxcomq.bias import apply as apply_bias
+    from onnxcomq.write.bias import apply as apply_bias
     twin = quantized_twin(model, [qw], apply_bias, {"conv1": np.linspace(-0.2, 0.2, 6)})
     x = np.random.default_rng(0).standard_normal((5, 3, 9, 9)).astype(np.float32)
     batches = [{"input": x[:3]}, {"input": x[3:]}]
@@ -392,7 +402,7 @@ def test_scaled_damping_solves_the_damped_problem():
 @settings(max_examples=50, deadline=None)
 @given(rows=st.integers(1, 10 ** 7), fan_in=st.integers(1, 5000), scale=st.floats(0, 20), cap=st.floats(0, 50))
 def test_scaled_damping_rule_properties(rows, fan_in, scale, cap):
-    from onnxcomq.api import scaled_damping
+    from onnxcomq.pipeline import scaled_damping
     a = scaled_damping(rows, fan_in, scale, cap)
     assert 0 <= a <= cap and a <= scale * np.sqrt(fan_in / rows) * (1 + 1e-12)
     assert scaled_damping(rows * 4, fan_in, scale, cap) <= a  # more rows per input: less damping
@@ -495,7 +505,7 @@ def test_correction_strength_scales_the_weight_correction_only():
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 def test_mixed_target_statistics_equal_those_of_the_mixed_input(beta):
     """_mix: the statistics of the target X_b = b X + (1 - b) X~, formed directly in float64."""
-    from onnxcomq.api import _mix
+    from onnxcomq.pipeline import _mix
 
     _, X, Xt = cross_problem(2, 7, seed=5)
     Xb = beta * X + (1 - beta) * Xt

@@ -5,12 +5,13 @@ Every case runs on NumPy; the same cases run on CuPy when a CUDA device is prese
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
 import reference as ref
-from onnxcomq.backend import gpu_available, to_numpy
-from onnxcomq.grid import make_grid
-from onnxcomq.solver import SolverConfig, comq_quantize, objective, rtn_quantize
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnxcomq.solve.backend import gpu_available, to_numpy
+from onnxcomq.solve.comq import SolverConfig, comq_quantize, objective, rtn_quantize
+from onnxcomq.solve.grid import make_grid
 
 BACKENDS = ["numpy", pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not gpu_available(), reason="no CUDA device: GPU tests skipped")])]
@@ -279,7 +280,7 @@ def test_memory_layout_does_not_matter(xp, order):
 
 @pytest.mark.parametrize("granularity", ["channel", "tensor"])
 def test_lambda_search_picks_the_best_candidate_and_helps(xp, granularity):
-    from onnxcomq.grid import search_lambda
+    from onnxcomq.solve.grid import search_lambda
 
     W, G = problem(10, 24, seed=4, kind="correlated")
     cfg = SolverConfig(bits=3, granularity=granularity, dtype="float64")
@@ -297,7 +298,7 @@ def test_lambda_search_picks_the_best_candidate_and_helps(xp, granularity):
 @pytest.mark.parametrize("scale_update,sweeps", [(False, 1), (True, 3)])
 @pytest.mark.parametrize("m,n", [(1, 9), (2, 25), (3, 4)])
 def test_batched_groups_equal_one_by_one(xp, scale_update, sweeps, m, n):
-    from onnxcomq.solver import comq_quantize_groups, rtn_quantize_groups
+    from onnxcomq.solve.comq import comq_quantize_groups, rtn_quantize_groups
 
     probs = [problem(m, n, seed=s, kind="correlated", N=3 * n) for s in range(7)]
     W3 = np.stack([p[0] for p in probs])

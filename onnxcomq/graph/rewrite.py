@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import node_names, unique_name
+from .layers import node_names, unique_name
 
 
 def parse(equation: str, n_inputs: int = 2):

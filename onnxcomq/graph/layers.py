@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import UserError
+from ..errors import UserError
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 SUPPORTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul") + RECURRENT_OPS

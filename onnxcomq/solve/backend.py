@@ -33,7 +33,7 @@ def get_xp(device: str = "auto"):
         return np
     if device == "gpu":
         if not gpu_available():
-            from .errors import UserError
+            from ..errors import UserError
 
             raise UserError("--device gpu was asked for, but CuPy with a CUDA device is not available "
                                "(install onnxcomq[gpu] on a machine with an NVIDIA GPU, or use --device cpu)")

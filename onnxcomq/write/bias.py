@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import node_names, unique_name
+from ..graph.layers import node_names, unique_name
 
 
 def _attr(node, name, default):

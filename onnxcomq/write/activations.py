@@ -29,10 +29,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .activations import METHODS, ActFormat, half_up, make_observer, qparams
-from .emit import opset_of, upgrade_opset
-from .errors import UserError
-from .graph import node_names, unique_name
+from ..capture.observers import METHODS, ActFormat, half_up, make_observer, qparams
+from ..errors import UserError
+from ..graph.layers import node_names, unique_name
+from .qdq import opset_of, upgrade_opset
 
 log = logging.getLogger(__name__)
 TARGETS = ("ort", "tensorrt")

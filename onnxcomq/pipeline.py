@@ -15,28 +15,66 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .backend import get_xp
-from .bias import apply as apply_bias
-from .bias import bias_target
-from .calib import Calibration, batch_samples, model_inputs
-from .blockwise import block_layout, comq_quantize_block, rtn_quantize_block
-from .emit import QuantizedWeight, emit_qdq, opset_change, set_metadata, validate_max_opset
-from .capture import (CAPTURE_OVERHEAD, batch_for_budget, current_rss, default_max_memory, measured_sample_bytes,
-                      parse_bytes, sample_bytes, spec_tensors, stats_bytes)
+from .capture.calib import Calibration, batch_samples, model_inputs
+from .capture.memory import (
+    CAPTURE_OVERHEAD,
+    batch_for_budget,
+    current_rss,
+    default_max_memory,
+    measured_sample_bytes,
+    parse_bytes,
+    sample_bytes,
+    stats_bytes,
+)
+from .capture.passes import capture, plan_stages, reiterable, stage_entries
+from .capture.rows import spec_tensors
 from .errors import UserError
+from .graph.layers import (
+    RECURRENT_OPS,
+    SUPPORTED_OPS,
+    find_layers,
+    load_weight,
+    node_names,
+    with_rnn_outputs,
+)
+from .graph.modelio import model_bytes, prepare_model
+from .graph.rewrite import rewrite_to_matmul
+from .precision import (
+    allocate,
+    average_bits,
+    conv_taps,
+    first_feeds,
+    output_sensitivity,
+    plan_layers,
+    validate_precision,
+)
+from .solve.backend import get_xp
+from .solve.blockwise import block_layout, comq_quantize_block, rtn_quantize_block
+from .solve.comq import (
+    SolverConfig,
+    comq_quantize,
+    comq_quantize_groups,
+    cross_objective,
+    objective,
+    rtn_quantize,
+    rtn_quantize_groups,
+    safe_dtype,
+)
 from .verify import VerificationError, problems, verify
 from .verify import to_dicts as verify_dicts
 from .verify import warnings as verify_warnings
-from .graph import RECURRENT_OPS, SUPPORTED_OPS, find_layers, load_weight, node_names, with_rnn_outputs
-from .modelio import model_bytes, prepare_model
-from .nbits import emit_matmulnbits
-from .precision import (allocate, average_bits, conv_taps, first_feeds, output_sensitivity, plan_layers,
-                        validate_precision)
-from .rewrite import rewrite_to_matmul
-from .sequential import capture, plan_stages, quantized_twin, reiterable, stage_entries
-from .placement import ActivationQuantizer, validate_activations
-from .solver import (SolverConfig, comq_quantize, comq_quantize_groups, cross_objective, objective, rtn_quantize,
-                     rtn_quantize_groups, safe_dtype)
+from .write.activations import ActivationQuantizer, validate_activations
+from .write.bias import apply as apply_bias
+from .write.bias import bias_target
+from .write.matmulnbits import emit_matmulnbits
+from .write.qdq import (
+    QuantizedWeight,
+    emit_qdq,
+    opset_change,
+    quantized_twin,
+    set_metadata,
+    validate_max_opset,
+)
 
 log = logging.getLogger("onnxcomq")
 AUTO_DAMPING_FALLBACK = 0.1  # damping "auto" for a layer that turned out short of rows but kept no folds

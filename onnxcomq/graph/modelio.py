@@ -10,8 +10,8 @@ import tempfile
 
 import onnx
 
-from .errors import UserError
-from .graph import RECURRENT_OPS, SUPPORTED_OPS
+from ..errors import UserError
+from .layers import RECURRENT_OPS, SUPPORTED_OPS
 
 log = logging.getLogger(__name__)
 

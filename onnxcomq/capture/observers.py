@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 METHODS = ("minmax", "percentile", "mse")
 MAX_BINS = 2048  # histogram bins before the width doubles

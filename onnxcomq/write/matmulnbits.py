@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .emit import QuantizedWeight, drop_weight
-from .errors import UserError
-from .graph import unique_name
+from ..errors import UserError
+from ..graph.layers import unique_name
+from .qdq import QuantizedWeight, drop_weight
 
 DOMAIN = "com.microsoft"
 

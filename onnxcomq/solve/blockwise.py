@@ -23,8 +23,15 @@ import numpy as np
 
 from .backend import array_module as _xp
 from .backend import to_numpy
+from .comq import (
+    QuantResult,
+    SolverConfig,
+    _objective_from_R,
+    _prepare,
+    _step_block,
+    objective,
+)
 from .grid import Grid, make_grid, search_lambda
-from .solver import QuantResult, SolverConfig, _objective_from_R, _prepare, _step_block, objective
 
 LAZY_MAX = 256  # at most this many steps per lazy block (a quantization block larger than this is cut further)
 

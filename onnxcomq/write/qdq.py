@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
 
-from . import __version__
-from .errors import UserError
-from .graph import unique_name
+from .. import __version__
+from ..errors import UserError
+from ..graph.layers import unique_name
 
 
 @dataclass
@@ -272,3 +272,29 @@ def with_float_weights(model: onnx.ModelProto, weights: dict) -> onnx.ModelProto
         if t.name in weights:
             t.CopyFrom(numpy_helper.from_array(np.asarray(weights[t.name], np.float32), t.name))
     return out
+
+
+def dequantized(qw) -> np.ndarray:
+    """The weight a QuantizedWeight's DequantizeLinear produces, in the stored layout and float type."""
+    shape = [1] * qw.codes.ndim
+    if np.ndim(qw.scale):
+        shape[qw.axis] = -1
+    dt = np.float16 if qw.float16 else np.float32
+    if qw.directions:  # (a bidirectional recurrent weight: scale [2, rows])
+        return ((qw.codes.astype(np.int32) - qw.expand(np.asarray(qw.zero_point, np.int32)))
+                * qw.expand(np.asarray(qw.scale, dt))).astype(dt)
+    scale = np.asarray(qw.scale, dt).reshape(shape)
+    return ((qw.codes.astype(np.int32) - np.asarray(qw.zero_point, np.int32).reshape(shape)) * scale).astype(dt)
+
+
+def quantized_twin(model: onnx.ModelProto, qweights: list, apply_bias, deltas: dict) -> onnx.ModelProto:
+    """A float copy of ``model`` carrying the dequantized weights (and the re-fitted biases) of ``qweights``."""
+    m = apply_bias(model, deltas) if deltas else onnx.ModelProto()
+    if not deltas:
+        m.CopyFrom(model)
+    by_name = {qw.name: qw for qw in qweights}
+    for t in m.graph.initializer:
+        qw = by_name.get(t.name)
+        if qw is not None:
+            t.CopyFrom(numpy_helper.from_array(dequantized(qw), t.name))
+    return m

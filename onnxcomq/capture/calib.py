@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

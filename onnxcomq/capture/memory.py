@@ -1,0 +1,114 @@
+"""The memory budget of capture: bytes per calibration sample and the largest batch that fits.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+
+from ..errors import UserError
+from ..graph.modelio import skeleton
+from .gram import CHUNK_BYTES
+from .session import capture_model, make_session, run_session
+
+CAPTURE_OVERHEAD = 2.5  # capture's memory per byte of captured tensors (the outputs, onnxruntime's own activations)
+
+
+DEFAULT_MEMORY_FRACTION = 0.25  # --max-memory default: this share of the machine's RAM
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text, what: str = "max memory") -> int:
+    """'4G', '512M', '1.5g', '800k', '4GB', '4GiB' or a byte count -> bytes; anything else is a UserError."""
+    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
+        value = int(text)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))
+        if m is None:
+            raise UserError(f"{what} must be a size such as 4G, 512M or a number of bytes, got {text!r}")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value < (1 << 20):
+        raise UserError(f"{what} must be at least 1M, got {text!r}")
+    return value
+
+
+def default_max_memory() -> int:
+    """The default budget: ``DEFAULT_MEMORY_FRACTION`` of the machine's physical RAM (8 GiB if unknown)."""
+    import os
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 32 << 30
+    return int(total * DEFAULT_MEMORY_FRACTION)
+
+
+def current_rss() -> int:
+    """This process's resident memory now, in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def sample_bytes(model: onnx.ModelProto, tensors: list, feed: dict) -> int | None:
+    """Bytes of ``tensors`` (the captured layer inputs) for the one-sample ``feed``, from ONNX shape inference
+    with the graph inputs set to the feed's shapes; None when a shape stays unknown."""
+    m = skeleton(model)  # (a copy without the bytes of the large tensors: inference needs only their dims)
+    for i in m.graph.input:
+        if i.name in feed:
+            dims = i.type.tensor_type.shape.dim
+            shape = np.shape(feed[i.name])
+            if len(dims) == len(shape):
+                for d, v in zip(dims, shape):
+                    d.Clear()
+                    d.dim_value = int(v)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # best effort: the caller falls back to a measured run
+        return None
+    known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
+             + list(inferred.graph.input)}
+    total = 0
+    for t in tensors:
+        vi = known.get(t)
+        if vi is None or not vi.type.tensor_type.HasField("shape"):
+            return None
+        dims = vi.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
+            return None
+        size = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).itemsize \
+            if vi.type.tensor_type.elem_type else 4
+        total += size * int(np.prod([d.dim_value for d in dims]))
+    return total
+
+
+def measured_sample_bytes(model: onnx.ModelProto, tensors: list, feed: dict) -> int:
+    """Bytes of ``tensors`` for the one-sample ``feed``, from one onnxruntime run of the capture model."""
+    inputs = {i.name for i in model.graph.input}
+    fetch = [t for t in tensors if t not in inputs]
+    total = sum(np.asarray(feed[t]).nbytes for t in tensors if t in inputs and t in feed)
+    if fetch:
+        sess = make_session(capture_model(model, fetch), mem_pattern=False)
+        total += sum(np.asarray(v).nbytes for v in run_session(sess, fetch, feed))
+    return total
+
+
+def stats_bytes(specs: dict, cross: bool = False) -> int:
+    """Memory of the streamed statistics: G (and H, G~ with cross statistics) per group, float64."""
+    return sum(8 * g * spec.fan_in * spec.fan_in * (3 if cross else 1) for spec, g in specs.items())
+
+
+def batch_for_budget(per_sample: int, budget: int, fixed: int, requested: int) -> int:
+    """The largest batch <= ``requested`` whose capture (``CAPTURE_OVERHEAD`` x ``per_sample`` bytes a sample,
+    plus the chunk buffers) fits ``budget`` beside ``fixed`` bytes (the process so far and the statistics); at
+    least 1."""
+    room = budget - fixed - 4 * CHUNK_BYTES
+    per = max(CAPTURE_OVERHEAD * per_sample, 1)
+    return int(max(1, min(requested, room // per)))

@@ -1,0 +1,88 @@
+"""onnxruntime sessions: a model with extra outputs, sessions with one-line errors.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ..errors import UserError
+from ..graph.modelio import is_large, model_path, skeleton
+
+
+def capture_model(model: onnx.ModelProto, tensors: list[str], copy: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` (``model`` itself if not ``copy``) whose graph also outputs ``tensors`` (those that are
+    not graph inputs or outputs)."""
+    m = model
+    if copy:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+    have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
+    types = {}
+    try:
+        # a large model: infer on a skeleton without the big tensors' bytes (inference needs only their dims)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model) if is_large(model) else model, data_prop=True)
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    except Exception:  # shape inference is best effort: ORT fills in the rest
+        pass
+    for t in tensors:
+        if t in have:
+            continue
+        m.graph.output.append(onnx.helper.make_tensor_value_info(t, types.get(t, onnx.TensorProto.FLOAT), None))
+        have.add(t)
+    return m
+
+
+def ort_message(e: Exception) -> str:
+    """onnxruntime's error as one line, without its status-code preamble."""
+    text = " ".join(str(e).split()).split("[ONNXRuntimeError] : ", 1)[-1]
+    text = re.sub(r"^\d+ : [A-Z_]+ : ", "", text)
+    return re.sub(r"^/\S+:\d+ .*?\) (?=[A-Z])", "", text)[:600]  # (the C++ source location and function)
+
+
+def make_session(model: onnx.ModelProto, providers=None, what: str = "the model",
+                 mem_pattern: bool = True) -> ort.InferenceSession:
+    """An onnxruntime CPU session (MatMulNBits exact); a model onnxruntime refuses is a one-line UserError.
+
+    ``mem_pattern=False`` (capture): no memory pattern. With one, the second run of a shape allocates one block
+    for the whole planned pattern beside the arena chunks of the first run, which the capture model's many
+    outputs make large: peak RSS then grew from one calibration batch to two by the size of a batch's activations
+    (EfficientNet-Lite0, batch 32: +0.9 GB), at no measurable speed gain."""
+    so = ort.SessionOptions()
+    so.enable_mem_pattern = mem_pattern
+    so.log_severity_level = 4  # (failures become one-line errors: onnxruntime need not print them too)
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    providers = providers or ["CPUExecutionProvider"]
+    try:
+        if is_large(model):  # too big for one protobuf message: load from a file with external data
+            with model_path(model) as path:
+                return ort.InferenceSession(path, so, providers=providers)
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # onnxruntime's Fail / InvalidGraph / InvalidArgument / NotImplemented ...
+        raise UserError(f"onnxruntime cannot load {what}: {ort_message(e)}") from None
+
+
+def run_session(sess: ort.InferenceSession, fetch: list | None, feed: dict, first_sample: int = 0,
+                what: str = "") -> list:
+    """``sess.run(fetch, feed)``; an onnxruntime failure is a one-line UserError naming the batch (or saying
+    ``what``) and, where onnxruntime names it, the node (token ids out of an embedding's range are said so)."""
+    try:
+        return sess.run(fetch, feed)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        msg = ort_message(e)
+        hint = ""
+        if "out of data bounds" in msg or "out of bounds" in msg:
+            ints = [f"{k} (values {int(v.min())}..{int(v.max())})" for k, v in feed.items()
+                    if np.size(v) and np.issubdtype(np.asarray(v).dtype, np.integer)]
+            hint = ("; an index (token id) is out of range for a Gather: check the calibration input" +
+                    (f" {', '.join(ints)}" if ints else "") + " against the model's vocabulary / table size")
+        what = what or f"onnxruntime failed on the calibration batch starting at sample {first_sample}"
+        raise UserError(f"{what}: {msg}{hint}") from None
