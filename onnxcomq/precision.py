@@ -1,4 +1,4 @@
-"""Per-layer weight precision: manual overrides (``--keep-8bit``, ``--layer-bits``) and mixed precision by measured
+"""Per-layer weight precision: manual overrides (``layers.keep_8bit``, ``layers.layer_bits``) and mixed precision by measured
 sensitivity under an average-bits budget (``--avg-bits``).
 
 Allocation (``allocate``): every free layer starts at the base bits; an upgrade of layer L from b to b' costs
@@ -17,14 +17,19 @@ best-ratio upgrade among the candidate bits) while the budget allows. Two distor
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from .capture.calib import batch_samples
 from .errors import UserError
-from .graph.layers import RECURRENT_OPS
+from .graph.layers import RECURRENT_OPS, load_weight
+from .solve.comq import objective
+from .solve.layer import relative_error, solve_groups
 
 NBITS_BITS = (2, 4, 8)  # bits com.microsoft MatMulNBits accepts
 
@@ -36,11 +41,11 @@ def parse_layer_bits(items) -> tuple:
         if isinstance(it, str):
             pat, sep, b = it.rpartition("=")
             if not sep or not pat or not re.fullmatch(r"\s*\d+\s*", b):
-                raise UserError(f"--layer-bits {it!r}: expected PATTERN=BITS, e.g. '*classifier*=8'")
+                raise UserError(f"layers.layer_bits {it!r}: expected PATTERN=BITS, e.g. '*classifier*=8'")
             it = (pat, int(b))
         pat, b = it
         if not isinstance(b, (int, np.integer)) or not 2 <= int(b) <= 8:
-            raise UserError(f"--layer-bits {pat}={b}: bits must be an integer in 2..8")
+            raise UserError(f"layers.layer_bits {pat}={b}: bits must be an integer in 2..8")
         out.append((str(pat), int(b)))
     return tuple(out)
 
@@ -63,7 +68,7 @@ def fixed_bits(layers, base: int, keep_8bit=(), layer_bits=()) -> dict:
     layer is an error."""
     out = {}
     n = len(layers)
-    rules = [(p, 8, "--keep-8bit") for p in keep_8bit] + [(p, b, "--layer-bits") for p, b in layer_bits]
+    rules = [(p, 8, "layers.keep_8bit") for p in keep_8bit] + [(p, b, "layers.layer_bits") for p, b in layer_bits]
     for pat, bits, flag in rules:
         hit = [L for i, L in enumerate(layers) if _match(pat, L, i, n)]
         if not hit:
@@ -154,43 +159,71 @@ def first_feeds(calib, samples: int) -> list:
 __all__ = ["parse_layer_bits", "fixed_bits", "allocate", "average_bits", "output_sensitivity", "NBITS_BITS"]
 
 
-def validate_precision(cfg) -> None:
-    """UserErrors for impossible combinations of the precision and format options of a QuantizeConfig."""
-    if not isinstance(cfg.block_size, (int, np.integer)) or cfg.block_size < 1:
-        raise UserError(f"--block-size must be a positive integer, got {cfg.block_size!r}")
-    if cfg.granularity == "block" and cfg.official:
-        raise UserError("--official uses per-channel grids: it cannot be combined with --granularity block")
-    if cfg.weight_format not in ("qdq", "matmulnbits"):
-        raise UserError(f"weight format must be qdq or matmulnbits, got {cfg.weight_format!r}")
-    if cfg.weight_format == "matmulnbits":
-        if cfg.granularity != "block":
-            raise UserError(f"--format matmulnbits needs --granularity block (MatMulNBits has one scale per block "
-                            f"of K), got --granularity {cfg.granularity}")
-        b = cfg.block_size
-        if b < 16 or b & (b - 1):
-            raise UserError(f"--format matmulnbits needs --block-size a power of two >= 16 (onnxruntime's "
-                            f"MatMulNBits), got {b}")
-        if cfg.bits not in NBITS_BITS:
-            raise UserError(f"--format matmulnbits supports {'/'.join(map(str, NBITS_BITS))} bits, got --bits "
-                            f"{cfg.bits}")
-    parse_layer_bits(cfg.layer_bits)
-    if cfg.avg_bits is not None:
-        if not (isinstance(cfg.avg_bits, (int, float)) and np.isfinite(cfg.avg_bits)
-                and cfg.bits <= cfg.avg_bits <= 8):
-            raise UserError(f"--avg-bits must be between --bits ({cfg.bits}) and 8, got {cfg.avg_bits!r}")
-        cand = tuple(cfg.mp_bits)
-        if not cand or any(not isinstance(b, (int, np.integer)) or not cfg.bits < b <= 8 for b in cand):
-            raise UserError(f"--mp-bits must be bit widths above --bits ({cfg.bits}) and <= 8, got "
-                            f"{','.join(map(str, cand)) or 'nothing'}")
-        if cfg.weight_format == "matmulnbits" and any(b not in NBITS_BITS for b in cand):
-            raise UserError(f"--format matmulnbits supports {'/'.join(map(str, NBITS_BITS))} bits: --mp-bits "
-                            f"{','.join(map(str, cand))} is not possible")
-    if cfg.mp_sensitivity not in ("output", "layer"):
-        raise UserError(f"--mp-sensitivity must be output or layer, got {cfg.mp_sensitivity!r}")
-    if cfg.mp_estimate not in ("solve", "scaling"):
-        raise UserError(f"--mp-estimate must be solve or scaling, got {cfg.mp_estimate!r}")
-    if not isinstance(cfg.mp_samples, (int, np.integer)) or cfg.mp_samples < 1:
-        raise UserError(f"--mp-samples must be a positive integer, got {cfg.mp_samples!r}")
+def layer_grams(layer, stats) -> list:
+    """The layer's Gram per group (summed over the consumers of a shared weight)."""
+    return [sum(stats[spec].stats(k)[0] for _, spec in layer.consumers) for k in range(layer.groups)]
+
+
+def mixed_precision(model, layers, stats, calib, recipe, plan: dict, xp, make_bar) -> dict:
+    """Choose the bits of the layers no pattern pinned (``plan`` is updated) under the recipe's
+    ``mixed_precision.avg_bits``; ``make_bar(total, desc, unit)`` makes a progress bar (or None). Returns
+    what the report shows. The layer errors come from the captured G (plain, uncentered: the perturbed model of the
+    output sensitivity has no bias re-fit either), the same solver as the final solve (COMQ or RTN)."""
+    mp = recipe.mixed_precision
+    t0 = time.perf_counter()
+    pinned = {L.weight for L in layers if plan[L.weight].pinned}
+    free = [L for L in layers if L.weight not in pinned]
+    params = {L.weight: int(np.prod(L.weight_shape)) for L in layers}
+    cands = sorted({recipe.weights.bits, *mp.candidates})
+    relerr, base_w = {}, {}
+    n_solve = len(cands) if mp.estimate == "solve" else 1
+    bar = make_bar(total=len(free) * n_solve, desc="bits", unit="solve")
+    for L in free:
+        mats = L.to_matrices(load_weight(model, L.weight))
+        grams = layer_grams(L, stats)
+        dt = np.float64 if recipe.solver.dtype == "float64" else np.float32
+        den = sum(objective(Wk.astype(dt), np.zeros_like(Wk, dt), Gk.astype(dt)) for Wk, Gk in zip(mats, grams))
+        relerr[L.weight] = {}
+        for b in cands if mp.estimate == "solve" else [recipe.weights.bits]:
+            rtns, comqs = solve_groups(xp, mats, grams, grams,
+                                        recipe.solver_config(b, plan[L.weight].granularity, taps=conv_taps(L)), dt,
+                                        recipe.weights.method == "comq")
+            res = comqs if comqs is not None else rtns
+            relerr[L.weight][b] = relative_error(sum(r.objective for r in res), den)
+            if b == recipe.weights.bits:
+                base_w[L.weight] = L.from_matrices([r.qweight for r in res]).astype(
+                    np.float16 if L.float16 else np.float32)
+            if bar is not None:
+                bar.update(1)
+        for b in cands:  # "scaling": the quantization noise model, error x 4 per bit fewer
+            relerr[L.weight].setdefault(b, relerr[L.weight][recipe.weights.bits] * 4.0 ** (recipe.weights.bits - b))
+    if bar is not None:
+        bar.close()
+    sens = {w: 1.0 for w in relerr}
+    if mp.sensitivity == "output" and free:
+        bar = make_bar(total=len(free), desc="sensitivity", unit="layer")
+        out_err = output_sensitivity(model, first_feeds(calib, mp.samples), base_w, bar)
+        if bar is not None:
+            bar.close()
+        sens = {w: out_err[w] / relerr[w][recipe.weights.bits] if relerr[w][recipe.weights.bits] > 0 else 0.0 for w in relerr}
+    dist = {w: {b: sens[w] * e for b, e in relerr[w].items()} for w in relerr}
+    bits = allocate(params, dist, recipe.weights.bits, mp.avg_bits, {w: plan[w].bits for w in pinned})
+    if average_bits(bits, params) > mp.avg_bits + 1e-9:
+        logging.getLogger("onnxcomq").warning(
+            f"mixed_precision.avg_bits {mp.avg_bits}: the layers pinned by layers.keep_8bit/layer_bits alone average "
+            f"{average_bits(bits, params):.2f} bits; no layer was raised")
+    for L in free:
+        if bits[L.weight] != recipe.weights.bits:
+            plan[L.weight].bits = bits[L.weight]
+            note = f"mixed precision: {bits[L.weight]} bits"
+            plan[L.weight].note = "; ".join(x for x in (plan[L.weight].note, note) if x)
+    return {"budget": mp.avg_bits, "achieved": average_bits(bits, params), "candidates": cands,
+            "sensitivity": mp.sensitivity, "estimate": mp.estimate,
+            "seconds": time.perf_counter() - t0,
+            # (a recurrent node has two layers, W and R: named with their weight)
+            "layers": {(f"{L.node} [{L.weight}]" if L.op_type in RECURRENT_OPS else L.node): {
+                "bits": bits[L.weight], "params": params[L.weight], "sensitivity": sens[L.weight],
+                "relerr": {str(b): e for b, e in relerr[L.weight].items()}} for L in free}}
 
 
 def conv_taps(layer) -> int:
@@ -212,37 +245,49 @@ def block_unsupported(layer, block: int) -> str:
     return ""
 
 
-def plan_layers(layers, cfg) -> dict:
-    """{weight: [bits, granularity, format, note, pinned]} before mixed precision: pinned bits, the Conv fallback of
-    block granularity, and MatMulNBits only for MatMul weights (the other layers stay DequantizeLinear)."""
-    fixed = fixed_bits(layers, cfg.bits, cfg.keep_8bit, parse_layer_bits(cfg.layer_bits))
+@dataclass
+class LayerPlan:
+    """One layer's precision and format, decided before calibration (mixed precision may raise ``bits``)."""
+
+    bits: int
+    granularity: str  # channel | tensor | block (a layer block granularity cannot take falls back to channel)
+    format: str  # qdq | matmulnbits
+    note: str  # why this layer differs from the run's settings (the report's note)
+    pinned: bool  # bits set by keep_8bit / layer_bits (mixed precision leaves it alone)
+
+
+def plan_layers(layers, weights, choice) -> dict:
+    """{weight: LayerPlan} before mixed precision, from the recipe's ``weights`` and ``layers`` sections (``choice``):
+    pinned bits, the Conv fallback of block granularity, and MatMulNBits only for MatMul weights (the other layers
+    stay DequantizeLinear)."""
+    fixed = fixed_bits(layers, weights.bits, choice.keep_8bit, parse_layer_bits(choice.layer_bits))
     plan = {}
     for L in layers:
-        bits, why = fixed.get(L.weight, (cfg.bits, ""))
-        gran, fmt, notes = cfg.granularity, "qdq", [why] if why else []
+        bits, why = fixed.get(L.weight, (weights.bits, ""))
+        gran, fmt, notes = weights.granularity, "qdq", [why] if why else []
         if gran == "tensor" and L.op_type in RECURRENT_OPS and L.groups > 1:  # (before any capture)
             raise UserError(f"{L.node}: per-tensor granularity is not supported for a bidirectional {L.op_type} "
                             "(each direction gets its own scale); use --granularity channel")
         if gran == "block":
-            why_not = block_unsupported(L, cfg.block_size)
+            why_not = block_unsupported(L, weights.block_size)
             if why_not:
                 gran = "channel"
                 notes.append(f"{why_not}: per-channel")
-        if cfg.weight_format == "matmulnbits" and L.op_type == "MatMul":  # shared weights: all consumers MatMul
+        if weights.format == "matmulnbits" and L.op_type == "MatMul":  # shared weights: all consumers MatMul
             fmt = "matmulnbits"
             if bits not in NBITS_BITS:
                 raise UserError(f"{L.node}: {bits} bits cannot be stored as MatMulNBits (supports "
-                                f"{'/'.join(map(str, NBITS_BITS))} bits); change --layer-bits or --format")
-        plan[L.weight] = [bits, gran, fmt, "; ".join(notes), L.weight in fixed]
+                                f"{'/'.join(map(str, NBITS_BITS))} bits); change layers.layer_bits or --format")
+        plan[L.weight] = LayerPlan(bits, gran, fmt, "; ".join(notes), L.weight in fixed)
     # A block wider than a layer's fan-in is padded to the block width (scale system (m, block), sub-Grams
     # block x block): harmless where another layer is at least that wide (the cost is bounded by the widest
     # layer's), but a block wider than every fan-in is a mistake that only costs memory (100000 on a 40-wide
     # layer: 37 GiB) for what is per-channel quantization: refused, naming the widest layer.
-    blocked = [L for L in layers if plan[L.weight][1] == "block"]
+    blocked = [L for L in layers if plan[L.weight].granularity == "block"]
     if blocked:
         widest = max(blocked, key=lambda L: L.x.fan_in)
-        if cfg.block_size > widest.x.fan_in > 0:
-            raise UserError(f"--block-size {cfg.block_size} is wider than every block-wise layer's fan-in (the "
+        if weights.block_size > widest.x.fan_in > 0:
+            raise UserError(f"--block-size {weights.block_size} is wider than every block-wise layer's fan-in (the "
                             f"widest, {widest.node}, has fan-in {widest.x.fan_in}); use at most "
                             f"{widest.x.fan_in}, or --granularity channel")
     return plan

@@ -158,3 +158,66 @@ def assert_cli_one_line_error(tmp_path, capsys, args, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("onnxcomq: error:") and needle in err[0], err
     assert not out.exists()
+
+
+# The flat option names of the tests (0.1.0's QuantizeConfig fields) -> (section, field): the package's own table
+from onnxcomq.config import MOVED as FLAT  # noqa: E402
+
+
+def recipe(official=False, sequential=False, **flat):
+    """An onnxcomq Recipe from flat option names: ``recipe(bits=3, sequential=True, stages=4, act_bits=8)``.
+    The optional sections (sequential, mixed_precision, activations) are on where sequential=True, avg_bits or
+    act_bits is given."""
+    from onnxcomq import Recipe
+
+    d = {}
+    target = flat.pop("target", None)
+    if flat.get("avg_bits") is None:
+        flat.pop("avg_bits", None)
+    if flat.get("act_bits") is None:
+        flat.pop("act_bits", None)
+    for k, v in flat.items():
+        sec, name = FLAT[k]
+        d.setdefault(sec, {})[name] = v
+    if sequential:
+        d.setdefault("sequential", {})
+    else:
+        assert "sequential" not in d, "sequential fields without sequential=True"
+    base = Recipe.official(bits=flat.get("bits", 4)) if official else Recipe()
+    if target is not None:
+        d["target"] = target
+    return base.updated(d)
+
+
+def recipe_args(tmp_path, official=False, sequential=False, **flat) -> list:
+    """Command-line arguments ``["--recipe", FILE]`` for the settings that have no option of their own: the
+    sections the flat names touch (tests/builders.py FLAT), written to a JSON recipe file under ``tmp_path``."""
+    import json
+    import os
+
+    d = {}
+    if official:
+        d = {k: v for k, v in recipe(official=True).to_dict().items() if k in ("weights", "solver", "regularization")}
+    for k, v in flat.items():
+        sec, name = FLAT[k]
+        d.setdefault(sec, {})[name] = list(v) if isinstance(v, tuple) else v
+    if sequential:
+        d.setdefault("sequential", {})
+    path = os.path.join(str(tmp_path), f"recipe{len(os.listdir(str(tmp_path)))}.json")
+    with open(path, "w") as f:
+        json.dump(d, f)
+    return ["--recipe", path]
+
+
+_PROGRESS = None
+
+
+def error_lines(stderr: str) -> list:
+    """The lines of a command's stderr other than its progress lines (``onnxcomq: capture: 8/8 samples ...``,
+    written where stderr is not a terminal): what a user mistake must reduce to is one error line."""
+    import re
+
+    global _PROGRESS
+    if _PROGRESS is None:
+        _PROGRESS = re.compile(r"^onnxcomq: [\w ()/.-]+: \d+(/\d+)? \w+( \(\d+ s\)| in [\d.]+ s)?$")
+    return [line for line in stderr.strip().splitlines() if not _PROGRESS.match(line)]

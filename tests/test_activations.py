@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import attention_like, mlp_model
+from builders import attention_like, mlp_model, recipe, recipe_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-from onnxcomq import QuantizeConfig, run
+from onnxcomq import run
 from onnxcomq.capture.observers import (
     ActFormat,
     HistogramObserver,
@@ -181,7 +181,7 @@ def test_mlp_qdq_model_equals_its_numpy_twin(target):
     m = mlp_model([12, 16, 16, 8], seed=2, gemm_transb=(1, 0))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 12)).astype(np.float32)
-    q, rep = run(m, {"input": x}, QuantizeConfig(bits=8, act_bits=8, target=target, device="cpu"))
+    q, rep = run(m, {"input": x}, recipe(bits=8, act_bits=8, target=target, device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     fmt = UINT8 if target == "ort" else INT8S
     pairs = act_pairs(q)
@@ -210,9 +210,9 @@ def test_act_aware_gram_is_the_fake_quantized_inputs():
     from onnxcomq.write.activations import ActivationQuantizer
     m = mlp_model([6, 5, 4], seed=1)
     x = np.random.default_rng(1).standard_normal((40, 6)).astype(np.float32)
-    cfg = QuantizeConfig(bits=8, act_bits=8, act_aware=True).validate()
+    cfg = recipe(bits=8, act_bits=8, act_aware=True).validate()
     layers, _ = find_layers(m)
-    aq = ActivationQuantizer(m, layers, cfg)
+    aq = ActivationQuantizer(m, layers, cfg.activations, cfg.target)
     calib = Calibration({"input": x}, model_inputs(m), batch_size=16)
     specs = {spec: 1 for L in layers for _, spec in L.consumers}
     collect_stats(aq.model, specs, calib, observers=aq.observers)
@@ -240,7 +240,7 @@ def test_act_aware_gram_is_the_fake_quantized_inputs():
 def test_attention_matmuls_between_activations_are_quantized():
     m = attention_like(d=8, seq=5)
     x = np.random.default_rng(0).standard_normal((16, 5, 8)).astype(np.float32)
-    q, _ = run(m, {"input": x}, QuantizeConfig(bits=8, act_bits=8, device="cpu"))
+    q, _ = run(m, {"input": x}, recipe(bits=8, act_bits=8, device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     dq_out = {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
     for n in q.graph.node:
@@ -268,7 +268,7 @@ def shipped():
     for name in ("cnn", "vit"):
         path = os.path.join(ROOT, "models", f"fmnist_{name}.onnx")
         for target in ("ort", "tensorrt"):
-            q, _ = run(path, CALIB, QuantizeConfig(bits=8, act_bits=8, target=target, max_samples=32,
+            q, _ = run(path, CALIB, recipe(bits=8, act_bits=8, target=target, max_samples=32,
                                                    device="cpu", method="rtn"))  # placement, not the solver
             onnx.checker.check_model(q, full_check=True)
             out[name, target] = q
@@ -355,29 +355,30 @@ def test_tensorrt_explicit_quantization_rules(shipped):
 # ---------------------------------------------------------------- options
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(act_bits=4), "act_bits must be 8"),
+    (dict(act_bits=4), "activations.bits must be 8"),
     (dict(act_bits=8, target="tflite"), "target must be one of"),
     (dict(act_bits=8, target="tensorrt", bits=4), "INT4 only as weight-only"),
     (dict(act_bits=8, target="tensorrt", scheme="asym", bits=8), "symmetric int8"),
     (dict(act_bits=8, target="tensorrt", act_dtype="uint8", bits=8), "activation dtype uint8"),
-    (dict(act_aware=True), "act_aware: only with activation quantization"),
+    # (the old case act_aware=True without act_bits -> "act_aware: only with activation quantization" has no
+    # equivalent: activation fields exist only in the activations section, and giving that section turns it on)
     (dict(target="tensorrt", bits=4), "only block-wise"),
     (dict(target="tensorrt", bits=4, granularity="block", scheme="asym"), "symmetric weights"),
     (dict(target="tensorrt", bits=8, granularity="block"), "int8 weights per channel"),
-    (dict(act_bits=8, act_method="kl"), "act_method must be one of"),
-    (dict(act_bits=8, act_method="percentile", act_percentile=20.0), "act_percentile must be in"),
-    (dict(act_bits=8, act_max_noise=0.0), "act_max_noise must be > 0"),
+    (dict(act_bits=8, act_method="kl"), "activations.method must be one of"),
+    (dict(act_bits=8, act_method="percentile", act_percentile=20.0), "activations.percentile must be in"),
+    (dict(act_bits=8, act_max_noise=0.0), "activations.max_noise must be > 0"),
 ])
 def test_bad_option_combinations(kw, msg):
     with pytest.raises(UserError, match=msg):
-        QuantizeConfig(**kw).validate()
+        recipe(**kw).validate()
 
 
 def test_tensorrt_weight_only_int4_is_blockwise_symmetric():
     """TensorRT takes INT4 only as weight-only DequantizeLinear with block_size (opset 21), zero point 0."""
     m = mlp_model([64, 48, 32], seq=4)
     x = np.random.default_rng(0).standard_normal((16, 4, 64)).astype(np.float32)
-    q, _ = run(m, {"input": x}, QuantizeConfig(bits=4, target="tensorrt", granularity="block", block_size=16,
+    q, _ = run(m, {"input": x}, recipe(bits=4, target="tensorrt", granularity="block", block_size=16,
                                                device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     assert max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) >= 21
@@ -399,26 +400,28 @@ def test_everything_excluded_is_a_user_error():
     m = mlp_model([6, 5, 4])
     x = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
     with pytest.raises(UserError, match="no activation tensor to quantize"):
-        run(m, {"input": x}, QuantizeConfig(bits=8, act_bits=8, act_exclude=("*",)))
+        run(m, {"input": x}, recipe(bits=8, act_bits=8, act_exclude=("*",)))
 
 
 def test_act_exclude_keeps_named_node_float():
     m = mlp_model([6, 5, 5, 4], seed=3)
     x = np.random.default_rng(0).standard_normal((32, 6)).astype(np.float32)
-    q, _ = run(m, {"input": x}, QuantizeConfig(bits=8, act_bits=8, act_exclude=("matmul1",), device="cpu"))
+    q, _ = run(m, {"input": x}, recipe(bits=8, act_bits=8, act_exclude=("matmul1",), device="cpu"))
     pairs = act_pairs(q)
     node = next(n for n in q.graph.node if n.name == "matmul1")
     assert not node.input[0].endswith("DequantizeLinear_Output")
     assert "input" in pairs
 
 
+# (the old case "--act-aware" without --act-bits -> "... only with activation quantization" has no equivalent:
+# the aware flag lives in the recipe's activations section, and giving that section turns activations on)
 @pytest.mark.parametrize("args,msg", [
     (["--act-bits", "8", "--target", "tensorrt", "--bits", "4"], "INT4 only as weight-only"),
-    (["--act-aware"], "activation quantization"),
-    (["--act-bits", "8", "--act-method", "percentile", "--act-percentile", "120"], "act_percentile"),
+    (["--act-bits", "8", dict(act_method="percentile", act_percentile=120.0)], "activations.percentile"),
 ])
 def test_cli_exit_2(tmp_path, capsys, args, msg):
     out = tmp_path / "q.onnx"
+    args = [b for a in args for b in (recipe_args(tmp_path, **a) if isinstance(a, dict) else [a])]
     rc = main(["quantize", os.path.join(ROOT, "models", "fmnist_cnn.onnx"), "-o", str(out), "--calib", CALIB,
                "--quiet"] + args)
     err = capsys.readouterr().err
@@ -429,8 +432,8 @@ def test_cli_exit_2(tmp_path, capsys, args, msg):
 def test_cli_writes_w8a8(tmp_path, capsys):
     out = tmp_path / "q.onnx"
     rc = main(["quantize", os.path.join(ROOT, "models", "fmnist_cnn.onnx"), "-o", str(out), "--calib", CALIB,
-               "--bits", "8", "--act-bits", "8", "--act-method", "percentile", "--max-samples", "32", "--quiet",
-               "--sweeps", "1"])
+               "--bits", "8", "--act-bits", "8", "--max-samples", "32", "--quiet"]
+              + recipe_args(tmp_path, act_method="percentile", sweeps=1))
     assert rc == 0
     q = onnx.load(str(out))
     onnx.checker.check_model(q, full_check=True)
@@ -443,7 +446,7 @@ def test_tensors_over_the_noise_limit_stay_float_and_keep_their_relu():
     m = mlp_model([12, 16, 16, 8], seed=2, gemm_transb=(1, 0))
     x = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
     # noise of this model's tensors: h1_r 1.8e-5, h0_r 2.0e-5 (gemm0's folded Relu output), others >= 4.8e-5
-    q, _ = run(m, {"input": x}, QuantizeConfig(bits=8, act_bits=8, act_max_noise=1.9e-5, device="cpu"))
+    q, _ = run(m, {"input": x}, recipe(bits=8, act_bits=8, act_max_noise=1.9e-5, device="cpu"))
     meta = json.loads({p.key: p.value for p in q.metadata_props}["onnxcomq.config"])
     pairs = act_pairs(q)
     assert meta["act_float_tensors"] and not set(meta["act_float_tensors"]) & set(pairs)
@@ -468,7 +471,7 @@ def test_relu6_clip_folds_into_the_conv_output(tmp_path):
                           [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4, 6, 6])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     x = (rng.standard_normal((32, 3, 8, 8)) * 3).astype(np.float32)  # some conv1 outputs above 6
-    q, _ = run(m, {"input": x}, QuantizeConfig(bits=8, act_bits=8, device="cpu"))
+    q, _ = run(m, {"input": x}, recipe(bits=8, act_bits=8, device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     assert not any(n.op_type == "Clip" for n in q.graph.node)
     assert {t.name for t in q.graph.initializer}.isdisjoint({"lo", "hi"})

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import recipe
 from hypothesis import given, settings
 from onnx import numpy_helper
 from reference import (
@@ -22,7 +23,7 @@ from reference import (
 )
 from test_solver import xp  # noqa: F401  (numpy, and cupy where a CUDA device is present)
 
-from onnxcomq import QuantizeConfig, UserError, run
+from onnxcomq import UserError, run
 from onnxcomq.solve.blockwise import (
     block_scale_system,
     comq_quantize_block,
@@ -43,7 +44,7 @@ def problem(m, n, seed, rows=None):
 
 
 def cfg(bits=3, block=4, **kw):
-    base = dict(bits=bits, granularity="block", quant_block=block, sweeps=2, scale_update=True,
+    base = dict(bits=bits, granularity="block", block_size=block, sweeps=2, scale_update=True,
                 lambda_search=False, dtype="float64")
     base.update(kw)
     return SolverConfig(**base)
@@ -140,8 +141,8 @@ def test_blocks_beat_channels_on_rtn_and_comq():
     assert comq_quantize_block(W, G, cfg(bits=4, block=8)).objective < comq_quantize(W, G, ch).objective
 
 
-@pytest.mark.parametrize("bad", [dict(order="greedy"), dict(order="importance"), dict(quant_block=0),
-                                 dict(granularity="channel", quant_block=4)])
+@pytest.mark.parametrize("bad", [dict(order="greedy"), dict(order="importance"), dict(block_size=0),
+                                 dict(granularity="channel", block_size=4)])
 def test_block_config_errors(bad):
     with pytest.raises(ValueError):
         cfg(**bad).validate()
@@ -239,7 +240,7 @@ def test_emitted_block_dq_equals_float_twin(model_fn, block, bits, scheme):
     rng = np.random.default_rng(block)
     k = x_shape[-1].dim_value
     x = rng.standard_normal((16, 3, k) if len(x_shape) == 3 else (16, k)).astype(np.float32)
-    q, rep = run(model, {"input": x}, QuantizeConfig(bits=bits, scheme=scheme, granularity="block",
+    q, rep = run(model, {"input": x}, recipe(bits=bits, scheme=scheme, granularity="block",
                                                      block_size=block, device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     opset = next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx"))
@@ -275,7 +276,7 @@ def test_conv_falls_back_to_channel_with_reason(w_shape, attrs, block, why):
     cin = w_shape[1] * attrs.get("group", 1)
     m = builders.conv_model((2, cin, 8, 8), w, **attrs)
     q, rep = run(m, {"input": rng.standard_normal((4, cin, 8, 8)).astype(np.float32)},
-                 QuantizeConfig(granularity="block", block_size=block, device="cpu"))
+                 recipe(granularity="block", block_size=block, device="cpu"))
     (L,) = rep.layers
     assert L.granularity == "channel" and why in L.note
     dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear")
@@ -293,7 +294,7 @@ def test_conv_blocks_equal_step_loop_and_float_twin(w_shape, attrs, block):
     cin = w_shape[1]
     m = builders.conv_model((2, cin, 7, 7), w, **attrs)
     x = rng.standard_normal((6, cin, 7, 7)).astype(np.float32)
-    q, rep = run(m, {"input": x}, QuantizeConfig(granularity="block", block_size=block, bits=3, device="cpu"))
+    q, rep = run(m, {"input": x}, recipe(granularity="block", block_size=block, bits=3, device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     (L,) = rep.layers
     assert L.granularity == "block" and not L.note
@@ -327,8 +328,8 @@ def test_matmulnbits_equals_float_twin(bits, scheme, block):
     model = builders.mlp_model([40, 48, 33, 20], seq=3)  # K = 40, 48, 33: blocks that do not divide K
     rng = np.random.default_rng(bits)
     x = rng.standard_normal((16, 3, 40)).astype(np.float32)
-    cfgq = QuantizeConfig(bits=bits, scheme=scheme, granularity="block", block_size=block, device="cpu")
-    q, rep = run(model, {"input": x}, QuantizeConfig(**{**cfgq.__dict__, "weight_format": "matmulnbits"}))
+    cfgq = recipe(bits=bits, scheme=scheme, granularity="block", block_size=block, device="cpu")
+    q, rep = run(model, {"input": x}, cfgq.updated({"weights": {"format": "matmulnbits"}}))
     onnx.checker.check_model(q, full_check=True)
     ops = [n.op_type for n in q.graph.node]
     assert ops.count("MatMulNBits") == 3 and "MatMul" not in ops and "DequantizeLinear" not in ops
@@ -346,7 +347,7 @@ def test_matmulnbits_on_fmnist_vit():
     with np.load(os.path.join(ROOT, "models", "fmnist_calib.npz")) as z:
         name = z.files[0]
         calib = {name: z[name][:64]}
-    q, rep = run(path, calib, QuantizeConfig(bits=4, granularity="block", block_size=16,
+    q, rep = run(path, calib, recipe(bits=4, granularity="block", block_size=16,
                                              weight_format="matmulnbits", device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     fmts = {L.op_type: L.weight_format for L in rep.layers}
@@ -363,22 +364,23 @@ def test_matmulnbits_on_fmnist_vit():
     (["--format", "matmulnbits", "--granularity", "block", "--block-size", "24"], "power of two"),
     (["--format", "matmulnbits"], "--granularity block"),
     (["--format", "matmulnbits", "--granularity", "tensor"], "--granularity block"),
-    (["--granularity", "block", "--official"], "--official"),
-    (["--granularity", "block", "--order", "greedy"], "cyclic"),
+    (["--granularity", "block", "--preset", "official"], "--preset official"),
+    (["--granularity", "block", dict(order="greedy")], "cyclic"),  # (a dict: settings of a recipe file)
     (["--granularity", "block", "--block-size", "0"], "--block-size"),
 ])
 def test_cli_impossible_combinations_one_line(tmp_path, capsys, args, needle):
+    args = [b for a in args for b in (builders.recipe_args(tmp_path, **a) if isinstance(a, dict) else [a])]
     builders.assert_cli_one_line_error(tmp_path, capsys, args, needle)
     with pytest.raises(UserError):
         cfgd = dict(granularity="block", block_size=3, weight_format="matmulnbits")
-        QuantizeConfig(**cfgd).validate()
+        recipe(**cfgd).validate()
 
 
 def test_int4_storage_of_block_codes_is_packed():
     """2..4-bit block codes are stored as packed int4 (two per byte) like per-channel ones."""
     model = builders.mlp_model([32, 16], seq=2)
     x = np.random.default_rng(0).standard_normal((8, 2, 32)).astype(np.float32)
-    q, _ = run(model, {"input": x}, QuantizeConfig(bits=4, granularity="block", block_size=16, device="cpu"))
+    q, _ = run(model, {"input": x}, recipe(bits=4, granularity="block", block_size=16, device="cpu"))
     t = next(t for t in q.graph.initializer if t.name.endswith("_quantized"))
     assert t.data_type == onnx.TensorProto.UINT4 and len(t.raw_data) == 32 * 16 // 2
     assert numpy_helper.to_array(t).dtype == ml_dtypes.uint4
@@ -389,7 +391,7 @@ def test_matmulnbits_shared_weight_and_unnamed_nodes():
     for n in model.graph.node:
         n.name = ""  # node names come from indices, which the bias Adds shift
     x = np.random.default_rng(3).standard_normal((8, 3, 16)).astype(np.float32)
-    q, rep = run(model, {"input": x}, QuantizeConfig(bits=4, granularity="block", block_size=16,
+    q, rep = run(model, {"input": x}, recipe(bits=4, granularity="block", block_size=16,
                                                      weight_format="matmulnbits", device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     shared = [L for L in rep.layers if len(L.consumers) > 1]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import builders
+from builders import recipe, recipe_args
 import numpy as np
 import onnx
 import pytest
@@ -32,9 +33,14 @@ def test_help_reads_well():
     assert r.returncode == 0 and "quantize" in r.stdout and "eval" in r.stdout
     r = cli("quantize", "--help")
     assert r.returncode == 0
-    for flag in ("--bits", "--granularity", "--scheme", "--order", "--sweeps", "--scale-update", "--no-scale-update",
-                 "--batch-size", "--device", "--report", "--official", "--exclude", "--op-types", "--calib"):
+    for flag in ("--bits", "--granularity", "--block-size", "--scheme", "--format", "--act-bits", "--target",
+                 "--preset", "--recipe", "--report", "--device", "--exclude", "--calib", "--batch-size"):
         assert flag in r.stdout
+    # the expert knobs live in the recipe, and the help quotes no benchmark figures
+    for knob in ("--order", "--sweeps", "--damping", "--sequential", "--mp-bits", "--act-method", "KL ", "measured"):
+        assert knob not in r.stdout, knob
+    r = cli("recipe", "--help")
+    assert r.returncode == 0 and "--dump" in r.stdout and "--schema" in r.stdout
 
 
 def test_quantize_and_eval_shipped_cnn(tmp_path):
@@ -113,10 +119,12 @@ def _bad_cases(tmp):
         ("missing out dir", [CNN, "-o", tmp / "no" / "x.onnx", "--calib", CALIB], "does not exist"),
         ("bits 1", [CNN, "-o", out, "--calib", CALIB, "--bits", "1"], "bits must be"),
         ("bits 9", [CNN, "-o", out, "--calib", CALIB, "--bits", "9"], "bits must be"),
-        ("sweeps 0", [CNN, "-o", out, "--calib", CALIB, "--sweeps", "0"], "sweeps must be"),
-        ("lambda 0", [CNN, "-o", out, "--calib", CALIB, "--lambda", "0"], "lambda must be"),
+        ("sweeps 0", [CNN, "-o", out, "--calib", CALIB, *recipe_args(tmp, sweeps=0)], "sweeps must be"),
+        ("lambda 0", [CNN, "-o", out, "--calib", CALIB, *recipe_args(tmp, lam=0, lambda_search=False)],
+         "lambda must be"),
         ("batch 0", [CNN, "-o", out, "--calib", CALIB, "--batch-size", "0"], "batch size"),
-        ("op types", [CNN, "-o", out, "--calib", CALIB, "--op-types", "Conv2d"], "unsupported op type"),
+        ("op types", [CNN, "-o", out, "--calib", CALIB, *recipe_args(tmp, op_types=("Conv2d",))],
+         "unsupported op type"),
         ("nothing left", [tmp / "attn.onnx", "-o", out, "--calib", "random", "--exclude", "*_proj"],
          "no quantizable layer"),
         ("tensor + groups", [CNN, "-o", out, "--calib", CALIB, "--granularity", "tensor", "--max-samples", "8"],
@@ -134,19 +142,24 @@ def _bad_cases(tmp):
                            "tensorrt"], "INT4 only as weight-only"),
         ("tensorrt W4 per channel", [CNN, "-o", out, "--calib", CALIB, "--bits", "4", "--target", "tensorrt"],
          "only block-wise"),
-        ("sequential + budget", [CNN, "-o", out, "--calib", CALIB, "--sequential", "--avg-bits", "4.5"],
+        ("sequential + budget", [CNN, "-o", out, "--calib", CALIB, *recipe_args(tmp, sequential=True, avg_bits=4.5)],
          "sequential capture works with"),
-        ("budget above 8", [CNN, "-o", out, "--calib", CALIB, "--avg-bits", "9"], "--avg-bits must be between"),
-        ("layer-bits no match", [CNN, "-o", out, "--calib", CALIB, "--layer-bits", "nomatch*=8"],
+        ("budget above 8", [CNN, "-o", out, "--calib", CALIB, *recipe_args(tmp, avg_bits=9)],
+         "avg_bits must be between"),
+        ("layer-bits no match", [CNN, "-o", out, "--calib", CALIB, *recipe_args(tmp, layer_bits=("nomatch*=8",))],
          "matches no quantized layer"),
-        ("stages 0", [CNN, "-o", out, "--calib", CALIB, "--sequential", "--stages", "0"], "stages must be"),
-        ("lambda solves 0", [CNN, "-o", out, "--calib", CALIB, "--lambda-solves", "0"], "lambda_solves must be"),
-        ("lambda solves 8", [CNN, "-o", out, "--calib", CALIB, "--lambda-solves", "8"], "lambda_solves must be"),
-        ("correction strength 2", [CNN, "-o", out, "--calib", CALIB, "--sequential", "--correction-strength", "2"],
+        ("stages 0", [CNN, "-o", out, "--calib", CALIB, *recipe_args(tmp, sequential=True, stages=0)], "stages must be"),
+        ("lambda solves 0", [CNN, "-o", out, "--calib", CALIB, *recipe_args(tmp, lambda_solves=0)], "lambda_solves must be"),
+        ("lambda solves 8", [CNN, "-o", out, "--calib", CALIB, *recipe_args(tmp, lambda_solves=8)], "lambda_solves must be"),
+        ("correction strength 2", [CNN, "-o", out, "--calib", CALIB,
+                                   *recipe_args(tmp, sequential=True, correction_strength=2)],
          "correction strength must be"),
-        ("damping scale inf", [CNN, "-o", out, "--calib", CALIB, "--damping-scale", "inf"],
+        ("damping scale inf", [CNN, "-o", out, "--calib", CALIB, *recipe_args(tmp, damping_scale=float("inf"))],
          "damping scale must be a finite number"),
-        ("act option alone", [CNN, "-o", out, "--calib", CALIB, "--act-aware"], "only with activation quantization"),
+        ("recipe typo", [CNN, "-o", out, "--calib", CALIB, *recipe_args(tmp, sweeps=2)[:1], tmp / "nope.yaml"],
+         "cannot read the recipe"),
+        # ("act option alone" is gone: an activation setting exists only inside the activations section, which it
+        # turns on)
     ]
 
 
@@ -154,14 +167,14 @@ def test_bad_input_corpus(tmp_path):
     import onnxcomq
 
     small = builders.mlp_model([6, 5, 4])
-    onnx.save(onnxcomq.quantize(small, "random", onnxcomq.QuantizeConfig(bits=8, device="cpu")),
+    onnx.save(onnxcomq.quantize(small, "random", recipe(bits=8, device="cpu")),
               tmp_path / "quantized.onnx")
     cases = _bad_cases(tmp_path)
     inputs = {p: digest(p) for p in (CNN, CALIB)}
     failures = []
     for name, args, fragment in cases:
         r = cli("quantize", *args, "--device", "cpu")
-        lines = r.stderr.strip().splitlines()
+        lines = builders.error_lines(r.stderr)
         ok = (r.returncode == 2 and len(lines) == 1 and lines[0].startswith("onnxcomq: error:")
               and fragment in lines[0] and "Traceback" not in r.stderr)
         if not ok:
@@ -196,7 +209,7 @@ def test_calibration_sources_agree(tmp_path, source):
     import onnxcomq
 
     d = np.load(CALIB)["input"][:24]
-    cfg = onnxcomq.QuantizeConfig(bits=4, batch_size=8, device="cpu")
+    cfg = recipe(bits=4, batch_size=8, device="cpu")
     base = onnxcomq.quantize(CNN, {"input": d}, cfg).SerializeToString()
     if source == "folder":
         for i in range(3):

@@ -15,12 +15,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import recipe, recipe_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from test_pipeline import _dequantized_reference, float_twin
 
-from onnxcomq import QuantizeConfig, UserError, run
+from onnxcomq import UserError, run
 from onnxcomq.graph.rewrite import plan, rewrite_to_matmul
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,7 +148,7 @@ def test_foreign_model_w8_api(data, float_acc, name):
     path = shipped(name)
     before = digest(path)
     calib, x_test, labels = data
-    q, rep = run(path, {"input": layout(calib, fmt)}, QuantizeConfig(bits=8, device="cpu"))
+    q, rep = run(path, {"input": layout(calib, fmt)}, recipe(bits=8, device="cpu"))
     assert digest(path) == before
     check_whole(q, rep.layers, onnx.load(path), 8)
     acc = top1_accuracy_arrays(q, layout(x_test, fmt), labels)
@@ -166,12 +167,13 @@ def test_foreign_model_w4_cli(tmp_path, data, float_acc, name):
             "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert digest(path) == before
-    assert sorted(os.listdir(tmp_path)) == ["calib.npz", "q.onnx", "r.json"]  # nothing else left behind
+    # nothing else left behind (r.png: the report's plot, written beside r.json)
+    assert sorted(os.listdir(tmp_path)) == ["calib.npz", "q.onnx", "r.json", "r.png"]
     check_whole(onnx.load(str(out)), json.loads(report.read_text())["layers"], onnx.load(path), 4)
     acc = top1_accuracy_arrays(str(out), layout(x_test, fmt), labels)
     assert float_acc[name] - acc <= W4_MAX_DROP, (float_acc[name], acc)
     if name == "keras_cnn":  # where round-to-nearest loses accuracy (measured: 3.1 points), COMQ keeps it (0.3)
-        q_rtn, _ = run(path, {"input": layout(calib, fmt)}, QuantizeConfig(bits=4, method="rtn", device="cpu"))
+        q_rtn, _ = run(path, {"input": layout(calib, fmt)}, recipe(bits=4, method="rtn", device="cpu"))
         acc_rtn = top1_accuracy_arrays(q_rtn, layout(x_test, fmt), labels)
         assert acc - acc_rtn >= 0.015, (acc, acc_rtn)
     if fmt == "NCHW":  # `onnxcomq eval` on the shipped test file (the same code for every model: once is enough)
@@ -185,9 +187,15 @@ def cli(*args):
                           cwd=ROOT, timeout=600)
 
 
-def test_rewrite_matmul_flag_in_cli_help():
-    r = cli("quantize", "--help")
-    assert r.returncode == 0 and "--rewrite-matmul" in r.stdout and "--no-rewrite-matmul" in r.stdout
+def test_rewrite_matmul_setting_reaches_the_cli(tmp_path):
+    """The rewrite is on by default and a recipe file given to the command line turns it off (layers.rewrite_matmul;
+    the --rewrite-matmul/--no-rewrite-matmul options moved to the recipe)."""
+    r = cli("recipe", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["layers"]["rewrite_matmul"] is True
+    r = cli("recipe", "--json", *recipe_args(tmp_path, rewrite_matmul=False))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["layers"]["rewrite_matmul"] is False
 
 
 # ----------------------------------------------------------------------------------------------- builder models
@@ -230,7 +238,7 @@ def test_weight_computed_from_a_constant_is_quantized_and_gemm_beta0_gets_a_bias
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((40, 5, 8)) + 0.5).astype(np.float32)  # a mean offset: the free bias matters
     (yf,) = ort_run(model, {"input": x})
-    q, rep = run(model, {"input": x}, QuantizeConfig(bits=3, device="cpu"))
+    q, rep = run(model, {"input": x}, recipe(bits=3, device="cpu"))
     assert model.SerializeToString() == before
     onnx.checker.check_model(q, full_check=True)
     assert [L.node for L in rep.layers] == ["proj"] and not rep.skipped
@@ -249,7 +257,7 @@ def test_weight_computed_from_a_constant_is_quantized_and_gemm_beta0_gets_a_bias
     np.testing.assert_allclose(yq, yt, rtol=1e-5, atol=1e-5)
     # the free bias (a C added with beta 1) removes the mean output error per channel
     assert np.abs((yq - yf).mean(axis=(0, 1))).max() <= 1e-4 * np.abs(yf).max()
-    q_off, _ = run(model, {"input": x}, QuantizeConfig(bits=3, device="cpu", bias_correction=False))
+    q_off, _ = run(model, {"input": x}, recipe(bits=3, device="cpu", bias_correction=False))
     (yoff,) = ort_run(q_off, {"input": x})
     assert np.abs((yq - yf).mean(axis=(0, 1))).max() < np.abs((yoff - yf).mean(axis=(0, 1))).max()
 
@@ -301,7 +309,7 @@ def test_paddle_like_constant_weights_at_opset_11(bits):
     onnx.checker.check_model(model, full_check=True)
     x = (np.random.default_rng(2).standard_normal((32, 2, 8, 8)) + 0.3).astype(np.float32)
     (yf,) = ort_run(model, {"input": x})
-    q, rep = run(model, {"input": x}, QuantizeConfig(bits=bits, device="cpu"))
+    q, rep = run(model, {"input": x}, recipe(bits=bits, device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     assert sorted(L.node for L in rep.layers) == sorted(constant_weighted_nodes(model)) == ["Conv.0", "MatMul.0"]
     opset = next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx"))
@@ -375,9 +383,9 @@ def test_einsum_weight_quantized_as_matmul(equation, weight_first):
     model = einsum_model(equation, x.shape, w, weight_first)
     before = model.SerializeToString()
     (yf,) = ort_run(model, {"input": x})
-    q, rep = run(model, {"input": x}, QuantizeConfig(bits=4, device="cpu"))
+    q, rep = run(model, {"input": x}, recipe(bits=4, device="cpu"))
     assert model.SerializeToString() == before
-    assert run(model, {"input": x}, QuantizeConfig(bits=4, device="cpu"))[0].SerializeToString() == \
+    assert run(model, {"input": x}, recipe(bits=4, device="cpu"))[0].SerializeToString() == \
         q.SerializeToString()  # deterministic
     onnx.checker.check_model(q, full_check=True)
     assert [(L.node, L.op_type) for L in rep.layers] == [("einsum", "MatMul")] and not rep.skipped
@@ -391,7 +399,7 @@ def test_einsum_weight_quantized_as_matmul(equation, weight_first):
     assert np.linalg.norm(yq - yf) / np.linalg.norm(yf) < 0.2
     # turned off: the Einsum stays float and the report says why
     with pytest.raises(UserError, match="Einsum with a constant operand"):
-        run(model, {"input": x}, QuantizeConfig(bits=4, device="cpu", rewrite_matmul=False))
+        run(model, {"input": x}, recipe(bits=4, device="cpu", rewrite_matmul=False))
 
 
 @pytest.mark.parametrize("equation,reason", [("abc,acd->abd", "batch index"),  # the weight shares a batch index
@@ -407,7 +415,7 @@ def test_einsum_that_is_not_a_plain_contraction_is_left_float_and_reported(equat
                                                                   else (5, 2), np.float32), "W2"))
     model.graph.output[0].name = "output2"
     x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
-    q, rep = run(model, {"input": x}, QuantizeConfig(bits=8, device="cpu"))
+    q, rep = run(model, {"input": x}, recipe(bits=8, device="cpu"))
     assert [L.node for L in rep.layers] == ["tail"]
     assert [(s["node"], s["op_type"]) for s in rep.skipped] == [("einsum", "Einsum")]
     assert any(n.op_type == "Einsum" for n in q.graph.node)
@@ -447,7 +455,7 @@ def test_weight_on_the_left_quantized_per_output_row():
     x = (rng.standard_normal((30, 6, 7)) + 0.4).astype(np.float32)
     model = left_matmul_model(w, x.shape)
     (yf,) = ort_run(model, {"input": x})
-    q, rep = run(model, {"input": x}, QuantizeConfig(bits=4, device="cpu"))
+    q, rep = run(model, {"input": x}, recipe(bits=4, device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     assert [(L.node, L.op_type, L.shape) for L in rep.layers] == [("left_mm", "MatMul", [6, 8])] and not rep.skipped
     assert rep.layers[0].bias_corrected and rep.layers[0].comq_error <= rep.layers[0].rtn_error
@@ -460,7 +468,7 @@ def test_weight_on_the_left_quantized_per_output_row():
     rel_row_err = np.abs(deq.T - w).max(axis=1) / np.abs(w).max(axis=1)
     assert rel_row_err.max() <= 0.35, rel_row_err
     assert np.abs((yq - yf).mean(axis=(0, 2))).max() <= 1e-4 * np.abs(yf).max()  # free bias, per row of W
-    for off_model, cfg in ((left_matmul_model(w, x.shape, known_rank=False), QuantizeConfig(bits=4, device="cpu")),
-                           (model, QuantizeConfig(bits=4, device="cpu", rewrite_matmul=False))):
+    for off_model, cfg in ((left_matmul_model(w, x.shape, known_rank=False), recipe(bits=4, device="cpu")),
+                           (model, recipe(bits=4, device="cpu", rewrite_matmul=False))):
         with pytest.raises(UserError, match="constant weight on input A"):
             run(off_model, {"input": x}, cfg)

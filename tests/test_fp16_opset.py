@@ -9,12 +9,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import recipe
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomq import QuantizeConfig, run
-from onnxcomq.cli import format_skipped, main
+from onnxcomq import run
+from onnxcomq.cli import main
 from onnxcomq.errors import UserError
 from onnxcomq.graph.layers import find_layers
+from onnxcomq.report import format_skipped
 
 
 def small_cnn(seed=0, opset=17, bias_scale=2.0):
@@ -69,8 +71,8 @@ def test_float16_model_with_quantized_activations(target, aware):
     x = rng.uniform(0, 1, (48, 3, 12, 12)).astype(np.float32)
     xt = rng.uniform(0, 1, (64, 3, 12, 12)).astype(np.float32)  # held out
     cfg = dict(bits=8, act_bits=8, target=target, device="cpu", act_aware=aware, act_max_noise=float("inf"))
-    q16, rep16 = run(m16, {"input": x.astype(np.float16)}, QuantizeConfig(**cfg))
-    q32, rep32 = run(m32, {"input": x}, QuantizeConfig(**cfg))
+    q16, rep16 = run(m16, {"input": x.astype(np.float16)}, recipe(**cfg))
+    q32, rep32 = run(m32, {"input": x}, recipe(**cfg))
     onnx.checker.check_model(q16, full_check=True)
     assert rep16.config["act_tensors"] == rep32.config["act_tensors"] > 0  # the same placement as float32
     inits = {t.name: t for t in q16.graph.initializer}
@@ -128,8 +130,8 @@ def dequantized_weights(q):
 def test_max_opset_13_stores_int8_containers_with_the_same_weights(bits, scheme):
     m = small_cnn(opset=11)
     x = np.random.default_rng(2).uniform(0, 1, (32, 3, 12, 12)).astype(np.float32)
-    q21, r21 = run(m, {"input": x}, QuantizeConfig(bits=bits, scheme=scheme, device="cpu"))
-    q13, r13 = run(m, {"input": x}, QuantizeConfig(bits=bits, scheme=scheme, device="cpu", max_opset=13))
+    q21, r21 = run(m, {"input": x}, recipe(bits=bits, scheme=scheme, device="cpu"))
+    q13, r13 = run(m, {"input": x}, recipe(bits=bits, scheme=scheme, device="cpu", max_opset=13))
     assert r21.config["opset"]["input"] == 11 and r21.config["opset"]["output"] == 21
     assert "int4" in r21.config["opset"]["reason"]
     assert r13.config["opset"] == {"input": 11, "output": 13, "reason": "per-channel DequantizeLinear axis",
@@ -152,16 +154,16 @@ def test_max_opset_errors():
     m = small_cnn(opset=11)
     x = np.random.default_rng(2).uniform(0, 1, (8, 3, 12, 12)).astype(np.float32)
     with pytest.raises(UserError, match="block_size, opset 21"):
-        QuantizeConfig(bits=4, granularity="block", max_opset=13).validate()
+        recipe(bits=4, granularity="block", max_opset=13).validate()
     with pytest.raises(UserError, match="max opset must be an integer >= 13"):
-        QuantizeConfig(max_opset=12).validate()
+        recipe(max_opset=12).validate()
     with pytest.raises(UserError, match="float16 scales of float16 weights need opset 19"):
-        run(builders.to_float16(m), {"input": x.astype(np.float16)}, QuantizeConfig(bits=8, device="cpu",
+        run(builders.to_float16(m), {"input": x.astype(np.float16)}, recipe(bits=8, device="cpu",
                                                                                    max_opset=13, verify=False))
     with pytest.raises(UserError, match="already at opset 17"):
-        run(small_cnn(opset=17), {"input": x}, QuantizeConfig(bits=4, device="cpu", max_opset=13, verify=False))
+        run(small_cnn(opset=17), {"input": x}, recipe(bits=4, device="cpu", max_opset=13, verify=False))
     q, rep = run(builders.to_float16(m), {"input": x.astype(np.float16)},
-                 QuantizeConfig(bits=4, device="cpu", max_opset=19))  # float16 int8-container weights at 19
+                 recipe(bits=4, device="cpu", max_opset=19))  # float16 int8-container weights at 19
     assert q.opset_import[0].version == 19 and rep.config["opset"]["reason"].startswith("float16 scales")
 
 
@@ -171,13 +173,14 @@ def test_cli_says_when_the_opset_is_raised_and_keeps_13(tmp_path, capsys):
     out = tmp_path / "q.onnx"
     assert main(["quantize", src, "-o", str(out), "--calib", str(tmp_path / "c.npz"), "--bits", "4"]) == 0
     text = capsys.readouterr().out
-    assert "opset raised 11 -> 21 for 2..4-bit weights stored as int4/uint4" in text and "--max-opset 13" in text
-    assert main(["quantize", src, "-o", str(out), "--calib", str(tmp_path / "c.npz"), "--bits", "4",
-                 "--max-opset", "13"]) == 0
+    assert "opset raised 11 -> 21 for 2..4-bit weights stored as int4/uint4" in text and \
+        "weights.max_opset 13" in text
+    assert main(["quantize", src, "-o", str(out), "--calib", str(tmp_path / "c.npz"), "--bits", "4"]
+                + builders.recipe_args(tmp_path, max_opset=13)) == 0
     assert "opset raised 11 -> 13 for per-channel DequantizeLinear axis" in capsys.readouterr().out
     assert onnx.load(str(out)).opset_import[0].version == 13
-    assert main(["quantize", src, "-o", str(tmp_path / "b.onnx"), "--calib", "random", "--granularity", "block",
-                 "--max-opset", "13"]) == 2
+    assert main(["quantize", src, "-o", str(tmp_path / "b.onnx"), "--calib", "random", "--granularity", "block"]
+                + builders.recipe_args(tmp_path, max_opset=13)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs DequantizeLinear's block_size, opset 21" in err[0]
 

@@ -15,7 +15,7 @@ import pytest
 
 MODELS = os.path.join(os.path.dirname(__file__), "..", "models")
 
-# name -> (model, QuantizeConfig fields): W8/W4/W3, channel/tensor/block, qdq/matmulnbits, official, sequential,
+# name -> (model, options by their flat names: tests/builders.py recipe): W8/W4/W3, channel/tensor/block, qdq/matmulnbits, official, sequential,
 # avg-bits, W8A8 for ort and tensorrt, on the PyTorch CNN and ViT, the Paddle CNN and the Keras (tf2onnx) models
 CASES = {
     "cnn_w4_channel": ("fmnist_cnn", {}),
@@ -68,11 +68,13 @@ def calibration(model: str) -> dict:
 
 
 def output_sha(name: str) -> str:
-    from onnxcomq.pipeline import QuantizeConfig, run
+    from builders import recipe
+
+    from onnxcomq import run
 
     model, fields = CASES[name]
     out, _ = run(os.path.join(MODELS, model + ".onnx"), calibration(model),
-                 QuantizeConfig(batch_size=16, **fields))
+                 recipe(batch_size=16, **fields))
     return hashlib.sha256(out.SerializeToString()).hexdigest()
 
 

@@ -369,12 +369,14 @@ def test_internal_error_debug_shows_the_traceback(tmp_path, capsys, monkeypatch)
 
 
 def test_success_writes_model_and_report_without_leftovers(tmp_path, capsys):
-    """The positive twin of the corpus: the pair is written, nothing else, permissions as for any new file."""
+    """The positive twin of the corpus: the model, the report and its plot are written, nothing else, permissions as
+    for any new file."""
     env = Env(tmp_path)
     _existing(env, "r.json", "previous report\n")
     assert main(quantize(env, "--report", env.report)) == 0
     names = sorted(os.listdir(tmp_path))
-    assert names == ["calib.npz", "m.onnx", "q.onnx", "r.json"]
+    assert names == ["calib.npz", "m.onnx", "q.onnx", "r.json", "r.png"]
+    assert open(tmp_path / "r.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     import json
     assert json.load(open(env.report))["layers"]
     onnx.checker.check_model(env.out)
@@ -392,11 +394,12 @@ def test_non_calibration_file_in_calibration_folder_is_allowed(tmp_path, capsys)
     assert sorted(os.listdir(folder)) == ["part0.npz", "part1.npz", "q.onnx"]
 
 
-def test_parser_ops_match_graph():
-    from onnxcomq.cli import _parser
+def test_recipe_ops_match_graph():
+    from onnxcomq.cli import _parser, recipe_from_args
     from onnxcomq.graph.layers import SUPPORTED_OPS
 
-    assert _parser().parse_args(["quantize", "m", "-o", "o", "--calib", "c"]).op_types == ",".join(SUPPORTED_OPS)
+    a = _parser().parse_args(["quantize", "m", "-o", "o", "--calib", "c"])
+    assert recipe_from_args(a).layers.op_types == SUPPORTED_OPS
 
 
 # ------------------------------------------------------------------- child processes: signals and resource limits

@@ -12,10 +12,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import recipe, recipe_args
 from onnx import TensorProto, helper, numpy_helper
 from test_hostile_cli import assert_one_line_error, snapshot
 
-from onnxcomq import QuantizeConfig, run
+from onnxcomq import run
 from onnxcomq.capture.calib import Calibration, model_inputs
 from onnxcomq.cli import main
 from onnxcomq.solve.comq import SolverConfig, comq_quantize, rtn_quantize
@@ -140,7 +141,7 @@ BAD = [
                                               [_vi("x", ["N", 6])], [_vi("y", ["N", 5])], [_w("W0", (6, 5))], ir=99),
      {"x": x6}, [], "onnxruntime cannot load the float model: Unsupported model IR version: 99"),
     ("output not finite", _reciprocal_model, {"x": np.tile(np.array([[1, 0]], np.float32), (8, 1))},
-     ["--bits", "2", "--method", "rtn"], "output y has NaN or Inf values"),
+     ["--bits", "2", {"method": "rtn"}], "output y has NaN or Inf values"),
     ("fixed batch, too few samples", lambda: fixed_batch_conv(4),
      {"x": RNG.standard_normal((3, 3, 8, 8)).astype(np.float32)}, [], "fewer than the model's fixed batch size 4"),
     ("scalar given per sample, values differ", scalar_input_mlp,
@@ -170,6 +171,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, name, build,
     mpath = builders.save(model, tmp_path / "m.onnx")
     cpath = str(tmp_path / "calib.npz")
     np.savez(cpath, **calib)
+    args = [x for a in args for x in (recipe_args(tmp_path, **a) if isinstance(a, dict) else [a])]
     before = snapshot(tmp_path)
     capsys.readouterr()
     rc = main(["quantize", mpath, "-o", str(tmp_path / "q.onnx"), "--calib", cpath, "--quiet",
@@ -180,7 +182,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, name, build,
 
 def test_write_unverified_writes_the_model_that_failed(tmp_path, capsys):
     rc, err, out = _cli(tmp_path, capsys, _reciprocal_model(), {"x": np.tile(np.array([[1, 0]], np.float32), (8, 1))},
-                        "--bits", "2", "--method", "rtn", "--write-unverified")
+                        "--bits", "2", *recipe_args(tmp_path, method="rtn"), "--write-unverified")
     assert rc == 0 and out.exists(), err
     assert "failed its check" in err and "written anyway" in err
     y = _run_ort(onnx.load(str(out)), {"x": np.array([[1, 0]], np.float32)})[0]
@@ -191,10 +193,10 @@ def test_api_raises_verification_error_with_the_model():
     m = _reciprocal_model()
     with pytest.raises(VerificationError) as e:
         run(m, {"x": np.tile(np.array([[1, 0]], np.float32), (8, 1))},
-            QuantizeConfig(bits=2, method="rtn", device="cpu"))
+            recipe(bits=2, method="rtn", device="cpu"))
     assert e.value.model is not None and e.value.report.verification["outputs"][0]["finite"] is False
     q, rep = run(m, {"x": np.tile(np.array([[1, 0]], np.float32), (8, 1))},
-                 QuantizeConfig(bits=2, method="rtn", device="cpu", verify=False))
+                 recipe(bits=2, method="rtn", device="cpu", verify=False))
     assert rep.verification == {}
 
 
@@ -241,7 +243,7 @@ def test_dead_threshold_is_far_below_real_weights():
 def test_dead_channels_in_a_model_are_exact_zeros(tmp_path):
     w = _weight_with(0.0)
     w[:, 3] = 1e-40
-    q, rep = run(_mlp_with_weight(w), {"x": x6}, QuantizeConfig(bits=4, device="cpu"))
+    q, rep = run(_mlp_with_weight(w), {"x": x6}, recipe(bits=4, device="cpu"))
     deq = builders_dequantized(q)["W0"]
     assert np.all(deq[:, [1, 3]] == 0) and np.isfinite(deq).all()
     assert rep.verification["outputs"][0]["cosine"] > 0.99
@@ -252,7 +254,7 @@ def test_huge_weights_are_solved_and_reported_in_float64():
     errors are real numbers, not 0 or NaN from an overflow."""
     w = _weight_with(1e30 * np.random.default_rng(1).standard_normal(6).astype(np.float32))
     with np.errstate(all="raise"):
-        q, rep = run(_mlp_with_weight(w), {"x": x6}, QuantizeConfig(bits=4, device="cpu"))
+        q, rep = run(_mlp_with_weight(w), {"x": x6}, recipe(bits=4, device="cpu"))
     L = rep.layers[0]
     assert 0 < L.comq_error <= L.rtn_error < 1
     assert rep.verification["outputs"][0]["cosine"] > 0.99
@@ -273,7 +275,7 @@ def builders_dequantized(q):
 def test_weight_listed_as_graph_input_is_not_left_there():
     m = _mlp_with_weight(_weight_with(1.0))
     m.graph.input.append(_vi("W0", [6, 5]))
-    q, rep = run(m, {"x": x6}, QuantizeConfig(bits=4, device="cpu"))
+    q, rep = run(m, {"x": x6}, recipe(bits=4, device="cpu"))
     assert "W0" not in [i.name for i in q.graph.input]
     assert rep.verification["outputs"][0]["cosine"] > 0.99
 
@@ -318,7 +320,7 @@ def test_state_per_sample_equals_state_stacked_on_its_batch_axis():
     m = stateful()
     state = RNG.standard_normal((2, 8, 4)).astype(np.float32)
     per_sample = np.ascontiguousarray(np.moveaxis(state, 1, 0)[:, :, None, :])  # (8, 2, 1, 4)
-    cfg = QuantizeConfig(bits=4, device="cpu", batch_size=3)
+    cfg = recipe(bits=4, device="cpu", batch_size=3)
     qa, ra = run(m, {"x": x6, "state": state}, cfg)
     qb, rb = run(m, {"x": x6, "state": per_sample}, cfg)
     assert qa.SerializeToString() == qb.SerializeToString()
@@ -341,7 +343,7 @@ def test_fully_static_model_takes_one_feed_per_sample():
     cal = Calibration({"x": x6, "state": state[0]}, model_inputs(m))
     feeds = list(cal)
     assert len(feeds) == 8 and all(np.array_equal(f["state"], state[0]) for f in feeds)
-    q, rep = run(m, {"x": x6, "state": state}, QuantizeConfig(bits=8, device="cpu"))
+    q, rep = run(m, {"x": x6, "state": state}, recipe(bits=8, device="cpu"))
     assert {L.node: L.rows for L in rep.layers} == {"mm_x": 8, "mm_state": 16}
     _close_to_float(m, q, {"x": x6[:1], "state": state[0]})
 
@@ -374,7 +376,7 @@ def test_an_output_far_from_float_is_written_with_a_warning(caplog):
                [numpy_helper.from_array(w, "W0"), numpy_helper.from_array(np.array([0.34], np.float32), "c")])
     with caplog.at_level("WARNING", logger="onnxcomq"):
         q, rep = run(m, {"x": np.tile(np.array([[1, 0, 0]], np.float32), (8, 1))},
-                     QuantizeConfig(bits=2, method="rtn", device="cpu"))
+                     recipe(bits=2, method="rtn", device="cpu"))
     out = rep.verification["outputs"][0]
     assert out["finite"] and out["rel_error"] > 1
     assert any("output y is far from the float model's" in r.getMessage() for r in caplog.records)
@@ -399,7 +401,7 @@ def test_weight_listed_as_graph_input_is_dropped_by_matmulnbits_too():
     m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 32
     m.graph.input.append(_vi("W0", [32, 5]))
     x = RNG.standard_normal((16, 32)).astype(np.float32)
-    q, rep = run(m, {"x": x}, QuantizeConfig(bits=4, granularity="block", block_size=16, weight_format="matmulnbits",
+    q, rep = run(m, {"x": x}, recipe(bits=4, granularity="block", block_size=16, weight_format="matmulnbits",
                                             device="cpu"))
     assert "W0" not in [i.name for i in q.graph.input]
     assert any(n.op_type == "MatMulNBits" for n in q.graph.node)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from builders import recipe
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomq.capture import gram, memory
@@ -17,7 +18,7 @@ from onnxcomq.capture.memory import batch_for_budget, parse_bytes
 from onnxcomq.capture.rows import im2col, im2col_t
 from onnxcomq.errors import UserError
 from onnxcomq.graph.layers import XSpec
-from onnxcomq.pipeline import QuantizeConfig, run
+from onnxcomq.pipeline import run
 from onnxcomq.solve.blockwise import comq_quantize_block
 from onnxcomq.solve.comq import SolverConfig, comq_quantize, comq_quantize_groups
 
@@ -34,7 +35,7 @@ def _problem(m=12, n=40, rows=300, seed=0):
     lambda W, G: comq_quantize(W, G, SolverConfig(bits=3, lambda_solves=4)),
     lambda W, G: comq_quantize(W, G, SolverConfig(bits=4), H=0.9 * G, G0=G),
     lambda W, G: comq_quantize_groups(W.reshape(3, 4, -1), np.stack([G] * 3), SolverConfig(bits=4)),
-    lambda W, G: comq_quantize_block(W, G, SolverConfig(bits=4, granularity="block", quant_block=16)),
+    lambda W, G: comq_quantize_block(W, G, SolverConfig(bits=4, granularity="block", block_size=16)),
 ], ids=["cyclic", "greedy", "lambda-solves", "cross", "groups", "block"])
 def test_solver_leaves_no_reference_cycle(solve):
     """With the cycle collector off, a solve must free everything it allocated: a cycle (a recursive closure)
@@ -143,12 +144,12 @@ def _conv_model(batch, seed=0):
 def test_small_budget_gives_a_smaller_batch():
     model = _conv_model("N")
     calib = {"x": np.random.default_rng(2).standard_normal((64, 4, 16, 16)).astype(np.float32)}
-    _, roomy = run(model, calib, QuantizeConfig(bits=8, batch_size=32, max_memory="64G"))
+    _, roomy = run(model, calib, recipe(bits=8, batch_size=32, max_memory="64G"))
     assert roomy.config["batch_size"] == 32
     # a budget just above what the process holds already: room for a few samples of activations only
     per = 2 * 4 * 16 * 16 * 4 + 8 * 16 * 16 * 4  # x (twice: it is also fed) and r, bytes a sample (about)
     tight = memory.current_rss() + 4 * gram.CHUNK_BYTES + 40 * 8 * 16 * 16 * 4 + int(6 * memory.CAPTURE_OVERHEAD * per)
-    _, small = run(model, calib, QuantizeConfig(bits=8, batch_size=32, max_memory=tight))
+    _, small = run(model, calib, recipe(bits=8, batch_size=32, max_memory=tight))
     assert 1 <= small.config["batch_size"] < 32
     assert small.samples == roomy.samples == 64
     assert "lowered from 32" in small.config["batch_choice"]
@@ -157,7 +158,7 @@ def test_small_budget_gives_a_smaller_batch():
 def test_fixed_batch_model_keeps_its_batch():
     model = _conv_model(4)
     calib = {"x": np.random.default_rng(3).standard_normal((16, 4, 16, 16)).astype(np.float32)}
-    _, rep = run(model, calib, QuantizeConfig(bits=8, batch_size=32, max_memory="2M"))
+    _, rep = run(model, calib, recipe(bits=8, batch_size=32, max_memory="2M"))
     assert rep.config["batch_size"] == 4
     assert rep.samples == 16
 

@@ -7,11 +7,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import recipe
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-from onnxcomq import QuantizeConfig, UserError, run
+from onnxcomq import UserError, run
 from onnxcomq.cli import main
 from onnxcomq.graph.layers import find_layers
 from onnxcomq.precision import (
@@ -45,7 +46,7 @@ def small_cnn():
 
 def test_fixed_bits_patterns():
     layers, _ = find_layers(small_cnn())
-    assert fixed_bits(layers, 4, ("first",)) == {"W0": (8, "--keep-8bit first")}
+    assert fixed_bits(layers, 4, ("first",)) == {"W0": (8, "layers.keep_8bit first")}
     assert set(fixed_bits(layers, 4, ("last", "depthwise"))) == {"W2", "W1"}
     assert set(fixed_bits(layers, 4, ("Conv",))) == {"W0", "W1", "W2"}  # op type
     got = fixed_bits(layers, 4, ("d*",), (("*", 3), ("head", 6)))  # later rules win
@@ -56,7 +57,7 @@ def test_fixed_bits_patterns():
 
 @pytest.mark.parametrize("bad", ["head", "head=9", "=4", "head=x", "head=1"])
 def test_parse_layer_bits_errors(bad):
-    with pytest.raises(UserError, match="--layer-bits"):
+    with pytest.raises(UserError, match="layers.layer_bits"):
         parse_layer_bits([bad])
     assert parse_layer_bits(["a=b=5"]) == (("a=b", 5),)  # the last '=' separates the bits
 
@@ -64,7 +65,7 @@ def test_parse_layer_bits_errors(bad):
 def test_per_layer_bits_flow_to_storage_opset_and_report():
     model = small_cnn()
     x = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)
-    q, rep = run(model, {"input": x}, QuantizeConfig(bits=4, keep_8bit=("first",), layer_bits=(("head", 6),),
+    q, rep = run(model, {"input": x}, recipe(bits=4, keep_8bit=("first",), layer_bits=(("head", 6),),
                                                      device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     bits = {L.node: L.bits for L in rep.layers}
@@ -76,7 +77,7 @@ def test_per_layer_bits_flow_to_storage_opset_and_report():
     assert rep.storage_bits == pytest.approx((8 * 162 + 4 * 54 + 8 * 24) / 240)
     assert next(o.version for o in q.opset_import if o.domain == "") >= 21
     # no weight at <= 4 bits: no int4, no opset 21
-    q2, rep2 = run(model, {"input": x}, QuantizeConfig(bits=5, layer_bits=(("dw", 8),), device="cpu"))
+    q2, rep2 = run(model, {"input": x}, recipe(bits=5, layer_bits=(("dw", 8),), device="cpu"))
     assert next(o.version for o in q2.opset_import if o.domain == "") < 21
     assert {L.node: L.bits for L in rep2.layers} == {"stem": 5, "dw": 8, "head": 5}
     # what each layer's codes span matches its bits
@@ -156,7 +157,7 @@ def test_pipeline_mixed_precision_budget_and_report(sens):
     model = builders.mlp_model([24, 32, 16, 8], seq=4, seed=5)
     x = np.random.default_rng(0).standard_normal((32, 4, 24)).astype(np.float32)
     budget = 5.0
-    q, rep = run(model, {"input": x}, QuantizeConfig(bits=4, avg_bits=budget, mp_bits=(6, 8), mp_sensitivity=sens,
+    q, rep = run(model, {"input": x}, recipe(bits=4, avg_bits=budget, mp_bits=(6, 8), mp_sensitivity=sens,
                                                      mp_estimate="solve", device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     params = {L.weight: int(np.prod(L.shape)) for L in rep.layers}
@@ -194,7 +195,7 @@ def test_output_sensitivity_picks_the_layer_that_matters():
          numpy_helper.from_array(np.array(30.0, np.float32), "gain")])
     model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
     x = rng.standard_normal((256, d)).astype(np.float32)
-    _, rep = run(model, {"input": x}, QuantizeConfig(bits=3, avg_bits=5.5, mp_bits=(8,), device="cpu"))
+    _, rep = run(model, {"input": x}, recipe(bits=3, avg_bits=5.5, mp_bits=(8,), device="cpu"))
     assert {L.node: L.bits for L in rep.layers} == {"quiet": 3, "loud": 8}
     sens = {k: v["sensitivity"] for k, v in rep.mixed_precision["layers"].items()}
     assert sens["loud"] > 100 * sens["quiet"]
@@ -204,8 +205,8 @@ def test_scaling_estimate_solves_only_the_base_bits():
     model = builders.mlp_model([24, 32, 16, 8], seq=4, seed=5)
     x = np.random.default_rng(0).standard_normal((32, 4, 24)).astype(np.float32)
     kw = dict(bits=4, avg_bits=5.0, mp_bits=(6, 8), device="cpu")
-    _, solved = run(model, {"input": x}, QuantizeConfig(mp_estimate="solve", **kw))
-    _, scaled = run(model, {"input": x}, QuantizeConfig(mp_estimate="scaling", **kw))
+    _, solved = run(model, {"input": x}, recipe(mp_estimate="solve", **kw))
+    _, scaled = run(model, {"input": x}, recipe(mp_estimate="scaling", **kw))
     for k, v in scaled.mixed_precision["layers"].items():
         e = v["relerr"]
         assert e["4"] == solved.mixed_precision["layers"][k]["relerr"]["4"]
@@ -216,24 +217,26 @@ def test_scaling_estimate_solves_only_the_base_bits():
 def test_keep_8bit_composes_with_mixed_precision():
     model = builders.mlp_model([24, 32, 16, 8], seq=4, seed=5)
     x = np.random.default_rng(0).standard_normal((32, 4, 24)).astype(np.float32)
-    _, rep = run(model, {"input": x}, QuantizeConfig(bits=4, avg_bits=4.2, keep_8bit=("last",), device="cpu"))
+    _, rep = run(model, {"input": x}, recipe(bits=4, avg_bits=4.2, keep_8bit=("last",), device="cpu"))
     bits = [L.bits for L in rep.layers]
-    assert bits[-1] == 8 and "--keep-8bit last" in rep.layers[-1].note
+    assert bits[-1] == 8 and "layers.keep_8bit last" in rep.layers[-1].note
     assert set(rep.mixed_precision["layers"]) == {L.node for L in rep.layers[:-1]}  # pinned layers not allocated
 
 
+# the settings without a command-line option of their own go to a recipe file (a dict: its flat settings)
 @pytest.mark.parametrize("args,needle", [
-    (["--avg-bits", "3"], "--avg-bits"),
-    (["--avg-bits", "9"], "--avg-bits"),
-    (["--avg-bits", "5", "--mp-bits", "4"], "--mp-bits"),
-    (["--avg-bits", "5", "--mp-bits", "x"], "--mp-bits"),
-    (["--avg-bits", "5", "--mp-bits", "6", "--format", "matmulnbits", "--granularity", "block",
-      "--block-size", "16"], "--mp-bits"),
-    (["--layer-bits", "gemm0"], "PATTERN=BITS"),
-    (["--keep-8bit", "nothing*"], "matches no quantized layer"),
-    (["--mp-samples", "0", "--avg-bits", "5"], "--mp-samples"),
+    ([dict(avg_bits=3)], "mixed_precision.avg_bits"),
+    ([dict(avg_bits=9)], "mixed_precision.avg_bits"),
+    ([dict(avg_bits=5, mp_bits=[4])], "mixed_precision.candidates"),
+    ([dict(avg_bits=5, mp_bits=["x"])], "mixed_precision.candidates"),
+    ([dict(avg_bits=5, mp_bits=[6]), "--format", "matmulnbits", "--granularity", "block", "--block-size", "16"],
+     "mixed_precision.candidates"),
+    ([dict(layer_bits=["gemm0"])], "PATTERN=BITS"),
+    ([dict(keep_8bit=["nothing*"])], "matches no quantized layer"),
+    ([dict(mp_samples=0, avg_bits=5)], "mixed_precision.samples"),
 ])
 def test_cli_errors_one_line(tmp_path, capsys, args, needle):
+    args = [b for a in args for b in (builders.recipe_args(tmp_path, **a) if isinstance(a, dict) else [a])]
     builders.assert_cli_one_line_error(tmp_path, capsys, args, needle)
 
 
@@ -242,17 +245,17 @@ def test_cli_mixed_precision_writes_allocation(tmp_path, capsys):
     src = tmp_path / "m.onnx"
     onnx.save(builders.mlp_model([24, 32, 16, 8], seq=4, seed=5), str(src))
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
-    assert main(["quantize", str(src), "-o", str(out), "--calib", "random", "--avg-bits", "5", "--report",
-                 str(report), "--keep-8bit", "last"]) == 0
+    assert main(["quantize", str(src), "-o", str(out), "--calib", "random", "--report", str(report)]
+                + builders.recipe_args(tmp_path, avg_bits=5, keep_8bit=["last"])) == 0
     text = capsys.readouterr().out
     r = json.loads(report.read_text())
     assert r["layers"][-1]["bits"] == 8 and r["avg_bits"] <= 5.0 and r["mixed_precision"]["budget"] == 5.0
-    assert "average bits" in text and "--keep-8bit last" in text
+    assert "average bits" in text and "layers.keep_8bit last" in text
 
 
 def test_pinned_layers_over_budget_warn(caplog):
     model = builders.mlp_model([24, 32, 16, 8], seq=4, seed=5)
     x = np.random.default_rng(0).standard_normal((8, 4, 24)).astype(np.float32)
-    _, rep = run(model, {"input": x}, QuantizeConfig(bits=4, avg_bits=5, keep_8bit=("first",), device="cpu"))
+    _, rep = run(model, {"input": x}, recipe(bits=4, avg_bits=5, keep_8bit=("first",), device="cpu"))
     assert rep.avg_bits > 5 and [L.bits for L in rep.layers] == [8, 4, 4]
     assert "pinned" in caplog.text

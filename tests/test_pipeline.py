@@ -8,9 +8,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import recipe
 from onnx import numpy_helper
 
-from onnxcomq import QuantizeConfig, UserError, quantize, run
+from onnxcomq import UserError, quantize, run
 from onnxcomq.capture.calib import Calibration, model_inputs
 from onnxcomq.capture.passes import collect_stats
 from onnxcomq.capture.rows import im2col
@@ -92,7 +93,7 @@ def test_convtranspose_quantized_end_to_end():
     model = builders.conv_model((2, 3, 5, 5), w, op="ConvTranspose", kernel_shape=[3, 3], strides=[2, 2],
                                 pads=[1, 1, 1, 1])
     x = rng.standard_normal((6, 3, 5, 5)).astype(np.float32)
-    q, rep = run(model, {"input": x}, QuantizeConfig(bits=4, device="cpu"))
+    q, rep = run(model, {"input": x}, recipe(bits=4, device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear")
     assert next(a.i for a in dq.attribute if a.name == "axis") == 1
@@ -166,7 +167,7 @@ def test_constant_and_identity_weights_are_found(variant):
     assert len(layers) == 2
     x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
     np.testing.assert_allclose(ort_run(prepared, {"input": x})[0], ort_run(base, {"input": x})[0], rtol=1e-6)
-    q = quantize(m, {"input": x}, QuantizeConfig(bits=8, device="cpu"))
+    q = quantize(m, {"input": x}, recipe(bits=8, device="cpu"))
     assert sum(n.op_type == "DequantizeLinear" for n in q.graph.node) == 2
 
 
@@ -176,7 +177,7 @@ def test_shared_weight_quantized_once_with_summed_statistics():
     shared = [L for L in layers if len(L.consumers) == 2]
     assert len(shared) == 1 and shared[0].weight == "W0"
     x = np.random.default_rng(0).standard_normal((8, 3, 6)).astype(np.float32)
-    q, rep = run(m, {"input": x}, QuantizeConfig(bits=4, device="cpu"))
+    q, rep = run(m, {"input": x}, recipe(bits=4, device="cpu"))
     dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == 2 and sorted(n.output[0] for n in dq) == ["W0", "W1"]
     lr = {L.weight: L for L in rep.layers}["W0"]
@@ -228,7 +229,7 @@ def test_emitted_model_runs_and_equals_dequantized_float(tmp_path, bits, scheme,
     w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
     conv = builders.conv_model((4, 3, 8, 8), w, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     x = rng.standard_normal((6, 3, 8, 8)).astype(np.float32)
-    cfg = QuantizeConfig(bits=bits, scheme=scheme, granularity=granularity, device="cpu")
+    cfg = recipe(bits=bits, scheme=scheme, granularity=granularity, device="cpu")
     q, rep = run(conv, {"input": x}, cfg)
     onnx.checker.check_model(q, full_check=True)
     opset = next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx"))
@@ -270,7 +271,7 @@ def test_int4_packing_roundtrip():
 def test_opset_11_model_is_converted_not_renumbered():
     m = builders.mlp_model([6, 5, 4], opset=11)
     x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
-    q = quantize(m, {"input": x}, QuantizeConfig(bits=4, device="cpu"))
+    q = quantize(m, {"input": x}, recipe(bits=4, device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     assert max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) == 21
     assert np.isfinite(ort_run(q, {"input": x})[0]).all()
@@ -280,29 +281,34 @@ def test_input_model_never_modified_and_quantize_is_deterministic():
     m = builders.mlp_model([6, 5, 4], constant_nodes=True)
     before = m.SerializeToString()
     x = np.random.default_rng(0).standard_normal((7, 6)).astype(np.float32)
-    q1 = quantize(m, {"input": x}, QuantizeConfig(bits=3, device="cpu"))
-    q2 = quantize(m, {"input": x}, QuantizeConfig(bits=3, device="cpu"))
+    q1 = quantize(m, {"input": x}, recipe(bits=3, device="cpu"))
+    q2 = quantize(m, {"input": x}, recipe(bits=3, device="cpu"))
     assert m.SerializeToString() == before
     assert q1.SerializeToString() == q2.SerializeToString()
 
 
-def test_official_config_ignores_other_options():
-    cfg = QuantizeConfig(bits=3, official=True, order="cyclic", sweeps=5, scheme="sym", scale_update=True)
-    s = cfg.solver_config()
-    assert (s.order, s.sweeps, s.scheme, s.scale_update, s.granularity, s.zero_in_range) == \
-        ("greedy", 1, "asym", False, "channel", False)
+def test_official_preset_is_a_starting_point_not_an_override():
+    """The preset sets the official code's solver; a field set after it changes that field only (it used to be
+    silently ignored)."""
+    from onnxcomq import Recipe
+
+    s = Recipe.official(bits=3).solver_config()
+    assert (s.bits, s.order, s.sweeps, s.scheme, s.scale_update, s.granularity, s.zero_in_range, s.lambda_search) == \
+        (3, "greedy", 1, "asym", False, "channel", False, False)
+    s = recipe(bits=3, official=True, sweeps=5).solver_config()
+    assert (s.order, s.sweeps, s.scheme, s.scale_update) == ("greedy", 5, "asym", False)
 
 
 def test_no_quantizable_layer_is_a_clear_error():
     m = builders.attention_like()
     with pytest.raises(UserError, match="no quantizable layer"):
-        run(m, "random", QuantizeConfig(exclude=("*_proj",), device="cpu"))
+        run(m, "random", recipe(exclude=("*_proj",), device="cpu"))
 
 
 def test_rtn_method_matches_nearest_grid_point():
     m = builders.mlp_model([6, 5, 4])
     x = np.random.default_rng(0).standard_normal((9, 6)).astype(np.float32)
-    q, rep = run(m, {"input": x}, QuantizeConfig(bits=4, method="rtn", device="cpu"))
+    q, rep = run(m, {"input": x}, recipe(bits=4, method="rtn", device="cpu"))
     deq = _dequantized_reference(q)
     w = load_weight(m, "W0")  # Gemm transB=1: rows are output channels
     step = (np.maximum(w.max(1), 0) - np.minimum(w.min(1), 0)) / 15
@@ -328,8 +334,8 @@ def test_npz_is_streamed_in_batches_and_equals_in_memory(tmp_path, writer):
     assert [b["input"].shape[0] for b in batches] == [5, 5, 5, 2]
     np.testing.assert_array_equal(np.concatenate([b["input"] for b in batches]), x[:17])
     assert list(cal)[0]["input"].shape == (5, 6)  # re-iterable
-    a = quantize(m, str(path), QuantizeConfig(bits=4, device="cpu", batch_size=4))
-    b = quantize(m, {"input": x}, QuantizeConfig(bits=4, device="cpu", batch_size=4))
+    a = quantize(m, str(path), recipe(bits=4, device="cpu", batch_size=4))
+    b = quantize(m, {"input": x}, recipe(bits=4, device="cpu", batch_size=4))
     assert a.SerializeToString() == b.SerializeToString()
 
 
@@ -342,7 +348,7 @@ def test_official_grid_without_zero_is_stored_as_signed_levels(bits):
     w[1] = np.abs(w[1]) + 0.5
     conv = builders.conv_model((2, 3, 6, 6), w, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     x = rng.standard_normal((5, 3, 6, 6)).astype(np.float32)
-    q, _ = run(conv, {"input": x}, QuantizeConfig(bits=bits, official=True, device="cpu"))
+    q, _ = run(conv, {"input": x}, recipe(bits=bits, official=True, device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     codes = next(t for t in q.graph.initializer if t.name == "W_quantized")
     levels = numpy_helper.to_array(codes)
@@ -361,7 +367,7 @@ def test_official_grid_without_zero_is_stored_as_signed_levels(bits):
 def test_if_subgraph_left_float_and_reported():
     m = builders.with_if_subgraph()
     x = np.random.default_rng(0).standard_normal((7, 6)).astype(np.float32)
-    q, rep = run(m, {"input": x}, QuantizeConfig(bits=4, device="cpu"))
+    q, rep = run(m, {"input": x}, recipe(bits=4, device="cpu"))
     onnx.checker.check_model(q, full_check=True)
     assert [L.node for L in rep.layers] == ["top_mm"]
     assert any(s["op_type"] == "If" and "subgraph" in s["reason"] for s in rep.skipped)
@@ -374,10 +380,10 @@ def test_if_subgraph_left_float_and_reported():
 def test_float16_model_keeps_its_precision(bits):
     m16 = builders.to_float16(builders.mlp_model([8, 6, 5], seq=3))
     x = np.random.default_rng(0).standard_normal((9, 3, 8)).astype(np.float16)
-    q, rep = run(m16, {"input": x}, QuantizeConfig(bits=bits, device="cpu", bias_correction=False))
+    q, rep = run(m16, {"input": x}, recipe(bits=bits, device="cpu", bias_correction=False))
     onnx.checker.check_model(q, full_check=True)
     assert len(rep.layers) == 2
-    qb, repb = run(m16, {"input": x}, QuantizeConfig(bits=bits, device="cpu"))  # the re-fitted biases stay float16
+    qb, repb = run(m16, {"input": x}, recipe(bits=bits, device="cpu"))  # the re-fitted biases stay float16
     onnx.checker.check_model(qb, full_check=True)
     assert all(L.bias_corrected for L in repb.layers)
     assert {t.name: t.data_type for t in qb.graph.initializer}["b0"] == onnx.TensorProto.FLOAT16
@@ -411,9 +417,9 @@ def test_external_data_model_in_and_out(tmp_path, monkeypatch):
     assert (src / "m.data").stat().st_size > 64 * 48 * 4
     before = {f: (src / f).read_bytes() for f in ("m.onnx", "m.data")}
     x = np.random.default_rng(0).standard_normal((6, 4, 64)).astype(np.float32)
-    small = quantize(str(src / "m.onnx"), {"input": x}, QuantizeConfig(bits=4, device="cpu"))
+    small = quantize(str(src / "m.onnx"), {"input": x}, recipe(bits=4, device="cpu"))
     monkeypatch.setattr(modelio, "LARGE_MODEL_BYTES", 1000)
-    big = quantize(str(src / "m.onnx"), {"input": x}, QuantizeConfig(bits=4, device="cpu"))
+    big = quantize(str(src / "m.onnx"), {"input": x}, recipe(bits=4, device="cpu"))
     assert big.SerializeToString() == small.SerializeToString()
     out = tmp_path / "out" / "q.onnx"
     out.parent.mkdir()
@@ -452,8 +458,8 @@ def test_free_bias_removes_the_mean_output_error(kind):
     if kind == "matmul_alone":  # check the q projection's own output
         model.graph.output.append(onnx.helper.make_tensor_value_info("q", onnx.TensorProto.FLOAT, [None] * 3))
     (yf, *rest_f) = ort_run(model, {"input": x})
-    q_on, rep_on = run(model, {"input": x}, QuantizeConfig(bits=3, device="cpu"))
-    q_off, rep_off = run(model, {"input": x}, QuantizeConfig(bits=3, device="cpu", bias_correction=False))
+    q_on, rep_on = run(model, {"input": x}, recipe(bits=3, device="cpu"))
+    q_off, rep_off = run(model, {"input": x}, recipe(bits=3, device="cpu", bias_correction=False))
     onnx.checker.check_model(q_on, full_check=True)
     outs_on, outs_off = ort_run(q_on, {"input": x}), ort_run(q_off, {"input": x})
     yf_, yon, yoff = (yf, outs_on[0], outs_off[0]) if kind != "matmul_alone" else (rest_f[0], outs_on[1], outs_off[1])
@@ -477,9 +483,9 @@ def test_free_bias_removes_the_mean_output_error(kind):
 def test_free_bias_off_for_official_and_shared_weights():
     m = builders.mlp_model([6, 6, 6, 6], seq=3, shared=True)
     x = np.random.default_rng(0).standard_normal((8, 3, 6)).astype(np.float32) + 1
-    _, rep = run(m, {"input": x}, QuantizeConfig(bits=4, device="cpu"))
+    _, rep = run(m, {"input": x}, recipe(bits=4, device="cpu"))
     assert {L.weight: L.bias_corrected for L in rep.layers} == {"W0": False, "W1": True}
-    _, rep = run(m, {"input": x}, QuantizeConfig(bits=4, device="cpu", official=True))
+    _, rep = run(m, {"input": x}, recipe(bits=4, device="cpu", official=True))
     assert not any(L.bias_corrected for L in rep.layers)
 
 
@@ -488,7 +494,7 @@ def test_free_bias_helps_on_the_reference_cnn():
     calib = path.replace("fmnist_cnn.onnx", "fmnist_calib.npz")
     errs = {}
     for bc in (True, False):
-        _, rep = run(path, calib, QuantizeConfig(bits=3, device="cpu", max_samples=128, bias_correction=bc))
+        _, rep = run(path, calib, recipe(bits=3, device="cpu", max_samples=128, bias_correction=bc))
         errs[bc] = np.array([L.comq_error for L in rep.layers])
     assert (errs[True] <= errs[False]).all() and errs[True].sum() < 0.9 * errs[False].sum(), errs
 
@@ -517,7 +523,7 @@ def test_padded_tokens_stay_out_of_the_statistics(mask_input):
 
 def test_unknown_mask_input_is_a_clear_error():
     with pytest.raises(UserError, match="no such input"):
-        run(builders.masked_encoder(), "random", QuantizeConfig(mask_input="token_mask", device="cpu"))
+        run(builders.masked_encoder(), "random", recipe(mask_input="token_mask", device="cpu"))
 
 
 def test_damping_helps_held_out_error_when_calibration_is_short():
@@ -533,7 +539,7 @@ def test_damping_helps_held_out_error_when_calibration_is_short():
     (yf,) = ort_run(m, {"input": held})
     errs, reps = {}, {}
     for d in (0.0, 0.1, "scaled"):
-        q, reps[d] = run(m, {"input": calib}, QuantizeConfig(bits=3, device="cpu", damping=d))
+        q, reps[d] = run(m, {"input": calib}, recipe(bits=3, device="cpu", damping=d))
         (yq,) = ort_run(q, {"input": held})
         errs[d] = float(np.mean((yq - yf) ** 2))
     assert reps[0.1].layers[0].damped and not reps[0.0].layers[0].damped

@@ -4,8 +4,9 @@ import os
 
 import numpy as np
 import pytest
+from builders import recipe
 
-from onnxcomq import QuantizeConfig, run
+from onnxcomq import run
 from onnxcomq.evaluate import top1_accuracy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +25,7 @@ def float_acc():
 
 @pytest.mark.parametrize("name,max_drop", [("cnn", 0.003), ("vit", 0.010)])
 def test_w4_accuracy_drop_within_paper_claims(float_acc, name, max_drop):
-    q, rep = run(model(name), CALIB, QuantizeConfig(bits=4, device="cpu"))
+    q, rep = run(model(name), CALIB, recipe(bits=4, device="cpu"))
     acc, n = top1_accuracy(q, TEST)
     assert n == 2000
     assert float_acc[name] - acc <= max_drop, (float_acc[name], acc)
@@ -37,7 +38,7 @@ def test_w4_accuracy_drop_within_paper_claims(float_acc, name, max_drop):
 def test_w2_comq_beats_rtn_clearly_on_cnn(float_acc):
     accs = {}
     for method in ("comq", "rtn"):
-        q, rep = run(model("cnn"), CALIB, QuantizeConfig(bits=2, method=method, device="cpu"))
+        q, rep = run(model("cnn"), CALIB, recipe(bits=2, method=method, device="cpu"))
         accs[method] = top1_accuracy(q, TEST)[0]
     assert accs["comq"] - accs["rtn"] >= 0.2, accs
     assert float_acc["cnn"] - accs["comq"] <= 0.15, accs
@@ -46,6 +47,6 @@ def test_w2_comq_beats_rtn_clearly_on_cnn(float_acc):
 def test_layer_errors_fall_with_bits():
     errs = {}
     for bits in (8, 4, 3):
-        _, rep = run(model("cnn"), CALIB, QuantizeConfig(bits=bits, device="cpu", max_samples=128))
+        _, rep = run(model("cnn"), CALIB, recipe(bits=bits, device="cpu", max_samples=128))
         errs[bits] = np.array([L.comq_error for L in rep.layers])
     assert (errs[8] < errs[4]).all() and (errs[4] < errs[3]).all()

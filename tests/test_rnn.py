@@ -5,9 +5,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import recipe
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomq import QuantizeConfig, run
+from onnxcomq import run
 from onnxcomq.capture.passes import collect_stats
 from onnxcomq.capture.session import capture_model
 from onnxcomq.errors import UserError
@@ -151,7 +152,7 @@ def test_missing_y_output_is_added_for_capture():
     for d in range(2):
         np.testing.assert_allclose(stats[layers[0].x].G[d], gw, rtol=1e-5, atol=1e-5 * np.abs(gw).max())
         np.testing.assert_allclose(stats[layers[1].x].G[d], gr[d], rtol=1e-5, atol=1e-5 * np.abs(gr[d]).max())
-    q, _ = run(model, feed, QuantizeConfig(bits=8))
+    q, _ = run(model, feed, recipe(bits=8))
     assert not next(n for n in q.graph.node if n.op_type == "LSTM").output[0]  # the written model: as it was
     held = calib(model, n=8, seed=5)
     assert cosine(ort_run(model, held)[0], ort_run(q, held)[0]) > 0.99
@@ -203,7 +204,7 @@ def dequantized_weights(qmodel, names):
 def test_written_model_runs_close_to_float_on_grid(op, direction, initial_h):
     model = rnn_model(op, direction, initial_h)
     feed = calib(model)
-    q, rep = run(model, feed, QuantizeConfig(bits=8))
+    q, rep = run(model, feed, recipe(bits=8))
     nd = 2 if direction == "bidirectional" else 1
     held = calib(model, n=16, seed=7)
     (yf,) = ort_run(model, held)
@@ -236,8 +237,8 @@ def test_written_model_runs_close_to_float_on_grid(op, direction, initial_h):
 def test_rnn_at_4_bits_beats_rtn_and_runs():
     model = rnn_model("LSTM", "bidirectional", True, seed=3)
     feed = calib(model, n=64)
-    q, rep = run(model, feed, QuantizeConfig(bits=4))
-    _, rep_rtn = run(model, feed, QuantizeConfig(bits=4, method="rtn"))
+    q, rep = run(model, feed, recipe(bits=4))
+    _, rep_rtn = run(model, feed, recipe(bits=4, method="rtn"))
     held = calib(model, n=16, seed=9)
     (yf,) = ort_run(model, held)
     (yq,) = ort_run(q, held)
@@ -263,7 +264,7 @@ def test_bidirectional_4_bits_at_opset_13(max_opset):
     int8 containers and the model stays at opset 13; without, int4 at opset 21. Both the same weights."""
     model = rnn_model("LSTM", "bidirectional", True, opset=13)
     feed = calib(model)
-    q, rep = run(model, feed, QuantizeConfig(bits=4, max_opset=max_opset))
+    q, rep = run(model, feed, recipe(bits=4, max_opset=max_opset))
     opset = next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx"))
     assert opset == (13 if max_opset else 21)
     held = calib(model, n=16, seed=7)
@@ -274,7 +275,7 @@ def test_bidirectional_4_bits_at_opset_13(max_opset):
         np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
         assert levels.min() > -0.5 and levels.max() < 15.5
     if max_opset:
-        _, rep21 = run(model, feed, QuantizeConfig(bits=4))
+        _, rep21 = run(model, feed, recipe(bits=4))
         assert [L.comq_error for L in rep.layers] == [L.comq_error for L in rep21.layers]
 
 
@@ -298,7 +299,7 @@ def test_constant_initial_h():
     for d in range(2):
         np.testing.assert_allclose(stats[layers[1].x].G[d], gr[d], rtol=1e-5, atol=1e-5 * np.abs(gr[d]).max())
     q, rep = run(model, {"input": np.random.default_rng(6).standard_normal((4 * n, S, I)).astype(np.float32)},
-                 QuantizeConfig(bits=8))
+                 recipe(bits=8))
     assert cosine(ort_run(model, feed)[0], ort_run(q, feed)[0]) > 0.99
 
 
@@ -309,7 +310,7 @@ def test_tensor_granularity_on_a_bidirectional_lstm_is_refused_before_capture(mo
     def no_capture(*a, **k):
         raise AssertionError("capture ran before the error")
 
-    monkeypatch.setattr(api, "_capture", no_capture)
+    monkeypatch.setattr(api, "capture", no_capture)
     model = rnn_model("LSTM", "bidirectional", True)
     with pytest.raises(UserError, match="per-tensor granularity is not supported for a bidirectional LSTM"):
-        api.run(model, calib(model), api.QuantizeConfig(bits=8, granularity="tensor", device="cpu"))
+        api.run(model, calib(model), recipe(bits=8, granularity="tensor", device="cpu"))

@@ -9,11 +9,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import reference as ref
+from builders import recipe, recipe_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomq import QuantizeConfig, run
+from onnxcomq import run
 from onnxcomq.capture.gram import LayerStats
 from onnxcomq.capture.passes import capture, plan_stages, stage_entries, stage_model
 from onnxcomq.capture.rows import im2col
@@ -87,7 +88,7 @@ def test_cross_solver_equals_step_loop_on_x(m, n, order, sweeps, scale_update, b
     W, X, Xt = cross_problem(m, n, seed=m * 100 + n)
     G, H, Gt = X.T @ X, Xt.T @ X, Xt.T @ Xt
     cfg = SolverConfig(bits=3, order=order, sweeps=sweeps, scale_update=scale_update, lambda_search=False,
-                       lam=0.9, dtype="float64", block_size=block)
+                       lam=0.9, dtype="float64", step_block=block)
     res = comq_quantize(W, Gt, cfg, H=H, G0=G)
     grid = make_grid(W, 3, "asym", "channel", 0.9, True)
     Q, level, scale = brute_cross(W, X, Xt, grid.scale, grid.lo, grid.hi, ref.order(W, Gt, order), sweeps,
@@ -285,12 +286,12 @@ def test_sequential_lowers_the_output_error():
         rng = np.random.default_rng(seed)
         calib = {"input": rng.standard_normal((256, 12)).astype(np.float32)}
         test = rng.standard_normal((512, 12)).astype(np.float32)
-        base = QuantizeConfig(bits=3, sequential=False, damping=0.0)
+        base = recipe(bits=3, sequential=False, damping=0.0)
         one, _ = run(model, calib, base)
-        seq, rep = run(model, calib, QuantizeConfig(bits=3, sequential=True, stages=5, damping=0.0))
+        seq, rep = run(model, calib, recipe(bits=3, sequential=True, stages=5, damping=0.0))
         assert [L.stage for L in rep.layers] == [0, 1, 2, 3, 4]
         assert rep.config["sequential_stages"] == 5
-        single, _ = run(model, calib, QuantizeConfig(bits=3, sequential=True, stages=1, damping=0.0))
+        single, _ = run(model, calib, recipe(bits=3, sequential=True, stages=1, damping=0.0))
         assert single.SerializeToString() == one.SerializeToString()
         ratios.append(_output_error(model, seq, test) / _output_error(model, one, test))
     assert np.mean(ratios) < 0.8, ratios
@@ -302,15 +303,15 @@ def test_only_stage_entries_correct_their_input_error():
     layer corrects it already): only the entries of a stage fit X W from X~."""
     model = deep_mlp(0)
     x = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
-    _, rep = run(model, {"input": x}, QuantizeConfig(bits=4, sequential=True, stages=2, correct_few_rows=True))
+    _, rep = run(model, {"input": x}, recipe(bits=4, sequential=True, stages=2, correct_few_rows=True))
     assert [L.stage for L in rep.layers] == [0, 0, 1, 1, 1]
     assert [L.corrected for L in rep.layers] == [False, False, True, False, False]
     # by default a layer with fewer rows than 4 x its fan-in does not correct (it would fit the calibration set)
     entry = rep.layers[2]
     assert entry.rows < 4 * np.prod(entry.shape[1:])
-    _, rep = run(model, {"input": x}, QuantizeConfig(bits=4, sequential=True, stages=2))
+    _, rep = run(model, {"input": x}, recipe(bits=4, sequential=True, stages=2))
     assert not any(L.corrected for L in rep.layers)
-    _, rep = run(model, {"input": np.tile(x, (4, 1))}, QuantizeConfig(bits=4, sequential=True, stages=2))
+    _, rep = run(model, {"input": np.tile(x, (4, 1))}, recipe(bits=4, sequential=True, stages=2))
     assert [L.corrected for L in rep.layers] == [False, False, True, False, False]
     # correct_rows moves that threshold, and only it (damping_rows is the fixed damping's threshold)
     fan_in = int(np.prod(entry.shape[1:]))
@@ -318,14 +319,14 @@ def test_only_stage_entries_correct_their_input_error():
     for r, want in ((ratio * 0.99, True), (ratio * 1.01, False)):
         for dr in (1.0, 1e9):
             _, rep = run(model, {"input": np.tile(x, (4, 1))},
-                         QuantizeConfig(bits=4, sequential=True, stages=2, correct_rows=r, damping_rows=dr))
+                         recipe(bits=4, sequential=True, stages=2, correct_rows=r, damping_rows=dr))
             assert [L.corrected for L in rep.layers] == [False, False, want, False, False], (r, dr)
-    _, rep = run(model, {"input": x}, QuantizeConfig(bits=4, sequential=True, stages=2, correct_rows=0.0))
+    _, rep = run(model, {"input": x}, recipe(bits=4, sequential=True, stages=2, correct_rows=0.0))
     assert [L.corrected for L in rep.layers] == [False, False, True, False, False]
-    with pytest.raises(UserError, match="correct-min-rows"):
-        QuantizeConfig(correct_rows=float("nan")).validate()
-    with pytest.raises(UserError, match="correct-min-rows"):
-        QuantizeConfig(correct_rows=-1).validate()
+    with pytest.raises(UserError, match="sequential.min_rows"):
+        recipe(sequential=True, correct_rows=float("nan")).validate()
+    with pytest.raises(UserError, match="sequential.min_rows"):
+        recipe(sequential=True, correct_rows=-1).validate()
     two = two_conv_model()
     layers, _ = find_layers(two)
     assert stage_entries(two, layers) == {"conv1"}
@@ -336,7 +337,7 @@ def test_only_stage_entries_correct_their_input_error():
 def test_one_shot_calibration_source_is_kept_for_later_stages():
     model = deep_mlp(0)
     x = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
-    cfg = QuantizeConfig(bits=4, sequential=True, stages=3)
+    cfg = recipe(bits=4, sequential=True, stages=3)
     a, _ = run(model, [{"input": x[:32]}, {"input": x[32:]}], cfg)
     b, _ = run(model, iter([{"input": x[:32]}, {"input": x[32:]}]), cfg)
     assert a.SerializeToString() == b.SerializeToString()
@@ -353,13 +354,13 @@ def test_auto_damping_chooses_by_held_out_error():
     calib, test = {"input": data[:96]}, data[96:]
     # one solve per channel: with the grid chosen among 7 solves, held-out error picks alpha 0 for the first layer
     cfg = dict(bits=3, sequential=False, bias_correction=False, damping_rows=4.0, lambda_solves=1)
-    auto, rep = run(model, calib, QuantizeConfig(damping="auto", **cfg))
-    off, rep0 = run(model, calib, QuantizeConfig(damping=0.0, **cfg))
-    assert all(L.damped and L.damping in QuantizeConfig().damping_grid for L in rep.layers if L.rows < 4 * 64)
+    auto, rep = run(model, calib, recipe(damping="auto", **cfg))
+    off, rep0 = run(model, calib, recipe(damping=0.0, **cfg))
+    assert all(L.damped and L.damping in recipe().regularization.grid for L in rep.layers if L.rows < 4 * 64)
     assert not any(L.damped for L in rep0.layers)
     assert _output_error(model, auto, test) <= _output_error(model, off, test) * 1.02
     # many rows: no damping at all
-    _, rep2 = run(model, {"input": data}, QuantizeConfig(damping="auto", **{**cfg, "damping_rows": 1.0}))
+    _, rep2 = run(model, {"input": data}, recipe(damping="auto", **{**cfg, "damping_rows": 1.0}))
     assert not any(L.damped for L in rep2.layers)
 
 
@@ -370,16 +371,16 @@ def test_scaled_damping_alpha_per_layer():
     w = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)  # 4 channels in 2 groups: fan-in 2 * 9 per group
     conv = builders.conv_model((3, 4, 7, 7), w, pads=[1, 1, 1, 1], group=2)
     calib = {"input": rng.standard_normal((3, 4, 7, 7)).astype(np.float32)}
-    _, rep = run(conv, calib, QuantizeConfig(bits=3, device="cpu"))
+    _, rep = run(conv, calib, recipe(bits=3, device="cpu"))
     (L,) = rep.layers
     assert L.rows == 3 * 7 * 7 and L.damped
     assert L.damping == pytest.approx(min(10.0, 3.0 * np.sqrt(18 / (3 * 49))))
     mlp = builders.mlp_model([64, 48, 4], seed=1)
     x = {"input": rng.standard_normal((20, 64)).astype(np.float32)}
-    _, rep = run(mlp, x, QuantizeConfig(bits=3, device="cpu", damping_scale=0.5, damping_max=0.8))
+    _, rep = run(mlp, x, recipe(bits=3, device="cpu", damping_scale=0.5, damping_max=0.8))
     assert [L.damping for L in rep.layers] == pytest.approx([0.8, 0.5 * np.sqrt(48 / 20)])  # capped, then not
-    a, rep0 = run(mlp, x, QuantizeConfig(bits=3, device="cpu", damping_scale=0.0))
-    b, _ = run(mlp, x, QuantizeConfig(bits=3, device="cpu", damping=0.0))
+    a, rep0 = run(mlp, x, recipe(bits=3, device="cpu", damping_scale=0.0))
+    b, _ = run(mlp, x, recipe(bits=3, device="cpu", damping=0.0))
     assert not any(L.damped for L in rep0.layers)
     assert a.graph.SerializeToString() == b.graph.SerializeToString()  # (the metadata names the damping)
 
@@ -390,10 +391,10 @@ def test_scaled_damping_solves_the_damped_problem():
     rng = np.random.default_rng(1)
     m = builders.mlp_model([32, 12], seed=2)
     x = {"input": (rng.standard_normal((40, 32)) @ rng.standard_normal((32, 32)) / 6).astype(np.float32)}
-    scaled, rep = run(m, x, QuantizeConfig(bits=3, device="cpu"))
+    scaled, rep = run(m, x, recipe(bits=3, device="cpu"))
     alpha = rep.layers[0].damping
     assert alpha == pytest.approx(3.0 * np.sqrt(32 / 40))
-    fixed, rep2 = run(m, x, QuantizeConfig(bits=3, device="cpu", damping=alpha, damping_rows=1e9))
+    fixed, rep2 = run(m, x, recipe(bits=3, device="cpu", damping=alpha, damping_rows=1e9))
     assert rep2.layers[0].damped and rep2.layers[0].damping == alpha
     assert scaled.graph.SerializeToString() == fixed.graph.SerializeToString()
     assert rep.layers[0].comq_error == rep2.layers[0].comq_error
@@ -402,7 +403,7 @@ def test_scaled_damping_solves_the_damped_problem():
 @settings(max_examples=50, deadline=None)
 @given(rows=st.integers(1, 10 ** 7), fan_in=st.integers(1, 5000), scale=st.floats(0, 20), cap=st.floats(0, 50))
 def test_scaled_damping_rule_properties(rows, fan_in, scale, cap):
-    from onnxcomq.pipeline import scaled_damping
+    from onnxcomq.solve.layer import scaled_damping
     a = scaled_damping(rows, fan_in, scale, cap)
     assert 0 <= a <= cap and a <= scale * np.sqrt(fan_in / rows) * (1 + 1e-12)
     assert scaled_damping(rows * 4, fan_in, scale, cap) <= a  # more rows per input: less damping
@@ -417,30 +418,29 @@ def test_damping_and_stages_flags(tmp_path, capsys):
     np.savez(tmp_path / "c.npz", input=x)
     out = str(tmp_path / "q.onnx")
     base = ["quantize", model, "-o", out, "--calib", str(tmp_path / "c.npz"), "--quiet"]
-    assert cli_main(base + ["--stages", "3", "--damping", "0.3", "--no-sequential"]) == 0
-    assert cli_main(base + ["--sequential", "--stages", "2", "--correction", "all", "--correct-few-rows",
-                                 "--correction-strength", "0.5", "--report", str(tmp_path / "r.json")]) == 0
+    assert cli_main(base + recipe_args(tmp_path, damping=0.3)) == 0
+    assert cli_main(base + recipe_args(tmp_path, sequential=True, stages=2, correction="all", correct_few_rows=True,
+                                       correction_strength=0.5) + ["--report", str(tmp_path / "r.json")]) == 0
     import json
     layers = json.load(open(tmp_path / "r.json"))["layers"]
     assert [L["stage"] for L in layers] == [0, 0, 1, 1, 1] and [L["corrected"] for L in layers] == [0, 0, 1, 1, 1]
     # --correct-min-rows 0: every entry corrects, without --correct-few-rows; 1e6: none does
     for r, want in (("0", [0, 0, 1, 0, 0]), ("1e6", [0, 0, 0, 0, 0])):
-        assert cli_main(base + ["--sequential", "--stages", "2", "--correct-min-rows", r,
-                                "--report", str(tmp_path / "r.json")]) == 0
+        assert cli_main(base + recipe_args(tmp_path, sequential=True, stages=2, correct_rows=float(r))
+                        + ["--report", str(tmp_path / "r.json")]) == 0
         assert [L["corrected"] for L in json.load(open(tmp_path / "r.json"))["layers"]] == want, r
-    assert cli_main(base + ["--sequential", "--correct-min-rows", "-2"]) == 2
-    assert "correct-min-rows must be a finite number >= 0, got -2" in capsys.readouterr().err
-    assert cli_main(base + ["--stages", "0"]) == 2
+    assert cli_main(base + recipe_args(tmp_path, sequential=True, correct_rows=-2)) == 2
+    assert "sequential.min_rows must be a finite number >= 0, got -2" in capsys.readouterr().err
+    assert cli_main(base + recipe_args(tmp_path, sequential=True, stages=0)) == 2
     assert "stages must be an integer >= 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli_main(base + ["--damping", "lots"])
-    assert "expected 'scaled', 'auto' or a number" in capsys.readouterr().err
-    assert cli_main(base + ["--damping", "-1"]) == 2
+    assert cli_main(base + recipe_args(tmp_path, damping="lots")) == 2
+    assert "damping must be 'scaled', 'auto' or a finite number >= 0, got 'lots'" in capsys.readouterr().err
+    assert cli_main(base + recipe_args(tmp_path, damping=-1)) == 2
     assert "damping must be 'scaled', 'auto' or a finite number >= 0" in capsys.readouterr().err
-    assert cli_main(base + ["--damping-scale", "-1"]) == 2
+    assert cli_main(base + recipe_args(tmp_path, damping_scale=-1)) == 2
     assert "damping scale must be a finite number >= 0" in capsys.readouterr().err
     with pytest.raises(UserError, match="damping grid"):
-        QuantizeConfig(damping_grid=(0.1, -1.0)).validate()
+        recipe(damping_grid=(0.1, -1.0)).validate()
 
 
 @pytest.mark.parametrize("with_g0", [True, False])
@@ -483,11 +483,11 @@ def test_correction_strength_scales_the_weight_correction_only():
     def inits(m):
         return {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
     base = dict(bits=4, sequential=True, stages=2)
-    none = inits(run(model, {"input": x}, QuantizeConfig(correction="none", **base))[0])
-    zero_m, rep = run(model, {"input": x}, QuantizeConfig(correction_strength=0.0, **base))
+    none = inits(run(model, {"input": x}, recipe(correction="none", **base))[0])
+    zero_m, rep = run(model, {"input": x}, recipe(correction_strength=0.0, **base))
     zero = inits(zero_m)
-    half = inits(run(model, {"input": x}, QuantizeConfig(correction_strength=0.5, **base))[0])
-    full = inits(run(model, {"input": x}, QuantizeConfig(**base))[0])
+    half = inits(run(model, {"input": x}, recipe(correction_strength=0.5, **base))[0])
+    full = inits(run(model, {"input": x}, recipe(**base))[0])
     corrected = [L for L in rep.layers if L.corrected]
     assert len(corrected) == 1
     node = next(n for n in zero_m.graph.node if n.name == corrected[0].node)
@@ -499,13 +499,13 @@ def test_correction_strength_scales_the_weight_correction_only():
     assert any(not np.array_equal(half[k], full[k]) for k in weights)
     for bad in (-0.1, 1.5, "x"):
         with pytest.raises(UserError, match="correction strength"):
-            run(model, {"input": x}, QuantizeConfig(bits=4, sequential=True, correction_strength=bad))
+            run(model, {"input": x}, recipe(bits=4, sequential=True, correction_strength=bad))
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 def test_mixed_target_statistics_equal_those_of_the_mixed_input(beta):
     """_mix: the statistics of the target X_b = b X + (1 - b) X~, formed directly in float64."""
-    from onnxcomq.pipeline import _mix
+    from onnxcomq.solve.layer import _mix
 
     _, X, Xt = cross_problem(2, 7, seed=5)
     Xb = beta * X + (1 - beta) * Xt

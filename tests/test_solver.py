@@ -78,7 +78,7 @@ EXACT_CASES = [
 @pytest.mark.parametrize("kind", ["random", "correlated"])
 def test_official_codes_equal_step_loop(xp, m, n, order, sweeps, block, kind):
     W, G = problem(m, n, seed=m * 1000 + n, kind=kind)
-    cfg = SolverConfig.official(bits=3, order=order, sweeps=sweeps, dtype="float64", block_size=block)
+    cfg = SolverConfig.official(bits=3, order=order, sweeps=sweeps, dtype="float64", step_block=block)
     got = comq_quantize(xp.asarray(W), xp.asarray(G), cfg)
     Q, level, scale = run_reference(W, G, cfg)
     np.testing.assert_array_equal(got.qweight, Q)
@@ -92,7 +92,7 @@ def test_improved_configs_equal_step_loop(xp, scheme, granularity, order):
     """Sweeps + scale updates, every scheme and granularity, against the step loop with the same extras."""
     W, G = problem(8, 45, seed=7, kind="correlated")
     cfg = SolverConfig(bits=4, scheme=scheme, granularity=granularity, order=order, sweeps=3, scale_update=True,
-                       lam=1.0, dtype="float64", block_size=16)
+                       lam=1.0, dtype="float64", step_block=16)
     got = comq_quantize(xp.asarray(W), xp.asarray(G), cfg)
     Q, level, scale = run_reference(W, G, cfg)
     # the scale update sums in another order than the reference: codes exact, values to rounding
@@ -236,7 +236,7 @@ def test_bad_config_raises(field, value):
 def test_property_blocked_equals_step_loop(m, n, bits, seed, order, block, scheme):
     W, G = problem(m, n, seed=seed, kind="correlated", N=max(2, n // 2))  # also rank-deficient G
     cfg = SolverConfig(bits=bits, order=order, sweeps=2, scale_update=True, scheme=scheme, dtype="float64",
-                       block_size=block)
+                       step_block=block)
     got = comq_quantize(W, G, cfg)
     Q, level, _ = run_reference(W, G, cfg)
     np.testing.assert_array_equal(got.codes, make_grid(W, bits, scheme, "channel", ref_lambda(W, G, cfg)).codes(level))

@@ -631,3 +631,47 @@ def _check_kind(where: str, info: InputInfo, dtype) -> None:
     if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
         raise UserError(f"{where}: input {info.name} has dtype {dtype}, the model expects "
                         f"{np.dtype(info.dtype).name}")
+
+
+MASK_NAMES = ("attention_mask", "input_mask", "mask", "attn_mask")
+
+
+def resolve_mask_input(model, name: str | None) -> str | None:
+    """The attention-mask input to use: ``name``, or with "auto" the first input with a common mask name."""
+    inputs = [i.name for i in model_inputs(model)]
+    if name in (None, "", "none"):
+        return None
+    if name == "auto":
+        return next((n for n in MASK_NAMES if n in inputs), None)
+    if name not in inputs:
+        raise UserError(f"data.mask_input {name}: the model has no such input (inputs: {', '.join(inputs)})")
+    return name
+
+
+
+
+class KeepFirst:
+    """Iterates ``batches`` and keeps (in ``held``) the batches that hold the first ``samples`` samples."""
+
+    def __init__(self, batches, held: list, calib, samples: int):
+        self.batches, self.held, self.calib, self.samples = batches, held, calib, samples
+
+    def __iter__(self):
+        for feed in self.batches:
+            room = self.samples - sum(batch_samples(f) for f in self.held)
+            if room > 0:
+                self.held.append(self.calib.head(feed, room))
+            yield feed
+
+
+def reiterable(calib) -> bool:
+    """Whether a Calibration yields the same batches again (sequential capture reads them once per stage)."""
+    src = getattr(calib, "_source", calib)
+    if hasattr(src, "get_next"):  # an onnxruntime CalibrationDataReader
+        return hasattr(src, "rewind")
+    if isinstance(src, (str, dict)) or hasattr(src, "__fspath__"):
+        return True
+    try:
+        return iter(src) is not src  # a list or other container, not a one-shot iterator or generator
+    except TypeError:
+        return False

@@ -44,7 +44,7 @@ class GramStats:
     def _fold(self, Xt: np.ndarray):
         """Xt: one chunk (groups, n, rows), folded in float32 GEMMs and accumulated in float64."""
         Xt = Xt.astype(np.float32, copy=False)
-        with np.errstate(over="ignore", invalid="ignore"):  # inputs beyond float32's range: api._check_stats
+        with np.errstate(over="ignore", invalid="ignore"):  # inputs beyond float32's range: check_stats
             if self.groups == 1:
                 A = Xt[0]
                 self.G[0] += np.dot(A, A.T)  # (np.dot runs A A^T as syrk, half the work; matmul does not)
@@ -264,3 +264,16 @@ def _minus_outer(A: np.ndarray, N: int, u: np.ndarray, v: np.ndarray) -> np.ndar
     out *= -N
     out += A
     return out
+
+
+def check_stats(stats: dict, inputs: list) -> None:
+    """Input statistics beyond float32's range (calibration data that drives a layer input to |x|^2 > 3.4e38)."""
+    limit = float(np.finfo(np.float32).max)
+    for spec, st in stats.items():
+        for part in getattr(st, "parts", None) or []:
+            mats = [part.x.G] + [a for a in (part.H, part.Gt) if a is not None]
+            if all(bool(np.isfinite(a).all()) and float(np.abs(a).max(initial=0.0)) < limit for a in mats):
+                continue
+            raise UserError(f"the calibration data drives tensor {spec.tensor} (the input of a quantized layer) "
+                            f"beyond float32's range (its squares overflow): check the scale of the calibration "
+                            f"input(s) {inputs}")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -10,9 +11,12 @@ import onnx
 
 from ..errors import UserError
 from ..graph.modelio import skeleton
+from .calib import reiterable
 from .gram import CHUNK_BYTES
+from .rows import spec_tensors
 from .session import capture_model, make_session, run_session
 
+log = logging.getLogger("onnxcomq")
 CAPTURE_OVERHEAD = 2.5  # capture's memory per byte of captured tensors (the outputs, onnxruntime's own activations)
 
 
@@ -112,3 +116,46 @@ def batch_for_budget(per_sample: int, budget: int, fixed: int, requested: int) -
     room = budget - fixed - 4 * CHUNK_BYTES
     per = max(CAPTURE_OVERHEAD * per_sample, 1)
     return int(max(1, min(requested, room // per)))
+
+
+def peak_rss_mb() -> float:
+    try:
+        import resource
+    except ImportError:  # (not on Windows)
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+
+
+def choose_batch(model, layers, calib, max_memory, cross: bool = False, folds: bool = False) -> tuple:
+    """Set ``calib.batch_size`` to the largest batch <= config.batch_size whose capture fits the memory budget
+    (``max_memory`` bytes, or the default share of the RAM; ``cross``: sequential capture holds two activations
+    and three matrices per input; ``folds``: held-out folds double the statistics), from the bytes of the captured layer inputs of one
+    calibration sample (shape inference on the first sample's shapes, else one measured run). A model with a
+    fixed batch keeps it. Returns (budget in bytes, a line saying what was chosen and why)."""
+    budget = parse_bytes(max_memory, "max memory") if max_memory is not None else default_max_memory()
+    requested = calib.batch_size
+    if getattr(calib, "fixed_batch", False):
+        return budget, f"{calib.batch_size} (the model's fixed batch)"
+    if not reiterable(calib) or requested <= 1:
+        return budget, f"{calib.batch_size} (as given)"
+    specs = {spec: L.groups for L in layers for _, spec in L.consumers}
+    inits = {t.name for t in model.graph.initializer}
+    tensors = sorted({t for spec in specs for t in spec_tensors(spec)} - inits)
+    first = next(iter(calib))
+    if getattr(calib, "fixed_batch", False):  # (known once data was seen)
+        return budget, f"{calib.batch_size} (the model's fixed batch)"
+    one = calib.head(first, 1)
+    del first
+    per = sample_bytes(model, tensors, one)
+    if per is None:
+        per = measured_sample_bytes(model, tensors, one)
+    fixed = current_rss() + stats_bytes(specs, cross) * (2 if folds else 1)
+    batch = batch_for_budget(per * (2 if cross else 1), budget, fixed, requested)
+    calib.batch_size = batch
+    note = (f"{batch}: captured activations {per / 2**20:.1f} MiB a sample, memory budget "
+            f"{budget / 2**30:.2f} GiB" + ("" if batch == requested else f" (lowered from {requested})"))
+    (log.warning if batch < requested and batch == 1 and fixed + CAPTURE_OVERHEAD * per > budget else log.info)(
+        "calibration batch %s", note)
+    return budget, note

@@ -28,11 +28,9 @@ def collect_stats(model: onnx.ModelProto, specs: dict, batches, progress=None,
     ``specs`` maps XSpec -> number of groups. ``batches`` yields feed dicts. ``progress`` is a tqdm-like object (or
     None) advanced by the batch size. ``mask_input``: the name of the attention-mask input whose zeros mark padded
     token positions to leave out of the statistics. ``observers``: tensor name -> activation range observer
-    (``activations.py``), fed each batch's value of that tensor in the same pass. (The pipeline's pass is
-    ``sequential.capture``, which also streams the cross statistics of sequential capture.)
+    (``capture/observers.py``), fed each batch's value of that tensor in the same pass. (The pipeline calls
+    ``capture``, which also streams the cross statistics of sequential capture.)
     """
-    from .passes import capture  # (sequential.py imports this module)
-
     stats, samples = capture(model, None, specs, batches, progress, mask_input, observers=observers)
     return {spec: st.part().x for spec, st in stats.items()}, samples
 
@@ -78,24 +76,11 @@ def plan_stages(layers: list, stages: int) -> list:
     return [layers[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def reiterable(calib) -> bool:
-    """Whether a Calibration yields the same batches again (sequential capture reads them once per stage)."""
-    src = getattr(calib, "_source", calib)
-    if hasattr(src, "get_next"):  # an onnxruntime CalibrationDataReader
-        return hasattr(src, "rewind")
-    if isinstance(src, (str, dict)) or hasattr(src, "__fspath__"):
-        return True
-    try:
-        return iter(src) is not src  # a list or other container, not a one-shot iterator or generator
-    except TypeError:
-        return False
-
-
 def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, fold_below: dict | None = None,
             total_samples: int = 0, observers: dict | None = None) -> tuple:
     """Run every batch through ``model`` (and ``twin``, the partly quantized copy, when given) and return
     ({XSpec: LayerStats}, samples). ``specs``: XSpec -> groups; ``fold_below``: XSpec -> row threshold for folds.
-    ``observers``: tensor name -> activation range observer (activations.py), fed the float model's values of
+    ``observers``: tensor name -> activation range observer (capture/observers.py), fed the float model's values of
     that tensor in the same pass."""
     cross = twin is not None
     fold_below = fold_below or {}

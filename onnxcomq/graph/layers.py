@@ -281,7 +281,7 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> t
     """
     bad = [t for t in op_types if t not in SUPPORTED_OPS]
     if bad:
-        raise UserError(f"--op-types: unsupported op type(s) {', '.join(bad)}; choose from {', '.join(SUPPORTED_OPS)}")
+        raise UserError(f"layers.op_types: unsupported op type(s) {', '.join(bad)}; choose from {', '.join(SUPPORTED_OPS)}")
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     consts = _float_constants(g)
@@ -314,7 +314,7 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> t
             continue
         if node.op_type not in op_types:
             skip(name, node, ("recurrent layer: " if node.op_type in RECURRENT_OPS else "")
-                 + "op type not selected (--op-types)")
+                 + "op type not selected (layers.op_types)")
             continue
         if _matches(exclude, name, node.op_type):
             skip(name, node, "excluded by --exclude")
@@ -508,3 +508,14 @@ def load_weight(model: onnx.ModelProto, name: str) -> np.ndarray:
         if t.name == name:
             return numpy_helper.to_array(t)
     raise KeyError(name)
+
+
+def check_weights(model: onnx.ModelProto, layers: list) -> None:
+    """A NaN or Inf in a weight is the user's to fix (one line naming the tensor), before any work is done."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for L in layers:
+        w = numpy_helper.to_array(inits[L.weight])
+        bad = ~np.isfinite(w)
+        if bad.any():
+            raise UserError(f"weight {L.weight} of node {L.node} holds {int(bad.sum())} NaN or Inf value(s) "
+                            f"(of {w.size}): the float model itself is broken")

@@ -34,7 +34,7 @@ def load_model(path) -> onnx.ModelProto:
     return model
 
 
-WEIGHT_OPS = SUPPORTED_OPS + ("Einsum",)  # Einsum: rewritten as MatMul (rewrite.py)
+WEIGHT_OPS = SUPPORTED_OPS + ("Einsum",)  # Einsum: rewritten as MatMul (graph/rewrite.py)
 
 
 def _needs_folding(model: onnx.ModelProto) -> bool:

@@ -87,7 +87,7 @@ def make_block_grid(W, G, cfg: SolverConfig) -> BlockGrid:
     xp = _xp(W)
     m, n = W.shape
     parts = []
-    for s, e in block_bounds(n, cfg.quant_block):
+    for s, e in block_bounds(n, cfg.block_size):
         lam = cfg.lam
         if cfg.lambda_search:
             lam = search_lambda(W[:, s:e], G[s:e, s:e], cfg.bits, cfg.scheme, "channel", cfg.lambda_grid,
@@ -95,7 +95,7 @@ def make_block_grid(W, G, cfg: SolverConfig) -> BlockGrid:
         parts.append(make_grid(W[:, s:e], cfg.bits, cfg.scheme, "channel", lam, cfg.zero_in_range))
     return BlockGrid(scale=xp.stack([p.scale for p in parts], axis=1), lo=xp.stack([p.lo for p in parts], axis=1),
                      hi=xp.stack([p.hi for p in parts], axis=1), bits=cfg.bits, scheme=cfg.scheme,
-                     block=cfg.quant_block, n=n)
+                     block=cfg.block_size, n=n)
 
 
 def block_scale_system(W, level, G, block: int):
@@ -152,9 +152,9 @@ def _block_update(xp, W, level, G, bg: BlockGrid):
 
 
 def _check(cfg: SolverConfig):
-    if cfg.granularity != "block" or cfg.quant_block < 1:
+    if cfg.granularity != "block" or cfg.block_size < 1:
         raise ValueError(f"block-wise solver needs granularity 'block' and a block size >= 1, got "
-                         f"{cfg.granularity!r}, {cfg.quant_block}")
+                         f"{cfg.granularity!r}, {cfg.block_size}")
     if cfg.order != "cyclic":
         raise ValueError(f"order {cfg.order!r} works with channel granularity only; block granularity uses the "
                          "cyclic order")
@@ -174,15 +174,15 @@ def _per_tap(fn, W, G, cfg: SolverConfig, xp) -> QuantResult:
     m, n = W.shape
     taps = cfg.block_taps
     ch = n // taps
-    if ch * taps != n or ch % cfg.quant_block:
+    if ch * taps != n or ch % cfg.block_size:
         raise ValueError(f"conv blocks need the channels ({ch}) to be a multiple of the block size "
-                         f"({cfg.quant_block}) when the kernel has {taps} taps")
+                         f"({cfg.block_size}) when the kernel has {taps} taps")
     perm = np.arange(n).reshape(ch, taps).T.reshape(-1)
     inv = np.argsort(perm)
     xp = xp or _xp(W)
     pd = xp.asarray(perm)
     res = fn(W[:, pd], G[pd][:, pd], replace(cfg, block_taps=1), xp)
-    nbc = ch // cfg.quant_block
+    nbc = ch // cfg.block_size
 
     def back(a):
         return np.ascontiguousarray(a.reshape(m, taps, nbc).transpose(0, 2, 1).reshape(m, nbc * taps))
@@ -217,7 +217,7 @@ def comq_quantize_block(W, G, cfg: SolverConfig, xp=None) -> QuantResult:
     Qt = Wt.copy()
     Rt = xp.zeros_like(Wt)
     level_t = xp.zeros_like(Wt)
-    bounds = block_bounds(n, cfg.quant_block)
+    bounds = block_bounds(n, cfg.block_size)
     history = []
     for _ in range(cfg.sweeps):
         for b, (s, e) in enumerate(bounds):

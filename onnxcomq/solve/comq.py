@@ -1,4 +1,4 @@
-"""COMQ solver: closed-form coordinate descent on integer codes, plus scale updates (../shared/docs/comq.md).
+"""COMQ solver: closed-form coordinate descent on integer codes, plus scale updates (docs/design.md, "Solve").
 
 Pure functions over an array module ``xp`` (numpy or cupy): the same code runs on the CPU and on a GPU.
 
@@ -46,8 +46,8 @@ class SolverConfig:
     # independent problems (channel granularity), so the choice per row is exact; tensor granularity: 1 solve.
     lambda_solves: int = 1
     dtype: str = "float32"  # float32 | float64
-    block_size: int = 0  # steps per lazy block; 0 = choose from the shape
-    quant_block: int = 0  # granularity "block": input columns per scale (blockwise.py)
+    step_block: int = 0  # coordinate steps per lazy-update block (an implementation detail); 0: from the shape
+    block_size: int = 0  # granularity "block": input columns per scale (blockwise.py)
     block_taps: int = 1  # conv kernel taps: columns are (channel, tap), blocks run along channels per tap
 
     @classmethod
@@ -63,9 +63,9 @@ class SolverConfig:
             raise ValueError(f"bits must be an integer in 2..8, got {self.bits!r}")
         if self.granularity not in GRANULARITIES + ("block",):
             raise ValueError(f"granularity must be one of {GRANULARITIES + ('block',)}, got {self.granularity!r}")
-        if (self.granularity == "block") != (self.quant_block > 0):
+        if (self.granularity == "block") != (self.block_size > 0):
             raise ValueError("granularity 'block' needs a block size >= 1 (and a block size needs granularity "
-                             f"'block'), got granularity {self.granularity!r} with block size {self.quant_block}")
+                             f"'block'), got granularity {self.granularity!r} with block size {self.block_size}")
         if self.granularity == "block" and self.order != "cyclic":
             raise ValueError(f"order {self.order!r} works with channel granularity only; block granularity needs "
                              "the cyclic order")
@@ -82,8 +82,8 @@ class SolverConfig:
                              f"{self.lambda_solves!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
-        if self.block_size < 0:
-            raise ValueError(f"block_size must be >= 0, got {self.block_size}")
+        if self.step_block < 0:
+            raise ValueError(f"step_block must be >= 0, got {self.step_block}")
         return self
 
 
@@ -141,7 +141,7 @@ def _rows_from_R(W, Q, R, R0, axis):
 
 def cross_objective(W, Q, G0, H, Gt) -> float:
     """||X W^T - X~ Q^T||^2 = sum_i w_i^T G0 w_i - 2 q_i^T H w_i + q_i^T G~ q_i from G0 = X^T X, H = X~^T X and
-    G~ = X~^T X~ (inputs of the float and of the partly quantized model, comq.md "Two exact extensions").
+    G~ = X~^T X~ (inputs of the float and of the partly quantized model, docs/design.md, "Sequential capture").
 
     Evaluated without cancellation as c + 2 sum E * (W (H - G~)^T) + sum E * (E G~), E = W - Q, with the input-drift
     constant c = sum_i w_i^T (G0 - H - H^T + G~) w_i formed in float64; with H = G~ = G0 it is sum e_i^T G e_i."""
@@ -405,7 +405,7 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam) -> QuantResult:
     history = []
     if cfg.order == "greedy":  # per-row orders: (m, n) layout with gathers
         order = greedy_order(W, g)
-        block = cfg.block_size or _default_block(m, n, True)
+        block = cfg.step_block or _default_block(m, n, True)
         Q = W.copy()  # the official start: Q = W, so R = (W - Q) G = 0
         R = W @ (H.T - G) if cross else xp.zeros_like(W)
         R0, c0 = (R.copy(), c) if cross else (None, 0.0)
@@ -434,7 +434,7 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam) -> QuantResult:
     Rt = (Hp - Gp) @ Wt if cross else xp.zeros_like(Wt)  # R^T = (H - G~) W^T at Q = W
     Rt0, c0 = (Rt.copy(), c) if cross else (None, 0.0)
     Hpt = xp.ascontiguousarray(Hp.T) if cross else None
-    block = cfg.block_size or _default_block(m, n, False)
+    block = cfg.step_block or _default_block(m, n, False)
     for _ in range(cfg.sweeps):
         _sweep_shared(xp, Wt, Qt, Rt, Gp, gp, gsp, grid, block)
         level_t = grid.levels_of(Qt, transposed=True)

@@ -1,4 +1,4 @@
-"""Quantization grids (docs: ../shared/docs/comq.md, "Quantizer grid").
+"""Quantization grids (docs/design.md, "Grids").
 
 A grid is, per output row i, the values ``level * scale_i`` for integer levels ``lo_i <= level <= hi_i``, with
 ``scale_i = lam * delta_i`` (delta from min-max or max-abs, lam the shrink factor). With lam = 1 (the official

@@ -29,13 +29,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..capture.observers import METHODS, ActFormat, half_up, make_observer, qparams
+from ..capture.observers import ActFormat, half_up, make_observer, qparams
 from ..errors import UserError
 from ..graph.layers import node_names, unique_name
 from .qdq import opset_of, upgrade_opset
 
 log = logging.getLogger(__name__)
-TARGETS = ("ort", "tensorrt")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SAME_SCALE_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Gather", "Slice", "Split",
                   "Resize", "Pad", "Identity")
@@ -399,61 +398,12 @@ def act_params(p: Plan, ranges: dict, fmt: ActFormat) -> dict:
     return out
 
 
-def validate_activations(cfg) -> None:
-    """UserError for impossible activation options of a QuantizeConfig."""
-    if cfg.act_bits is None:
-        extra = [n for n, v in (("act_aware", cfg.act_aware), ("act_exclude", cfg.act_exclude),
-                                ("act_scheme", cfg.act_scheme), ("act_dtype", cfg.act_dtype)) if v]
-        if extra:
-            raise UserError(f"{', '.join(extra)}: only with activation quantization: set act_bits=8 (--act-bits 8)")
-        if cfg.target == "tensorrt":  # weight-only for TensorRT: symmetric; INT4 only block-wise (DQ block_size)
-            if cfg.weight_scheme() != "sym" or cfg.official:
-                raise UserError("target tensorrt needs symmetric weights (zero point 0): drop --scheme asym / "
-                                "--official")
-            if cfg.bits <= 4 and cfg.granularity != "block":
-                raise UserError(f"target tensorrt takes {cfg.bits}-bit weights only block-wise (DequantizeLinear "
-                                "with block_size, opset 21): add --granularity block --block-size 32|64|128")
-            if cfg.bits > 4 and cfg.granularity != "channel":
-                raise UserError("target tensorrt takes int8 weights per channel: use --granularity channel")
-        return
-    if cfg.act_bits != 8:
-        raise UserError(f"act_bits must be 8 (int8/uint8 activations) or None for weight-only, got {cfg.act_bits!r}")
-    if cfg.target not in TARGETS:
-        raise UserError(f"target must be one of {', '.join(TARGETS)}, got {cfg.target!r}")
-    if cfg.act_method not in METHODS:
-        raise UserError(f"act_method must be one of {', '.join(METHODS)}, got {cfg.act_method!r}")
-    if not (50.0 < cfg.act_percentile <= 100.0):
-        raise UserError(f"act_percentile must be in (50, 100], got {cfg.act_percentile!r}")
-    if not cfg.act_max_noise > 0:
-        raise UserError(f"act_max_noise must be > 0 (inf: quantize every planned tensor), got "
-                        f"{cfg.act_max_noise!r}")
-    if cfg.act_scheme not in (None, "asym", "sym"):
-        raise UserError(f"act_scheme must be asym or sym, got {cfg.act_scheme!r}")
-    if cfg.act_dtype not in (None, "uint8", "int8"):
-        raise UserError(f"act_dtype must be uint8 or int8, got {cfg.act_dtype!r}")
-    if cfg.target == "tensorrt":
-        bad = [f"{name} {val}" for name, val, want in (
-            ("weight scheme", cfg.weight_scheme(), "sym"), ("activation scheme", cfg.act_scheme or "sym", "sym"),
-            ("activation dtype", cfg.act_dtype or "int8", "int8")) if val != want]
-        if cfg.official:
-            bad.append("--official (asymmetric weights)")
-        if bad:
-            raise UserError(f"target tensorrt needs symmetric int8 weights and activations with zero point 0; got "
-                            f"{', '.join(bad)}")
-        if cfg.bits < 5:
-            raise UserError(f"target tensorrt with {cfg.bits}-bit weights and quantized activations: TensorRT "
-                            "takes INT4 only as weight-only block-wise weights; use --bits 8 with --act-bits 8, "
-                            f"or drop --act-bits for weight-only --bits {cfg.bits} --granularity block")
-        if cfg.granularity != "channel":
-            raise UserError(f"target tensorrt with quantized activations uses per-channel weights: --granularity "
-                            f"{cfg.granularity} is not supported")
-
-
 class ActivationQuantizer:
     """Activation quantization of one run: the plan, the observers fed by the capture pass, the Q/DQ insertion."""
 
-    def __init__(self, model: onnx.ModelProto, layers, cfg):
-        self.cfg = cfg
+    def __init__(self, model: onnx.ModelProto, layers, acts, target: str = "ort", max_opset: int | None = None):
+        """``acts``: the recipe's activations section (config.Activations)."""
+        self.acts, self.target, self.max_opset = acts, target, max_opset
         if any(not n.name for n in model.graph.node):  # name every node as the reports do: the plan refers to them
             named = onnx.ModelProto()
             named.CopyFrom(model)
@@ -461,15 +411,15 @@ class ActivationQuantizer:
                 n.name = name
             model = named
         self.model = model
-        self.fmt = act_format(cfg.target, cfg.act_bits,
-                              None if cfg.act_scheme is None else cfg.act_scheme == "sym",
-                              None if cfg.act_dtype is None else cfg.act_dtype == "int8")
+        self.fmt = act_format(self.target, acts.bits,
+                              None if acts.scheme is None else acts.scheme == "sym",
+                              None if acts.dtype is None else acts.dtype == "int8")
         quantized = {c for layer in layers for c, _ in layer.consumers}
-        self.plan = plan(model, quantized, cfg.target, tuple(cfg.act_exclude), fold_relu=not self.fmt.symmetric)
+        self.plan = plan(model, quantized, self.target, tuple(acts.exclude), fold_relu=not self.fmt.symmetric)
         if not self.plan.tensors:
             raise UserError("activation quantization: no activation tensor to quantize (every candidate is "
                             "excluded, constant or not float)")
-        self.observers = {t: make_observer(cfg.act_method, cfg.act_percentile) for t in self.plan.observed}
+        self.observers = {t: make_observer(acts.method, acts.percentile) for t in self.plan.observed}
         self._params = None
         self.float_tensors = []
 
@@ -482,12 +432,12 @@ class ActivationQuantizer:
         if self._params is None:
             noise = {t: o.noise(self.fmt) for t, o in self.observers.items()}
             self.float_tensors = sorted(t for t, key in self.plan.tensors.items()
-                                        if noise[key] > self.cfg.act_max_noise)
+                                        if noise[key] > self.acts.max_noise)
             if self.float_tensors:
-                log.info("activations kept float (quantization noise > %g): %s", self.cfg.act_max_noise,
+                log.info("activations kept float (quantization noise > %g): %s", self.acts.max_noise,
                          ", ".join(self.float_tensors))
             self.plan = dataclasses.replace(self.plan, tensors={
-                t: key for t, key in self.plan.tensors.items() if noise[key] <= self.cfg.act_max_noise})
+                t: key for t, key in self.plan.tensors.items() if noise[key] <= self.acts.max_noise})
             ranges = {t: o.range(self.fmt) for t, o in self.observers.items()}
             self._params = act_params(self.plan, ranges, self.fmt)
         return self._params
@@ -496,19 +446,19 @@ class ActivationQuantizer:
         """Layer statistics from a second pass over the float model carrying the activation Q/DQ: each layer's X is
         the fake-quantized input it reads in the deployed model. ``capture(model, specs)`` runs the pass."""
         params = self.params
-        fq, dq = insert(self.model, self.plan, params, getattr(self.cfg, "max_opset", None))
+        fq, dq = insert(self.model, self.plan, params, self.max_opset)
         moved = {spec: dataclasses.replace(spec, tensor=dq.get(spec.tensor, spec.tensor)) for spec in specs}
         stats, _ = capture(fq, {moved[s]: g for s, g in specs.items()})
         return {s: stats[moved[s]] for s in specs}
 
     def insert(self, model: onnx.ModelProto) -> onnx.ModelProto:
         params = self.params
-        return insert(model, self.plan, params, getattr(self.cfg, "max_opset", None))[0]
+        return insert(model, self.plan, params, self.max_opset)[0]
 
     def metadata(self) -> dict:
         self.params  # decides which tensors stay float
-        return {"act_bits": self.cfg.act_bits, "target": self.cfg.target, "act_method": self.cfg.act_method,
+        return {"act_bits": self.acts.bits, "target": self.target, "act_method": self.acts.method,
                 "act_dtype": "int8" if self.fmt.signed else "uint8",
                 "act_scheme": "sym" if self.fmt.symmetric else "asym", "act_tensors": len(self.plan.tensors),
-                "act_float_tensors": self.float_tensors, "act_max_noise": self.cfg.act_max_noise,
-                "act_aware": bool(self.cfg.act_aware)}
+                "act_float_tensors": self.float_tensors, "act_max_noise": self.acts.max_noise,
+                "act_aware": bool(self.acts.aware)}

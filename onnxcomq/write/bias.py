@@ -1,4 +1,4 @@
-"""Free bias (../shared/docs/comq.md, "Two exact extensions"): with the bias kept float, the best bias for quantized
+"""Free bias (docs/design.md, "Free bias"): with the bias kept float, the best bias for quantized
 weights Q is b'_i = b_i + mu . (w_i - q_i), mu the mean row of X; COMQ then solves on the centered Gram
 G_c = X^T X - N mu^T mu. This module writes b' into the graph: it edits the layer's bias input (Conv, ConvTranspose,
 Gemm's C, or the constant of an Add right after a MatMul), or adds one.

@@ -79,10 +79,11 @@ class QuantizedWeight:
         raise ValueError(f"levels of {self.name} do not fit int32")
 
     def dequantized(self) -> np.ndarray:
-        """What DequantizeLinear computes (float32), in the stored layout."""
-        s = self.expand(self.scale.astype(np.float32))
-        z = self.expand(self.zero_point.astype(np.float32))
-        return ((self.codes.astype(np.float32) - z) * s).astype(np.float32)
+        """What the DequantizeLinear produces, in the stored layout and float type (float16 for a float16 weight):
+        (codes - zero point) * scale, rounded once to the output type."""
+        dt = np.float16 if self.float16 else np.float32
+        levels = self.codes.astype(np.int32) - self.expand(np.asarray(self.zero_point, np.int32))
+        return (levels * self.expand(np.asarray(self.scale, dt))).astype(dt)
 
 
 def _opset(model) -> int:
@@ -93,7 +94,6 @@ def _opset(model) -> int:
 
 
 opset_of = _opset
-MIN_MAX_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
 
 
 def weight_opset(w: "QuantizedWeight", dtype) -> tuple[int, str]:
@@ -110,27 +110,12 @@ def weight_opset(w: "QuantizedWeight", dtype) -> tuple[int, str]:
     return 13, "per-channel DequantizeLinear axis" if w.scale.ndim else "int8 DequantizeLinear"
 
 
-def validate_max_opset(cfg) -> None:
-    """UserError for a QuantizeConfig whose max_opset cannot hold its output (what a model needs beyond this,
-    e.g. float16 scales, is checked when writing)."""
-    m = getattr(cfg, "max_opset", None)
-    if m is None:
-        return
-    if not isinstance(m, int) or isinstance(m, bool) or m < MIN_MAX_OPSET:
-        raise UserError(f"max opset must be an integer >= {MIN_MAX_OPSET} (per-channel DequantizeLinear needs "
-                        f"opset 13), got {m!r}")
-    if m < 21 and cfg.granularity == "block" and getattr(cfg, "weight_format", "qdq") != "matmulnbits":
-        raise UserError(f"--max-opset {m}: --granularity block needs DequantizeLinear's block_size, opset 21; use "
-                        "--granularity channel, or --format matmulnbits (com.microsoft MatMulNBits for the MatMul "
-                        "weights, no opset 21 needed)")
-
-
 def upgrade_opset(model: onnx.ModelProto, target: int, why: str = "", max_opset: int | None = None) \
         -> onnx.ModelProto:
     """Convert ``model`` to at least opset ``target`` with onnx's version converter; ``why``: what needs it (for
     the error when ``max_opset`` is lower)."""
     if max_opset is not None and target > max_opset:
-        raise UserError(f"--max-opset {max_opset}: {why or 'the quantized model'} needs opset {target}")
+        raise UserError(f"weights.max_opset {max_opset}: {why or 'the quantized model'} needs opset {target}")
     if _opset(model) >= target:
         return model
     try:
@@ -162,12 +147,12 @@ def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: d
     if not weights:
         raise UserError("no layer was quantized: nothing to write")
     if max_opset is not None and _opset(model) > max_opset:
-        raise UserError(f"--max-opset {max_opset}: the model is already at opset {_opset(model)} (onnxcomq does not "
+        raise UserError(f"weights.max_opset {max_opset}: the model is already at opset {_opset(model)} (onnxcomq does not "
                         "lower a model's opset)")
     stored = [(w,) + tuple(w.storage(max_opset)) for w in weights]
     target, why = max((weight_opset(w, dt) for w, *_, dt in stored), key=lambda t: t[0])
     if max_opset is not None and target > max_opset:
-        raise UserError(f"--max-opset {max_opset}: {why} need opset {target}")
+        raise UserError(f"weights.max_opset {max_opset}: {why} need opset {target}")
     out = upgrade_opset(model, target, why, max_opset)
     if out is model and not inplace:
         out = onnx.ModelProto()
@@ -274,19 +259,6 @@ def with_float_weights(model: onnx.ModelProto, weights: dict) -> onnx.ModelProto
     return out
 
 
-def dequantized(qw) -> np.ndarray:
-    """The weight a QuantizedWeight's DequantizeLinear produces, in the stored layout and float type."""
-    shape = [1] * qw.codes.ndim
-    if np.ndim(qw.scale):
-        shape[qw.axis] = -1
-    dt = np.float16 if qw.float16 else np.float32
-    if qw.directions:  # (a bidirectional recurrent weight: scale [2, rows])
-        return ((qw.codes.astype(np.int32) - qw.expand(np.asarray(qw.zero_point, np.int32)))
-                * qw.expand(np.asarray(qw.scale, dt))).astype(dt)
-    scale = np.asarray(qw.scale, dt).reshape(shape)
-    return ((qw.codes.astype(np.int32) - np.asarray(qw.zero_point, np.int32).reshape(shape)) * scale).astype(dt)
-
-
 def quantized_twin(model: onnx.ModelProto, qweights: list, apply_bias, deltas: dict) -> onnx.ModelProto:
     """A float copy of ``model`` carrying the dequantized weights (and the re-fitted biases) of ``qweights``."""
     m = apply_bias(model, deltas) if deltas else onnx.ModelProto()
@@ -296,5 +268,5 @@ def quantized_twin(model: onnx.ModelProto, qweights: list, apply_bias, deltas: d
     for t in m.graph.initializer:
         qw = by_name.get(t.name)
         if qw is not None:
-            t.CopyFrom(numpy_helper.from_array(dequantized(qw), t.name))
+            t.CopyFrom(numpy_helper.from_array(qw.dequantized(), t.name))
     return m
