@@ -1,7 +1,7 @@
 """A real Paddle2ONNX model end to end through the CLI: rapidocr-onnxruntime's text-direction classifier
 (ch_ppocr_mobile_v2.0_cls_infer.onnx, opset 11, Constant-node weights, BatchNormalization, 53 convs, 585 KB)
 quantized at W4, then run on rendered text lines against the float model. The full measurement (the PP-OCRv4
-recognizer's CER and the detector's box F1) is tools/eval_ocr.py.
+recognizer's CER and the detector's box F1) is tools/bench/eval_ocr.py.
 
 Needs the rapidocr_onnxruntime package (its models only: ``pip install --no-deps rapidocr-onnxruntime==1.4.4``,
 which tools/test.sh does); skipped without it. The text is drawn with a built-in 8x12 bitmap font so that neither

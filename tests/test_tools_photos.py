@@ -1,13 +1,19 @@
-"""tools/export_efficientnet.py's photo search and split: --wide-calib adds calibration photos without changing
+"""tools/export/efficientnet.py's photo search and split: --wide-calib adds calibration photos without changing
 which photos the evaluation crops come from."""
 
+import importlib.util
 import os
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
-import export_efficientnet as ee  # noqa: E402
+# loaded by file path under a name of its own: tools/export/ is not put on sys.path (its efficientnet.py would
+# shadow any module of that name for the rest of the session)
+_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "export", "efficientnet.py")
+_SPEC = importlib.util.spec_from_file_location("tools_export_efficientnet", _PATH)
+ee = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = ee
+_SPEC.loader.exec_module(ee)
 
 
 def _photo(source, name, group=None):

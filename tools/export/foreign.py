@@ -29,7 +29,7 @@ a separate virtual environment outside the repository (versions that work togeth
     python3 -m venv /work/venv-exporters
     /work/venv-exporters/bin/pip install "tensorflow-cpu==2.15.1" "tf2onnx==1.17.0" "paddlepaddle==3.0.0" \\
         "paddle2onnx==2.1.0" "onnx==1.17.0" "numpy<2" "onnxruntime==1.20.1"
-    /work/venv-exporters/bin/python tools/export_foreign.py            # writes the three models/ files
+    /work/venv-exporters/bin/python tools/export/foreign.py            # writes the three models/ files
 
 (TF 2.15 is the last release with Keras 2, the Keras that tf2onnx's from_keras was written for; later ones were not
 tried. paddle2onnx 2.1 requires onnx <= 1.17 and reads the PIR ``.json`` program that Paddle 3's ``jit.save``
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 MEAN, STD = 0.2860, 0.3530
 

@@ -27,7 +27,7 @@ Both ONNX models use opset 17, input name ``input`` (float32
 
 The defaults reproduce the shipped files (CPU, 2 threads, fixed seeds)::
 
-    python tools/train_fmnist.py
+    python tools/export/fmnist.py
 
 Requires torch, onnx, onnxruntime and (for the dynamo exporter) onnxscript.
 The data defaults to the Debian ``dataset-fashion-mnist`` package location.
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT_DIR = REPO_ROOT / "models"
 
 # Fashion-MNIST training-set pixel statistics (after scaling to [0, 1]).

@@ -19,14 +19,14 @@ Rows per model (all at 4 bits, weight-only, activations float):
                                        the layers onnxsim quantized and no other (the rest excluded: stay float)
     onnxcomq COMQ sym b32 same layers  the default solver (sweeps, scale updates, lambda search, free bias,
                                        damping, padding mask) on that grid and layer set
-    onnxcomq COMQ default all layers   QuantizeConfig(bits=4): asymmetric per-channel, every Conv/Gemm/MatMul
+    onnxcomq COMQ default all layers   Recipe() at 4 bits: asymmetric per-channel, every Conv/Gemm/MatMul
     onnxcomq RTN  default all layers   method="rtn" on the default grid
 
 onnxcomq's symmetric grid has levels -8..7 (one more than onnxsim's -7..7) with the same step max|w| / 7.
 
 Metrics: EfficientNet-Lite0 top-1 agreement with float and mean KL(float || quant) on the held-out crops
-(tools/eval_imagenet_agreement.py); all-MiniLM-L6-v2 mean cosine to the float embeddings and recall@1
-(tools/eval_minilm.py); Fashion-MNIST CNN/ViT top-1 accuracy on models/fmnist_test.npz and agreement with float.
+(tools/bench/eval_imagenet_agreement.py); all-MiniLM-L6-v2 mean cosine to the float embeddings and recall@1
+(tools/bench/eval_minilm.py); Fashion-MNIST CNN/ViT top-1 accuracy on models/fmnist_test.npz and agreement with float.
 "time s" is the wall time of the quantization (onnxcomq: ``onnxcomq.run``; onnxsim: model load + opset conversion +
 quantize_weight_only_int4 [+ apply_*], in its own process), noisy on a shared machine.
 
@@ -35,7 +35,7 @@ The peers run in their own virtual environment, so that onnxsim's pins do not to
     python3 -m venv /work/venv-peers
     /work/venv-peers/bin/pip install onnxsim==0.8.1 onnxruntime numpy
 
-    python3 tools/bench_peers.py --peer-python /work/venv-peers/bin/python --out out/peers
+    python3 tools/bench/peers.py --peer-python /work/venv-peers/bin/python --out out/peers
 
 This script runs with the project's python (onnxcomq, onnx, onnxruntime) and calls the peers through a subprocess
 of --peer-python. Prints a markdown table.
@@ -62,9 +62,9 @@ import traceback
 
 import numpy as np
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.abspath(os.path.join(TOOLS, ".."))
-sys.path[:0] = [ROOT, TOOLS]
+HERE = os.path.dirname(os.path.abspath(__file__))  # tools/bench/: the evaluators beside this file
+ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
+sys.path[:0] = [ROOT, HERE]
 
 import eval_imagenet_agreement as ev_img  # noqa: E402
 import eval_minilm as ev_lm  # noqa: E402
@@ -124,7 +124,7 @@ print("PEER_RESULT " + json.dumps(res))
 def peer_layers(qmodel, float_model) -> tuple[list, list]:
     """(quantized, float) node names of ``float_model`` (onnxcomq's naming) for the Conv/Gemm/MatMul layers with a
     constant weight, split by whether onnxsim fed their weight from a DequantizeLinear (directly or via Reshape)."""
-    from onnxcomq.graph import find_layers, node_names
+    from onnxcomq.graph.layers import find_layers, node_names
 
     prod = {o: n for n in qmodel.graph.node for o in n.output}
 
@@ -191,7 +191,7 @@ METRICS = {"image": ("agreement", "KL"), "minilm": ("cosine", "recall@1"), "labe
 
 
 def comq_variants(done: list, left: list):
-    """(label, QuantizeConfig kwargs) of the onnxcomq rows; ``left``: the layers onnxsim kept float."""
+    """(label, flat recipe options (_recipes.py)) of the onnxcomq rows; ``left``: the layers onnxsim kept float."""
     import fnmatch
 
     pats = tuple(glob.escape(layer.node) for layer in left)  # exact names (fnmatch, brackets escaped)
@@ -205,8 +205,9 @@ def comq_variants(done: list, left: list):
 
 def bench_model(key: str, a, out_root: str) -> list:
     import onnx
+    from _recipes import recipe
 
-    from onnxcomq import QuantizeConfig, run
+    from onnxcomq import run
 
     spec = dict(MODELS[key], calib=a.calib.get(key, MODELS[key]["calib"]))
     folder = os.path.join(out_root, key)
@@ -225,7 +226,7 @@ def bench_model(key: str, a, out_root: str) -> list:
         qrtn = onnx.load(os.path.join(folder, "onnxsim_rtn.onnx"))
         done, left = peer_layers(qrtn, float_model)
     else:
-        from onnxcomq.graph import find_layers
+        from onnxcomq.graph.layers import find_layers
 
         done, left = find_layers(float_model)[0], []
     desc = f"{len(done)} layers ({', '.join(sorted({layer.op_type for layer in done}))})"
@@ -244,7 +245,7 @@ def bench_model(key: str, a, out_root: str) -> list:
     for label, kw in comq_variants(done, left):
         try:
             t0 = time.perf_counter()
-            model, report = run(spec["float"], spec["calib"], QuantizeConfig(bits=4, device="cpu", **kw))
+            model, report = run(spec["float"], spec["calib"], recipe(bits=4, device="cpu", **kw))
             sec = time.perf_counter() - t0
             ev_img.check_model(model)
             m, note = ev(model), f"{len(report.layers)} layers"

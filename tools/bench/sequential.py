@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Accuracy and time of onnxcomq configurations on the real models, in one run, as a markdown table.
 
-Each --variant is ``label:field=value,field=value`` over QuantizeConfig fields (values are Python literals), so the
-same script measures sequential capture (stages), the damping choice, and sweeps / scale updates:
+Each --variant is ``label:field=value,field=value`` over the flat option names (those of the configuration before
+recipes had sections, mapped to the recipe's sections by tools/bench/_recipes.py; ``section.field`` names any recipe
+field; values are Python literals), so the same script measures sequential capture (stages: a field of the
+sequential section turns it on), the damping choice, and sweeps / scale updates:
 
-    python tools/bench_sequential.py --model effnet --bits 4 \\
+    python tools/bench/sequential.py --model effnet --bits 4 \\
         --variant 'one-pass:sequential=False' --variant 'seq4:stages=4' --variant 'seq8:stages=8'
-    python tools/bench_sequential.py --model minilm --bits 4 3 --variant 'fixed0.1:damping=0.1' --variant auto:
-    python tools/bench_sequential.py --model cnn vit --bits 3 --variant 's1:sweeps=1,scale_update=False'
+    python tools/bench/sequential.py --model minilm --bits 4 3 --variant 'fixed0.1:damping=0.1' --variant auto:
+    python tools/bench/sequential.py --model cnn vit --bits 3 --variant 's1:sweeps=1,scale_update=False'
 
 Models: effnet (out/effnet_lite0.onnx; top-1 agreement and mean KL vs float on out/effnet_eval.npz), minilm
 (out/minilm.onnx; mean cosine of sentence embeddings to float on out/minilm_eval.npz), cnn / vit (the shipped
@@ -18,16 +20,15 @@ Differences of a few hundredths of KL on EfficientNet-Lite0 are within the sprea
 that spread, quantize with several sets of 64 crops (the first 64 of these 256 are out/effnet_calib.npz) and report
 each metric's mean and standard deviation over them:
 
-    python tools/export_efficientnet.py --skip-model --calib-crops 256 --calib-out out/effnet_calib256.npz \
+    python tools/export/efficientnet.py --skip-model --calib-crops 256 --calib-out out/effnet_calib256.npz \
         --eval-out /tmp/eval.npz --manifest-out /tmp/photos.json
-    python tools/bench_sequential.py --model effnet --calib out/effnet_calib256.npz --calib-split 4 \
+    python tools/bench/sequential.py --model effnet --calib out/effnet_calib256.npz --calib-split 4 \
         --variant default: --variant 'k1:lambda_solves=1'
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 import time
@@ -35,12 +36,14 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
 
-from onnxcomq import QuantizeConfig, run  # noqa: E402
+from _recipes import parse_items, recipe  # noqa: E402
 
-ROOT = os.path.join(HERE, "..")
+from onnxcomq import run  # noqa: E402
+
+ROOT = os.path.join(HERE, "..", "..")
 MODELS = {
     "effnet": ("out/effnet_lite0.onnx", "out/effnet_calib.npz"),
     "minilm": ("out/minilm.onnx", "out/minilm_calib.npz"),
@@ -51,14 +54,7 @@ MODELS = {
 
 def parse_variant(text: str):
     label, _, rest = text.partition(":")
-    kw = {}
-    for item in filter(None, rest.split(",")):
-        k, _, v = item.partition("=")
-        try:
-            kw[k.strip()] = ast.literal_eval(v.strip())
-        except (ValueError, SyntaxError):
-            kw[k.strip()] = v.strip()
-    return label, kw
+    return label, parse_items(rest)
 
 
 class Evaluator:
@@ -94,7 +90,8 @@ class Evaluator:
             r = self.ev.evaluate(self.ev.session(model), self.a, self.b, self.ref, 32)
             return r["cos_mean"], r["cos_min"]
         import tempfile
-        from onnxcomq.modelio import save_model
+
+        from onnxcomq.graph.modelio import save_model
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "q.onnx")
             save_model(model, out)
@@ -124,27 +121,12 @@ def calib_sets(path: str, split: int) -> list:
     return [{k: a[i * n:(i + 1) * n] for k, a in arrays.items()} for i in range(split)]
 
 
-def reuse_capture():
-    """Make onnxcomq.api's one-pass capture (no quantized twin) return cached statistics for the same layers."""
-    import onnxcomq.api as api
-    cache, real = {}, api.capture
-
-    def cached(model, twin, specs, batches, *a, **kw):
-        if twin is not None:
-            return real(model, twin, specs, batches, *a, **kw)
-        key = (frozenset(specs), repr(a[2:]), repr(sorted(kw.items())))  # the layers, the folds
-        if key not in cache:
-            cache[key] = real(model, twin, specs, batches, *a, **kw)
-        return cache[key]
-    api.capture = cached
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", default=["effnet"], choices=list(MODELS))
     ap.add_argument("--bits", nargs="+", type=int, default=[4])
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:FIELD=VALUE,...",
-                    help="a configuration to measure (repeatable); 'default:' is QuantizeConfig()")
+                    help="a configuration to measure (repeatable); 'default:' is Recipe() at --bits")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--limit", type=int, default=None, help="effnet: evaluate on the first LIMIT crops only")
     ap.add_argument("--calib", default=None, help="calibration .npz instead of the model's default")
@@ -158,23 +140,28 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.reuse_capture and args.calib_split > 1:
         ap.error("--reuse-capture reuses one calibration set's statistics: it cannot go with --calib-split")
-    if args.reuse_capture:
-        reuse_capture()
     os.chdir(ROOT)
     variants = [parse_variant(v) for v in (args.variant or ["default:"])]
+    for label, kw in variants:  # a wrong name fails now, not after the first variants' runs
+        try:
+            recipe(**{"bits": args.bits[0], "device": args.device, **kw}).validate()
+        except Exception as e:  # noqa: BLE001 - ValueError (names) or onnxcomq.UserError (values)
+            ap.error(f"--variant {label}: {e}")
     for name in args.model:
         path, calib = MODELS[name]
         sets = calib_sets(args.calib or calib, args.calib_split)
         ev = Evaluator(name, path, args.limit)
+        # --reuse-capture: the float model's one-pass statistics, captured by the first run, reused by the others
+        cache = {} if args.reuse_capture else None
         print(f"\n{name}\n\n| bits | variant | {ev.header()} | total s | capture s | solve s | damped layers "
               f"(alphas) |\n|---|---|---|---|---|---|---|---|")
         for bits in args.bits:
             for label, kw in variants:
-                cfg = QuantizeConfig(bits=bits, device=args.device, **kw)
+                cfg = recipe(**{"bits": bits, "device": args.device, **kw})
                 metrics, times = [], []
                 for source in sets:
                     t = time.perf_counter()
-                    model, rep = run(path, source, cfg)
+                    model, rep = run(path, source, cfg, stats_cache=cache)
                     times.append((time.perf_counter() - t, rep.capture_seconds, rep.solve_seconds))
                     metrics.append(ev(model))
                     del model

@@ -3,15 +3,15 @@
 evaluation sets of crops of the natural photos found on this machine.
 
 No labelled ImageNet images are available offline, so the quantized models are judged by how well they agree with the
-float model (tools/eval_imagenet_agreement.py) on many crops of real photos. This script writes:
+float model (tools/bench/eval_imagenet_agreement.py) on many crops of real photos. This script writes:
 
     out/effnet_lite0.onnx     input "input" [N,3,224,224] float32 (dynamic batch), output "logits" [N,1000]
     out/effnet_calib.npz      key "input": 64 crops (calibration)
     out/effnet_eval.npz       key "input": 400 crops (evaluation), from photos NOT used for calibration
     out/effnet_photos.json    which photos went where, the normalization, the seeds
 
-    python tools/export_efficientnet.py                    # everything above
-    python tools/export_efficientnet.py --skip-model --eval-crops 1000 --eval-out out/effnet_eval1000.npz
+    python tools/export/efficientnet.py                    # everything above
+    python tools/export/efficientnet.py --skip-model --eval-crops 1000 --eval-out out/effnet_eval1000.npz
 
 Crops: a random-resized crop of each photo (area fraction in [--min-scale, 1], aspect ratio log-uniform in [3/4, 4/3],
 horizontal flip with probability 1/2, seeded), then the standard evaluation preprocessing on that crop: resize the
@@ -58,7 +58,7 @@ It installs nothing. What it needs (pip's --no-deps keeps pip from replacing the
         && mkdir -p out/photos/opencv out/photos/plasma \
         && cp /tmp/ocv_x/usr/share/doc/opencv-doc/examples/data/*.jpg /tmp/ocv_x/usr/share/doc/opencv-doc/examples/data/*.png \
            out/photos/opencv/ && cp -r /tmp/plasma_x/usr/share/wallpapers/* out/photos/plasma/
-    python tools/export_efficientnet.py --skip-model --wide-calib --calib-out out/effnet_calib_wide.npz \
+    python tools/export/efficientnet.py --skip-model --wide-calib --calib-out out/effnet_calib_wide.npz \
         --eval-out /tmp/eval.npz --manifest-out out/effnet_photos_wide.json
 
 (darknet's imagenet.labels.list / imagenet.shortnames.list, when found, only give class names to the sanity print.)
@@ -77,7 +77,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 NORMS = {
     "tf": (np.full(3, 127.0 / 255.0, np.float32), np.full(3, 128.0 / 255.0, np.float32)),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate weight-quantized all-MiniLM-L6-v2 ONNX models against the float model on real text pairs.
 
-Data and model come from tools/export_minilm.py (out/minilm.onnx, out/minilm_calib.npz, out/minilm_eval.npz: short
+Data and model come from tools/export/minilm.py (out/minilm.onnx, out/minilm_calib.npz, out/minilm_eval.npz: short
 descriptions in the ``a_*`` keys, long descriptions in the ``b_*`` keys, row i of each from the same Debian package).
 
 Sentence embedding: mean of ``last_hidden_state`` over the tokens where attention_mask is 1, then L2 normalization
@@ -14,12 +14,13 @@ Sentence embedding: mean of ``last_hidden_state`` over the tokens where attentio
 * top-1 same as float: fraction of short descriptions whose nearest long description is the same as with the float
   model (more sensitive than recall@1, which quantization noise moves both ways).
 
-    python tools/eval_minilm.py --quantized out/a.onnx out/b.onnx       # evaluate existing quantized models
-    python tools/eval_minilm.py --quantize                              # COMQ and RTN at 8, 4, 3 bits, then evaluate
-    python tools/eval_minilm.py --quantize --bits 4 --save-dir out/minilm_q   # also write the quantized models
+    python tools/bench/eval_minilm.py --quantized out/a.onnx out/b.onnx      # evaluate existing quantized models
+    python tools/bench/eval_minilm.py --quantize                             # COMQ and RTN at 8, 4, 3 bits, then evaluate
+    python tools/bench/eval_minilm.py --quantize --bits 4 --save-dir out/minilm_q # also write the quantized models
 
-Quantization uses onnxcomq's default config (``QuantizeConfig(bits=b)``, COMQ) and ``method="rtn"`` on the same
-grid, with the calibration npz; "quantize s" is the wall time of ``onnxcomq.run`` (load, capture, solve, emit).
+Quantization uses onnxcomq's default recipe at b bits (``Recipe(weights=Weights(bits=b))``, COMQ) and weights
+``method="rtn"`` on the same grid, with the calibration npz; "quantize s" is the wall time of ``onnxcomq.run``
+(load, capture, solve, emit).
 Every quantized model goes through onnx.checker and onnxruntime; a failure is printed with its traceback and the
 run goes on with the other models (exit status 1).
 
@@ -37,7 +38,7 @@ import traceback
 
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 
 
@@ -104,10 +105,9 @@ def check_model(model) -> None:
 
 
 def quantize(float_path: str, calib: str, bits: int, method: str, device: str):
-    from onnxcomq import QuantizeConfig, run
+    from onnxcomq import Recipe, run
 
-    cfg = QuantizeConfig(bits=bits, device=device) if method == "comq" else \
-        QuantizeConfig(bits=bits, method="rtn", device=device)
+    cfg = Recipe().updated({"weights": {"bits": bits, "method": method}, "solver": {"device": device}})
     t0 = time.perf_counter()
     model, report = run(float_path, calib, cfg)
     return model, report, time.perf_counter() - t0

@@ -2,9 +2,9 @@
 """Quantize the shipped reference models with COMQ (default and official configurations) and round-to-nearest at
 8/4/3/2 bits in one run; print top-1 accuracy on the held-out test set, file size and wall time as a markdown table.
 
-    python tools/bench_e2e.py                       # both Fashion-MNIST models, all bit widths
-    python tools/bench_e2e.py --models cnn --bits 4 3
-    python tools/bench_e2e.py --models keras_cnn keras_vit paddle_cnn --bits 8 4 3 --methods COMQ RTN
+    python tools/bench/e2e.py                       # both Fashion-MNIST models, all bit widths
+    python tools/bench/e2e.py --models cnn --bits 4 3
+    python tools/bench/e2e.py --models keras_cnn keras_vit paddle_cnn --bits 8 4 3 --methods COMQ RTN
 """
 
 from __future__ import annotations
@@ -17,19 +17,22 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _recipes beside this file
 
-from onnxcomq import QuantizeConfig, run  # noqa: E402
+from _recipes import recipe  # noqa: E402
+
+from onnxcomq import run  # noqa: E402
 from onnxcomq.evaluate import top1_accuracy  # noqa: E402
-from onnxcomq.modelio import save_model  # noqa: E402
+from onnxcomq.graph.modelio import save_model  # noqa: E402
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 MODELS = {"cnn": "models/fmnist_cnn.onnx", "vit": "models/fmnist_vit.onnx",
-          # exported by tools/export_foreign.py (tf2onnx opset 13, NHWC input; Paddle2ONNX opset 11)
+          # exported by tools/export/foreign.py (tf2onnx opset 13, NHWC input; Paddle2ONNX opset 11)
           "keras_cnn": "models/fmnist_keras_cnn.onnx", "keras_vit": "models/fmnist_keras_vit.onnx",
           "paddle_cnn": "models/fmnist_paddle_cnn.onnx"}
 NHWC = ("keras_cnn", "keras_vit")  # their input is the shipped NCHW arrays transposed
-METHODS = {
+METHODS = {  # flat recipe options (tools/bench/_recipes.py)
     "COMQ": dict(),
     "COMQ official": dict(official=True),
     "RTN": dict(method="rtn"),
@@ -61,7 +64,7 @@ def main(argv=None):
             for bits in args.bits:
                 for label in args.methods:
                     kw = METHODS[label]
-                    cfg = QuantizeConfig(bits=bits, device=args.device, max_samples=args.max_samples, **kw)
+                    cfg = recipe(bits=bits, device=args.device, max_samples=args.max_samples, **kw)
                     t = time.perf_counter()
                     model, rep = run(path, calib, cfg)
                     out = os.path.join(tmp, f"{name}.{bits}.onnx")

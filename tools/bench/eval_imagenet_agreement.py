@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How closely quantized ImageNet classifiers follow their float model, without labels.
 
-On the crops of an evaluation .npz (tools/export_efficientnet.py writes out/effnet_eval.npz) it compares each
+On the crops of an evaluation .npz (tools/export/efficientnet.py writes out/effnet_eval.npz) it compares each
 quantized model's softmax with the float model's:
 
     agreement all        share of crops where the quantized top-1 class equals the float top-1 class
@@ -10,13 +10,13 @@ quantized model's softmax with the float model's:
 
 Compare models that exist:
 
-    python tools/eval_imagenet_agreement.py --float out/effnet_lite0.onnx --eval out/effnet_eval.npz \\
+    python tools/bench/eval_imagenet_agreement.py --float out/effnet_lite0.onnx --eval out/effnet_eval.npz \\
         out/effnet_lite0.w4.onnx out/other.onnx
 
-Quantize and compare in one run (COMQ with onnxcomq's default configuration and round-to-nearest on the same
+Quantize and compare in one run (COMQ with onnxcomq's default recipe and round-to-nearest on the same
 per-channel grid, at 8, 4 and 3 bits, each timed; --save-dir keeps the quantized models):
 
-    python tools/eval_imagenet_agreement.py --quantize --float out/effnet_lite0.onnx \\
+    python tools/bench/eval_imagenet_agreement.py --quantize --float out/effnet_lite0.onnx \\
         --calib out/effnet_calib.npz --eval out/effnet_eval.npz --save-dir out/effnet_q
 
 Every quantized model is checked with onnx.checker (full_check) and must load in onnxruntime; a configuration whose
@@ -27,6 +27,7 @@ Prints a markdown table. Needs numpy, onnx, onnxruntime and, for --quantize, the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ import traceback
 
 import numpy as np
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 
 def load_eval(path: str, key: str | None) -> np.ndarray:
@@ -142,10 +143,10 @@ def main(argv=None) -> int:
         except ImportError:  # not installed: this checkout's package
             sys.path.insert(0, ROOT)
             import onnxcomq
-        from onnxcomq import QuantizeConfig, run
+        from onnxcomq import Recipe, run
 
         print(f"onnxcomq {getattr(onnxcomq, '__version__', '?')} from {os.path.dirname(onnxcomq.__file__)}; "
-              f"config {QuantizeConfig()}", flush=True)
+              f"recipe {json.dumps(Recipe().to_dict())}", flush=True)
 
         stem = os.path.splitext(os.path.basename(a.float_model))[0]
         if a.save_dir:
@@ -153,7 +154,8 @@ def main(argv=None) -> int:
         for bits in a.bits:
             for method in a.methods:
                 tag = f"{method} w{bits}"
-                cfg = QuantizeConfig(bits=bits, method=method, device=a.device)  # per-channel asym by default
+                # the default recipe (per-channel asym) at these bits, COMQ or round-to-nearest on its grid
+                cfg = Recipe().updated({"weights": {"bits": bits, "method": method}, "solver": {"device": a.device}})
                 stage = "onnxcomq.run"
                 try:
                     t0 = time.perf_counter()

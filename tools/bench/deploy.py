@@ -3,9 +3,9 @@
 quantization (QDQ, per-channel, same calibration data, after onnxruntime's preprocess step) and onnxcomq W8A8 / W4A8
 (``--act-bits 8 --target ort``), in one run; prints a markdown table.
 
-    python tools/bench_deploy.py                          # Fashion-MNIST CNN and ViT (top-1 on models/fmnist_test.npz)
-    python tools/bench_deploy.py --models cnn --threads 1 --rounds 15
-    python tools/bench_deploy.py --real                   # also EfficientNet-Lite0 (top-1 agreement with float) and
+    python tools/bench/deploy.py                          # Fashion-MNIST CNN and ViT (top-1 on models/fmnist_test.npz)
+    python tools/bench/deploy.py --models cnn --threads 1 --rounds 15
+    python tools/bench/deploy.py --real                   # also EfficientNet-Lite0 (top-1 agreement with float) and
                                                           # MiniLM (mean cosine to float embeddings), from out/
 
 Latency: sessions with ORT_ENABLE_ALL, ``--threads`` intra-op threads and 1 inter-op thread; batch 1 and 8; for
@@ -28,23 +28,29 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the evaluators beside this file
 
-from onnxcomq import QuantizeConfig, run  # noqa: E402
-from onnxcomq.modelio import save_model  # noqa: E402
+from _recipes import recipe  # noqa: E402
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+from onnxcomq import run  # noqa: E402
+from onnxcomq.graph.modelio import save_model  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 FMNIST = {"cnn": "models/fmnist_cnn.onnx", "vit": "models/fmnist_vit.onnx"}
 REAL = {"effnet": ("out/effnet_lite0.onnx", "out/effnet_calib.npz", "out/effnet_eval.npz"),
         "minilm": ("out/minilm.onnx", "out/minilm_calib.npz", "out/minilm_eval.npz")}
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
-VARIANTS = {"W8A8 onnxcomq": dict(bits=8), "W4A8 onnxcomq": dict(bits=4)}
+VARIANTS = {"W8A8 onnxcomq": dict(bits=8), "W4A8 onnxcomq": dict(bits=4)}  # flat recipe options (_recipes.py)
 
 
 def quantize_static_qdq(src: str, dst: str, calib: dict, batch: int = 32, **kw) -> None:
     """onnxruntime's preprocess, then quantize_static (QDQ, per-channel) with the calibration arrays."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        quantize_static,
+    )
 
     pre = dst + ".pre.onnx"
     cmd = [sys.executable, "-m", "onnxruntime.quantization.preprocess", "--input", os.path.abspath(src),
@@ -147,8 +153,8 @@ def _build(name, src, calib, out_dir, args, config_kw=None):
     paths["ort quantize_static"] = qs
     for label, kw in VARIANTS.items():
         t = time.perf_counter()
-        cfg = QuantizeConfig(act_bits=8, target="ort", act_method=args.act_method, act_aware=args.act_aware,
-                             device="cpu", **kw, **(config_kw or {}))
+        cfg = recipe(act_bits=8, target="ort", act_method=args.act_method, act_aware=args.act_aware,
+                     device="cpu", **kw, **(config_kw or {}))
         model, _ = run(src, calib, cfg)
         p = os.path.join(out_dir, f"{name}.{label.split()[0]}.onnx")
         save_model(model, p)
@@ -177,7 +183,7 @@ def _real(out_dir, args):
     for name in args.real_models:
         src, calib_path, eval_path = REAL[name]
         if not os.path.exists(src):
-            print(f"| {name} | (missing {src}: build it with tools/export_*.py) | | | | | | | |")
+            print(f"| {name} | (missing {src}: build it with tools/export/*.py) | | | | | | | |")
             continue
         calib = dict(np.load(calib_path))
         paths, secs = _build(name, src, calib, out_dir, args)

@@ -4,7 +4,7 @@ alpha (G + alpha * mean(diag G) * I) for a grid of alphas, and measure its error
 held-out data (other photos): the held-out relative error ||X_h (W - Q)^T||^2 / ||X_h W^T||^2 per layer and alpha,
 and what damping "scaled" gives that layer. This is the measurement behind the default ``--damping scaled``.
 
-    python tools/damping_study.py out/effnet_lite0.onnx --calib out/effnet_calib.npz --held-out out/effnet_eval.npz
+    python tools/studies/damping.py out/effnet_lite0.onnx --calib out/effnet_calib.npz --held-out out/effnet_eval.npz
 
 One pass on float inputs (no sequential capture), centered statistics (the free bias), the default solver at
 ``--bits``. Prints a markdown table: per layer its rows per input, the alpha "scaled" picks and its held-out error,
@@ -19,16 +19,16 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from onnxcomq import QuantizeConfig  # noqa: E402
-from onnxcomq.api import _damp, _solve_groups, scaled_damping  # noqa: E402
-from onnxcomq.calib import Calibration, model_inputs  # noqa: E402
-from onnxcomq.capture import collect_stats  # noqa: E402
-from onnxcomq.graph import find_layers, load_weight  # noqa: E402
-from onnxcomq.modelio import prepare_model  # noqa: E402
+from onnxcomq import Recipe, Weights  # noqa: E402
+from onnxcomq.capture.calib import Calibration, model_inputs  # noqa: E402
+from onnxcomq.capture.passes import collect_stats  # noqa: E402
+from onnxcomq.graph.layers import find_layers, load_weight  # noqa: E402
+from onnxcomq.graph.modelio import prepare_model  # noqa: E402
 from onnxcomq.precision import conv_taps  # noqa: E402
-from onnxcomq.solver import objective  # noqa: E402
+from onnxcomq.solve.comq import objective  # noqa: E402
+from onnxcomq.solve.layer import damp, scaled_damping, solve_groups  # noqa: E402
 
 
 def capture(model, layers, path, batch, samples):
@@ -38,7 +38,7 @@ def capture(model, layers, path, batch, samples):
 
 def solve(mats, grams, cfg):
     """COMQ weights per group, dispatched as the pipeline does (batched groups or one by one), float32."""
-    _, comqs = _solve_groups(np, mats, grams, grams, cfg, np.float32, comq=True, rtn=False)
+    _, comqs = solve_groups(np, mats, grams, grams, cfg, np.float32, comq=True, rtn=False)
     return [r.qweight for r in comqs]
 
 
@@ -62,7 +62,7 @@ def main(argv=None):
     layers, _ = find_layers(model)
     cal, n_cal = capture(model, layers, a.calib, a.batch_size, None)
     held, n_held = capture(model, layers, a.held_out, a.batch_size, a.held_out_samples)
-    qc = QuantizeConfig(bits=a.bits)
+    recipe = Recipe(weights=Weights(bits=a.bits))
     print(f"{a.model}: W{a.bits}, {n_cal} calibration samples, {n_held} held-out samples\n")
     print("| layer | shape | rows / input | scaled alpha | its error | best alpha | "
           + " | ".join(f"a={v:g}" for v in alphas) + " |")
@@ -74,12 +74,13 @@ def main(argv=None):
         mats = [m.astype(np.float32) for m in L.to_matrices(load_weight(model, L.weight))]
         gc = [cal[spec].centered(k) for k in range(L.groups)]
         gh = [held[spec].centered(k) for k in range(L.groups)]
-        cfg = qc.solver_config(taps=conv_taps(L))
+        cfg = recipe.solver_config(taps=conv_taps(L))
         rows = cal[spec].rows
-        scaled = scaled_damping(rows, spec.fan_in, qc.damping_scale, qc.damping_max)
+        reg = recipe.regularization
+        scaled = scaled_damping(rows, spec.fan_in, reg.scale, reg.max)
         errs = []
         for alpha in alphas + [scaled]:
-            damped = [st[0] for st in _damp([(G, None, None) for G in gc], alpha)]
+            damped = [st[0] for st in damp([(G, None, None) for G in gc], alpha)]
             errs.append(rel_error(mats, solve(mats, damped, cfg), gh))
         best = min(errs[:-1])
         print(f"| {L.node} | {'x'.join(map(str, L.weight_shape))} | {rows / spec.fan_in:.3g} | {scaled:.3g} | "

@@ -5,8 +5,8 @@ The weights are random (seeded), so accuracy is meaningless: this model is for t
 The calibration images are smooth random images (low-resolution noise upsampled bilinearly to 224x224, normalized
 with the ImageNet mean/std), which give activations closer to real images than white noise.
 
-    python tools/export_resnet18.py                                          # out/resnet18.onnx + 64 images
-    python tools/export_resnet18.py --skip-model --samples 512 --calib-out out/resnet18_calib512.npz
+    python tools/export/resnet18.py                                          # out/resnet18.onnx + 64 images
+    python tools/export/resnet18.py --skip-model --samples 512 --calib-out out/resnet18_calib512.npz
 
 Needs torch and transformers (``pip install transformers==4.57.6``); writes only under the given paths.
 """
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
 

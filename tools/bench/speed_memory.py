@@ -11,11 +11,11 @@ Memory: peak RSS (``ru_maxrss`` of each child, from ``os.wait4``: one fresh proc
 onnxcomq CLI with 64 vs 512 calibration samples, on ResNet-18 (a 64-image and a 512-image .npz) and on the
 Fashion-MNIST CNN (``--max-samples 64`` vs all 512 of models/fmnist_calib.npz).
 
-    python tools/bench_speed_memory.py                    # everything; creates out/resnet18*.onnx/npz if missing
-    python tools/bench_speed_memory.py --skip-memory --repeats 1
-    python tools/bench_speed_memory.py --skip-speed --skip-resnet-memory
+    python tools/bench/speed_memory.py                    # everything; creates out/resnet18*.onnx/npz if missing
+    python tools/bench/speed_memory.py --skip-memory --repeats 1
+    python tools/bench/speed_memory.py --skip-speed --skip-resnet-memory
     # issue 14: EfficientNet-Lite0 and MiniLM, 32 vs 256 samples at 8 and 4 bits, and the ratio to quantize_static
-    python tools/bench_speed_memory.py --models effnet=out/effnet_lite0.onnx,out/effnet_calib256.npz \
+    python tools/bench/speed_memory.py --models effnet=out/effnet_lite0.onnx,out/effnet_calib256.npz \
         minilm=out/minilm.onnx,out/minilm_calib.npz [--parts memory|speed] [--bits 8 4] [--repeats 1]
 
 Note onnxcomq quantizes weights only (with a COMQ solve per layer), quantize_static quantizes weights by rounding
@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 PY = sys.executable
 EXTRA: list = []  # --comq-args
 
@@ -61,7 +61,12 @@ def _npz_reader(calib: str, batch: int):
 
 
 def worker_ort_static(model: str, calib: str, out: str, batch: int) -> dict:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     t0 = time.perf_counter()
     reader, _ = _npz_reader(calib, batch)
@@ -145,15 +150,19 @@ def onnxcomq_cmd(model: str, calib: str, out: str, report: str | None = None, ma
 
 
 def source_fingerprint() -> str:
-    """Short hash of onnxcomq/*.py, to notice the package changing under a long benchmark."""
+    """Short hash of onnxcomq/**/*.py (the subpackages too), to notice the package changing under a long
+    benchmark."""
     import hashlib
 
     h = hashlib.sha1()
     pkg = os.path.join(ROOT, "onnxcomq")
-    for name in sorted(os.listdir(pkg)):
-        if name.endswith(".py"):
-            with open(os.path.join(pkg, name), "rb") as f:
-                h.update(name.encode() + b"\0" + f.read())
+    for folder, dirs, files in sorted(os.walk(pkg)):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, name), pkg)
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(rel.encode() + b"\0" + f.read())
     return h.hexdigest()[:12]
 
 
@@ -175,13 +184,13 @@ def fmt(x, nd=1):
 
 
 def ensure_resnet(model: str, calib64: str, calib512: str | None):
-    exporter = os.path.join(ROOT, "tools", "export_resnet18.py")
+    exporter = os.path.join(ROOT, "tools", "export", "resnet18.py")
     if not os.path.exists(model) or not os.path.exists(calib64):
-        print(f"creating {model} and {calib64} with tools/export_resnet18.py", flush=True)
+        print(f"creating {model} and {calib64} with tools/export/resnet18.py", flush=True)
         subprocess.run([PY, exporter, "--model-out", model, "--calib-out", calib64, "--samples", "64"]
                        + (["--skip-model"] if os.path.exists(model) else []), check=True, cwd=ROOT)
     if calib512 and not os.path.exists(calib512):
-        print(f"creating {calib512} with tools/export_resnet18.py", flush=True)
+        print(f"creating {calib512} with tools/export/resnet18.py", flush=True)
         subprocess.run([PY, exporter, "--skip-model", "--calib-out", calib512, "--samples", "512"],
                        check=True, cwd=ROOT)
 
@@ -287,7 +296,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-resnet-memory", action="store_true", help="memory test on the small model only")
     ap.add_argument("--comq-args", default="",
-                    help="extra onnxcomq CLI options for every onnxcomq run, e.g. '--order greedy'")
+                    help="extra onnxcomq CLI options for every onnxcomq run, e.g. '--order greedy' (options the CLI "
+                         "no longer has go into WORK_DIR/comq_args.recipe.json, given as --recipe)")
     ap.add_argument("--max-load", type=float, default=1.5, help="wait while the 1-min load average is above this")
     ap.add_argument("--max-wait", type=float, default=600, help="wait at most this many seconds for a quiet machine")
     ap.add_argument("--models", nargs="+", metavar="NAME=MODEL,NPZ", default=None,
@@ -303,7 +313,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     os.chdir(ROOT)
-    EXTRA[:] = a.comq_args.split()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _recipes beside this file
+    from _recipes import cli_args
+
+    EXTRA[:] = cli_args(a.comq_args.split(), os.path.join(a.work_dir, "comq_args.recipe.json"))
     fp0 = source_fingerprint()
     os.makedirs(a.work_dir, exist_ok=True)
     need_512 = not a.skip_memory and not a.skip_resnet_memory

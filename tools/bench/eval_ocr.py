@@ -36,11 +36,14 @@ quantized text against the float text, the per-frame argmax agreement and the co
 det: box F1 of the quantized boxes against the float boxes and the mean absolute difference of the probability maps.
 
 Every quantized model comes from the CLI (``onnxcomq quantize MODEL -o OUT --calib NPZ --bits B [--method rtn]``,
-a subprocess, its wall time measured); a failure (exit status, NaN outputs) is recorded and the run goes on.
+a subprocess, its wall time measured); a failure (exit status, NaN outputs) is recorded and the run goes on. The
+flags of the old command line that ``onnxcomq quantize`` no longer has (--method, --order, --sweeps, --damping, ...)
+are written into a recipe file beside the model (out/ocr/{task}_{variant}.recipe.json) and given as --recipe
+(tools/bench/_recipes.py).
 
-    python tools/eval_ocr.py                          # rec and det: float, W8, W4, W4 RTN; 3 evaluation sets
-    python tools/eval_ocr.py --task rec --bits 4 --sets 5
-    python tools/eval_ocr.py --variant 'w4:--bits 4' --variant 'w4b:--bits 4 --granularity block'
+    python tools/bench/eval_ocr.py                          # rec and det: float, W8, W4, W4 RTN; 3 evaluation sets
+    python tools/bench/eval_ocr.py --task rec --bits 4 --sets 5
+    python tools/bench/eval_ocr.py --variant 'w4:--bits 4' --variant 'w4b:--bits 4 --granularity block'
 
 Writes out/ocr/{rec,det}_calib.npz, the quantized models out/ocr/{task}_{variant}.onnx, the CLI's reports and logs,
 and out/ocr/results.json (every number, per set; a run of one task keeps the other task's results there); prints a
@@ -64,7 +67,11 @@ import time
 
 import numpy as np
 
-ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _recipes beside this file (no onnxcomq import)
+
+from _recipes import cli_args  # noqa: E402
+
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 MODELS = {"rec": "ch_PP-OCRv4_rec_infer.onnx", "det": "ch_PP-OCRv4_det_infer.onnx",
           "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx"}
 DEFAULT_VARIANTS = ["w8:--bits 8", "w4:--bits 4", "w4-rtn:--bits 4 --method rtn"]
@@ -511,7 +518,7 @@ def onnxcomq_cli() -> list[str]:
 
 def quantize(model: str, out: str, calib: str, flags: str, report: str, log: str) -> dict:
     cmd = onnxcomq_cli() + ["quantize", model, "-o", out, "--calib", calib, "--report", report, "--quiet"]
-    cmd += shlex.split(flags)
+    cmd += cli_args(shlex.split(flags), os.path.splitext(out)[0] + ".recipe.json")
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t

