@@ -317,6 +317,19 @@ class Recipe:
         return makers[name](**kw)
 
     # ------------------------------------------------------------------ derived values
+    def layer_policy(self, bits: int, granularity: str, taps: int, free_bias: bool, damping, correct: bool):
+        """What solve.layer.quantize_layer does for one layer (its bits and granularity from precision.py's plan,
+        ``taps`` of a conv kernel; ``free_bias`` where a re-fitted bias is exact; ``correct``: may correct its input
+        error in sequential capture)."""
+        from .solve.layer import LayerPolicy
+
+        reg, seq = self.regularization, self.sequential
+        return LayerPolicy(self.solver_config(bits, granularity, taps), comq=self.weights.method == "comq",
+                           free_bias=free_bias, damping=damping, damping_scale=reg.scale, damping_max=reg.max,
+                           few_rows=reg.few_rows, damping_grid=reg.grid, correct=correct,
+                           **({} if seq is None else dict(strength=seq.strength, correct_rows=seq.min_rows,
+                                                          correct_few_rows=seq.few_rows)))
+
     def weight_scheme(self) -> str:
         return self.weights.scheme or ("sym" if self.activations is not None or self.target == "tensorrt"
                                        else "asym")

@@ -10,37 +10,23 @@ import dataclasses
 import logging
 import time
 
-import numpy as np
 import onnx
 
 from . import progress as _progress
-from .capture.calib import (
-    Calibration,
-    KeepFirst,
-    model_inputs,
-    reiterable,
-    resolve_mask_input,
-)
+from .capture.calib import Calibration, KeepFirst, model_inputs, reiterable, resolve_mask_input
 from .capture.gram import check_stats
 from .capture.memory import choose_batch, peak_rss_mb
-from .capture.passes import capture, plan_stages, stage_entries
+from .capture.passes import capture, split_stages, stage_entries
 from .config import Recipe
 from .errors import UserError
-from .graph.layers import (
-    RECURRENT_OPS,
-    check_weights,
-    find_layers,
-    load_weight,
-    node_names,
-    with_rnn_outputs,
-)
+from .graph.layers import RECURRENT_OPS, check_weights, find_layers, load_weight, node_names, with_rnn_outputs
 from .graph.modelio import model_bytes, prepare_model
 from .graph.rewrite import rewrite_to_matmul
-from .precision import average_bits, conv_taps, first_feeds, mixed_precision, plan_layers
-from .report import LayerReport, Report
+from .precision import conv_taps, first_feeds, mixed_precision, plan_layers
+from .report import RNN_ROLE, LayerReport, Report, bits_summary, layer_row, run_metadata
 from .solve.backend import get_xp
-from .solve.blockwise import block_layout
-from .solve.layer import LayerPolicy, quantize_layer
+from .solve.comq import on_sweep
+from .solve.layer import quantize_layer
 from .verify import VerificationError, problems, verify
 from .verify import to_dicts as verify_dicts
 from .verify import warnings as verify_warnings
@@ -48,32 +34,9 @@ from .write.activations import ActivationQuantizer
 from .write.bias import apply as apply_bias
 from .write.bias import bias_target
 from .write.matmulnbits import emit_matmulnbits
-from .write.qdq import (
-    QuantizedWeight,
-    emit_qdq,
-    opset_change,
-    quantized_twin,
-    set_metadata,
-)
+from .write.qdq import emit_qdq, opset_change, quantized_twin, quantized_weight, set_metadata
 
 log = logging.getLogger("onnxcomq")
-_RNN_ROLE = {"rnn_input": "W: input sequence", "rnn_hidden": "R: hidden states"}  # (the report's note)
-
-
-class _NoBar:
-    """A progress bar that shows nothing (progress off)."""
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 def quantize(model_or_path, calibration, recipe: Recipe | None = None) -> onnx.ModelProto:
@@ -122,7 +85,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     held = []  # the first calibration samples, for the check of the output (kept as the first pass streams)
     if recipe.check.enabled:
         batches = KeepFirst(batches, held, calib, recipe.check.samples)
-    stages = plan_stages(layers, recipe.sequential.stages) if sequential else [layers]
+    stages = split_stages(layers, recipe.sequential.stages) if sequential else [layers]
     xp = get_xp(sv.device)
     nodes = dict(zip(node_names(model), model.graph.node))
     inits = {t.name: t for t in model.graph.initializer}
@@ -133,8 +96,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     peaks = {}
     total = calib.num_samples or 0
 
-    def bar(total=None, desc="", unit=""):
-        return _progress.bar(progress, total=total, desc=desc, unit=unit) or _NoBar()
+    bar = _progress.bars(progress)
 
     solve_bar = None
     try:
@@ -170,18 +132,26 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
                 {layer.node for layer in stage} if correction == "all" else set()
             if solve_bar is None:
                 solve_bar = bar(len(layers), "solve", "layer")
+            sweeps = [0]
+
+            def swept(bar=solve_bar):  # a long layer's solve advances the line: "solve: 3/50 layers [node: sweep 7]"
+                sweeps[0] += 1
+                bar.set_postfix_str(f"[{layer.node}: sweep {sweeps[0]}]", refresh=False)
+                bar.update(0)
+
             for layer in stage:
+                sweeps[0] = 0
                 use_bias = free_bias and not official and len(layer.consumers) == 1 and \
                     layer.op_type not in RECURRENT_OPS and bias_target(nodes[layer.consumers[0][0]], inits) is None
-                qw, delta, rep = _quantize(recipe, plan, model, layer, stats, xp, use_bias,
-                                           0.0 if official else damping, layer.node in entry)
+                with on_sweep(swept):
+                    qw, delta, rep = _quantize(recipe, plan, model, layer, stats, xp, use_bias,
+                                               0.0 if official else damping, layer.node in entry)
                 rep.stage = s
                 qweights.append(qw)
                 reports.append(rep)
                 if delta is not None:
                     deltas[layer.consumers[0][0]] = delta
-                if solve_bar is not None:
-                    solve_bar.update(1)
+                solve_bar.update(1)
             t_solve += time.perf_counter() - t0
             peaks["solve"] = peak_rss_mb()
             del stats, twin
@@ -189,19 +159,8 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
         if solve_bar is not None:
             solve_bar.close()
 
-    base_cfg = recipe.solver_config()
-    meta = {"method": w.method, "bits": base_cfg.bits, "granularity": base_cfg.granularity,
-            "scheme": base_cfg.scheme, "order": base_cfg.order, "sweeps": base_cfg.sweeps,
-            "scale_update": base_cfg.scale_update, "lambda": "search" if base_cfg.lambda_search else base_cfg.lam,
-            "official": official, "bias_correction": bool(deltas), "calibration_samples": samples,
-            "mask_input": mask_input, "damping": 0.0 if official else damping,
-            "sequential_stages": len(stages) if len(stages) > 1 else 0}
-    if base_cfg.granularity == "block":
-        meta["block_size"] = base_cfg.block_size
-    if w.format != "qdq":
-        meta["weight_format"] = w.format
-    if acts is not None:
-        meta.update(acts.metadata())
+    meta = run_metadata(recipe, official, bool(deltas), samples, mask_input, len(stages),
+                        acts.metadata() if acts is not None else None)
     out = apply_bias(model, deltas) if deltas else model
     owned = out is not model  # a private copy: the emitters may edit it in place (saves a copy of a large model)
     nbits = [q for q in qweights if plan[q.name].format == "matmulnbits"]
@@ -217,11 +176,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     meta.update(batch_size=calib.batch_size, max_memory=budget, batch_choice=batch_note)
     report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)
     report.recipe = recipe.to_dict()
-    params = {L.weight: int(np.prod(L.weight_shape)) for L in layers}
-    report.avg_bits = average_bits({L.weight: plan[L.weight].bits for L in layers}, params)
-    int4 = w.max_opset is None or w.max_opset >= 21  # else 2..4-bit codes in int8 containers
-    report.storage_bits = average_bits({L.weight: 4 if plan[L.weight].bits <= 4 and int4 else 8 for L in layers},
-                                       params)
+    bits_summary(report, layers, plan, w.max_opset)
     report.mixed_precision = mp
     peaks["emit"] = peak_rss_mb()
     report.peak_rss_mb = peaks
@@ -245,47 +200,17 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
 
 
 def _quantize(recipe: Recipe, plan: dict, model, layer, stats: dict, xp, use_bias: bool, damping, correct: bool):
-    """One layer: its weight matrices and statistics to quantize_layer, the result back in the weight's layout
+    """One layer: its weight matrices and statistics to quantize_layer; returns the result in the weight's layout
     (QuantizedWeight), the bias change, and the report row."""
     lp = plan[layer.weight]
-    reg, seq = recipe.regularization, recipe.sequential
-    policy = LayerPolicy(recipe.solver_config(lp.bits, lp.granularity, taps=conv_taps(layer)),
-                         comq=recipe.weights.method == "comq", free_bias=use_bias, damping=damping,
-                         damping_scale=reg.scale, damping_max=reg.max, few_rows=reg.few_rows, damping_grid=reg.grid,
-                         correct=correct, **({} if seq is None else dict(
-                             strength=seq.strength, correct_rows=seq.min_rows, correct_few_rows=seq.few_rows)))
-    tl = time.perf_counter()
+    policy = recipe.layer_policy(lp.bits, lp.granularity, conv_taps(layer), use_bias, damping, correct)
+    t0 = time.perf_counter()
     mats = layer.to_matrices(load_weight(model, layer.weight))
     res = quantize_layer(mats, [stats[spec] for _, spec in layer.consumers], policy, layer.x.fan_in, xp)
-    scfg = res.solver
     if layer.op_type in RECURRENT_OPS and res.input_energy == 0:
         log.warning("%s: weight %s (%s) read zeros in every calibration row (e.g. R, with one-step sequences from "
-                    "a zero initial state): rounded to nearest", layer.node, layer.weight, _RNN_ROLE[layer.x.kind])
-    scale = np.concatenate(res.scales)
-    zp = np.concatenate(res.zero_points)
-    if scfg.granularity == "tensor":
-        if np.unique(scale).size > 1 or np.unique(zp).size > 1:
-            raise UserError(f"{layer.node}: per-tensor granularity with {layer.groups} conv groups is not "
-                            "supported (each group gets its own scale); use --granularity channel")
-        scale, zp = scale[:1].reshape(()), zp[:1].reshape(())
-    axis = layer.axis
-    if scfg.granularity == "block":
-        scale, zp, axis = block_layout(layer, scale, zp)
-    directions = 0
-    if layer.op_type in RECURRENT_OPS and layer.groups > 1 and scale.ndim:
-        # per (direction, gate row) scales of W/R [2, gates * hidden, n]: scale [2, gates * hidden] (written as
-        # one DequantizeLinear per direction and a Concat)
-        scale, zp, directions = scale.reshape(layer.groups, -1), zp.reshape(layer.groups, -1), layer.groups
-    qw = QuantizedWeight(layer.weight, layer.from_matrices(res.codes), scale, zp, axis, scfg.bits,
-                         signed=scfg.scheme == "sym", float16=layer.float16, block_size=scfg.block_size,
-                         directions=directions)
-    report = LayerReport(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), layer.groups, scfg.bits,
-                         res.rows, res.comq_error, res.rtn_error, time.perf_counter() - tl, rtn_groups=res.rtn_groups,
-                         bias_corrected=res.bias_delta is not None, damped=res.damping > 0, damping=res.damping,
-                         corrected=res.corrected, consumers=[c for c, _ in layer.consumers],
-                         granularity=scfg.granularity, weight_format=lp.format,
-                         note="; ".join(x for x in (_RNN_ROLE.get(layer.x.kind, ""), lp.note) if x))
-    return qw, res.bias_delta, report
+                    "a zero initial state): rounded to nearest", layer.node, layer.weight, RNN_ROLE[layer.x.kind])
+    return quantized_weight(layer, res), res.bias_delta, layer_row(layer, res, lp, time.perf_counter() - t0)
 
 
 __all__ = ["Recipe", "Report", "LayerReport", "VerificationError", "quantize", "run"]

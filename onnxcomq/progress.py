@@ -45,6 +45,7 @@ class LineProgress:
         self.interval, self._clock = interval, clock
         self.start = self._last = clock()
         self.closed = False
+        self.postfix = ""
         self._write(self._count())
 
     def _count(self) -> str:
@@ -68,7 +69,11 @@ class LineProgress:
         now = self._clock()
         if now - self._last >= self.interval:
             self._last = now
-            self._write(f"{self._count()} ({now - self.start:.0f} s)")
+            self._write(f"{self._count()} ({now - self.start:.0f} s)" + (f" {self.postfix}" if self.postfix else ""))
+
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        """What is being worked on now (tqdm's name): shown on the next progress line."""
+        self.postfix = text
 
     def close(self) -> None:
         if self.closed:
@@ -97,4 +102,30 @@ def bar(enabled: bool, total: int | None = None, desc: str = "", unit: str = "it
     return LineProgress(total, desc, unit)
 
 
-__all__ = ["INTERVAL_S", "LineProgress", "bar", "enabled_for"]
+class NullBar:
+    """The progress object of a run without progress: every call does nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def bars(enabled: bool):
+    """A function ``(total, desc, unit) -> progress object`` (a NullBar where progress is off)."""
+    def make(total: int | None = None, desc: str = "", unit: str = "it"):
+        return bar(enabled, total=total, desc=desc, unit=unit) or NullBar()
+    return make
+
+
+__all__ = ["INTERVAL_S", "LineProgress", "NullBar", "bar", "bars", "enabled_for"]

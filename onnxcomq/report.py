@@ -7,6 +7,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass
 class LayerReport:
@@ -359,3 +361,47 @@ def write_png(report, path) -> str:
             os.unlink(tmp)
         raise
     return path
+
+
+RNN_ROLE = {"rnn_input": "W: input sequence", "rnn_hidden": "R: hidden states"}  # (the note of a recurrent layer)
+
+
+def layer_row(layer, res, plan, seconds: float) -> LayerReport:
+    """The report's row of a solved layer (``res``: solve.layer.LayerResult; ``plan``: precision.LayerPlan)."""
+    scfg = res.solver
+    return LayerReport(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), layer.groups, scfg.bits,
+                       res.rows, res.comq_error, res.rtn_error, seconds, rtn_groups=res.rtn_groups,
+                       bias_corrected=res.bias_delta is not None, damped=res.damping > 0, damping=res.damping,
+                       corrected=res.corrected, consumers=[c for c, _ in layer.consumers],
+                       granularity=scfg.granularity, weight_format=plan.format,
+                       note="; ".join(x for x in (RNN_ROLE.get(layer.x.kind, ""), plan.note) if x))
+
+
+def run_metadata(recipe, official: bool, bias_corrected: bool, samples: int, mask_input, stages: int,
+                 activations: dict | None) -> dict:
+    """What the quantized model's metadata (onnxcomq.config) says about the run that made it."""
+    base = recipe.solver_config()
+    meta = {"method": recipe.weights.method, "bits": base.bits, "granularity": base.granularity,
+            "scheme": base.scheme, "order": base.order, "sweeps": base.sweeps, "scale_update": base.scale_update,
+            "lambda": "search" if base.lambda_search else base.lam, "official": official,
+            "bias_correction": bias_corrected, "calibration_samples": samples, "mask_input": mask_input,
+            "damping": 0.0 if official else recipe.regularization.damping,
+            "sequential_stages": stages if stages > 1 else 0}
+    if base.granularity == "block":
+        meta["block_size"] = base.block_size
+    if recipe.weights.format != "qdq":
+        meta["weight_format"] = recipe.weights.format
+    meta.update(activations or {})
+    return meta
+
+
+def bits_summary(report: Report, layers: list, plan: dict, max_opset) -> None:
+    """Set the report's average bits (parameter-weighted) and the same as stored (2..4-bit codes take 4 bits as
+    int4, 8 in the int8 containers below opset 21)."""
+    from .precision import average_bits
+
+    params = {L.weight: int(np.prod(L.weight_shape)) for L in layers}
+    report.avg_bits = average_bits({L.weight: plan[L.weight].bits for L in layers}, params)
+    int4 = max_opset is None or max_opset >= 21
+    report.storage_bits = average_bits({L.weight: 4 if plan[L.weight].bits <= 4 and int4 else 8 for L in layers},
+                                       params)

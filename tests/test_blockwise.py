@@ -14,13 +14,7 @@ import pytest
 from builders import recipe
 from hypothesis import given, settings
 from onnx import numpy_helper
-from reference import (
-    block_scales_lstsq,
-    block_step_loop,
-    grid_table,
-    nearest_bruteforce,
-    objective,
-)
+from reference import block_scales_lstsq, block_step_loop, grid_table, nearest_bruteforce, objective
 from test_solver import xp  # noqa: F401  (numpy, and cupy where a CUDA device is present)
 
 from onnxcomq import UserError, run

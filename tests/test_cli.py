@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import builders
-from builders import recipe, recipe_args
 import numpy as np
 import onnx
 import pytest
+from builders import recipe, recipe_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CNN = os.path.join(ROOT, "models", "fmnist_cnn.onnx")

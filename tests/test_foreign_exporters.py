@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_pipeline import _dequantized_reference, float_twin
 
 from onnxcomq import UserError, run
-from onnxcomq.graph.rewrite import plan, rewrite_to_matmul
+from onnxcomq.graph.rewrite import einsum_layout, rewrite_to_matmul
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "models")
@@ -406,7 +406,7 @@ def test_einsum_weight_quantized_as_matmul(equation, weight_first):
                                              ("abc,cd->ab", "not a contraction"),  # d summed away on the weight
                                              ("...c,cd->...d", "not a plain")])
 def test_einsum_that_is_not_a_plain_contraction_is_left_float_and_reported(equation, reason):
-    assert reason in plan(equation, 1)
+    assert reason in einsum_layout(equation, 1)
     w = np.ones((3, 4, 2) if equation.startswith("abc,acd") else (4, 2), np.float32)
     x_shape = (3, 5, 4)
     model = einsum_model(equation, x_shape, w)

@@ -15,13 +15,7 @@ from onnx import numpy_helper
 from onnxcomq import UserError, run
 from onnxcomq.cli import main
 from onnxcomq.graph.layers import find_layers
-from onnxcomq.precision import (
-    allocate,
-    average_bits,
-    fixed_bits,
-    output_sensitivity,
-    parse_layer_bits,
-)
+from onnxcomq.precision import allocate, average_bits, fixed_bits, output_sensitivity, parse_layer_bits
 from onnxcomq.write.qdq import with_float_weights
 
 

@@ -235,3 +235,22 @@ def test_progress_survives_a_closed_stderr(monkeypatch):
     b.update(2)
     b.close()
     assert b.closed
+
+
+def test_a_long_solve_advances_the_progress_line(monkeypatch, capsys):
+    """Off a terminal, the solve line names the layer and its sweep between layers (every INTERVAL_S; here 0)."""
+    import functools
+
+    import numpy as np
+
+    import onnxcomq
+    from onnxcomq import progress
+
+    monkeypatch.setattr(progress, "LineProgress", functools.partial(progress.LineProgress, interval=0.0))
+    x = np.load(os.path.join(os.path.dirname(__file__), "..", "models", "fmnist_calib.npz"))["input"][:8]
+    r = onnxcomq.Recipe().updated({"solver": {"sweeps": 2, "lambda_solves": 1}})
+    onnxcomq.run(os.path.join(os.path.dirname(__file__), "..", "models", "fmnist_cnn.onnx"), {"input": x}, r,
+                 progress=True)
+    err = capsys.readouterr().err
+    assert "onnxcomq: solve: 0/6 layers (0 s) [/features/features.0/features.0.0/Conv: sweep 1]" in err
+    assert "[/classifier/Gemm: sweep 2]" in err and "sweep 3]" not in err

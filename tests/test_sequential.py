@@ -16,19 +16,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomq import run
 from onnxcomq.capture.gram import LayerStats
-from onnxcomq.capture.passes import capture, plan_stages, stage_entries, stage_model
+from onnxcomq.capture.passes import capture, split_stages, stage_entries, stage_model
 from onnxcomq.capture.rows import im2col
 from onnxcomq.capture.session import capture_model
 from onnxcomq.cli import main as cli_main
 from onnxcomq.errors import UserError
 from onnxcomq.graph.layers import find_layers
-from onnxcomq.solve.comq import (
-    SolverConfig,
-    comq_quantize,
-    comq_quantize_groups,
-    cross_objective,
-    rtn_quantize,
-)
+from onnxcomq.solve.comq import SolverConfig, comq_quantize, comq_quantize_groups, cross_objective, rtn_quantize
 from onnxcomq.solve.grid import make_grid
 from onnxcomq.write.qdq import quantized_twin
 
@@ -261,7 +255,7 @@ def test_stage_model_keeps_only_what_the_stage_needs():
 def test_plan_stages_contiguous_and_balanced():
     layers = list(range(11))
     for n in (1, 2, 4, 11, 20):
-        stages = plan_stages(layers, n)
+        stages = split_stages(layers, n)
         assert [x for s in stages for x in s] == layers
         assert len(stages) == min(n, 11)
         assert max(map(len, stages)) - min(map(len, stages)) <= 1

@@ -358,3 +358,24 @@ def test_lambda_solves_rejects_out_of_range():
     for k in (0, 8, 2.0):
         with pytest.raises(ValueError, match="lambda_solves"):
             comq_quantize(W, G, SolverConfig(lambda_solves=k))
+
+
+@pytest.mark.parametrize("order", ["cyclic", "greedy"])
+def test_on_sweep_is_called_once_per_sweep_of_every_solve(order):
+    from onnxcomq.solve.blockwise import comq_quantize_block
+    from onnxcomq.solve.comq import comq_quantize_groups, on_sweep
+
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((6, 16))
+    X = rng.standard_normal((40, 16))
+    G = X.T @ X
+    calls = []
+    with on_sweep(lambda: calls.append(1)):
+        comq_quantize(W, G, SolverConfig(order=order, sweeps=3, lambda_search=True, lambda_solves=2), np)
+        assert len(calls) == 3 * 2
+        comq_quantize_groups(np.stack([W, W]), np.stack([G, G]), SolverConfig(sweeps=2, lambda_search=False), np)
+        assert len(calls) == 6 + 2
+        comq_quantize_block(W, G, SolverConfig(sweeps=4, granularity="block", block_size=8, lambda_search=False), np)
+        assert len(calls) == 8 + 4
+    comq_quantize(W, G, SolverConfig(sweeps=3), np)  # (outside the block: no call)
+    assert len(calls) == 12

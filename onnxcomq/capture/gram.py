@@ -10,13 +10,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..graph.layers import XSpec
-from .rows import (
-    RNN_KINDS,
-    blas_threads,
-    conv_output_shape,
-    convtranspose_as_conv,
-    im2col_t,
-)
+from .rows import RNN_KINDS, blas_threads, conv_output_shape, convtranspose_as_conv, im2col_t
 
 CHUNK_ROWS = 8192  # rows of X per GEMM: large enough to keep the GEMMs efficient, small enough for the cache
 CHUNK_BYTES = 32 << 20  # bytes of X per chunk (a conv image too large for it is cut into bands of output rows)

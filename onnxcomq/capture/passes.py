@@ -12,12 +12,7 @@ from ..graph.layers import node_names
 from ..graph.modelio import copy_fields
 from .calib import batch_samples
 from .gram import LayerStats
-from .rows import (
-    RNN_KINDS,
-    free_scratch,
-    rnn_rows,
-    spec_tensors,
-)
+from .rows import RNN_KINDS, free_scratch, rnn_rows, spec_tensors
 from .session import capture_model, make_session, run_session
 
 
@@ -69,7 +64,7 @@ def stage_entries(model: onnx.ModelProto, stage: list) -> set:
     return {layer.node for layer in stage if all(spec.tensor not in down for _, spec in layer.consumers)}
 
 
-def plan_stages(layers: list, stages: int) -> list:
+def split_stages(layers: list, stages: int) -> list:
     """Split the layers (in graph order) into ``stages`` contiguous groups of about equal count."""
     stages = max(1, min(stages, len(layers)))
     bounds = np.linspace(0, len(layers), stages + 1).round().astype(int)

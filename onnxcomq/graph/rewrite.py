@@ -39,7 +39,7 @@ def parse(equation: str, n_inputs: int = 2):
     return ins, out
 
 
-def plan(equation: str, weight_index: int):
+def einsum_layout(equation: str, weight_index: int):
     """How to rewrite ``Einsum(equation)`` whose operand ``weight_index`` is the weight, or why not (a str):
     (x_perm, n_free_x, w_perm, n_contracted, out_perm or None)."""
     parsed = parse(equation)
@@ -105,7 +105,7 @@ def rewrite_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
                                                                            onnx.TensorProto.FLOAT16):
             continue
         eq = _equation(node, inits, ranks)
-        p = plan(eq, const[0]) if eq else "unknown rank"
+        p = einsum_layout(eq, const[0]) if eq else "unknown rank"
         if not isinstance(p, str):
             todo[i] = (name, const[0], p)
     if not todo:

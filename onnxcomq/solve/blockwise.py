@@ -23,14 +23,7 @@ import numpy as np
 
 from .backend import array_module as _xp
 from .backend import to_numpy
-from .comq import (
-    QuantResult,
-    SolverConfig,
-    _objective_from_R,
-    _prepare,
-    _step_block,
-    objective,
-)
+from .comq import QuantResult, SolverConfig, _objective_from_R, _prepare, _step_block, _swept, objective
 from .grid import Grid, make_grid, search_lambda
 
 LAZY_MAX = 256  # at most this many steps per lazy block (a quantization block larger than this is cut further)
@@ -228,6 +221,7 @@ def comq_quantize_block(W, G, cfg: SolverConfig, xp=None) -> QuantResult:
                                 G[t0:t1, t0:t1, None], grid.nearest_value, False, 16)
                 Rt += G[:, t0:t1] @ D
             level_t[s:e] = grid.levels_of(Qt[s:e], transposed=True)
+        _swept()
         history.append(_objective_from_R(Wt, Qt, Rt))
         if cfg.scale_update:
             Q = _block_update(xp, W, xp.ascontiguousarray(level_t.T), G, bg)

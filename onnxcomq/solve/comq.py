@@ -14,6 +14,8 @@ rows (cyclic), and a scatter + GEMM for per-row (greedy) orders.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field, replace
 
@@ -23,6 +25,25 @@ from .backend import array_module, to_numpy
 from .grid import GRANULARITIES, SCHEMES, Grid, make_grid, search_lambda
 
 ORDERS = ("greedy", "cyclic", "importance")
+
+
+_SWEEP_HOOK = contextvars.ContextVar("onnxcomq_sweep_hook", default=None)
+
+
+@contextlib.contextmanager
+def on_sweep(fn):
+    """Within the block, ``fn()`` is called after every coordinate sweep of every solve (progress of long layers)."""
+    token = _SWEEP_HOOK.set(fn)
+    try:
+        yield
+    finally:
+        _SWEEP_HOOK.reset(token)
+
+
+def _swept() -> None:
+    fn = _SWEEP_HOOK.get()
+    if fn is not None:
+        fn()
 
 
 @dataclass(frozen=True)
@@ -411,6 +432,7 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam) -> QuantResult:
         R0, c0 = (R.copy(), c) if cross else (None, 0.0)
         for _ in range(cfg.sweeps):
             _sweep_rows(xp, W, Q, R, G, g, gsafe, grid, order, block)
+            _swept()
             level = grid.levels_of(Q)
             history.append(_objective_from_R(W, Q, R, R0, c0))
             if cfg.scale_update:
@@ -437,6 +459,7 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam) -> QuantResult:
     block = cfg.step_block or _default_block(m, n, False)
     for _ in range(cfg.sweeps):
         _sweep_shared(xp, Wt, Qt, Rt, Gp, gp, gsp, grid, block)
+        _swept()
         level_t = grid.levels_of(Qt, transposed=True)
         history.append(_objective_from_R(Wt, Qt, Rt, Rt0, c0))
         if cfg.scale_update:
@@ -549,6 +572,7 @@ def _comq_solve_groups(cfg: SolverConfig, xp, W3, G3, H3, c3, lam) -> list:
             d = qt - q
             Q3[:, :, t] = q
             R3 += d[:, :, None] * G3[:, None, t, :]
+        _swept()
         level3 = grid.levels_of(Q3.reshape(B * m, n)).reshape(B, m, n)
         histories.append(_group_from_R(W3, Q3, R3, R30, c3))
         if cfg.scale_update:
@@ -562,5 +586,5 @@ def _comq_solve_groups(cfg: SolverConfig, xp, W3, G3, H3, c3, lam) -> list:
     return out
 
 
-__all__ = ["SolverConfig", "QuantResult", "comq_quantize", "rtn_quantize", "comq_quantize_groups",
+__all__ = ["SolverConfig", "QuantResult", "on_sweep", "comq_quantize", "rtn_quantize", "comq_quantize_groups",
            "rtn_quantize_groups", "objective", "cross_objective", "greedy_order", "importance_order"]

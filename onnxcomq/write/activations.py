@@ -1,6 +1,6 @@
 """Activation Q/DQ placement per runtime target, and its insertion into a model.
 
-``plan`` decides, before calibration, which activation tensors get a QuantizeLinear -> DequantizeLinear pair and which
+``place`` decides, before calibration, which activation tensors get a QuantizeLinear -> DequantizeLinear pair and which
 tensors share quantization parameters; ``insert`` writes the pairs once the ranges are known.
 
 target "ort" (onnxruntime CPU; uint8 asymmetric activations): Q/DQ on the inputs and outputs of the quantized
@@ -49,7 +49,7 @@ def act_format(target: str, bits: int = 8, symmetric: bool | None = None, signed
 
 
 @dataclass
-class Plan:
+class Placement:
     target: str
     # quantized tensor -> the tensor whose observed range gives its parameters (data movement shares its input's)
     tensors: dict = field(default_factory=dict)
@@ -91,8 +91,8 @@ def _tensor_info(model: onnx.ModelProto) -> tuple[set, dict, set]:
     return floats, shapes, halves
 
 
-def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", exclude=(), fold_relu: bool = True) \
-        -> Plan:
+def place(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", exclude=(), fold_relu: bool = True) \
+        -> Placement:
     """Where the Q/DQ pairs go. ``quantized_nodes``: names (as ``graph.node_names`` gives them) of the layers whose
     weights are quantized; MatMuls between two activations are added. ``exclude``: fnmatch patterns over node
     names, op types and tensor names that stay float. ``fold_relu`` (ort, asymmetric activations only: the range
@@ -112,7 +112,7 @@ def plan(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", excl
         for o in n.output:
             producer[o] = (name, n)
 
-    p = Plan(target)
+    p = Placement(target)
 
     def ok(t):
         return t and t in floats and t not in consts and not _matches(exclude, t)
@@ -213,7 +213,7 @@ def _foldable(t, consumers, graph_outputs, exclude, inits):
     return None
 
 
-def insert(model: onnx.ModelProto, p: Plan, params: dict, max_opset: int | None = None) \
+def insert(model: onnx.ModelProto, p: Placement, params: dict, max_opset: int | None = None) \
         -> tuple[onnx.ModelProto, dict]:
     """A copy of ``model`` with a QuantizeLinear -> DequantizeLinear pair on every planned tensor.
 
@@ -335,7 +335,7 @@ def _bias_adds(g, taken: set) -> None:
             g.initializer.remove(inits[name])
 
 
-def _int32_biases(g, p: Plan, params: dict, taken: set) -> None:
+def _int32_biases(g, p: Placement, params: dict, taken: set) -> None:
     """onnxruntime fuses DQ -> Gemm into QGemm only when the bias is DequantizeLinear(int32, scale_a * scale_w)
     (QLinearConv takes an int32 bias too): rewrite float Gemm and Conv biases that way (the int32 rounding error
     is at most half a step of scale_a * scale_w, far below the output's quantization step)."""
@@ -387,7 +387,7 @@ def _int32_biases(g, p: Plan, params: dict, taken: set) -> None:
         g.node.extend(nodes)
 
 
-def act_params(p: Plan, ranges: dict, fmt: ActFormat) -> dict:
+def act_params(p: Placement, ranges: dict, fmt: ActFormat) -> dict:
     """observed tensor -> (scale, zero point, dtype) from its (lo, hi) range; the scale of a tensor that a float16
     tensor shares is a float16 number (exact in both types)."""
     out = {}
@@ -399,12 +399,12 @@ def act_params(p: Plan, ranges: dict, fmt: ActFormat) -> dict:
 
 
 class ActivationQuantizer:
-    """Activation quantization of one run: the plan, the observers fed by the capture pass, the Q/DQ insertion."""
+    """Activation quantization of one run: the placement, the observers fed by the capture pass, the Q/DQ insertion."""
 
     def __init__(self, model: onnx.ModelProto, layers, acts, target: str = "ort", max_opset: int | None = None):
         """``acts``: the recipe's activations section (config.Activations)."""
         self.acts, self.target, self.max_opset = acts, target, max_opset
-        if any(not n.name for n in model.graph.node):  # name every node as the reports do: the plan refers to them
+        if any(not n.name for n in model.graph.node):  # name every node as the reports do: the placement refers to them
             named = onnx.ModelProto()
             named.CopyFrom(model)
             for n, name in zip(named.graph.node, node_names(named)):
@@ -415,50 +415,50 @@ class ActivationQuantizer:
                               None if acts.scheme is None else acts.scheme == "sym",
                               None if acts.dtype is None else acts.dtype == "int8")
         quantized = {c for layer in layers for c, _ in layer.consumers}
-        self.plan = plan(model, quantized, self.target, tuple(acts.exclude), fold_relu=not self.fmt.symmetric)
-        if not self.plan.tensors:
+        self.placement = place(model, quantized, self.target, tuple(acts.exclude), fold_relu=not self.fmt.symmetric)
+        if not self.placement.tensors:
             raise UserError("activation quantization: no activation tensor to quantize (every candidate is "
                             "excluded, constant or not float)")
-        self.observers = {t: make_observer(acts.method, acts.percentile) for t in self.plan.observed}
+        self.observers = {t: make_observer(acts.method, acts.percentile) for t in self.placement.observed}
         self._params = None
         self.float_tensors = []
 
     @property
     def params(self) -> dict:
         """Quantization parameters from the observed ranges; on first use, tensors whose quantization noise
-        (E[(x - fq(x))^2] / E[x^2] on the calibration histogram) exceeds act_max_noise are dropped from the plan:
+        (E[(x - fq(x))^2] / E[x^2] on the calibration histogram) exceeds max_noise are dropped from the placement:
         they stay float (e.g. outlier-heavy transformer residual streams, where 8 bits cannot hold both the
         outliers and the bulk)."""
         if self._params is None:
             noise = {t: o.noise(self.fmt) for t, o in self.observers.items()}
-            self.float_tensors = sorted(t for t, key in self.plan.tensors.items()
+            self.float_tensors = sorted(t for t, key in self.placement.tensors.items()
                                         if noise[key] > self.acts.max_noise)
             if self.float_tensors:
                 log.info("activations kept float (quantization noise > %g): %s", self.acts.max_noise,
                          ", ".join(self.float_tensors))
-            self.plan = dataclasses.replace(self.plan, tensors={
-                t: key for t, key in self.plan.tensors.items() if noise[key] <= self.acts.max_noise})
+            self.placement = dataclasses.replace(self.placement, tensors={
+                t: key for t, key in self.placement.tensors.items() if noise[key] <= self.acts.max_noise})
             ranges = {t: o.range(self.fmt) for t, o in self.observers.items()}
-            self._params = act_params(self.plan, ranges, self.fmt)
+            self._params = act_params(self.placement, ranges, self.fmt)
         return self._params
 
     def aware_stats(self, specs: dict, calib, capture) -> dict:
         """Layer statistics from a second pass over the float model carrying the activation Q/DQ: each layer's X is
         the fake-quantized input it reads in the deployed model. ``capture(model, specs)`` runs the pass."""
         params = self.params
-        fq, dq = insert(self.model, self.plan, params, self.max_opset)
+        fq, dq = insert(self.model, self.placement, params, self.max_opset)
         moved = {spec: dataclasses.replace(spec, tensor=dq.get(spec.tensor, spec.tensor)) for spec in specs}
         stats, _ = capture(fq, {moved[s]: g for s, g in specs.items()})
         return {s: stats[moved[s]] for s in specs}
 
     def insert(self, model: onnx.ModelProto) -> onnx.ModelProto:
         params = self.params
-        return insert(model, self.plan, params, self.max_opset)[0]
+        return insert(model, self.placement, params, self.max_opset)[0]
 
     def metadata(self) -> dict:
         self.params  # decides which tensors stay float
         return {"act_bits": self.acts.bits, "target": self.target, "act_method": self.acts.method,
                 "act_dtype": "int8" if self.fmt.signed else "uint8",
-                "act_scheme": "sym" if self.fmt.symmetric else "asym", "act_tensors": len(self.plan.tensors),
+                "act_scheme": "sym" if self.fmt.symmetric else "asym", "act_tensors": len(self.placement.tensors),
                 "act_float_tensors": self.float_tensors, "act_max_noise": self.acts.max_noise,
                 "act_aware": bool(self.acts.aware)}

@@ -86,6 +86,33 @@ class QuantizedWeight:
         return (levels * self.expand(np.asarray(self.scale, dt))).astype(dt)
 
 
+def quantized_weight(layer, res) -> QuantizedWeight:
+    """A layer's solve (solve.layer.LayerResult, rows per group) in the layout of its weight tensor: per-tensor
+    scales as scalars, block scales beside the codes, per-direction scales of a bidirectional recurrent weight."""
+    from ..graph.layers import RECURRENT_OPS
+    from ..solve.blockwise import block_layout
+
+    scfg = res.solver
+    scale = np.concatenate(res.scales)
+    zp = np.concatenate(res.zero_points)
+    if scfg.granularity == "tensor":
+        if np.unique(scale).size > 1 or np.unique(zp).size > 1:
+            raise UserError(f"{layer.node}: per-tensor granularity with {layer.groups} conv groups is not "
+                            "supported (each group gets its own scale); use --granularity channel")
+        scale, zp = scale[:1].reshape(()), zp[:1].reshape(())
+    axis = layer.axis
+    if scfg.granularity == "block":
+        scale, zp, axis = block_layout(layer, scale, zp)
+    directions = 0
+    if layer.op_type in RECURRENT_OPS and layer.groups > 1 and scale.ndim:
+        # per (direction, gate row) scales of W/R [2, gates * hidden, n]: scale [2, gates * hidden] (written as
+        # one DequantizeLinear per direction and a Concat)
+        scale, zp, directions = scale.reshape(layer.groups, -1), zp.reshape(layer.groups, -1), layer.groups
+    return QuantizedWeight(layer.weight, layer.from_matrices(res.codes), scale, zp, axis, scfg.bits,
+                           signed=scfg.scheme == "sym", float16=layer.float16, block_size=scfg.block_size,
+                           directions=directions)
+
+
 def _opset(model) -> int:
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):

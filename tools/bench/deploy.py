@@ -46,11 +46,7 @@ VARIANTS = {"W8A8 onnxcomq": dict(bits=8), "W4A8 onnxcomq": dict(bits=4)}  # fla
 
 def quantize_static_qdq(src: str, dst: str, calib: dict, batch: int = 32, **kw) -> None:
     """onnxruntime's preprocess, then quantize_static (QDQ, per-channel) with the calibration arrays."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     pre = dst + ".pre.onnx"
     cmd = [sys.executable, "-m", "onnxruntime.quantization.preprocess", "--input", os.path.abspath(src),

@@ -61,12 +61,7 @@ def _npz_reader(calib: str, batch: int):
 
 
 def worker_ort_static(model: str, calib: str, out: str, batch: int) -> dict:
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     t0 = time.perf_counter()
     reader, _ = _npz_reader(calib, batch)
