@@ -17,6 +17,7 @@ from .capture.calib import Calibration, KeepFirst, model_inputs, reiterable, res
 from .capture.gram import check_stats
 from .capture.memory import choose_batch, peak_rss_mb
 from .capture.passes import capture, split_stages, stage_entries
+from .capture.session import run_model
 from .config import Recipe
 from .errors import UserError
 from .graph.layers import RECURRENT_OPS, check_weights, find_layers, load_weight, node_names, with_rnn_outputs
@@ -32,7 +33,7 @@ from .verify import to_dicts as verify_dicts
 from .verify import warnings as verify_warnings
 from .write.activations import ActivationQuantizer
 from .write.bias import apply as apply_bias
-from .write.bias import bias_target
+from .write.bias import bias_target, has_bias
 from .write.matmulnbits import emit_matmulnbits
 from .write.qdq import emit_qdq, opset_change, quantized_twin, quantized_weight, set_metadata
 
@@ -89,6 +90,10 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     xp = get_xp(sv.device)
     nodes = dict(zip(node_names(model), model.graph.node))
     inits = {t.name: t for t in model.graph.initializer}
+    readers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
     free_bias = sv.bias_correction and comq
     qweights, reports, deltas, mp = [], [], {}, {}
     cap_model = with_rnn_outputs(model, layers)  # (recurrent nodes without a Y output get one for capture)
@@ -116,6 +121,8 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
                                              observers=acts.observers if acts is not None else None)
                 if stats_cache is not None and twin is None and acts is None:
                     stats_cache[key] = (stats, samples)
+            if acts is not None:  # activations upstream of a Log, a divisor...: judged by the error at that op
+                acts.judge_sensitive(held or first_feeds(calib, recipe.check.samples), run_model)
             if acts is not None and recipe.activations.aware:  # G from the inputs the deployed layers see
                 def second_pass(m, sp):
                     with bar(total or None, "capture (quantized activations)", "sample") as b:
@@ -141,8 +148,11 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
 
             for layer in stage:
                 sweeps[0] = 0
+                node = nodes[layer.consumers[0][0]]
                 use_bias = free_bias and not official and len(layer.consumers) == 1 and \
-                    layer.op_type not in RECURRENT_OPS and bias_target(nodes[layer.consumers[0][0]], inits) is None
+                    layer.op_type not in RECURRENT_OPS and bias_target(node, inits) is None and \
+                    has_bias(node, inits, readers, layer.out_channels * (
+                        layer.groups if layer.op_type == "ConvTranspose" else 1))
                 with on_sweep(swept):
                     qw, delta, rep = _quantize(recipe, plan, model, layer, stats, xp, use_bias,
                                                0.0 if official else damping, layer.node in entry)

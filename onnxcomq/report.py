@@ -203,10 +203,12 @@ def summary(report, model_path: str, output_path: str) -> list:
     c = report.config
     lines = [format_table(report), *format_skipped(report.skipped)]
     if c.get("act_bits"):
-        kept = c["act_float_tensors"]
+        kept, sens = c["act_float_tensors"], c.get("act_float_sensitive", [])
         lines.append(f"activations: {c['act_tensors']} tensors quantized for {c['target']} ({c['act_method']})"
                      + (f"; {len(kept)} kept float (quantization noise > {c['act_max_noise']:g}): "
-                        f"{', '.join(kept[:5])}" + (" ..." if len(kept) > 5 else "") if kept else ""))
+                        f"{', '.join(kept[:5])}" + (" ..." if len(kept) > 5 else "") if kept else "")
+                     + (f"; {len(sens)} kept float for their error through Log/Div/Pow/Sqrt/Reciprocal/Exp: "
+                        f"{', '.join(sens[:5])}" + (" ..." if len(sens) > 5 else "") if sens else ""))
     mixed = len({L.bits for L in report.layers}) > 1
     lines.append(f"quantized {len(report.layers)} layers ({c['method']}, "
                  + (f"{report.avg_bits:.2f} average bits, {report.storage_bits:.2f} as stored" if mixed

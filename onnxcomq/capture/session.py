@@ -86,3 +86,9 @@ def run_session(sess: ort.InferenceSession, fetch: list | None, feed: dict, firs
                     (f" {', '.join(ints)}" if ints else "") + " against the model's vocabulary / table size")
         what = what or f"onnxruntime failed on the calibration batch starting at sample {first_sample}"
         raise UserError(f"{what}: {msg}{hint}") from None
+
+
+def run_model(model: onnx.ModelProto, names: list, feeds: list, what: str = "the model") -> list:
+    """The values of tensors ``names`` of ``model`` for each feed (onnxruntime, CPU): [[array per name] per feed]."""
+    sess = make_session(capture_model(model, names), what=what)
+    return [run_session(sess, names, feed, what=f"onnxruntime cannot run {what}") for feed in feeds]

@@ -398,6 +398,48 @@ def act_params(p: Placement, ranges: dict, fmt: ActFormat) -> dict:
     return out
 
 
+# ops whose output magnifies the error of some inputs (small values into Log, a divisor, an exponent...): an activation
+# quantized upstream of them is judged by the error at their output, not by its own noise; input positions judged
+SENSITIVE_OPS = {"Log": (0,), "Div": (1,), "Pow": (0,), "Sqrt": (0,), "Reciprocal": (0,), "Exp": (0,)}
+_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def sensitive_cones(model: onnx.ModelProto, tensors, depth: int = 8) -> dict:
+    """{output of a sensitive op: [(distance, tensor)] of the tensors among ``tensors`` upstream of its judged input,
+    nearest first}, walking up at most ``depth`` nodes (through weighted layers along their data input only)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consts = {t.name for t in model.graph.initializer}
+    cones = {}
+    for node in model.graph.node:
+        if node.op_type not in SENSITIVE_OPS:
+            continue
+        frontier = [(node.input[i], 0) for i in SENSITIVE_OPS[node.op_type] if i < len(node.input) and node.input[i]]
+        dist = {}
+        while frontier:  # breadth first: the first visit of a tensor is its distance
+            t, d = frontier.pop(0)
+            if t in dist or t in consts or d > depth:
+                continue
+            dist[t] = d
+            p = producers.get(t)
+            if p is not None:
+                ins = p.input[:1] if p.op_type in _LAYER_OPS else p.input
+                frontier += [(i, d + 1) for i in ins if i]
+        cone = sorted((d, t) for t, d in dist.items() if t in tensors)
+        if cone:
+            cones[node.output[0]] = cone
+    return cones
+
+
+def _close(limit: float, ref: list, got: list) -> bool:
+    """Whether ``got`` is within relative squared error ``limit`` of ``ref`` (where ``ref`` is finite)."""
+    f = np.concatenate([np.asarray(a, np.float64).ravel() for a in ref])
+    q = np.concatenate([np.asarray(a, np.float64).ravel() for a in got])
+    finite = np.isfinite(f)
+    with np.errstate(all="ignore"):
+        err = np.sum((q[finite] - f[finite]) ** 2) / max(float(np.sum(f[finite] ** 2)), 1e-30)
+    return bool(np.isfinite(q[finite]).all() and err <= limit)
+
+
 class ActivationQuantizer:
     """Activation quantization of one run: the placement, the observers fed by the capture pass, the Q/DQ insertion."""
 
@@ -422,6 +464,7 @@ class ActivationQuantizer:
         self.observers = {t: make_observer(acts.method, acts.percentile) for t in self.placement.observed}
         self._params = None
         self.float_tensors = []
+        self.sensitive_float = []  # kept float for their error through a sensitive op (judge_sensitive)
 
     @property
     def params(self) -> dict:
@@ -442,6 +485,42 @@ class ActivationQuantizer:
             self._params = act_params(self.placement, ranges, self.fmt)
         return self._params
 
+    def judge_sensitive(self, feeds: list, run) -> None:
+        """Keep float the activations upstream of a Log, Div (divisor), Pow, Sqrt, Reciprocal or Exp while their
+        quantization makes that op's output err by more than max_noise (relative squared error on ``feeds``), the
+        nearest first: e.g. the power spectrum and mel energies before an audio front end's Log, where 8 bits erase
+        the quiet bins. ``run(model, names, feeds) -> [arrays per feed]`` runs a model (onnxruntime)."""
+        cones = sensitive_cones(self.model, set(self.placement.tensors))
+        if not cones or not feeds:
+            return
+        names = sorted(cones)
+        ref = run(self.model, names, feeds)
+        drop = set()
+        while True:
+            keep = {t: key for t, key in self.placement.tensors.items() if t not in drop}
+            if not keep:
+                break
+            p = dataclasses.replace(self.placement, tensors=keep)
+            fq, _ = insert(self.model, p, act_params(p, {t: o.range(self.fmt) for t, o in self.observers.items()},
+                                                     self.fmt), self.max_opset)
+            got = run(fq, names, feeds)
+            more = set()
+            for k, name in enumerate(names):
+                left = [t for _, t in cones[name] if t not in drop]
+                if left and not _close(self.acts.max_noise, [r[k] for r in ref], [g[k] for g in got]):
+                    more.add(left[0])  # the nearest of its tensors still quantized
+            if not more:
+                break
+            drop |= more
+        if drop:
+            self.sensitive_float = sorted(drop)
+            log.info("activations kept float (error through Log/Div/Pow/Sqrt/Reciprocal/Exp > %g): %s",
+                     self.acts.max_noise, ", ".join(self.sensitive_float))
+            self.placement = dataclasses.replace(self.placement, tensors={
+                t: key for t, key in self.placement.tensors.items() if t not in drop})
+            ranges = {t: o.range(self.fmt) for t, o in self.observers.items()}
+            self._params = act_params(self.placement, ranges, self.fmt)
+
     def aware_stats(self, specs: dict, calib, capture) -> dict:
         """Layer statistics from a second pass over the float model carrying the activation Q/DQ: each layer's X is
         the fake-quantized input it reads in the deployed model. ``capture(model, specs)`` runs the pass."""
@@ -461,4 +540,5 @@ class ActivationQuantizer:
                 "act_dtype": "int8" if self.fmt.signed else "uint8",
                 "act_scheme": "sym" if self.fmt.symmetric else "asym", "act_tensors": len(self.placement.tensors),
                 "act_float_tensors": self.float_tensors, "act_max_noise": self.acts.max_noise,
-                "act_aware": bool(self.acts.aware)}
+                "act_aware": bool(self.acts.aware),
+                **({"act_float_sensitive": self.sensitive_float} if self.sensitive_float else {})}

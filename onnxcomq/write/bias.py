@@ -41,6 +41,36 @@ def bias_target(node: onnx.NodeProto, inits: dict) -> str | None:
     return f"{node.op_type} has no bias"
 
 
+def has_bias(node: onnx.NodeProto, inits: dict, readers: dict, channels: int) -> bool:
+    """Whether the layer ``node`` already adds a constant per-channel bias: its own (Conv/ConvTranspose's B, Gemm's C
+    with beta not 0), or an Add of a constant of ``channels`` values (the layer's outputs) that its output reaches
+    alone, directly or through shape-only ops (MatMul + Add; Paddle2ONNX's Conv + Add [1, C, 1, 1]; tf2onnx's Gemm +
+    Reshape + Squeeze + Add [heads, head size]). (``readers``: tensor -> the nodes that read it.) A free bias is only written where this holds: a layer without a
+    bias maps a zero input to zero, and a bias fitted to the calibration data's mean would break that on inputs the
+    data lacks (silence in an audio front end: -100 dB came out as -6 dB)."""
+    if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 2 and node.input[2]:
+        return True
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] and _attr(node, "beta", 1.0) != 0:
+        return True
+    y = node.output[0]
+    for _ in range(4):
+        consumers = readers.get(y, [])
+        if len(consumers) != 1:
+            return False
+        nxt = consumers[0]
+        if nxt.op_type == "Add":
+            other = nxt.input[1] if nxt.input[0] == y else nxt.input[0]
+            c = inits.get(other)
+            return c is not None and len(c.dims) >= 1 and int(np.prod(c.dims)) == channels
+        if nxt.op_type not in _SHAPE_OPS:
+            return False
+        y = nxt.output[0]
+    return False
+
+
+_SHAPE_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+
+
 def apply(model: onnx.ModelProto, deltas: dict) -> onnx.ModelProto:
     """Add ``deltas[node_name]`` (one value per output channel) to each node's bias, in a copy of ``model``."""
     out = onnx.ModelProto()
