@@ -556,9 +556,12 @@ def _plain(v):
 
 
 def _typed(hint, v):
-    """A value read from JSON/YAML in the field's Python type (lists as tuples)."""
+    """A value read from JSON/YAML in the field's Python type (lists as tuples; one value for a list field is a list
+    of one: ``candidates: 8``)."""
     if isinstance(v, list):
         return tuple(tuple(x) if isinstance(x, list) else x for x in v)
+    if hint is tuple and not isinstance(v, tuple):
+        return (v,)
     return v
 
 

@@ -74,6 +74,11 @@ def test_each_section_validates_itself(d, needle):
         Recipe().updated(d).validate()
 
 
+def test_one_value_for_a_list_field_is_a_list_of_one():
+    r = Recipe().updated({"mixed_precision": {"candidates": 8}, "layers": {"exclude": "*head*"}}).validate()
+    assert r.mixed_precision.candidates == (8,) and r.layers.exclude == ("*head*",)
+
+
 def test_optional_sections_turn_on_and_off():
     r = Recipe().updated({"sequential": {"stages": 4}, "mixed_precision": {"avg_bits": 4.5}})
     assert r.sequential.stages == 4 and r.sequential.correction == "entry" and r.mixed_precision.avg_bits == 4.5

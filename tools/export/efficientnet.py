@@ -33,8 +33,8 @@ images are left out by name), plus any files given with --photos:
     matplotlib     mpl-data/sample_data/grace_hopper.jpg
     scikit-learn   sklearn/datasets/images/{china,flower}.jpg
     darknet        {/usr/share/darknet/data, out/photos/darknet}/{dog,eagle,giraffe,horses,kite,person}.jpg
-    mate           /usr/share/backgrounds/mate/nature/*.jpg (12 photos)
-    lomiri         /usr/share/backgrounds/*.jpg: 15 photos listed in LOMIRI_PHOTOS
+    mate           {/usr/share/backgrounds/mate/nature, out/photos/mate}/*.jpg (12 photos)
+    lomiri         {/usr/share/backgrounds, out/photos/lomiri}/*.jpg: 15 photos listed in LOMIRI_PHOTOS
 
 With --wide-calib, also these calibration-only sources (30 more scenes; they were added after the evaluation set was
 fixed, so they only widen the calibration set: the split of the photos above and the evaluation crops stay the same):
@@ -52,6 +52,12 @@ It installs nothing. What it needs (pip's --no-deps keeps pip from replacing the
     (cd /tmp && apt-get download darknet) && dpkg -x /tmp/darknet_*.deb /tmp/darknet_x && mkdir -p out/photos/darknet \\
         && cp /tmp/darknet_x/usr/share/darknet/data/*.jpg /tmp/darknet_x/usr/share/darknet/data/imagenet.*.list \\
         out/photos/darknet/
+    # the wallpapers the same way, where apt-get install is not possible
+    (cd /tmp && apt-get download mate-backgrounds lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 lomiri-wallpapers) \\
+        && for f in /tmp/mate-backgrounds_*.deb /tmp/lomiri-wallpapers*.deb; do dpkg -x "$f" /tmp/wall_x; done \\
+        && mkdir -p out/photos/mate out/photos/lomiri \\
+        && cp /tmp/wall_x/usr/share/backgrounds/mate/nature/*.jpg out/photos/mate/ \\
+        && cp /tmp/wall_x/usr/share/backgrounds/*.jpg out/photos/lomiri/
     # --wide-calib's photos, the same way (Debian's images often leave /usr/share/doc out of installs)
     (cd /tmp && apt-get download opencv-doc plasma-workspace-wallpapers) \
         && dpkg -x /tmp/opencv-doc_*.deb /tmp/ocv_x && dpkg -x /tmp/plasma-workspace-wallpapers_*.deb /tmp/plasma_x \
@@ -94,6 +100,9 @@ LOMIRI_PHOTOS = ["Bridge_by_Sander_Klootwijk.jpg", "Dragonfly_by_Bolly.jpg", "Kl
                  "life_by_Aitzol_Berasategi.jpg", "picosdeeuropa_by_Aitzol_Berasategi.jpg",
                  "seeding_by_Clements_Engelhardt.jpg", "sunset_by_Aitzol_Berasategi.jpg"]
 DARKNET_DIRS = ["/usr/share/darknet/data", os.path.join(ROOT, "out", "photos", "darknet")]
+# where apt-get install puts the wallpapers, then where an unpacked .deb's copy goes (see the docstring)
+MATE_DIRS = ["/usr/share/backgrounds/mate/nature", os.path.join(ROOT, "out", "photos", "mate")]
+LOMIRI_DIRS = ["/usr/share/backgrounds", os.path.join(ROOT, "out", "photos", "lomiri")]
 # Calibration-only sources (--wide-calib): added after the evaluation set was fixed, so they only widen the
 # calibration set; the split of the photos above, and so the evaluation crops, stay as they were.
 # OpenCV's sample photos (opencv-doc): file -> scene (stereo pairs, flow pairs and views of one wall share a scene).
@@ -146,10 +155,12 @@ def find_photos(extra: list[str], wide: bool = False) -> list[dict]:
     for dd in DARKNET_DIRS:
         for n in DARKNET_PHOTOS:
             add("darknet", os.path.join(dd, n))
-    for p in sorted(glob.glob("/usr/share/backgrounds/mate/nature/*.jpg")):
-        add("mate-backgrounds", p)
-    for n in LOMIRI_PHOTOS:
-        add("lomiri-wallpapers", os.path.join("/usr/share/backgrounds", n))
+    for dd in MATE_DIRS:
+        for p in sorted(glob.glob(os.path.join(dd, "*.jpg"))):
+            add("mate-backgrounds", p)
+    for dd in LOMIRI_DIRS:
+        for n in LOMIRI_PHOTOS:
+            add("lomiri-wallpapers", os.path.join(dd, n))
     for pattern in extra:
         for p in sorted(glob.glob(pattern)) or [pattern]:
             add("extra", p)
