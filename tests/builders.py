@@ -221,3 +221,17 @@ def error_lines(stderr: str) -> list:
     if _PROGRESS is None:
         _PROGRESS = re.compile(r"^onnxcomq: [\w ()/.-]+: \d+(/\d+)? \w+( \(\d+ s\)| in [\d.]+ s)?$")
     return [line for line in stderr.strip().splitlines() if not _PROGRESS.match(line)]
+
+
+def tones(n: int, seed: int, samples: int, rate: int, bumps: tuple) -> np.ndarray:
+    """(n, samples) float32 audio at ``rate`` Hz: three tones with int16-like amplitudes under an envelope of
+    |sin(pi t u)|, u uniform in ``bumps`` (clipped at 0), plus a little noise."""
+    r = np.random.default_rng(seed)
+    t = np.arange(samples) / rate
+    out = []
+    for _ in range(n):
+        a = r.uniform(500, 8000)
+        x = sum(np.sin(2 * np.pi * f * t + r.uniform(0, 6)) for f in r.uniform(100, 3000, 3)) * a / 3
+        x = x * np.clip(np.sin(np.pi * t * r.uniform(*bumps)), 0, 1) + r.normal(0, 0.05 * a, t.size)
+        out.append(x.astype(np.float32))
+    return np.stack(out)

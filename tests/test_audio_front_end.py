@@ -10,6 +10,7 @@ tests/test_audio_real.py runs the real one).
 
 from __future__ import annotations
 
+import builders
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -58,16 +59,8 @@ def mel_model() -> onnx.ModelProto:
 
 
 def tones(n: int, seed: int) -> np.ndarray:
-    """Sums of tones with an envelope and a little noise, int16-like amplitudes."""
-    r = np.random.default_rng(seed)
-    t = np.arange(1024) / SR
-    out = []
-    for _ in range(n):
-        a = r.uniform(500, 8000)
-        x = sum(np.sin(2 * np.pi * f * t + r.uniform(0, 6)) for f in r.uniform(100, 3000, 3)) * a / 3
-        x = x * np.clip(np.sin(np.pi * t * r.uniform(4, 16)), 0, 1) + r.normal(0, 0.05 * a, t.size)
-        out.append(x.astype(np.float32))
-    return np.stack(out)
+    """Sums of tones with an envelope and a little noise, int16-like amplitudes (1024 samples)."""
+    return builders.tones(n, seed, 1024, SR, (4, 16))
 
 
 def infer(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

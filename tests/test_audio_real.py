@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import builders
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -30,15 +31,7 @@ pytestmark = pytest.mark.skipif(MEL is None, reason="openwakeword 0.5.1 not inst
 
 def audio(n: int, seed: int) -> np.ndarray:
     """One second at 16 kHz per sample: three tones under an envelope, a little noise, int16-like amplitudes."""
-    r = np.random.default_rng(seed)
-    t = np.arange(16000) / 16000
-    out = []
-    for _ in range(n):
-        a = r.uniform(500, 8000)
-        x = sum(np.sin(2 * np.pi * f * t + r.uniform(0, 6)) for f in r.uniform(100, 3000, 3)) * a / 3
-        x = x * np.clip(np.sin(np.pi * t * r.uniform(1, 4)), 0, 1) + r.normal(0, 0.05 * a, t.size)
-        out.append(x.astype(np.float32))
-    return np.stack(out)
+    return builders.tones(n, seed, 16000, 16000, (1, 4))
 
 
 def infer(model, x):
