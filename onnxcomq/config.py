@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field
 
 from .errors import UserError
-from .graph.layers import SUPPORTED_OPS
+from .graph.layers import SUPPORTED_OPS, check_op_types
 from .precision import NBITS_BITS, parse_layer_bits
 from .solve.comq import SolverConfig
 
@@ -103,10 +103,7 @@ class Layers:
     rewrite_matmul: bool = True  # Einsum with a constant weight and MatMul(W, x) rewritten as MatMul(x, W')
 
     def validate(self) -> None:
-        unknown = [t for t in self.op_types if t not in SUPPORTED_OPS]
-        if unknown:
-            raise UserError(f"unsupported op type(s) in layers.op_types: {', '.join(unknown)} (supported: "
-                            f"{', '.join(SUPPORTED_OPS)})")
+        check_op_types(self.op_types)
         parse_layer_bits(self.layer_bits)
 
 

@@ -20,7 +20,15 @@ from .capture.passes import capture, split_stages, stage_entries
 from .capture.session import run_model
 from .config import Recipe
 from .errors import UserError
-from .graph.layers import RECURRENT_OPS, check_weights, find_layers, load_weight, node_names, with_rnn_outputs
+from .graph.layers import (
+    RECURRENT_OPS,
+    check_weights,
+    find_layers,
+    load_weight,
+    node_names,
+    readers_of,
+    with_rnn_outputs,
+)
 from .graph.modelio import model_bytes, prepare_model
 from .graph.rewrite import rewrite_to_matmul
 from .precision import conv_taps, first_feeds, mixed_precision, plan_layers
@@ -90,10 +98,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     xp = get_xp(sv.device)
     nodes = dict(zip(node_names(model), model.graph.node))
     inits = {t.name: t for t in model.graph.initializer}
-    readers = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = readers_of(model.graph)
     free_bias = sv.bias_correction and comq
     qweights, reports, deltas, mp = [], [], {}, {}
     cap_model = with_rnn_outputs(model, layers)  # (recurrent nodes without a Y output get one for capture)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .capture.calib import batch_samples
-from .capture.session import make_session, run_session
+from .capture.session import run_model
 from .errors import UserError
 
 # an output further from the float model's than the float output is from zero (||q - f|| > ||f||) gets a warning
@@ -85,11 +85,8 @@ def verify(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, feeds: list) -
     """Run both models on ``feeds`` (calibration batches) and compare every graph output; returns
     ([OutputCheck], samples). A quantized model that onnxruntime cannot load or run is a UserError."""
     names = [o.name for o in float_model.graph.output]
-    sess = make_session(float_model, what="the float model")
-    ref = [run_session(sess, names, feed) for feed in feeds]
-    del sess
-    sess = make_session(qmodel, what="the quantized model")
-    got = [run_session(sess, names, feed, what="onnxruntime cannot run the quantized model") for feed in feeds]
+    ref = run_model(float_model, names, feeds, "the float model")
+    got = run_model(qmodel, names, feeds, "the quantized model")
     checks = []
     for k, name in enumerate(names):
         f, q = [np.asarray(r[k]) for r in ref], [np.asarray(g[k]) for g in got]

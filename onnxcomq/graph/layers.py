@@ -272,6 +272,23 @@ def _matches(patterns, name: str, op_type: str) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(op_type, p) for p in patterns)
 
 
+def check_op_types(op_types) -> None:
+    """A UserError naming the op types that onnxcomq cannot quantize (layers.op_types)."""
+    bad = [t for t in op_types if t not in SUPPORTED_OPS]
+    if bad:
+        raise UserError(f"unsupported op type(s) in layers.op_types: {', '.join(bad)} (supported: "
+                        f"{', '.join(SUPPORTED_OPS)})")
+
+
+def readers_of(graph) -> dict:
+    """tensor name -> the nodes of ``graph`` that read it (a node reading it twice is listed twice)."""
+    readers: dict = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    return readers
+
+
 def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> tuple[list[Layer], list[Skipped]]:
     """Quantizable layers of ``model`` (top-level graph) and every node left out that holds a float weight (or is
     a Conv/Gemm/MatMul that was not taken), with why and its share of the model's float parameters: recurrent
@@ -279,9 +296,7 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> t
 
     ``exclude``: fnmatch patterns over node names and op types. ``op_types``: which of Conv/Gemm/MatMul to consider.
     """
-    bad = [t for t in op_types if t not in SUPPORTED_OPS]
-    if bad:
-        raise UserError(f"layers.op_types: unsupported op type(s) {', '.join(bad)}; choose from {', '.join(SUPPORTED_OPS)}")
+    check_op_types(op_types)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     consts = _float_constants(g)

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph.layers import node_names, unique_name
+from ..graph.layers import node_names, readers_of, unique_name
 
 
 def _attr(node, name, default):
@@ -79,12 +79,8 @@ def apply(model: onnx.ModelProto, deltas: dict) -> onnx.ModelProto:
     names = node_names(out)
     inits = {t.name: t for t in g.initializer}
     taken = set(inits) | {o for n in g.node for o in n.output} | {i.name for i in g.input} | set(names)
-    uses: dict = {}
-    readers: dict = {}  # tensor -> the nodes that read it
-    for n in g.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
-            readers.setdefault(i, []).append(n)
+    readers = readers_of(g)
+    uses = {t: len(r) for t, r in readers.items()}
     new_nodes = []
     for name, node in zip(names, list(g.node)):
         new_nodes.append(node)
