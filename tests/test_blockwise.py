@@ -11,11 +11,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import test_solver
 from builders import recipe
 from hypothesis import given, settings
 from onnx import numpy_helper
 from reference import block_scales_lstsq, block_step_loop, grid_table, nearest_bruteforce, objective
-from test_solver import xp  # noqa: F401  (numpy, and cupy where a CUDA device is present)
 
 from onnxcomq import UserError, run
 from onnxcomq.solve.blockwise import (
@@ -28,6 +28,7 @@ from onnxcomq.solve.blockwise import (
 from onnxcomq.solve.comq import SolverConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+xp = test_solver.xp  # the backends fixture: numpy, the strict CuPy double, cupy where a CUDA device is present
 
 
 def problem(m, n, seed, rows=None):

@@ -1,6 +1,7 @@
 """Solver tests: exactness against the plain float64 step loop, monotonicity, COMQ <= RTN, grids, edge cases.
 
-Every case runs on NumPy; the same cases run on CuPy when a CUDA device is present (skipped otherwise).
+Every case runs on NumPy and on the strict CuPy double (tests/strict_cupy.py: CuPy's host/device rules on the CPU,
+so that CI runs the GPU code path); the same cases run on CuPy when a CUDA device is present (skipped otherwise).
 """
 
 import numpy as np
@@ -13,15 +14,19 @@ from onnxcomq.solve.backend import gpu_available, to_numpy
 from onnxcomq.solve.comq import SolverConfig, comq_quantize, objective, rtn_quantize
 from onnxcomq.solve.grid import make_grid
 
-BACKENDS = ["numpy", pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(
+BACKENDS = ["numpy", "strict", pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not gpu_available(), reason="no CUDA device: GPU tests skipped")])]
 
 
 @pytest.fixture(params=BACKENDS)
 def xp(request):
+    """The array module of a case: numpy, the strict CuPy double (every machine), or cupy (GPU machines)."""
     if request.param == "cupy":
         import cupy
         return cupy
+    if request.param == "strict":
+        import strict_cupy
+        return strict_cupy
     return np
 
 

@@ -1,7 +1,8 @@
 """Array-module selection: the solver runs unchanged on NumPy (CPU) and CuPy (GPU).
 
 Every solver function takes and returns arrays of one module ``xp``; this file is the only place that knows
-whether CuPy exists.
+whether CuPy exists. Device modules (CuPy, and in tests a strict CuPy double: ``register_device_module``) provide
+``ndarray`` and ``asnumpy``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,15 @@ try:  # CuPy is an optional extra (``pip install onnxcomq[gpu]``).
     import cupy as _cupy  # type: ignore
 except Exception:  # pragma: no cover - depends on the machine
     _cupy = None
+
+_DEVICE_MODULES = [] if _cupy is None else [_cupy]
+
+
+def register_device_module(mod) -> None:
+    """Make ``array_module`` and ``to_numpy`` recognize the arrays of ``mod``, a CuPy-like module (``mod.ndarray``,
+    ``mod.asnumpy``); the tests register their strict CuPy double this way."""
+    if mod not in _DEVICE_MODULES:
+        _DEVICE_MODULES.append(mod)
 
 
 def gpu_available() -> bool:
@@ -44,14 +54,16 @@ def get_xp(device: str = "auto"):
 
 
 def array_module(a):
-    """The module (numpy or cupy) that array ``a`` belongs to."""
-    if _cupy is not None and isinstance(a, _cupy.ndarray):
-        return _cupy
+    """The module (numpy, or a device module such as cupy) that array ``a`` belongs to."""
+    for mod in _DEVICE_MODULES:
+        if isinstance(a, mod.ndarray):
+            return mod
     return np
 
 
 def to_numpy(a) -> np.ndarray:
-    """Copy an array of either module to host memory."""
-    if _cupy is not None and isinstance(a, _cupy.ndarray):
-        return _cupy.asnumpy(a)
+    """Copy an array of any module to host memory (a numpy array is returned as it is)."""
+    for mod in _DEVICE_MODULES:
+        if isinstance(a, mod.ndarray):
+            return mod.asnumpy(a)
     return np.asarray(a)
