@@ -101,14 +101,16 @@ def block_scale_system(W, level, G, block: int):
     Lp[:, :n] = level
     Gp = xp.zeros((N, N), dtype=G.dtype)
     Gp[:n, :n] = G
-    L3 = Lp.reshape(m, nb, block)
     A = xp.empty((m, nb, nb), dtype=xp.float64)
     for c in range(nb):
         Tc = Lp[:, c * block:(c + 1) * block] @ Gp[c * block:(c + 1) * block, :]  # (m, N): sum_k L_ick G_ck,:
-        A[:, :, c] = (L3 * Tc.reshape(m, nb, block)).sum(axis=-1, dtype=xp.float64)
+        Tc *= Lp  # (in place: L * Tc, one array less)
+        A[:, :, c] = Tc.reshape(m, nb, block).sum(axis=-1, dtype=xp.float64)
+        del Tc
     WG = xp.zeros((m, N), dtype=W.dtype)
     WG[:, :n] = W @ G
-    r = (L3 * WG.reshape(m, nb, block)).sum(axis=-1, dtype=xp.float64)
+    WG *= Lp
+    r = WG.reshape(m, nb, block).sum(axis=-1, dtype=xp.float64)
     return A, r
 
 
@@ -126,8 +128,8 @@ def solve_block_scales(A, r, old):
     eye = xp.eye(nb)[None] * A[:, idx, idx].mean(axis=1)[:, None, None]
     try:
         new = xp.linalg.solve(A + 1e-12 * eye, r[:, :, None])[:, :, 0]
-    except Exception:  # numpy raises for the whole batch when one system is singular: a larger ridge
-        new = xp.linalg.solve(A + 1e-6 * eye, r[:, :, None])[:, :, 0]
+    except Exception:  # numpy raises for the whole batch when one system is singular: row by row (a row's result
+        new = xp.stack([_solve_row(xp, A[i], r[i], eye[i]) for i in range(m)])  # never depends on the others)
 
     def q(s):
         return (s[:, :, None] * A * s[:, None, :]).sum(axis=(1, 2)) - 2 * (r * s).sum(axis=1)
@@ -135,6 +137,16 @@ def solve_block_scales(A, r, old):
     ok = xp.isfinite(new).all(axis=1) & (new > 0).all(axis=1)
     ok &= q(xp.where(ok[:, None], new, old)) < q(old)
     return xp.where(ok[:, None], new, old)
+
+
+def _solve_row(xp, A, r, eye):
+    """One row's block scales: A s = r with a ridge of 1e-12 (1e-6 where that is singular; NaN where both are)."""
+    for ridge in (1e-12, 1e-6):
+        try:
+            return xp.linalg.solve((A + ridge * eye)[None], r[None, :, None])[0, :, 0]
+        except Exception:
+            pass
+    return xp.full_like(r, xp.nan)
 
 
 def _block_update(xp, W, level, G, bg: BlockGrid):
@@ -224,12 +236,17 @@ def comq_quantize_block(W, G, cfg: SolverConfig, xp=None) -> QuantResult:
         _swept()
         history.append(_objective_from_R(Wt, Qt, Rt))
         if cfg.scale_update:
+            del Rt  # (recomputed from the new Q: not held meanwhile)
             Q = _block_update(xp, W, xp.ascontiguousarray(level_t.T), G, bg)
             Qt = xp.ascontiguousarray(Q.T)
+            del Q
             Rt = G @ (Wt - Qt)
             history.append(_objective_from_R(Wt, Qt, Rt))
+    del Wt, Rt  # (the solve's arrays go before the result's are made)
     Q = xp.ascontiguousarray(Qt.T)
+    del Qt
     level = xp.ascontiguousarray(level_t.T)
+    del level_t
     return _block_result(W, G, bg, Q, level, history, obj=history[-1])
 
 

@@ -144,20 +144,34 @@ def _check_inputs(xp, W, G):
 
 def objective(W, Q, G) -> float:
     """sum_i (w_i - q_i)^T G (w_i - q_i): the product in the arrays' dtype, the sum in float64."""
+    return energy(W - Q, G)
+
+
+def energy(E, G) -> float:
+    """sum_i e_i^T G e_i of the rows of E (``objective`` with Q = 0: W - 0 is W, bit for bit), in place of
+    (E G) * E: two arrays of E's size at a time, not three."""
+    EG = E @ G
+    EG *= E
+    return float(EG.sum(dtype="float64"))
+
+
+def _row_products(W, Q, R, R0):
+    """(W - Q) * R (or * (R + R0)): the summands of ``_objective_from_R``, in one new array of W's size."""
     E = W - Q
-    return float(((E @ G) * E).sum(dtype="float64"))
+    E *= R if R0 is None else R + R0
+    return E
 
 
 def _objective_from_R(W, Q, R, R0=None, c=0.0) -> float:
     """The objective from the maintained R = (W - Q) G: O(mn) instead of a GEMM. Cross statistics (``R0`` = the
     initial R = W (H^T - G~), ``c`` = the input-drift constant): c + sum (W - Q) * (R + R0) (see cross_objective)."""
-    return float(((W - Q) * (R if R0 is None else R + R0)).sum(dtype="float64")) + c
+    return float(_row_products(W, Q, R, R0).sum(dtype="float64")) + c
 
 
 def _rows_from_R(W, Q, R, R0, axis):
     """``_objective_from_R`` without the constant, summed over ``axis`` only (per row, or per group), on the host."""
     xp = array_module(W)
-    return to_numpy(((W - Q) * (R if R0 is None else R + R0)).sum(axis=axis, dtype=xp.float64))
+    return to_numpy(_row_products(W, Q, R, R0).sum(axis=axis, dtype=xp.float64))
 
 
 def cross_objective(W, Q, G0, H, Gt) -> float:
@@ -169,8 +183,8 @@ def cross_objective(W, Q, G0, H, Gt) -> float:
     xp = array_module(W)
     D = xp.asarray(G0, dtype=xp.float64) - H - xp.asarray(H).T + Gt  # (X - X~)^T (X - X~)
     P = W @ xp.asarray(H - Gt, dtype=W.dtype).T
-    E = W - Q
-    return (objective(W, xp.zeros_like(W), D.astype(W.dtype)) + 2 * float((E * P).sum(dtype="float64"))
+    P *= W - Q
+    return (energy(W, D.astype(W.dtype)) + 2 * float(P.sum(dtype="float64"))
             + objective(W, Q, xp.asarray(Gt, dtype=W.dtype)))
 
 
@@ -184,7 +198,9 @@ def _prepare_cross(xp, W, Gt, H, G0):
     if G0 is None:
         return H, 0.0
     D = xp.asarray(G0, dtype=xp.float64) - H - xp.swapaxes(H, -1, -2) + Gt  # (X - X~)^T (X - X~), per group
-    c = ((W @ D.astype(W.dtype)) * W).sum(axis=(-2, -1), dtype=xp.float64)
+    WD = W @ D.astype(W.dtype)
+    WD *= W
+    c = WD.sum(axis=(-2, -1), dtype=xp.float64)
     return H, c
 
 
@@ -211,11 +227,20 @@ def safe_dtype(xp, W, G, dtype: str):
     or input statistics near float32's range: sum_j |e_j| |G_jk| |e_k| reaches n * max|w|^2 * max|G|)."""
     if dtype == "float64":
         return xp.float64
-    wmax = float(xp.abs(xp.asarray(W)).max()) if W.size else 0.0
-    gmax = float(xp.abs(xp.asarray(G)).max()) if G.size else 0.0
+    return xp.float64 if overflow_risk(W.shape[-1], _absmax(xp, W), _absmax(xp, G)) else xp.float32
+
+
+def overflow_risk(n: int, wmax: float, gmax: float) -> bool:
+    """``safe_dtype``'s rule from max |w| and max |G|: float32 products could overflow."""
     with np.errstate(over="ignore"):
-        risk = np.float64(W.shape[-1]) * np.float64(wmax) ** 2 * np.float64(gmax) * 256
-    return xp.float64 if not np.isfinite(risk) or risk > 1e36 else xp.float32
+        risk = np.float64(n) * np.float64(wmax) ** 2 * np.float64(gmax) * 256
+    return not np.isfinite(risk) or risk > 1e36
+
+
+def _absmax(xp, a) -> float:
+    """max |a| (0 for an empty array) without an |a| copy of the array: max(max a, -min a), the same number."""
+    a = xp.asarray(a)
+    return max(float(a.max()), -float(a.min())) if a.size else 0.0
 
 
 def _prepare(W, G, cfg: SolverConfig, xp):
@@ -363,33 +388,36 @@ def _scale_update(xp, W, level, R, G, grid: Grid, transposed: bool = False, H=No
     ok = (den > 0) & (num > 0)
     new = xp.where(ok, num / xp.where(ok, den, 1), grid.scale).astype(W.dtype)
     step = grid.scale - new
-    R = R + (step[None, :] if transposed else step.reshape(W.shape[:-1] + (1,))) * CG
+    CG *= step[None, :] if transposed else step.reshape(W.shape[:-1] + (1,))
+    R += CG  # (in place: the same numbers as R + step * CG, one array of R's size less)
     grid.set_scale(new)
     return R
 
 
-def comq_quantize(W, G, cfg: SolverConfig = SolverConfig(), xp=None, H=None, G0=None) -> QuantResult:
+def comq_quantize(W, G, cfg: SolverConfig = SolverConfig(), xp=None, H=None, G0=None, perm=None) -> QuantResult:
     """Quantize one layer's weight W (m, n) given its input Gram G = X^T X (n, n) with COMQ.
 
     ``xp`` selects numpy or cupy (default: the module of W). Returns host arrays (``QuantResult``).
     Cross statistics (sequential capture): with ``H`` = X~^T X, ``G`` is G~ = X~^T X~ and the problem is
     min ||X W^T - X~ Q^T||^2: the same sweeps from R = W (H^T - G~) instead of 0, the scale update with H. ``G0`` =
     X^T X only adds the objective's constant (reported objective = ``cross_objective``; without it, up to a constant).
-    With H = G~ = G the codes are exactly those of the plain problem.
+    With H = G~ = G the codes are exactly those of the plain problem. ``perm``: the column order of the importance
+    order, given (a chunk of W's rows is solved in the order of the whole W: solve.layer); else from W.
     """
     cfg, xp, W, G = _prepare(W, G, cfg, xp)
     cross = H is not None
     c = 0.0
     if cross:
         H, c = _prepare_cross(xp, W, G, H, G0)
+        c = float(c)  # (a 0-d device array on a GPU: the objectives and history are host floats)
     lams = [cfg.lam]
     if cfg.lambda_search:
         solves = cfg.lambda_solves if cfg.granularity == "channel" else 1
         lams = search_lambda(W, G, cfg.bits, cfg.scheme, cfg.granularity, cfg.lambda_grid, cfg.zero_in_range,
                              top=solves)
     if len(lams) == 1:
-        return _comq_solve(cfg, xp, W, G, H, c, lams[0])
-    return _best_rows(lambda lam: [_comq_solve(cfg, xp, W, G, H, c, lam)], lams, float(c))[0]
+        return _comq_solve(cfg, xp, W, G, H, c, lams[0], perm)
+    return _best_rows(lambda lam: [_comq_solve(cfg, xp, W, G, H, c, lam, perm)], lams, c)[0]
 
 
 def _best_rows(solve, lams, const) -> list:
@@ -408,7 +436,7 @@ def _best_rows(solve, lams, const) -> list:
             if take.any():
                 for name in ("codes", "scale", "zero_point", "qweight", "row_objective"):
                     getattr(rb, name)[take] = getattr(r, name)[take]
-        del rs
+        del rs, r, rb  # (this solve's results go before the next solve's arrays are made)
     for b, rb in enumerate(best):
         obj = float(rb.row_objective.sum() + (const[b] if np.ndim(const) else const))
         rb.history = rb.history + [obj]
@@ -416,7 +444,7 @@ def _best_rows(solve, lams, const) -> list:
     return best
 
 
-def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam) -> QuantResult:
+def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam, perm=None) -> QuantResult:
     """``comq_quantize`` on prepared arrays from the grid of shrink factor ``lam`` (a number or one per row)."""
     cross = H is not None
     m, n = W.shape
@@ -431,6 +459,7 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam) -> QuantResult:
         R = W @ (H.T - G) if cross else xp.zeros_like(W)
         R0, c0 = (R.copy(), c) if cross else (None, 0.0)
         for _ in range(cfg.sweeps):
+            level = None  # (the last sweep's levels are not held during this one)
             _sweep_rows(xp, W, Q, R, G, g, gsafe, grid, order, block)
             _swept()
             level = grid.levels_of(Q)
@@ -444,7 +473,10 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam) -> QuantResult:
         return res
 
     # shared orders: permute the columns so that the order is cyclic, and work in the transposed layout
-    perm = importance_order(W, g) if cfg.order == "importance" else None
+    if cfg.order != "importance":
+        perm = None
+    elif perm is None:
+        perm = importance_order(W, g)
     Wp, Gp, gp, gsp = W, G, g, gsafe
     Hp = H
     if perm is not None:
@@ -458,6 +490,7 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam) -> QuantResult:
     Hpt = xp.ascontiguousarray(Hp.T) if cross else None
     block = cfg.step_block or _default_block(m, n, False)
     for _ in range(cfg.sweeps):
+        level_t = None  # (the last sweep's levels are not held during this one)
         _sweep_shared(xp, Wt, Qt, Rt, Gp, gp, gsp, grid, block)
         _swept()
         level_t = grid.levels_of(Qt, transposed=True)
@@ -467,16 +500,17 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam) -> QuantResult:
             Qt = grid.values(level_t, transposed=True)
             history.append(_objective_from_R(Wt, Qt, Rt, Rt0, c0))
     rows = _rows_from_R(Wt, Qt, Rt, Rt0, axis=0)
+    del Wt, Rt, Rt0  # (the solve's arrays go before the result's are made)
     Q, level = xp.empty_like(W), xp.empty_like(W)
     cols = perm if perm is not None else slice(None)
     Q[:, cols] = Qt.T
+    del Qt
     level[:, cols] = level_t.T
+    del level_t
     # the last history entry is the final objective, from R (exact up to the float drift of the lazy updates)
     res = _result(xp, W, G, grid, Q, level, history, obj=history[-1])
     res.row_objective = rows
     return res
-
-
 
 
 def _group_results(xp, W3, G3, grid: Grid, Q3, level3, objs, histories) -> list:

@@ -51,12 +51,21 @@ class Grid:
         scale, inv, lo, hi1 = self.scale, self._inv, self.lo, self._hi1
         if t.ndim == 2:
             scale, inv, lo, hi1 = scale[:, None], inv[:, None], lo[:, None], hi1[:, None]
-        k = xp.clip(xp.floor(t * inv), lo, hi1)
+        k = t * inv  # (in place where the numbers allow it: fewer arrays of t's size at a time)
+        xp.floor(k, out=k)
+        xp.clip(k, lo, hi1, out=k)
         a = k * scale
-        k1 = k + 1
-        b = k1 * scale
-        take_b = xp.abs(t - b) < xp.abs(t - a)
-        return xp.where(take_b, b, a), xp.where(take_b, k1, k)
+        b = k + 1
+        b *= scale
+        db = t - b
+        xp.abs(db, out=db)
+        da = t - a
+        xp.abs(da, out=da)
+        take_b = db < da
+        del db, da
+        value = xp.where(take_b, b, a)
+        del a, b
+        return value, xp.where(take_b, k + 1, k)
 
     def nearest_value(self, t):
         """The nearest grid value for one value per row (t of shape (m,)): the solver's inner step, in 6 vector ops.
@@ -179,7 +188,10 @@ def search_lambda(W, G, bits: int, scheme: str, granularity: str, candidates, ze
         E = W - grid.nearest(W)[0]
         if G.ndim == 3:  # independent groups: W holds groups x m rows, G one Gram per group
             E = E.reshape(G.shape[0], -1, E.shape[1])
-        errs.append(((E @ G) * E).sum(axis=-1).reshape(-1))
+        EG = E @ G
+        EG *= E
+        errs.append(EG.sum(axis=-1).reshape(-1))
+        del E, EG
     errs = xp.stack(errs)  # (candidates, m)
     if granularity == "tensor":
         errs = xp.broadcast_to(errs.sum(axis=1, keepdims=True), errs.shape)
