@@ -90,7 +90,7 @@ def _bad_cases(tmp):
     inf[1, 0, 3, 3] = np.inf
     np.savez(tmp / "inf.npz", input=inf)
     (tmp / "emptydir").mkdir()
-    (tmp / "calib.txt").write_text("1 2 3")
+    (tmp / "calib.csv").write_text("1 2 3")
     np.savez(tmp / "mixed.npz", input=x, extra=x)
     out = tmp / "out.onnx"
     return [
@@ -98,7 +98,7 @@ def _bad_cases(tmp):
         ("output is a folder", [CNN, "-o", tmp, "--calib", CALIB], "is a directory"),
         ("inf", [CNN, "-o", out, "--calib", tmp / "inf.npz"], "NaN or Inf"),
         ("calib folder empty", [CNN, "-o", out, "--calib", tmp / "emptydir"], "holds no .npz or .npy"),
-        ("calib not npz", [CNN, "-o", out, "--calib", tmp / "calib.txt"], "must be .npz"),
+        ("calib not npz", [CNN, "-o", out, "--calib", tmp / "calib.csv"], "must be .npz"),
         ("extra key", [CNN, "-o", out, "--calib", tmp / "mixed.npz"], "unexpected extra"),
         ("already quantized", [tmp / "quantized.onnx", "-o", out, "--calib", CALIB], "already quantized"),
         ("max samples 0", [CNN, "-o", out, "--calib", CALIB, "--max-samples", "0"], "max samples"),

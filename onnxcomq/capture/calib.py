@@ -1,5 +1,6 @@
 """Calibration data: .npz files (NVIDIA ModelOpt's convention), folders of .npy/.npz, Python iterables of feed
-dicts, onnxruntime ``CalibrationDataReader`` objects, and ``random`` for smoke tests.
+dicts, onnxruntime ``CalibrationDataReader`` objects, text and a tokenizer (``text.TextCalibration``), and
+``random`` for smoke tests.
 
 Every source is validated against the model's inputs (names, rank, static dims, dtype, finite values) and re-batched
 to ``batch_size``. Files are read with ``allow_pickle=False``: loading calibration data never runs code.
@@ -456,6 +457,10 @@ class Calibration:
 
     # ------------------------------------------------------------------------------------------------ sources
     def _resolve(self, source):
+        if hasattr(source, "text_feeds"):  # capture/text.py's TextCalibration: batches made at the current batch size
+            self.num_samples = source.bind(self.inputs, self.max_samples)
+            return lambda: (self._canon(f"{source.path}: batch {k}", feed)
+                            for k, feed in enumerate(source.text_feeds(self.batch_size)))
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             if path == "random":
@@ -568,8 +573,12 @@ class Calibration:
         feed = {}
         for i in self.inputs:
             shape = self._random_shape(i, n)
+            if i.name.startswith(("past_key", "past_value")) and len(shape) == 4 and i.shape[2] is None:
+                shape = shape[:2] + (0,) + shape[3:]  # an empty key/value cache (a decoder's prefill)
             if np.issubdtype(i.dtype, np.floating):
                 feed[i.name] = rng.standard_normal(shape).astype(i.dtype)
+            elif i.name in MASK_NAMES:  # (zeros would mask every token out of the statistics)
+                feed[i.name] = np.ones(shape, i.dtype)
             else:
                 feed[i.name] = np.zeros(shape, i.dtype)
         yield self._canon("random calibration", feed)
