@@ -25,7 +25,8 @@ examples:
   onnxcomq quantize model.onnx -o model.w4.onnx --calib calib.npz --recipe recipe.yaml
 
 calibration data: an .npz whose keys are the model's input names, arrays stacked along the batch axis (NVIDIA
-ModelOpt's convention), or a folder of .npz/.npy files, or 'random' for a smoke test (accuracy meaningless).
+ModelOpt's convention), or a folder of .npz/.npy files, or a .txt of text (one sample a line) with --tokenizer for
+a decoder language model, or 'random' for a smoke test (accuracy meaningless).
 
 settings: a preset, then a recipe file (every setting: 'onnxcomq recipe --dump' prints them all), then the options
 given here, each overriding the one before.
@@ -73,6 +74,9 @@ def _settings(q) -> None:
                         "DequantizeLinear (default: qdq)")
     g.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
                    help="leave float the nodes whose name or op type matches this fnmatch pattern (repeatable)")
+    g.add_argument("--lm-head", choices=["float", "int8", "quantize"], default=None,
+                   help="a language model's output projection (as wide as its token embedding): left float, at 8 "
+                        "bits, or quantized like the other layers (default: float; embeddings are never quantized)")
     act = q.add_argument_group("activations and deployment")
     act.add_argument("--act-bits", type=int, choices=[8], default=None,
                      help="quantize activations too (Q/DQ pairs placed for --target) (default: weight-only)")
@@ -83,6 +87,9 @@ def _settings(q) -> None:
                           "block (default: ort)")
     act.add_argument("--device", choices=["auto", "cpu", "gpu"], default=None,
                      help="where the solver runs: gpu uses CuPy (default: auto)")
+    act.add_argument("--workers", default=None, metavar="local:N|ray://HOST:PORT",
+                     help="fan the layer solves out: local:N processes, or ray://HOST:PORT (pip install "
+                          "onnxcomq[ray])")
     c = q.add_argument_group("calibration")
     c.add_argument("--max-samples", type=int, default=None, help="use at most this many calibration samples")
     c.add_argument("--batch-size", type=int, default=None,
@@ -110,7 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="float ONNX model (.onnx)")
     q.add_argument("-o", "--output", required=True, help="where to write the quantized model")
     q.add_argument("--calib", required=True, metavar="DATA",
-                   help="calibration data: .npz (keys = input names), a folder of .npz/.npy, or 'random'")
+                   help="calibration data: .npz (keys = input names), a folder of .npz/.npy, a .txt with "
+                        "--tokenizer, or 'random'")
+    q.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer.json (or its folder) for --calib TEXT.txt: each line a calibration sample, "
+                        "tokenized; decoder caches start empty")
     _settings(q)
     o = q.add_argument_group("output")
     o.add_argument("--report", metavar="REPORT.json",
@@ -162,8 +173,10 @@ def recipe_from_args(a):
     put("weights", "format", a.weight_format)
     if a.exclude:
         put("layers", "exclude", tuple(recipe.layers.exclude) + tuple(a.exclude))
+    put("layers", "lm_head", a.lm_head)
     put("activations", "bits", a.act_bits)
     put("solver", "device", a.device)
+    put("solver", "workers", a.workers)
     put("data", "max_samples", a.max_samples)
     put("data", "batch_size", a.batch_size)
     put("data", "max_memory", a.max_memory)
@@ -266,8 +279,15 @@ def cmd_quantize(a) -> int:
     if recipe.solver.device == "gpu":  # fail now, not after loading the model and the calibration data
         from .solve.backend import get_xp
         get_xp("gpu")
+    calib = a.calib
+    if a.calib.endswith(".txt") or a.tokenizer is not None:
+        if a.tokenizer is None or not a.calib.endswith(".txt"):
+            raise UserError("--calib TEXT.txt needs --tokenizer DIR (tokenizer.json or its folder), and --tokenizer "
+                            f"needs a .txt for --calib (got --calib {a.calib})")
+        from .capture.text import TextCalibration
+        calib = TextCalibration(a.calib, a.tokenizer, model=a.model)
     try:
-        model, report = run(a.model, a.calib, recipe, progress=progress.enabled_for(a.quiet))
+        model, report = run(a.model, calib, recipe, progress=progress.enabled_for(a.quiet))
     except VerificationError as e:
         if not a.write_unverified or e.model is None:
             raise

@@ -101,9 +101,11 @@ class Layers:
     keep_8bit: tuple = ()  # kept at 8 bits: "first", "last", "depthwise", or patterns
     layer_bits: tuple = ()  # "PATTERN=BITS" items (or (pattern, bits) pairs), a later match winning
     rewrite_matmul: bool = True  # Einsum with a constant weight and MatMul(W, x) rewritten as MatMul(x, W')
+    lm_head: str = "float"  # a language model's output projection (graph/layers.lm_heads): float | int8 | quantize
 
     def validate(self) -> None:
         check_op_types(self.op_types)
+        _choice("layers", "lm_head", self.lm_head, ("float", "int8", "quantize"))
         parse_layer_bits(self.layer_bits)
 
 
@@ -121,6 +123,7 @@ class Solver:
     bias_correction: bool = True  # free bias: solve on the centered Gram, fold the mean error into the bias
     dtype: str = "float32"  # float32 | float64
     device: str = "auto"  # auto | cpu | gpu
+    workers: str | None = None  # None: solve here; local:N processes; ray or ray://HOST:PORT (CPU, NumPy)
 
     def validate(self) -> None:
         _choice("solver", "order", self.order, ("cyclic", "importance", "greedy"))
@@ -130,6 +133,11 @@ class Solver:
             raise UserError(f"lambda must be a finite number > 0, got {self.lam!r}")
         _choice("solver", "dtype", self.dtype, ("float32", "float64"))
         _choice("solver", "device", self.device, ("auto", "cpu", "gpu"))
+        from .workers import parse
+
+        if parse(self.workers)[0] != "process" and self.device == "gpu":
+            raise UserError(f"--workers {self.workers} solves on CPU workers (NumPy): drop --device gpu, or drop "
+                            "--workers to solve on the GPU here")
 
 
 @dataclass(frozen=True)
@@ -367,10 +375,8 @@ class Recipe:
             raise UserError("--preset official uses per-channel grids: it cannot be combined with --granularity "
                             "block")
         self.solver_config()
-        if self.sequential is not None and (w.granularity == "block" or self.mixed_precision is not None
-                                            or self.activations is not None):
-            raise UserError("sequential capture works with channel/tensor granularity, without mixed precision "
-                            "and without activation quantization")
+        if self.sequential is not None and (self.mixed_precision is not None or self.activations is not None):
+            raise UserError("sequential capture works without mixed precision and without activation quantization")
         if self.target == "tensorrt":
             self._validate_tensorrt()
         return self

@@ -15,7 +15,7 @@ import onnx
 from . import progress as _progress
 from .capture.calib import Calibration, KeepFirst, model_inputs, reiterable, resolve_mask_input
 from .capture.gram import check_stats
-from .capture.memory import choose_batch, peak_rss_mb
+from .capture.memory import STATS_SHARE, choose_batch, fit_groups, memory_budget, peak_rss_mb
 from .capture.passes import capture, split_stages, stage_entries
 from .capture.session import run_model
 from .config import Recipe
@@ -24,6 +24,7 @@ from .graph.layers import (
     RECURRENT_OPS,
     check_weights,
     find_layers,
+    lm_heads,
     load_weight,
     node_names,
     readers_of,
@@ -39,6 +40,7 @@ from .solve.layer import quantize_layer
 from .verify import VerificationError, problems, verify
 from .verify import to_dicts as verify_dicts
 from .verify import warnings as verify_warnings
+from .workers import open_pool, solve_layer
 from .write.activations import ActivationQuantizer
 from .write.bias import apply as apply_bias
 from .write.bias import bias_target, has_bias
@@ -69,7 +71,8 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     t_start = time.perf_counter()
     model = prepare_model(model_or_path)
     model = rewrite_to_matmul(model) if recipe.layers.rewrite_matmul else model
-    layers, skipped = find_layers(model, op_types=tuple(recipe.layers.op_types), exclude=tuple(recipe.layers.exclude))
+    layers, skipped = find_layers(model, op_types=tuple(recipe.layers.op_types), exclude=tuple(recipe.layers.exclude),
+                                  lm_head_float=recipe.layers.lm_head == "float")
     if not layers:
         why = "; ".join(f"{s.node}: {s.reason}" for s in skipped[:5]) or "it has no Conv, Gemm or MatMul node"
         raise UserError(f"no quantizable layer found ({why})")
@@ -80,21 +83,25 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     comq = w.method == "comq"
     official = recipe.is_official()
     damping = recipe.regularization.damping
+    sequential = recipe.sequential is not None and comq and not official and len(layers) > 1
+    stages = split_stages(layers, recipe.sequential.stages) if sequential else [layers]
+    cross, folds = recipe.sequential is not None and comq, damping == "auto"
+    if recipe.mixed_precision is None and recipe.activations is None:  # (both need every layer's statistics)
+        stages = fit_groups(stages, STATS_SHARE * memory_budget(recipe.data.max_memory), sequential, folds)
     budget, batch_note = choose_batch(with_rnn_outputs(model, layers), layers, calib, recipe.data.max_memory,
-                                      cross=recipe.sequential is not None and comq, folds=damping == "auto")
+                                      cross=cross, folds=folds, groups=stages)
     mask_input = resolve_mask_input(model, recipe.data.mask_input)
     acts = ActivationQuantizer(model, layers, recipe.activations, recipe.target, w.max_opset) \
         if recipe.activations is not None else None
     model = acts.model if acts else model  # (every node named)
-    plan = plan_layers(layers, w, recipe.layers)  # {weight: LayerPlan}
-    sequential = recipe.sequential is not None and comq and not official and len(layers) > 1
+    heads = lm_heads(model, layers) if recipe.layers.lm_head == "int8" else ()
+    plan = plan_layers(layers, w, recipe.layers, heads)  # {weight: LayerPlan}
     batches = calib
-    if sequential and not reiterable(calib):  # a one-shot source: keep its batches for the later stages
+    if len(stages) > 1 and not reiterable(calib):  # a one-shot source: keep its batches for the later passes
         batches = list(calib)
     held = []  # the first calibration samples, for the check of the output (kept as the first pass streams)
     if recipe.check.enabled:
         batches = KeepFirst(batches, held, calib, recipe.check.samples)
-    stages = split_stages(layers, recipe.sequential.stages) if sequential else [layers]
     xp = get_xp(sv.device)
     nodes = dict(zip(node_names(model), model.graph.node))
     inits = {t.name: t for t in model.graph.initializer}
@@ -109,13 +116,14 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     bar = _progress.bars(progress)
 
     solve_bar = None
+    pool = open_pool(sv.workers) if sv.workers else None  # None: the solves run here, one after the other
     try:
         for s, stage in enumerate(stages):
             specs = {spec: layer.groups for layer in stage for _, spec in layer.consumers}
             fold_below = {spec: recipe.regularization.few_rows * spec.fan_in for spec in specs} \
                 if damping == "auto" else None
             t0 = time.perf_counter()
-            twin = quantized_twin(cap_model, qweights, apply_bias, deltas) if s > 0 else None
+            twin = quantized_twin(cap_model, qweights, apply_bias, deltas) if sequential and s > 0 else None
             desc = "capture" if len(stages) == 1 else f"capture {s + 1}/{len(stages)}"
             key = (tuple(sorted(specs, key=repr)), total, mask_input, damping == "auto")
             if stats_cache is not None and twin is None and acts is None and key in stats_cache:
@@ -151,30 +159,47 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
                 bar.set_postfix_str(f"[{layer.node}: sweep {sweeps[0]}]", refresh=False)
                 bar.update(0)
 
+            jobs = []  # (layer, use_bias, damping, correct)
             for layer in stage:
-                sweeps[0] = 0
                 node = nodes[layer.consumers[0][0]]
                 use_bias = free_bias and not official and len(layer.consumers) == 1 and \
                     layer.op_type not in RECURRENT_OPS and bias_target(node, inits) is None and \
                     has_bias(node, inits, readers, layer.out_channels * (
                         layer.groups if layer.op_type == "ConvTranspose" else 1))
-                with on_sweep(swept):
-                    qw, delta, rep = _quantize(recipe, plan, model, layer, stats, xp, use_bias,
-                                               0.0 if official else damping, layer.node in entry)
+                jobs.append((layer, use_bias, 0.0 if official else damping, layer.node in entry))
+            results = None
+            if pool is not None:  # the group's statistics shared once; each task loads its weight when submitted
+                shared = {spec: pool.share(st) for spec, st in stats.items() if spec in specs}
+                results = pool.map(solve_layer, (_task(recipe, plan, model, *job, shared) for job in jobs),
+                                   [f"layer {job[0].node}" for job in jobs])
+            for layer, use_bias, damp, correct in jobs:
+                if results is None:
+                    sweeps[0] = 0
+                    with on_sweep(swept):
+                        qw, delta, rep = _quantize(recipe, plan, model, layer, stats, xp, use_bias, damp, correct)
+                else:
+                    qw, delta, rep = _finish(layer, plan[layer.weight], *next(results))
                 rep.stage = s
                 qweights.append(qw)
                 reports.append(rep)
                 if delta is not None:
                     deltas[layer.consumers[0][0]] = delta
                 solve_bar.update(1)
+            results = shared = None
             t_solve += time.perf_counter() - t0
             peaks["solve"] = peak_rss_mb()
             del stats, twin
+    except BaseException:
+        if pool is not None:
+            pool.close(kill=True)  # (the tasks still running are of no use now)
+        raise
     finally:
         if solve_bar is not None:
             solve_bar.close()
+        if pool is not None:
+            pool.close()
 
-    meta = run_metadata(recipe, official, bool(deltas), samples, mask_input, len(stages),
+    meta = run_metadata(recipe, official, bool(deltas), samples, mask_input, len(stages) if sequential else 1,
                         acts.metadata() if acts is not None else None)
     out = apply_bias(model, deltas) if deltas else model
     owned = out is not model  # a private copy: the emitters may edit it in place (saves a copy of a large model)
@@ -188,7 +213,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
         out = acts.insert(out)
     # (after the metadata: the report's only)
     meta["opset"] = opset_change(model, out, w.max_opset)
-    meta.update(batch_size=calib.batch_size, max_memory=budget, batch_choice=batch_note)
+    meta.update(batch_size=calib.batch_size, max_memory=budget, batch_choice=batch_note, groups=len(stages))
     report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)
     report.recipe = recipe.to_dict()
     bits_summary(report, layers, plan, w.max_opset)
@@ -217,15 +242,26 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
 def _quantize(recipe: Recipe, plan: dict, model, layer, stats: dict, xp, use_bias: bool, damping, correct: bool):
     """One layer: its weight matrices and statistics to quantize_layer; returns the result in the weight's layout
     (QuantizedWeight), the bias change, and the report row."""
+    t0 = time.perf_counter()
+    mats, policy, fan_in, *consumers = _task(recipe, plan, model, layer, use_bias, damping, correct, stats)
+    res = quantize_layer(mats, consumers, policy, fan_in, xp)
+    return _finish(layer, plan[layer.weight], res, time.perf_counter() - t0)
+
+
+def _task(recipe: Recipe, plan: dict, model, layer, use_bias: bool, damping, correct: bool, stats: dict) -> tuple:
+    """What one layer's solve needs: (weight matrices, LayerPolicy, fan-in, statistics of each consumer)."""
     lp = plan[layer.weight]
     policy = recipe.layer_policy(lp.bits, lp.granularity, conv_taps(layer), use_bias, damping, correct)
-    t0 = time.perf_counter()
     mats = layer.to_matrices(load_weight(model, layer.weight))
-    res = quantize_layer(mats, [stats[spec] for _, spec in layer.consumers], policy, layer.x.fan_in, xp)
+    return (mats, policy, layer.x.fan_in, *[stats[spec] for _, spec in layer.consumers])
+
+
+def _finish(layer, lp, res, seconds: float):
+    """A layer's LayerResult as (QuantizedWeight, bias change, report row)."""
     if layer.op_type in RECURRENT_OPS and res.input_energy == 0:
         log.warning("%s: weight %s (%s) read zeros in every calibration row (e.g. R, with one-step sequences from "
                     "a zero initial state): rounded to nearest", layer.node, layer.weight, RNN_ROLE[layer.x.kind])
-    return quantized_weight(layer, res), res.bias_delta, layer_row(layer, res, lp, time.perf_counter() - t0)
+    return quantized_weight(layer, res), res.bias_delta, layer_row(layer, res, lp, seconds)
 
 
 __all__ = ["Recipe", "Report", "LayerReport", "VerificationError", "quantize", "run"]

@@ -256,11 +256,12 @@ class LayerPlan:
     pinned: bool  # bits set by keep_8bit / layer_bits (mixed precision leaves it alone)
 
 
-def plan_layers(layers, weights, choice) -> dict:
+def plan_layers(layers, weights, choice, heads=()) -> dict:
     """{weight: LayerPlan} before mixed precision, from the recipe's ``weights`` and ``layers`` sections (``choice``):
     pinned bits, the Conv fallback of block granularity, and MatMulNBits only for MatMul weights (the other layers
-    stay DequantizeLinear)."""
-    fixed = fixed_bits(layers, weights.bits, choice.keep_8bit, parse_layer_bits(choice.layer_bits))
+    stay DequantizeLinear). ``heads``: the nodes of a language model's output projection kept at 8 bits."""
+    fixed = {L.weight: (8, "layers.lm_head int8") for L in layers if L.node in heads}
+    fixed.update(fixed_bits(layers, weights.bits, choice.keep_8bit, parse_layer_bits(choice.layer_bits)))
     plan = {}
     for L in layers:
         bits, why = fixed.get(L.weight, (weights.bits, ""))

@@ -62,7 +62,7 @@ def test_presets_differ_only_where_they_say():
     ({"solver": {"order": "random"}}, "solver.order must be one of"),
     ({"regularization": {"damping": -1}}, "damping must be"),
     ({"sequential": {"correction": "some"}}, "sequential.correction"),
-    ({"sequential": {}, "weights": {"granularity": "block"}}, "sequential capture works with"),
+    ({"sequential": {}, "mixed_precision": {"avg_bits": 5}}, "sequential capture works without mixed precision"),
     ({"mixed_precision": {"avg_bits": 3.0}}, "avg_bits must be between"),
     ({"activations": {"method": "max"}}, "activations.method"),
     ({"target": "tensorrt"}, "target tensorrt takes 4-bit weights only block-wise"),

@@ -16,6 +16,20 @@ CHUNK_ROWS = 8192  # rows of X per GEMM: large enough to keep the GEMMs efficien
 CHUNK_BYTES = 32 << 20  # bytes of X per chunk (a conv image too large for it is cut into bands of output rows)
 
 
+def row_mask(mask: np.ndarray | None, rows: int) -> np.ndarray | None:
+    """Which of a (batch, seq, features) tensor's ``rows`` = batch x seq token rows are real tokens (bool), from
+    the attention mask (batch, total); None when the rows are not the mask's positions. With a key/value cache the
+    mask also covers the past positions (total = past + seq): the current tokens are its last ``seq`` columns."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.size == rows:
+        return mask.reshape(-1) != 0
+    if mask.ndim == 2 and mask.shape[0] and rows % mask.shape[0] == 0 and 0 < rows // mask.shape[0] < mask.shape[1]:
+        return mask[:, -(rows // mask.shape[0]):].reshape(-1) != 0
+    return None
+
+
 @dataclass
 class GramStats:
     """Streaming statistics of one X, per group: G = X^T X (groups, n, n), column sums (groups, n), row count.
@@ -74,8 +88,9 @@ class GramStats:
                                 "its input")
             X = t.T if self.spec.transpose else t
             X = X.reshape(-1, self.spec.fan_in)
-            if mask is not None and X.shape[0] == mask.size and not self.spec.transpose:
-                X = X[mask.reshape(-1) != 0]
+            keep = row_mask(mask, X.shape[0]) if not self.spec.transpose else None
+            if keep is not None:
+                X = X[keep]
             X = X.astype(np.float32, copy=False)
             for r in range(0, X.shape[0], CHUNK_ROWS):
                 yield X[r:r + CHUNK_ROWS].T[None]
@@ -154,8 +169,9 @@ class LayerStats:
             rows = t.shape[1]
         elif self.spec.kind == "rows":
             rows = t.size // self.spec.fan_in
-            if mask is not None and rows == mask.size and not self.spec.transpose:
-                rows = int((mask != 0).sum())
+            keep = row_mask(mask, rows) if not self.spec.transpose else None
+            if keep is not None:
+                rows = int(keep.sum())
         else:
             rows = t.shape[0] * int(np.prod(conv_output_shape(self.spec, t.shape[2:])))
         return rows / max(samples, 1) * max(self.total_samples, samples)
@@ -263,6 +279,9 @@ def _minus_outer(A: np.ndarray, N: int, u: np.ndarray, v: np.ndarray) -> np.ndar
 def check_stats(stats: dict, inputs: list) -> None:
     """Input statistics beyond float32's range (calibration data that drives a layer input to |x|^2 > 3.4e38)."""
     limit = float(np.finfo(np.float32).max)
+    if stats and all(getattr(st, "parts", True) is None or st.rows == 0 for st in stats.values()):
+        raise UserError(f"no calibration row reached any quantized layer (is every position of an attention mask "
+                        f"0?): check the calibration input(s) {inputs}")
     for spec, st in stats.items():
         for part in getattr(st, "parts", None) or []:
             mats = [part.x.G] + [a for a in (part.H, part.Gt) if a is not None]

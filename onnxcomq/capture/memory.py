@@ -14,13 +14,14 @@ from ..graph.modelio import skeleton
 from .calib import reiterable
 from .gram import CHUNK_BYTES
 from .rows import spec_tensors
-from .session import capture_model, make_session, run_session
+from .session import make_session, run_session
 
 log = logging.getLogger("onnxcomq")
 CAPTURE_OVERHEAD = 2.5  # capture's memory per byte of captured tensors (the outputs, onnxruntime's own activations)
 
 
 DEFAULT_MEMORY_FRACTION = 0.25  # --max-memory default: this share of the machine's RAM
+STATS_SHARE = 0.5  # the share of the budget the statistics of one group of layers may hold (the rest: capture)
 
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -61,9 +62,10 @@ def current_rss() -> int:
         return 0
 
 
-def sample_bytes(model: onnx.ModelProto, tensors: list, feed: dict) -> int | None:
-    """Bytes of ``tensors`` (the captured layer inputs) for the one-sample ``feed``, from ONNX shape inference
-    with the graph inputs set to the feed's shapes; None when a shape stays unknown."""
+def tensor_bytes(model: onnx.ModelProto, tensors: list, feed: dict, last_dims: dict | None = None) -> dict | None:
+    """{tensor: bytes} of ``tensors`` (the captured layer inputs) for the one-sample ``feed``, from ONNX shape
+    inference with the graph inputs set to the feed's shapes; None when a shape stays unknown. ``last_dims``:
+    tensor -> its known last dimension (a MatMul input's features, which inference may lose in a Reshape)."""
     m = skeleton(model)  # (a copy without the bytes of the large tensors: inference needs only their dims)
     for i in m.graph.input:
         if i.name in feed:
@@ -79,34 +81,62 @@ def sample_bytes(model: onnx.ModelProto, tensors: list, feed: dict) -> int | Non
         return None
     known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
              + list(inferred.graph.input)}
-    total = 0
+    sizes = {}
     for t in tensors:
         vi = known.get(t)
         if vi is None or not vi.type.tensor_type.HasField("shape"):
             return None
-        dims = vi.type.tensor_type.shape.dim
-        if any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+        if dims and dims[-1] <= 0 and (last_dims or {}).get(t):
+            dims[-1] = last_dims[t]
+        if any(d <= 0 for d in dims):
             return None
         size = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).itemsize \
             if vi.type.tensor_type.elem_type else 4
-        total += size * int(np.prod([d.dim_value for d in dims]))
-    return total
+        sizes[t] = size * int(np.prod(dims))
+    return sizes
 
 
-def measured_sample_bytes(model: onnx.ModelProto, tensors: list, feed: dict) -> int:
-    """Bytes of ``tensors`` for the one-sample ``feed``, from one onnxruntime run of the capture model."""
+def measured_tensor_bytes(model: onnx.ModelProto, tensors: list, feed: dict) -> dict:
+    """{tensor: bytes} of ``tensors`` for the one-sample ``feed``, from one onnxruntime run of the capture model."""
     inputs = {i.name for i in model.graph.input}
     fetch = [t for t in tensors if t not in inputs]
-    total = sum(np.asarray(feed[t]).nbytes for t in tensors if t in inputs and t in feed)
-    if fetch:
-        sess = make_session(capture_model(model, fetch), mem_pattern=False)
-        total += sum(np.asarray(v).nbytes for v in run_session(sess, fetch, feed))
-    return total
+    sizes = {t: np.asarray(feed[t]).nbytes for t in tensors if t in inputs and t in feed}
+    if fetch:  # (the model cut down to what the tensors depend on: no full copy of a large model)
+        from .passes import stage_model
+        sess = make_session(stage_model(model, fetch), mem_pattern=False)
+        sizes.update((t, np.asarray(v).nbytes) for t, v in zip(fetch, run_session(sess, fetch, feed)))
+    return sizes
 
 
 def stats_bytes(specs: dict, cross: bool = False) -> int:
     """Memory of the streamed statistics: G (and H, G~ with cross statistics) per group, float64."""
     return sum(8 * g * spec.fan_in * spec.fan_in * (3 if cross else 1) for spec, g in specs.items())
+
+
+def layer_specs(layers) -> dict:
+    """{XSpec: groups} of ``layers``' inputs."""
+    return {spec: L.groups for L in layers for _, spec in L.consumers}
+
+
+def fit_groups(stages: list, budget: int, cross: bool = False, folds: bool = False) -> list:
+    """Split each stage (its layers in graph order) into consecutive groups whose statistics fit ``budget`` bytes
+    (a layer whose statistics alone exceed it is a group of its own). Capture and solve then run one group at a
+    time and free its statistics before the next (docs/design.md, "Groups"). Layers that read one input share its
+    statistics, so they are kept together where they are consecutive."""
+    out = []
+    for stage in stages:
+        group, specs = [], {}
+        for layer in stage:
+            trial = {**specs, **layer_specs([layer])}
+            if group and stats_bytes(trial, cross) * (2 if folds else 1) > budget:
+                out.append(group)
+                group, trial = [], layer_specs([layer])
+            group.append(layer)
+            specs = trial
+        if group:
+            out.append(group)
+    return out
 
 
 def batch_for_budget(per_sample: int, budget: int, fixed: int, requested: int) -> int:
@@ -128,30 +158,42 @@ def peak_rss_mb() -> float:
 
 
 
-def choose_batch(model, layers, calib, max_memory, cross: bool = False, folds: bool = False) -> tuple:
+def memory_budget(max_memory) -> int:
+    """--max-memory in bytes (the default share of the RAM when None)."""
+    return parse_bytes(max_memory, "max memory") if max_memory is not None else default_max_memory()
+
+
+def choose_batch(model, layers, calib, max_memory, cross: bool = False, folds: bool = False,
+                 groups: list | None = None) -> tuple:
     """Set ``calib.batch_size`` to the largest batch <= config.batch_size whose capture fits the memory budget
-    (``max_memory`` bytes, or the default share of the RAM; ``cross``: sequential capture holds two activations
-    and three matrices per input; ``folds``: held-out folds double the statistics), from the bytes of the captured layer inputs of one
-    calibration sample (shape inference on the first sample's shapes, else one measured run). A model with a
-    fixed batch keeps it. Returns (budget in bytes, a line saying what was chosen and why)."""
-    budget = parse_bytes(max_memory, "max memory") if max_memory is not None else default_max_memory()
+    (``max_memory`` bytes, or the default share of the RAM), from the bytes of the captured layer inputs of one
+    calibration sample (shape inference on the first sample's shapes, else one measured run) and the statistics
+    held beside them. ``groups``: the groups of layers captured one at a time (fit_groups; default: all layers
+    at once): the largest group's inputs and statistics count. ``cross``: sequential capture holds two activations
+    and three matrices per input; ``folds``: held-out folds double the statistics. A model with a fixed batch keeps
+    it. Returns (budget in bytes, a line saying what was chosen and why)."""
+    budget = memory_budget(max_memory)
     requested = calib.batch_size
     if getattr(calib, "fixed_batch", False):
         return budget, f"{calib.batch_size} (the model's fixed batch)"
     if not reiterable(calib) or requested <= 1:
         return budget, f"{calib.batch_size} (as given)"
-    specs = {spec: L.groups for L in layers for _, spec in L.consumers}
+    groups = groups or [layers]
     inits = {t.name for t in model.graph.initializer}
-    tensors = sorted({t for spec in specs for t in spec_tensors(spec)} - inits)
+    wanted = [sorted({t for spec in layer_specs(g) for t in spec_tensors(spec)} - inits) for g in groups]
     first = next(iter(calib))
     if getattr(calib, "fixed_batch", False):  # (known once data was seen)
         return budget, f"{calib.batch_size} (the model's fixed batch)"
     one = calib.head(first, 1)
     del first
-    per = sample_bytes(model, tensors, one)
-    if per is None:
-        per = measured_sample_bytes(model, tensors, one)
-    fixed = current_rss() + stats_bytes(specs, cross) * (2 if folds else 1)
+    tensors = sorted({t for w in wanted for t in w})
+    last = {s.tensor: s.fan_in for g in groups for s in layer_specs(g) if s.kind == "rows" and not s.transpose}
+    sizes = tensor_bytes(model, tensors, one, last)
+    if sizes is None:
+        sizes = measured_tensor_bytes(model, tensors, one)
+    per = max(sum(sizes.get(t, 0) for t in w) for w in wanted)
+    held = max(stats_bytes(layer_specs(g), cross) for g in groups) * (2 if folds else 1)
+    fixed = current_rss() + held
     batch = batch_for_budget(per * (2 if cross else 1), budget, fixed, requested)
     calib.batch_size = batch
     note = (f"{batch}: captured activations {per / 2**20:.1f} MiB a sample, memory budget "

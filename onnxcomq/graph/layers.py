@@ -289,14 +289,55 @@ def readers_of(graph) -> dict:
     return readers
 
 
-def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> tuple[list[Layer], list[Skipped]]:
+_PASS_OPS = ("Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Transpose", "Add")
+
+
+def lm_heads(model: onnx.ModelProto, layers: list) -> set:
+    """Node names of a language model's output projection (lm_head): a MatMul/Gemm layer as wide as the largest
+    token embedding (a Gather of a 2-D initializer by an integer graph input, through Cast/Reshape-like ops) whose
+    output is a graph output (through the same ops, or a bias Add)."""
+    is_head = _lm_head_test(model)
+    by_name = dict(zip(node_names(model), model.graph.node))
+    return {L.node for L in layers if is_head(L, by_name[L.consumers[0][0]])}
+
+
+def _lm_head_test(model: onnx.ModelProto):
+    """The predicate ``(layer, node) -> bool`` of ``lm_heads``."""
+    g = model.graph
+    ints = {i.name for i in g.input if i.type.tensor_type.elem_type in (onnx.TensorProto.INT32, onnx.TensorProto.INT64)}
+    inits = {t.name: t for t in g.initializer}
+    rows = []
+    for n in g.node:  # (topological order: the integer inputs' shape-only descendants first)
+        if n.op_type in _PASS_OPS[:-1] and n.input and n.input[0] in ints:
+            ints.update(n.output)
+        elif n.op_type == "Gather" and len(n.input) == 2 and n.input[1] in ints and n.input[0] in inits \
+                and len(inits[n.input[0]].dims) == 2:
+            rows.append(int(inits[n.input[0]].dims[0]))
+    if not rows:
+        return lambda layer, node: False
+    vocab = max(rows)
+    outputs = {o.name for o in g.output}
+    readers = readers_of(g)
+
+    def reaches_output(t: str, depth: int = 0) -> bool:
+        return t in outputs or depth < 4 and any(r.op_type in _PASS_OPS and reaches_output(r.output[0], depth + 1)
+                                                 for r in readers.get(t, []) if r.output)
+
+    return lambda layer, node: layer.op_type in ("MatMul", "Gemm") and layer.out_channels == vocab \
+        and bool(node.output) and reaches_output(node.output[0])
+
+
+def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=(),
+                lm_head_float: bool = False) -> tuple[list[Layer], list[Skipped]]:
     """Quantizable layers of ``model`` (top-level graph) and every node left out that holds a float weight (or is
     a Conv/Gemm/MatMul that was not taken), with why and its share of the model's float parameters: recurrent
     layers, embedding lookups, Einsums, control-flow nodes and the weighted nodes inside their subgraphs.
 
     ``exclude``: fnmatch patterns over node names and op types. ``op_types``: which of Conv/Gemm/MatMul to consider.
+    ``lm_head_float``: a language model's output projection (``lm_heads``) is left float.
     """
     check_op_types(op_types)
+    is_head = _lm_head_test(model) if lm_head_float else (lambda layer, node: False)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     consts = _float_constants(g)
@@ -375,6 +416,10 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=()) -> t
             skip(name, node, layer)
             continue
         layer.float16 = wt.data_type == onnx.TensorProto.FLOAT16
+        if is_head(layer, node):
+            skip(name, node, "the language model's output projection (lm_head): left float (layers.lm_head; "
+                 "--lm-head int8 or quantize)")
+            continue
         if wname in by_weight:
             first = by_weight[wname]
             if first.x.kind != layer.x.kind or first.op_type != layer.op_type or first.axis != layer.axis \
