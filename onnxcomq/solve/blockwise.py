@@ -97,18 +97,24 @@ def block_scale_system(W, level, G, block: int):
     m, n = W.shape
     nb = -(-n // block)
     N = nb * block
-    Lp = xp.zeros((m, N), dtype=W.dtype)
-    Lp[:, :n] = level
-    Gp = xp.zeros((N, N), dtype=G.dtype)
-    Gp[:n, :n] = G
+    if N == n:  # (no padding: the arrays themselves, not zero-padded copies)
+        Lp, Gp = xp.ascontiguousarray(xp.asarray(level, dtype=W.dtype)), xp.ascontiguousarray(G)
+    else:
+        Lp = xp.zeros((m, N), dtype=W.dtype)
+        Lp[:, :n] = level
+        Gp = xp.zeros((N, N), dtype=G.dtype)
+        Gp[:n, :n] = G
     A = xp.empty((m, nb, nb), dtype=xp.float64)
     for c in range(nb):
         Tc = Lp[:, c * block:(c + 1) * block] @ Gp[c * block:(c + 1) * block, :]  # (m, N): sum_k L_ick G_ck,:
         Tc *= Lp  # (in place: L * Tc, one array less)
         A[:, :, c] = Tc.reshape(m, nb, block).sum(axis=-1, dtype=xp.float64)
         del Tc
-    WG = xp.zeros((m, N), dtype=W.dtype)
-    WG[:, :n] = W @ G
+    if N == n:
+        WG = W @ G
+    else:
+        WG = xp.zeros((m, N), dtype=W.dtype)
+        WG[:, :n] = W @ G
     WG *= Lp
     r = WG.reshape(m, nb, block).sum(axis=-1, dtype=xp.float64)
     return A, r

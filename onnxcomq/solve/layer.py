@@ -128,8 +128,7 @@ def quantize_layer(mats: list, stats: list, policy: LayerPolicy, fan_in: int, xp
         if policy.damping != "auto":
             alpha = float(policy.damping)
         elif all(st.folded for st in sts):
-            alpha, _ = _held_out_alpha(xp, mats, [gather(bc, 0), gather(bc, 1)], policy.damping_grid, scfg, dt,
-                                       cast)
+            alpha, _ = _held_out_alpha(xp, mats, [gather(bc, 0), gather(bc, 1)], policy.damping_grid, scfg, dt)
         else:  # the first batch promised enough rows: no folds were kept
             alpha = AUTO_DAMPING_FALLBACK
     plain, solve = solve, damp(solve, alpha)
@@ -137,7 +136,7 @@ def quantize_layer(mats: list, stats: list, policy: LayerPolicy, fan_in: int, xp
     grams = [st[0] for st in raw] if cross is None else solve_g  # RTN's
     outs = [_GroupOut(Wk.shape[0], scfg.scheme, scfg.bits) for Wk in mats]
     means = [sts[0].means(k) for k in range(groups)] if bc else None
-    for k, sl, run_rtn, run_comq in _solves(xp, mats, grams, solve_g, cross, scfg, dt, comq, True):
+    for k, sl, run_rtn, run_comq in _solves(xp, mats, grams, solve_g, cross, scfg, dt, comq, True, cast=cast):
         out, Wc = outs[k], np.asarray(mats[k][sl], dt)
         rtn = run_rtn()  # the baseline: plain round-to-nearest, no bias change
         o_r = rtn.objective if cross is None else _objective(Wc, rtn.qweight, raw[k], dt, cast)
@@ -162,7 +161,7 @@ def quantize_layer(mats: list, stats: list, policy: LayerPolicy, fan_in: int, xp
     if back:
         for k in back:
             outs[k].reset()
-        for k, sl, run_rtn, _ in _solves(xp, mats, grams, solve_g, cross, scfg, dt, False, True, only=back):
+        for k, sl, run_rtn, _ in _solves(xp, mats, grams, solve_g, cross, scfg, dt, False, True, back, cast):
             if k in back:
                 out, rtn = outs[k], run_rtn()
                 if alpha:
@@ -209,13 +208,15 @@ def _batched(mats, scfg: SolverConfig) -> bool:
     return len(mats) > 1 and scfg.order == "cyclic" and scfg.granularity == "channel"
 
 
-def _solves(xp, mats, grams, solve_grams, cross, scfg: SolverConfig, dt, comq: bool, rtn: bool, only=None):
+def _solves(xp, mats, grams, solve_grams, cross, scfg: SolverConfig, dt, comq: bool, rtn: bool, only=None,
+            cast=None):
     """Yields (group k, row slice, RTN, COMQ) chunk by chunk (arguments as in ``solve_groups``), where RTN and COMQ
     are functions that solve the chunk (None where not asked for), so that a caller holds one result at a time: a
     batched layer comes in chunks of whole groups, other groups by the rows in ``row_chunks`` (per-tensor grids
     whole, as their scale depends on every row). A chunk's results are exactly those rows of the whole group's
     solve: what the solver derives from the whole weight (float64 where float32 would overflow, the importance
-    order, the greedy order's step block) is fixed for every chunk. ``only``: the groups wanted."""
+    order, the greedy order's step block) is fixed for every chunk. ``only``: the groups wanted; ``cast``: a
+    _Cast whose host copies of the statistics in ``dt`` the solves share."""
     H = [c[1] for c in cross] if cross else None
     G0 = [c[0] for c in cross] if cross else None
     budget = CHUNK_BYTES if xp is np else DEVICE_CHUNK_BYTES
@@ -249,12 +250,12 @@ def _solves(xp, mats, grams, solve_grams, cross, scfg: SolverConfig, dt, comq: b
             continue
         m, n = Wk.shape
         chunks = [(0, m)] if scfg.granularity == "tensor" else row_chunks(m, n, budget)
-        Gr = _device(xp, grams[k], dt) if rtn else None
+        Gr = _device(xp, grams[k], dt, cast) if rtn else None
         Gs = None
         if comq:
-            Gs = Gr if Gr is not None and solve_grams[k] is grams[k] else _device(xp, solve_grams[k], dt)
+            Gs = Gr if Gr is not None and solve_grams[k] is grams[k] else _device(xp, solve_grams[k], dt, cast)
         # (block layers never correct: their cross statistics are (G~, G~, G~), a plain solve on G~)
-        kw = {} if H is None or block else dict(H=_device(xp, H[k], dt), G0=xp.asarray(G0[k]))
+        kw = {} if H is None or block else dict(H=_device(xp, H[k], dt, cast), G0=xp.asarray(G0[k]))
         cfg_r = cfg_c = scfg
         if len(chunks) > 1:
             cfg_r = _whole_dtype(scfg, [Wk], [grams[k]], dt) if rtn else scfg
@@ -270,9 +271,10 @@ def _solves(xp, mats, grams, solve_grams, cross, scfg: SolverConfig, dt, comq: b
                    (lambda Wc=Wc: comq_fn(Wc, Gs, cfg_c, xp, **kw)) if comq else None)
 
 
-def _device(xp, a, dt):
-    """A host array in the solver's array module as ``dt`` (no copy where it is one already, on the host)."""
-    return xp.asarray(np.asarray(a, dt))
+def _device(xp, a, dt, cast=None):
+    """A host array in the solver's array module as ``dt`` (on the host: no copy where it is one already, or the
+    copy ``cast`` holds)."""
+    return xp.asarray(np.asarray(a, dt) if cast is None else cast(a))
 
 
 def _whole_dtype(scfg: SolverConfig, mats, grams, dt) -> SolverConfig:
@@ -282,7 +284,7 @@ def _whole_dtype(scfg: SolverConfig, mats, grams, dt) -> SolverConfig:
     if scfg.dtype == "float64" or not all(Wk.size for Wk in mats):
         return scfg
     wmax = max(float(np.asarray(max(Wk.max(), -Wk.min()), dt)) for Wk in mats)
-    gmax = max(float(np.abs(np.asarray(G, dt)).max()) for G in grams)
+    gmax = max(float(np.asarray(max(G.max(), -G.min()), dt)) for G in grams)
     return dataclasses.replace(scfg, dtype="float64") if overflow_risk(mats[0].shape[-1], wmax, gmax) else scfg
 
 
@@ -428,14 +430,14 @@ def _split_solve(stats: list):
     return [st[2] for st in stats], [(st[0], st[1]) for st in stats]
 
 
-def _held_out_alpha(xp, mats, fold_stats, grid, scfg: SolverConfig, dt, cast=None) -> tuple:
+def _held_out_alpha(xp, mats, fold_stats, grid, scfg: SolverConfig, dt) -> tuple:
     """The damping strength among ``grid`` whose COMQ solution on fold 0 has the lowest objective on fold 1 (the
     held-out error); returns (alpha, {alpha: held-out error})."""
     errs = {}
     for alpha in grid:
         solve, cross = _split_solve(damp(fold_stats[0], alpha))
-        per = [0.0] * len(mats)
-        for k, sl, _, run_comq in _solves(xp, mats, solve, solve, cross, scfg, dt, True, False):
+        per, cast = [0.0] * len(mats), _Cast(dt)  # (casts of this alpha's statistics only)
+        for k, sl, _, run_comq in _solves(xp, mats, solve, solve, cross, scfg, dt, True, False, cast=cast):
             per[k] += _objective(np.asarray(mats[k][sl], dt), run_comq().qweight, fold_stats[1][k], dt, cast)
         errs[alpha] = sum(per)
     return min(errs, key=errs.get), errs
