@@ -58,12 +58,15 @@ names of tools/bench/_recipes.py or SECTION.FIELD, plus preset= and bits=). The 
 Detect: per scale two 3x3 convs and a 1x1 conv for the box distribution (cv2.*) and for the classes (cv3.*), and the
 DFL's fixed 1x16 conv), 19 of the 64 convs, 0.43 M of the 3.0 M weights.
 
-    python tools/bench/detector.py                                  # out/detector/detector.{md,json}
-    python tools/bench/detector.py --sets dev --out out/detector/dev --variant default: --variant ...  # tuning
+    python tools/bench/detector.py --eval-crops 480                  # out/detector/detector.{md,json}
+    python tools/bench/detector.py --sets dev --dev-crops 2000 --out out/detector/dev \
+        --variant default: --variant 'W7:bits=7' --variant "stem 8-bit:layers.layer_bits=('/model.[0-4]/*=8',)"
     python tools/bench/detector.py --render out/detector/detector.json
 
 --sets dev evaluates the development set only (for choosing a recipe or a constant without seeing the evaluation
-sets). Needs numpy, onnx, onnxruntime, opencv (cv2), PIL and the photos.
+sets; the plasma photos give few boxes: 31 in 480 views, 113 in 2000). The rows "stem 8-bit" (/model.[0-4]/* at 8
+bits: the layers that mixed precision raises first) and W6 of DEFAULT_VARIANTS were added after that search.
+Needs numpy, onnx, onnxruntime, opencv (cv2), PIL and the photos.
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "tools", "export"))
 
-from heldout import IMAGE_SETS, cluster_se, git_state, make_recipe, parse_variant, spread  # noqa: E402 (sets path)
+from eval_imagenet_agreement import session  # noqa: E402 (sets path)
+from heldout import IMAGE_SETS, cluster_se, git_state, make_recipe, parse_variant, spread  # noqa: E402
 
 MODEL = os.path.join("out", "detector", "nudenet_320n.onnx")
 SIZE = 320
@@ -127,16 +131,6 @@ def check_model(path: str) -> str:
     if len(ins) != 1 or len(m.graph.output) != 1:
         raise SystemExit(f"{path}: {len(ins)} inputs, {len(m.graph.output)} outputs: not NudeNet's 320n.onnx")
     return ins[0].name
-
-
-def session(model, threads: int = 0):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    src = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
 def infer(sess, x: np.ndarray, batch: int = 16) -> np.ndarray:
