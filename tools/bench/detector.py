@@ -56,7 +56,7 @@ model's one-pass statistics are captured once and shared (``onnxcomq.run(..., st
 one-pass recipe's time includes the capture. Recipes as in heldout.py: ``--variant LABEL:NAME=VALUE,...`` (flat
 names of tools/bench/_recipes.py or SECTION.FIELD, plus preset= and bits=). The head: /model.22/* (Ultralytics'
 Detect: per scale two 3x3 convs and a 1x1 conv for the box distribution (cv2.*) and for the classes (cv3.*), and the
-DFL's fixed 1x16 conv), 19 of the 64 convs, 0.43 M of the 3.0 M weights.
+DFL's fixed 1x16 conv), 19 of the 64 convs, 0.75 M of the 3.0 M weights.
 
     python tools/bench/detector.py --eval-crops 480                  # out/detector/detector.{md,json}
     python tools/bench/detector.py --sets dev --dev-crops 2000 --out out/detector/dev \
@@ -98,7 +98,7 @@ LABELS = ["FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED", "FEMALE
           "FEET_COVERED", "ARMPITS_COVERED", "ARMPITS_EXPOSED", "FACE_MALE", "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED",
           "ANUS_COVERED", "FEMALE_BREAST_COVERED", "BUTTOCKS_COVERED"]
 HEAD = "/model.22/*"
-STEM = "/model.[0-4]/*"  # the first 5 blocks (stride 2..8): 14 convs, 80 k of the 3.0 M weights
+STEM = "/model.[0-4]/*"  # the first 5 blocks (stride 2..8): 13 convs, 80 k of the 3.0 M weights
 DEFAULT_VARIANTS = ["RTN:weights.method=rtn", "default:", "best:preset=best",
                     "avg 4.25 bits:mixed_precision.avg_bits=4.25", f"head float:layers.exclude=('{HEAD}',)",
                     f"stem 8-bit:layers.layer_bits=('{STEM}=8',)", "W6:bits=6", "W8 RTN:bits=8,weights.method=rtn",
