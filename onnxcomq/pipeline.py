@@ -15,7 +15,7 @@ import onnx
 from . import progress as _progress
 from .capture.calib import Calibration, KeepFirst, model_inputs, reiterable, resolve_mask_input
 from .capture.gram import check_stats
-from .capture.memory import STATS_SHARE, choose_batch, fit_groups, memory_budget, peak_rss_mb
+from .capture.memory import STATS_SHARE, choose_batch, fit_groups, layer_specs, memory_budget, peak_rss_mb
 from .capture.passes import capture, split_stages, stage_entries
 from .capture.session import run_model
 from .config import Recipe
@@ -119,7 +119,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     pool = open_pool(sv.workers) if sv.workers else None  # None: the solves run here, one after the other
     try:
         for s, stage in enumerate(stages):
-            specs = {spec: layer.groups for layer in stage for _, spec in layer.consumers}
+            specs = layer_specs(stage)
             fold_below = {spec: recipe.regularization.few_rows * spec.fan_in for spec in specs} \
                 if damping == "auto" else None
             t0 = time.perf_counter()
