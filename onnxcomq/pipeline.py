@@ -131,7 +131,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
             else:
                 with bar(total or None, desc, "sample") as b:
                     stats, samples = capture(cap_model, twin, specs, batches, b, mask_input, fold_below, total,
-                                             observers=acts.observers if acts is not None else None)
+                                             observers=acts.observers if acts is not None else None, xp=xp)
                 if stats_cache is not None and twin is None and acts is None:
                     stats_cache[key] = (stats, samples)
             if acts is not None:  # activations upstream of a Log, a divisor...: judged by the error at that op

@@ -198,6 +198,96 @@ def test_layer_solve_on_device_matches_numpy(dev, name):
         assert got.rtn_error == pytest.approx(want.rtn_error, rel=1e-9)
 
 
+# --- capture: the Grams formed in the device module ---
+
+@pytest.mark.parametrize("model,cross,folds", [("fmnist_vit.onnx", False, False), ("fmnist_vit.onnx", True, True),
+                                               ("fmnist_cnn.onnx", True, False), ("fmnist_cnn.onnx", False, True)])
+def test_capture_forms_the_grams_on_the_device(dev, model, cross, folds, monkeypatch):
+    """capture(..., xp=device): every Gram update runs on device arrays (a transformer's row inputs are moved
+    there, a convolution's im2col chunks are built on the host and moved), and the statistics come back to the host
+    as numpy arrays: the NumPy capture's bytes on the double, within float tolerance on CuPy. (The twin is the
+    model itself: cross statistics only need a second stream.)"""
+    from onnxcomq.capture import gram
+    from onnxcomq.capture.passes import capture
+    from onnxcomq.graph.layers import find_layers
+
+    m = onnx.load(os.path.join(MODELS, model))
+    specs = {spec: L.groups for L in find_layers(m)[0] for _, spec in L.consumers}
+    x = calibration(model.split(".")[0])["input"][:6]
+    batches = [{"input": x[:4]}, {"input": x[4:]}]
+    fold_below = {s: 1e12 for s in specs} if folds else None
+    seen = []
+    real = gram.GramStats._fold
+
+    def spy(self, Xt):
+        seen.append(array_module(self.G))
+        return real(self, Xt)
+
+    monkeypatch.setattr(gram.GramStats, "_fold", spy)
+    want, n1 = capture(m, m if cross else None, specs, batches, fold_below=fold_below, total_samples=6)
+    assert set(seen) == {np}
+    seen.clear()
+    got, n2 = capture(m, m if cross else None, specs, batches, fold_below=fold_below, total_samples=6, xp=dev)
+    assert n1 == n2 == 6 and seen and set(seen) == {dev}
+    for spec, st in want.items():
+        assert len(got[spec].parts) == len(st.parts) == (2 if folds else 1)
+        for pa, pb in zip(st.parts, got[spec].parts):
+            assert pa.x.rows == pb.x.rows
+            for a, b in [(pa.x.G, pb.x.G), (pa.x.sums, pb.x.sums)] + ([(pa.H, pb.H), (pa.Gt, pb.Gt)] if cross else []):
+                assert type(b) is np.ndarray and b.dtype == np.float64
+                if dev is sc:
+                    np.testing.assert_array_equal(b, a)
+                else:
+                    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+
+
+def test_padded_positions_leave_a_device_gram_too(dev):
+    """The attention mask (host) selects the rows of a device tensor: the NumPy statistics."""
+    from onnxcomq.capture.gram import GramStats
+    from onnxcomq.graph.layers import XSpec
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 7, 5)).astype(np.float32)
+    mask = (rng.random((3, 7)) > 0.3).astype(np.int64)
+    want, got = GramStats(XSpec("x", "rows", 5), 1), GramStats(XSpec("x", "rows", 5), 1, xp=dev)
+    want.add(x, mask)
+    got.add(dev.asarray(x), mask)
+    assert got.rows == want.rows == int(mask.sum())
+    np.testing.assert_allclose(to_numpy(got.G), want.G, rtol=0 if dev is sc else 1e-5)
+
+
+def _cuda_provider() -> bool:
+    import onnxruntime as ort
+    return gpu_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def test_capture_without_a_cuda_provider_runs_on_the_cpu_provider():
+    from onnxcomq.capture.session import device_providers
+    assert device_providers(np) is None and device_providers(sc) is None  # (the double has no CUDA)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_provider(), reason="no CUDA device or no onnxruntime-gpu: GPU tests skipped")
+def test_cuda_provider_outputs_stay_on_the_device():
+    """With onnxruntime-gpu, capture's outputs are bound to device memory and read as CuPy arrays in place."""
+    import cupy
+
+    from onnxcomq.capture.passes import stage_model
+    from onnxcomq.capture.session import device_providers, make_session, run_model, run_on
+    from onnxcomq.graph.layers import find_layers
+
+    m = onnx.load(os.path.join(MODELS, "fmnist_vit.onnx"))
+    tensors = sorted({spec.tensor for L in find_layers(m)[0] for _, spec in L.consumers} - {"input"})
+    sess = make_session(stage_model(m, tensors), device_providers(cupy), mem_pattern=False)
+    assert sess.get_providers()[0] == "CUDAExecutionProvider"
+    feed = {"input": calibration("fmnist_vit")["input"][:4]}
+    got = run_on(sess, tensors, feed, 0, cupy)
+    want = run_model(m, tensors, [feed])[0]
+    for g, w in zip(got, want):
+        assert isinstance(g, cupy.ndarray)
+        np.testing.assert_allclose(cupy.asnumpy(g), w, rtol=1e-3, atol=1e-3 * float(np.abs(w).max()))
+
+
 # --- whole runs ---
 
 # default W4 (cyclic, lambda search), official (greedy), sequential (cross statistics), block grids (QDQ),

@@ -16,6 +16,12 @@ CHUNK_ROWS = 8192  # rows of X per GEMM: large enough to keep the GEMMs efficien
 CHUNK_BYTES = 32 << 20  # bytes of X per chunk (a conv image too large for it is cut into bands of output rows)
 
 
+def to_host(a):
+    """A numpy array of ``a``: itself, or a device array's host copy (CuPy's ``get``; capture knows no more of
+    the device than that, and solve/backend.py the rest)."""
+    return a if isinstance(a, np.ndarray) else a.get()
+
+
 def row_mask(mask: np.ndarray | None, rows: int) -> np.ndarray | None:
     """Which of a (batch, seq, features) tensor's ``rows`` = batch x seq token rows are real tokens (bool), from
     the attention mask (batch, total); None when the rows are not the mask's positions. With a key/value cache the
@@ -43,21 +49,24 @@ class GramStats:
     G: np.ndarray = None
     sums: np.ndarray = None
     rows: int = 0
+    xp: object = None  # the array module of G and sums (None: numpy); a device module forms the Grams on the GPU
 
     def __post_init__(self):
         n = self.spec.fan_in
-        self.G = np.zeros((self.groups, n, n), np.float64)
-        self.sums = np.zeros((self.groups, n), np.float64)
+        xp = self.xp or np
+        self.G = xp.zeros((self.groups, n, n), np.float64)
+        self.sums = xp.zeros((self.groups, n), np.float64)
 
     def _fold(self, Xt: np.ndarray):
         """Xt: one chunk (groups, n, rows), folded in float32 GEMMs and accumulated in float64."""
-        Xt = Xt.astype(np.float32, copy=False)
+        xp = self.xp or np
+        Xt = xp.asarray(Xt).astype(np.float32, copy=False)  # (a host chunk, e.g. im2col's, goes to the device)
         with np.errstate(over="ignore", invalid="ignore"):  # inputs beyond float32's range: check_stats
             if self.groups == 1:
                 A = Xt[0]
-                self.G[0] += np.dot(A, A.T)  # (np.dot runs A A^T as syrk, half the work; matmul does not)
+                self.G[0] += xp.dot(A, A.T)  # (np.dot runs A A^T as syrk, half the work; matmul does not)
             else:
-                self.G += np.matmul(Xt, Xt.transpose(0, 2, 1))
+                self.G += xp.matmul(Xt, Xt.transpose(0, 2, 1))
         self.sums += Xt.sum(axis=-1)
         self.rows += Xt.shape[-1]
 
@@ -76,6 +85,8 @@ class GramStats:
         shapes only (so that two tensors of one shape give matching chunks). Each chunk is valid until the next
         one of the same ``slot`` (conv chunks are built in a reused buffer): two generators alive at once (X and
         X~ of cross statistics) need two slots."""
+        if self.spec.kind != "rows":
+            t = to_host(t)  # (im2col and the recurrent rows are built on the host)
         if self.spec.kind in RNN_KINDS:  # t from rnn_rows: (1 or groups, rows, n)
             for r in range(0, t.shape[1], CHUNK_ROWS):
                 c = t[:, r:r + CHUNK_ROWS].transpose(0, 2, 1).astype(np.float32, copy=False)
@@ -143,25 +154,39 @@ class _Part:
         GEMMs accumulated in float64, like GramStats."""
         self.x._fold(X)
         if Xt is not None:
-            A, B = X.astype(np.float32, copy=False), Xt.astype(np.float32, copy=False)
-            self.H += np.matmul(B, A.transpose(0, 2, 1))
-            self.Gt += np.matmul(B, B.transpose(0, 2, 1))
+            xp = self.x.xp or np
+            A, B = (xp.asarray(a).astype(np.float32, copy=False) for a in (X, Xt))
+            self.H += xp.matmul(B, A.transpose(0, 2, 1))
+            self.Gt += xp.matmul(B, B.transpose(0, 2, 1))
             self.sums_t += B.sum(axis=-1)
+
+    def to_host(self):
+        """The statistics as numpy arrays (after a capture whose Grams were formed on a device)."""
+        self.x.G, self.x.sums, self.x.xp = to_host(self.x.G), to_host(self.x.sums), None
+        if self.H is not None:
+            self.H, self.Gt, self.sums_t = to_host(self.H), to_host(self.Gt), to_host(self.sums_t)
 
 
 class LayerStats:
     """Streaming statistics of one layer input (an XSpec): G, and with ``cross`` also H and G~; kept in two folds
     when ``fold_below`` > 0 and the rows expected from the first batch (times ``total_samples``) are fewer."""
 
-    def __init__(self, spec, groups: int, cross: bool = False, fold_below: float = 0.0, total_samples: int = 0):
+    def __init__(self, spec, groups: int, cross: bool = False, fold_below: float = 0.0, total_samples: int = 0,
+                 xp=None):
         self.spec, self.groups, self.cross = spec, groups, cross
         self.fold_below, self.total_samples = fold_below, total_samples
         self.parts = None
+        self.xp = None if xp is np else xp  # where the Grams are formed (``GramStats.xp``; None: numpy); ``to_host`` when capture ends
+
+    def to_host(self):
+        for p in self.parts or []:
+            p.to_host()
+        self.xp = None  # (a module does not pickle: the statistics go to worker processes)
 
     def _new_part(self) -> _Part:
-        p = _Part(GramStats(self.spec, self.groups))
+        p = _Part(GramStats(self.spec, self.groups, xp=self.xp))
         if self.cross:
-            p.H, p.Gt, p.sums_t = np.zeros_like(p.x.G), np.zeros_like(p.x.G), np.zeros_like(p.x.sums)
+            p.H, p.Gt, p.sums_t = ((self.xp or np).zeros_like(a) for a in (p.x.G, p.x.G, p.x.sums))
         return p
 
     def _expected_rows(self, t, mask, samples: int) -> float:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 
@@ -14,7 +15,7 @@ from ..graph.modelio import skeleton
 from .calib import reiterable
 from .gram import CHUNK_BYTES
 from .rows import spec_tensors
-from .session import make_session, run_session
+from .session import run_session
 
 log = logging.getLogger("onnxcomq")
 CAPTURE_OVERHEAD = 2.5  # capture's memory per byte of captured tensors (the outputs, onnxruntime's own activations)
@@ -103,9 +104,11 @@ def measured_tensor_bytes(model: onnx.ModelProto, tensors: list, feed: dict) -> 
     fetch = [t for t in tensors if t not in inputs]
     sizes = {t: np.asarray(feed[t]).nbytes for t in tensors if t in inputs and t in feed}
     if fetch:  # (the model cut down to what the tensors depend on: no full copy of a large model)
-        from .passes import stage_model
-        sess = make_session(stage_model(model, fetch), mem_pattern=False)
-        sizes.update((t, np.asarray(v).nbytes) for t, v in zip(fetch, run_session(sess, fetch, feed)))
+        from .passes import stage_session
+        with contextlib.ExitStack() as stack:
+            sess = stage_session(model, fetch, stack)
+            sizes.update((t, np.asarray(v).nbytes) for t, v in zip(fetch, run_session(sess, fetch, feed)))
+            del sess
     return sizes
 
 

@@ -4,16 +4,19 @@ quantized twin), and each layer input is folded into its statistics. See docs/de
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from ..graph.layers import node_names
-from ..graph.modelio import copy_fields
+from ..graph.modelio import SESSION_FILE_BYTES, add_light, copy_fields, data_file, model_bytes, temp_folder
 from .calib import batch_samples
-from .gram import LayerStats
+from .gram import LayerStats, to_host
 from .rows import RNN_KINDS, free_scratch, rnn_rows, spec_tensors
-from .session import capture_model, make_session, run_session
+from .session import capture_model, device_providers, make_session, run_on
 
 
 def collect_stats(model: onnx.ModelProto, specs: dict, batches, progress=None,
@@ -30,9 +33,10 @@ def collect_stats(model: onnx.ModelProto, specs: dict, batches, progress=None,
     return {spec: st.part().x for spec, st in stats.items()}, samples
 
 
-def stage_model(model: onnx.ModelProto, tensors: list) -> onnx.ModelProto:
+def stage_model(model: onnx.ModelProto, tensors: list, place=None) -> onnx.ModelProto:
     """A copy of ``model`` that outputs ``tensors`` only, without the nodes (and initializers) they do not depend
-    on. Built field by field so that the initializers are copied once (large models)."""
+    on. Built field by field so that the initializers are copied once; with ``place`` (``modelio.data_file``), the
+    large ones are not copied at all but written to that file and referenced as external data."""
     m = onnx.ModelProto()
     copy_fields(model, m, skip="graph")
     copy_fields(model.graph, m.graph, skip="initializer")
@@ -49,8 +53,27 @@ def stage_model(model: onnx.ModelProto, tensors: list) -> onnx.ModelProto:
         del m.graph.node[:]
         m.graph.node.extend(reversed(keep))
     used = {i for n in m.graph.node for i in n.input}
-    m.graph.initializer.extend(t for t in model.graph.initializer if subgraphs or t.name in used)
+    kept = (t for t in model.graph.initializer if subgraphs or t.name in used)
+    if place is None:
+        m.graph.initializer.extend(kept)
+    else:
+        add_light(kept, m.graph.initializer, place, STAGE_DATA)
     return capture_model(m, tensors, copy=False)
+
+
+STAGE_DATA = "stage.data"
+
+
+def stage_session(model: onnx.ModelProto, tensors: list, stack: contextlib.ExitStack, providers=None):
+    """An onnxruntime session of ``stage_model(model, tensors)`` (no memory pattern). A model of
+    ``SESSION_FILE_BYTES`` or more never gets a second copy in memory: the initializers the stage reads are written
+    to a temporary folder, which ``stack`` keeps until the session is done with, and onnxruntime memory-maps them."""
+    if model_bytes(model) < SESSION_FILE_BYTES:
+        return make_session(stage_model(model, tensors), providers, mem_pattern=False)
+    folder = stack.enter_context(temp_folder())
+    with data_file(os.path.join(folder, STAGE_DATA)) as place:
+        m = stage_model(model, tensors, place)
+    return make_session(m, providers, mem_pattern=False, folder=folder)
 
 
 def stage_entries(model: onnx.ModelProto, stage: list) -> set:
@@ -72,14 +95,17 @@ def split_stages(layers: list, stages: int) -> list:
 
 
 def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, fold_below: dict | None = None,
-            total_samples: int = 0, observers: dict | None = None) -> tuple:
+            total_samples: int = 0, observers: dict | None = None, xp=None) -> tuple:
     """Run every batch through ``model`` (and ``twin``, the partly quantized copy, when given) and return
     ({XSpec: LayerStats}, samples). ``specs``: XSpec -> groups; ``fold_below``: XSpec -> row threshold for folds.
     ``observers``: tensor name -> activation range observer (capture/observers.py), fed the float model's values of
-    that tensor in the same pass."""
+    that tensor in the same pass. ``xp``: a device array module (CuPy) forms the Grams on the GPU, from onnxruntime
+    outputs left in device memory where its CUDA provider runs the model (``session.device_session``); the
+    statistics come back to the host at the end."""
     cross = twin is not None
     fold_below = fold_below or {}
-    stats = {spec: LayerStats(spec, g, cross, fold_below.get(spec, 0.0), total_samples) for spec, g in specs.items()}
+    stats = {spec: LayerStats(spec, g, cross, fold_below.get(spec, 0.0), total_samples, xp)
+             for spec, g in specs.items()}
     graph_inputs = {i.name for i in model.graph.input}
     observers = observers or {}
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
@@ -87,10 +113,23 @@ def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, f
     fetch = sorted({t for s in specs for t in spec_tensors(s)} - graph_inputs - set(consts))
     fetch_float = sorted(set(fetch) | (set(observers) - graph_inputs))
     pairs = ((model, fetch_float), (twin, fetch)) if cross else ((model, fetch_float),)
-    runs = [(make_session(stage_model(m, f), mem_pattern=False) if f else None, f) for m, f in pairs]
+    xp = xp or np
+    providers = device_providers(xp)
+    with contextlib.ExitStack() as stack:
+        runs = [(stage_session(m, f, stack, providers) if f else None, f) for m, f in pairs]
+        samples = _stream(runs, stats, batches, graph_inputs, consts, observers, mask_input, cross, progress, xp)
+        del runs  # (the sessions before their files)
+    for st in stats.values():
+        st.to_host()
+    free_scratch()  # (the chunk buffers of GramStats.chunks)
+    return stats, samples
+
+
+def _stream(runs, stats, batches, graph_inputs, consts, observers, mask_input, cross, progress, xp) -> int:
+    """capture's loop over the batches; returns the number of samples."""
     samples = 0
     for feed in batches:
-        vals = [dict(zip(f, run_session(sess, f, feed, samples))) if sess is not None else {} for sess, f in runs]
+        vals = [dict(zip(f, run_on(sess, f, feed, samples, xp))) if sess is not None else {} for sess, f in runs]
         for v in vals:
             v.update({k: a for k, a in feed.items() if k in graph_inputs})
             v.update(consts)
@@ -98,18 +137,23 @@ def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, f
         n = batch_samples(feed)
         for spec, st in stats.items():
             if spec.kind in RNN_KINDS:
-                tq = rnn_rows(spec, vals[1]) if cross else None
-                st.add(rnn_rows(spec, vals[0]), mask, tq, n)
-            else:
-                tq = np.asarray(vals[1][spec.tensor]) if cross else None
-                st.add(np.asarray(vals[0][spec.tensor]), mask, tq, n)
+                tq = rnn_rows(spec, _host(vals[1])) if cross else None
+                st.add(rnn_rows(spec, _host(vals[0])), mask, tq, n)
+            else:  # (a row-kind input goes to the Grams' array module, a convolution's stays for im2col)
+                put = xp.asarray if spec.kind == "rows" else to_host
+                tq = put(vals[1][spec.tensor]) if cross else None
+                st.add(put(vals[0][spec.tensor]), mask, tq, n)
         for name, obs in observers.items():
-            obs.update(vals[0][name])
+            obs.update(to_host(vals[0][name]))
         samples += n
         # (all of them: the loop variable v alone kept a batch's outputs alive through the next batch's run, which
         # doubled capture's peak memory from the second batch on)
         del vals, v
         if progress is not None:
             progress.update(n)
-    free_scratch()  # (the chunk buffers of GramStats.chunks)
-    return stats, samples
+    return samples
+
+
+def _host(vals: dict) -> dict:
+    """A batch's captured values, on the host (recurrent rows are built there)."""
+    return {k: to_host(v) for k, v in vals.items()}

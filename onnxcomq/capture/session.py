@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -10,7 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import UserError
-from ..graph.modelio import is_large, model_path, skeleton
+from ..graph.modelio import SESSION_FILE_BYTES, is_large, model_bytes, model_path, skeleton
 
 
 def capture_model(model: onnx.ModelProto, tensors: list[str], copy: bool = True) -> onnx.ModelProto:
@@ -45,8 +46,12 @@ def ort_message(e: Exception) -> str:
 
 
 def make_session(model: onnx.ModelProto, providers=None, what: str = "the model",
-                 mem_pattern: bool = True) -> ort.InferenceSession:
+                 mem_pattern: bool = True, folder: str | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session (MatMulNBits exact); a model onnxruntime refuses is a one-line UserError.
+
+    A model of ``SESSION_FILE_BYTES`` or more is loaded from a temporary file with external data, which
+    onnxruntime memory-maps (no serialized copy, no parsed copy). ``folder``: the model's large tensors are
+    already external data in that folder (``passes.stage_session``); the model file is written there.
 
     ``mem_pattern=False`` (capture): no memory pattern. With one, the second run of a shape allocates one block
     for the whole planned pattern beside the arena chunks of the first run, which the capture model's many
@@ -58,7 +63,12 @@ def make_session(model: onnx.ModelProto, providers=None, what: str = "the model"
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     providers = providers or ["CPUExecutionProvider"]
     try:
-        if is_large(model):  # too big for one protobuf message: load from a file with external data
+        if folder is not None:
+            path = os.path.join(folder, f"session-{len(os.listdir(folder))}.onnx")
+            with open(path, "wb") as f:
+                f.write(model.SerializeToString())
+            return ort.InferenceSession(path, so, providers=providers)
+        if is_large(model) or model_bytes(model) >= SESSION_FILE_BYTES:
             with model_path(model) as path:
                 return ort.InferenceSession(path, so, providers=providers)
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
@@ -86,6 +96,50 @@ def run_session(sess: ort.InferenceSession, fetch: list | None, feed: dict, firs
                     (f" {', '.join(ints)}" if ints else "") + " against the model's vocabulary / table size")
         what = what or f"onnxruntime failed on the calibration batch starting at sample {first_sample}"
         raise UserError(f"{what}: {msg}{hint}") from None
+
+
+def device_providers(xp) -> list | None:
+    """onnxruntime providers for a capture whose Grams are formed with ``xp``: CUDA first (float32 matmuls, no
+    TF32, so that the activations are those of the CPU provider to float32 rounding) when ``xp`` is CuPy and
+    onnxruntime-gpu is installed; None (the CPU provider) otherwise."""
+    if xp is np or not hasattr(xp, "cuda") or "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    return [("CUDAExecutionProvider", {"device_id": str(xp.cuda.Device().id), "use_tf32": "0"}),
+            "CPUExecutionProvider"]
+
+
+# onnxruntime's output element types -> numpy (those a captured layer input can have)
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+               "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+def run_on(sess: ort.InferenceSession, fetch: list, feed: dict, first_sample: int = 0, xp=np) -> list:
+    """``run_session``; when the session runs on onnxruntime's CUDA provider and ``xp`` is CuPy, the outputs stay
+    in device memory (IOBinding) and come back as CuPy arrays that share it, with no copy through the host."""
+    if xp is np or not hasattr(xp, "cuda") or sess.get_providers()[0] != "CUDAExecutionProvider":
+        return run_session(sess, fetch, feed, first_sample)
+    try:
+        io = sess.io_binding()
+        for k, v in feed.items():
+            io.bind_cpu_input(k, np.ascontiguousarray(v))
+        for name in fetch:
+            io.bind_output(name, "cuda", xp.cuda.Device().id)
+        sess.run_with_iobinding(io)
+        return [_cupy_view(v, xp) for v in io.get_outputs()]
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise UserError(f"onnxruntime failed on the calibration batch starting at sample {first_sample}: "
+                        f"{ort_message(e)}") from None
+
+
+def _cupy_view(v, xp):
+    """An OrtValue in CUDA memory as a CuPy array over the same memory (the array keeps the OrtValue alive)."""
+    dtype = np.dtype(_ORT_DTYPES[v.data_type()])
+    shape = tuple(v.shape())
+    mem = xp.cuda.UnownedMemory(v.data_ptr(), int(np.prod(shape)) * dtype.itemsize, v)
+    return xp.ndarray(shape, dtype, xp.cuda.MemoryPointer(mem, 0))
 
 
 def run_model(model: onnx.ModelProto, names: list, feeds: list, what: str = "the model") -> list:

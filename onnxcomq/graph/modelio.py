@@ -91,6 +91,10 @@ def prepare_model(model_or_path) -> onnx.ModelProto:
 
 # Protobuf cannot serialize a message of 2 GiB or more: past this size models go through files with external data.
 LARGE_MODEL_BYTES = 1_800_000_000
+# From this size on, onnxruntime sessions load the model from a file with external data, which onnxruntime
+# memory-maps, instead of from serialized bytes (the bytes and onnxruntime's parsed copy were two more copies of the
+# model: 1.2 GB model, session from bytes +2.4 GB, from a file +0.9 GB; docs/design.md, "Memory").
+SESSION_FILE_BYTES = 64 << 20
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
@@ -130,11 +134,18 @@ def skeleton(model: onnx.ModelProto, threshold: int = 1024, place=None,
     skel = onnx.ModelProto()
     copy_fields(model, skel, skip="graph")
     copy_fields(model.graph, skel.graph, skip="initializer")
-    for t in model.graph.initializer:
+    add_light(model.graph.initializer, skel.graph.initializer, place, data_name, threshold)
+    return skel
+
+
+def add_light(tensors, dst, place=None, data_name: str = "onnxcomq-not-written.data", threshold: int = 1024) -> None:
+    """Append ``tensors`` to the repeated field ``dst``, those of ``threshold`` bytes or more as external-data
+    references to ``data_name`` (their bytes written by ``place``, as in ``skeleton``), the others copied."""
+    for t in tensors:
         if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") or len(t.raw_data) < threshold:
-            skel.graph.initializer.add().CopyFrom(t)
+            dst.add().CopyFrom(t)
             continue
-        e = skel.graph.initializer.add()
+        e = dst.add()
         copy_fields(t, e, skip="raw_data")
         raw = t.raw_data
         offset = place(raw) if place is not None else 0
@@ -142,7 +153,20 @@ def skeleton(model: onnx.ModelProto, threshold: int = 1024, place=None,
         for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
             e.external_data.add(key=k, value=v)
         del raw
-    return skel
+
+
+@contextlib.contextmanager
+def data_file(path: str):
+    """Yields ``place(raw) -> offset``, which appends a tensor's bytes to the file ``path`` at a page-aligned
+    offset (as onnx's own writer does, so that runtimes can memory-map them)."""
+    with open(path, "wb") as f:
+        def place(raw: bytes) -> int:
+            f.write(b"\0" * (-f.tell() % 4096))
+            offset = f.tell()
+            f.write(raw)
+            return offset
+
+        yield place
 
 
 def _save_external(model: onnx.ModelProto, path: str, data_name: str, threshold: int = 1024) -> None:
@@ -150,13 +174,7 @@ def _save_external(model: onnx.ModelProto, path: str, data_name: str, threshold:
 
     Unlike onnx.save(save_as_external_data=True), this never copies the model in memory (the tensors' bytes are
     streamed into the data file), so a model near the 2 GiB limit costs no second copy."""
-    with open(os.path.join(os.path.dirname(path), data_name), "wb") as f:
-        def place(raw: bytes) -> int:
-            f.write(b"\0" * (-f.tell() % 4096))  # page-aligned, as onnx's own writer does, so runtimes can mmap
-            offset = f.tell()
-            f.write(raw)
-            return offset
-
+    with data_file(os.path.join(os.path.dirname(path), data_name)) as place:
         skel = skeleton(model, threshold, place, data_name)
     with open(path, "wb") as f:
         f.write(skel.SerializeToString())
@@ -344,12 +362,19 @@ def save_model(model: onnx.ModelProto, path, external_data: bool | None = None, 
 
 
 @contextlib.contextmanager
-def model_path(model: onnx.ModelProto):
-    """A path to ``model`` on disk (with external data), for the APIs that must not serialize it in memory."""
+def temp_folder():
+    """A new temporary folder (under $TMPDIR), removed with everything in it on exit."""
     tmpdir = tempfile.mkdtemp(prefix="onnxcomq-")
     try:
+        yield tmpdir
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def model_path(model: onnx.ModelProto):
+    """A path to ``model`` on disk (with external data), for the APIs that must not serialize it in memory."""
+    with temp_folder() as tmpdir:
         path = os.path.join(tmpdir, "model.onnx")
         _save_external(model, path, "model.data")
         yield path
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)

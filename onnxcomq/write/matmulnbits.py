@@ -15,7 +15,8 @@ from onnx import helper, numpy_helper
 
 from ..errors import UserError
 from ..graph.layers import unique_name
-from .qdq import QuantizedWeight, drop_weight
+from ..graph.modelio import copy_fields
+from .qdq import QuantizedWeight, drop_input
 
 DOMAIN = "com.microsoft"
 
@@ -59,12 +60,15 @@ def nbits_arrays(q: QuantizedWeight):
 
 def emit_matmulnbits(model: onnx.ModelProto, weights: list, accuracy_level: int = 0):
     """A copy of ``model`` in which every MatMul reading a weight of ``weights`` (block-quantized, 2, 4 or 8 bits)
-    as its input B is a MatMulNBits; the float initializers are removed."""
+    as its input B is a MatMulNBits; the float initializers are removed (never copied: a language model's copy
+    would be most of its size)."""
+    replaced = {q.name for q in weights}
     out = onnx.ModelProto()
-    out.CopyFrom(model)
+    copy_fields(model, out, skip="graph")
+    copy_fields(model.graph, out.graph, skip="initializer")
     g = out.graph
-    by_name = {t.name: t for t in g.initializer}
-    taken = set(by_name) | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    g.initializer.extend(t for t in model.graph.initializer if t.name not in replaced)
+    taken = {t.name for t in model.graph.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
     for q in weights:
         if q.bits not in (2, 4, 8):
             raise UserError(f"{q.name}: MatMulNBits stores 2, 4 or 8 bits, got {q.bits}")
@@ -88,7 +92,7 @@ def emit_matmulnbits(model: onnx.ModelProto, weights: list, accuracy_level: int 
                                    domain=DOMAIN, K=K, N=N, bits=q.bits, block_size=q.block_size,
                                    accuracy_level=int(accuracy_level))
             node.CopyFrom(new)
-        drop_weight(g, by_name[q.name])
+        drop_input(g, q.name)
     if not any(o.domain == DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return out

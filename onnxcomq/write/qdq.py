@@ -160,7 +160,12 @@ def drop_weight(graph: onnx.GraphProto, init: onnx.TensorProto) -> None:
     float model also listed it as a graph input (older exporters list every initializer there), that input, which
     would otherwise clash with the new producer of the name (onnxruntime: "Duplicate definition")."""
     graph.initializer.remove(init)
-    listed = next((i for i in graph.input if i.name == init.name), None)
+    drop_input(graph, init.name)
+
+
+def drop_input(graph: onnx.GraphProto, name: str) -> None:
+    """Remove the graph input ``name``, if listed (a replaced weight's listing; see drop_weight)."""
+    listed = next((i for i in graph.input if i.name == name), None)
     if listed is not None:
         graph.input.remove(listed)
 
