@@ -7,6 +7,11 @@ grid set-up, the order, the input checks and the copy of the result to the host 
 and 11008 x 4096 (a 7B model's attention and MLP widths); --quick: 16x smaller. The last column compares the
 devices' results: the share of equal codes and the relative difference of the objectives.
 
+A second table measures capture's Gram formation (capture/gram.GramStats: G += X^T X, float32 products added in
+float64) on the same two widths: batches of 8 sequences x 128 tokens of a row-kind layer input (a decoder's MatMul
+input), already in the device's memory (the GPU capture's case with onnxruntime's CUDA provider), in tokens per
+second, and the relative difference of the devices' G.
+
     python tools/bench/gpu.py                       # CPU and GPU (tools/gpu_check.sh runs this)
     python tools/bench/gpu.py --device cpu --quick  # no GPU: a check that the script works
 """
@@ -22,7 +27,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+from onnxcomq.capture.gram import GramStats  # noqa: E402
 from onnxcomq.errors import UserError  # noqa: E402
+from onnxcomq.graph.layers import XSpec  # noqa: E402
 from onnxcomq.solve.backend import get_xp  # noqa: E402
 from onnxcomq.solve.comq import SolverConfig, comq_quantize  # noqa: E402
 
@@ -98,7 +105,35 @@ def main(argv=None):
                        f"{abs(res.objective - ref.objective) / max(abs(ref.objective), 1e-30):.1e}")
             print(f"| {what} ({m} x {n}) | {d} | {t_gemm * 1e3:.1f} | {t_sweep * 1e3:.1f} | "
                   f"{t_sweep / t_gemm:.1f}x | {vs} | {cmp} |")
+    gram_table(mods, shapes, 2 if args.quick else 8)
     print(f"total {time.perf_counter() - t0:.1f} s")
+
+
+def gram_table(mods: dict, shapes: list, batches: int, tokens: int = 8 * 128):
+    """Gram formation rate of capture (GramStats.add) per device: ``batches`` batches of ``tokens`` rows."""
+    print()
+    print("| capture Gram (n) | device | tokens / s | G CPU / GPU rel. diff |")
+    print("|---|---|---|---|")
+    for n in sorted({n for _, n, _ in shapes} | {m for m, _, _ in shapes}):
+        rng = np.random.default_rng(n)
+        Xh = rng.standard_normal((batches, tokens, n), dtype=np.float32)
+        Gs = {}
+        for d, xp in mods.items():
+            X = xp.asarray(Xh)
+            st = GramStats(XSpec("x", "rows", n), 1, xp=xp)
+            st.add(X[0])  # (warm-up: kernels, BLAS threads)
+            st = GramStats(XSpec("x", "rows", n), 1, xp=xp)
+            sync(xp)
+            t = time.perf_counter()
+            for b in range(batches):
+                st.add(X[b])
+            sync(xp)
+            rate = batches * tokens / (time.perf_counter() - t)
+            Gs[d] = np.asarray(st.G[0]) if xp is np else xp.asnumpy(st.G[0])
+            diff = ""
+            if d == "gpu" and "cpu" in Gs:
+                diff = f"{np.abs(Gs['gpu'] - Gs['cpu']).max() / np.abs(Gs['cpu']).max():.1e}"
+            print(f"| {n} | {d} | {rate:,.0f} | {diff} |")
 
 
 def _gpu_name(cp) -> str:
