@@ -85,3 +85,15 @@ def test_a_stage_writes_only_the_initializers_it_reads_and_removes_them(files_al
         with contextlib.ExitStack() as stack:
             passes.stage_session(model, [first], stack)
             assert not files_always[-1][2]
+
+
+@pytest.mark.parametrize("model", ["fmnist_cnn.onnx", "fmnist_vit.onnx", "fmnist_keras_vit.onnx"])
+def test_model_bytes_estimate_is_within_a_percent_of_the_serialized_size(model, monkeypatch):
+    """Above SESSION_FILE_BYTES the size comes from the tensors' dims and types (ByteSize would encode a copy)."""
+    from onnxcomq.graph import modelio
+
+    m = onnx.load(MODELS + model)
+    exact = m.ByteSize()
+    assert modelio.model_bytes(m) == exact  # (small: exact)
+    monkeypatch.setattr(modelio, "SESSION_FILE_BYTES", 0)
+    assert abs(modelio.model_bytes(m) - exact) <= 0.01 * exact

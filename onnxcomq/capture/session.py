@@ -24,8 +24,10 @@ def capture_model(model: onnx.ModelProto, tensors: list[str], copy: bool = True)
     have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
     types = {}
     try:
-        # a large model: infer on a skeleton without the big tensors' bytes (inference needs only their dims)
-        inferred = onnx.shape_inference.infer_shapes(skeleton(model) if is_large(model) else model, data_prop=True)
+        # a large model: infer on a skeleton without the big tensors' bytes (inference needs only their dims;
+        # infer_shapes serializes its argument and parses the result: two transient copies of the model)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model) if model_bytes(model) >= SESSION_FILE_BYTES
+                                                     else model, data_prop=True)
         for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
             types[vi.name] = vi.type.tensor_type.elem_type
     except Exception:  # shape inference is best effort: ORT fills in the rest

@@ -98,14 +98,34 @@ SESSION_FILE_BYTES = 64 << 20
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
-    """The serialized size of ``model``; past protobuf's 2 GiB limit ByteSize() itself fails, and the sum of the
-    tensors' data (initializers and Constant node values) is used instead."""
-    try:
+    """The serialized size of ``model``. Exact (ByteSize) for a model whose initializers hold less than
+    ``SESSION_FILE_BYTES``; above, the initializers' data bytes (from their dims and types) and names plus the rest's
+    ByteSize: protobuf's ByteSize encodes the whole message to measure it (a transient copy of a language model, the
+    peak of a run), and fails past 2 GiB."""
+    inits = model.graph.initializer
+    inline = sum(_data_bytes(t) for t in inits if t.data_location != onnx.TensorProto.EXTERNAL)
+    if inline < SESSION_FILE_BYTES:
         return model.ByteSize()
-    except Exception:  # google.protobuf.message.EncodeError: over 2 GiB
-        tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute
-                                                   if a.type == onnx.AttributeProto.TENSOR]
-        return sum(t.ByteSize() if not t.raw_data else len(t.raw_data) for t in tensors)
+    rest = onnx.ModelProto()
+    copy_fields(model, rest, skip="graph")
+    copy_fields(model.graph, rest.graph, skip="initializer")
+    return rest.ByteSize() + sum(_data_bytes(t) + len(t.name) + 8 * len(t.dims) + 16 for t in inits)
+
+
+def _data_bytes(t: onnx.TensorProto) -> int:
+    """The bytes of a tensor's data, from its dims and element type (no copy of the data)."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    n = 1
+    for d in t.dims:
+        n *= d
+    if t.data_type == onnx.TensorProto.STRING:
+        return sum(len(v) for v in t.string_data)
+    bits = 4 if t.data_type in _FOUR_BIT else 8 * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return (n * bits + 7) // 8
+
+
+_FOUR_BIT = {getattr(onnx.TensorProto, k) for k in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, k)}
 
 
 def is_large(model: onnx.ModelProto) -> bool:

@@ -23,6 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .layers import node_names, unique_name
+from .modelio import skeleton
 
 
 def parse(equation: str, n_inputs: int = 2):
@@ -77,7 +78,7 @@ def _equation(node, inits, ranks) -> str | None:
 def _ranks(model) -> dict:
     """Tensor name -> rank, where shape inference knows it (empty if it fails, e.g. on a model over 2 GB)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model))  # (ranks need no tensor bytes)
     except Exception:  # best effort: a MatMul whose activation rank is unknown stays as it is
         return {}
     return {vi.name: len(vi.type.tensor_type.shape.dim) for vi in list(inferred.graph.value_info)
