@@ -406,6 +406,9 @@ def test_recipe_ops_match_graph():
 
 def _child(script: str, tmp, limit_bytes=None):
     def preexec():
+        # Ctrl-C as in a terminal, even when the tests run in a background job (a non-interactive shell starts
+        # those with SIGINT ignored, which the child would inherit, and Python then installs no handler)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         if limit_bytes is not None:
             import resource
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
