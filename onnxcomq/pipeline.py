@@ -78,7 +78,8 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
         raise UserError(f"no quantizable layer found ({why})")
     check_weights(model, layers)
     calib = calibration if isinstance(calibration, Calibration) else Calibration(
-        calibration, model_inputs(model), batch_size=recipe.data.batch_size, max_samples=recipe.data.max_samples)
+        calibration, model_inputs(model), batch_size=recipe.data.batch_size, max_samples=recipe.data.max_samples,
+        model=model)
 
     comq = w.method == "comq"
     official = recipe.is_official()

@@ -349,8 +349,8 @@ def test_cli_text_mistakes_are_one_line(tok_dir, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- onnxruntime-genai
 @pytest.mark.slow
 def test_genai_export_quantized_from_text_generates(tiny, tmp_path, capsys):
-    """The model builder's decoder (GroupQueryAttention, head size a dynamic dim): text calibration reads the
-    cache dims from the attention node; the quantized model, beside the builder's genai_config.json, loads in
+    """The model builder's decoder (GroupQueryAttention, head size a dynamic dim): text calibration (and random
+    feeds) read the cache dims from the attention node; the quantized model, beside the builder's genai_config.json, loads in
     onnxruntime-genai and generates 8 tokens."""
     og = pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai (tools/test.sh installs 0.15.2)")
     d, hf, _ = tiny
@@ -370,6 +370,12 @@ def test_genai_export_quantized_from_text_generates(tiny, tmp_path, capsys):
             shutil.copy(gen / f, qdir / f)
     rc = main(["quantize", str(gen / "model.onnx"), "-o", str(qdir / "model.onnx"), "--calib", str(d / "calib.txt"),
                "--tokenizer", str(hf), "--bits", "4", "--granularity", "block", "--block-size", "32", "--format",
+               "matmulnbits", "--device", "cpu", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    # random feeds also take the empty caches' heads and head size from the attention node (they were 1: onnxruntime
+    # refused "past_key dimension 3 should match the packed KV head dimension")
+    rc = main(["quantize", str(gen / "model.onnx"), "-o", str(tmp_path / "random.onnx"), "--calib", "random",
+               "--max-samples", "2", "--bits", "4", "--granularity", "block", "--block-size", "32", "--format",
                "matmulnbits", "--device", "cpu", "-q"])
     assert rc == 0, capsys.readouterr().err
     q = onnx.load(qdir / "model.onnx")

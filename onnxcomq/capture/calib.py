@@ -329,7 +329,7 @@ class Calibration:
     samples and ``batch_size`` equals it), else None. ``batch_size`` may be changed before iterating."""
 
     def __init__(self, source, inputs: list[InputInfo], batch_size: int = 32, max_samples: int | None = None,
-                 seed: int = 0, name: str = "calibration dict"):
+                 seed: int = 0, name: str = "calibration dict", model=None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
         if max_samples is not None and max_samples < 1:
@@ -338,6 +338,7 @@ class Calibration:
         self.batch_size = batch_size
         self.max_samples = max_samples
         self.seed = seed
+        self.model = model  # (random feeds: the empty caches' heads and head size where the inputs leave them open)
         self.is_random = isinstance(source, str) and source == "random"
         self._source = source
         self.name = name  # what errors about a dict source call it
@@ -575,6 +576,13 @@ class Calibration:
             shape = self._random_shape(i, n)
             if i.name.startswith(("past_key", "past_value")) and len(shape) == 4 and i.shape[2] is None:
                 shape = shape[:2] + (0,) + shape[3:]  # an empty key/value cache (a decoder's prefill)
+                if self.model is not None:  # heads and head size from the attention node where the input's are open
+                    from .text import cache_shape
+                    try:
+                        heads, dim = cache_shape(self.model, i)
+                        shape = (shape[0], heads, 0, dim)
+                    except UserError:  # (not found: 1 where dynamic, as for any other input)
+                        pass
             if np.issubdtype(i.dtype, np.floating):
                 feed[i.name] = rng.standard_normal(shape).astype(i.dtype)
             elif i.name in MASK_NAMES:  # (zeros would mask every token out of the statistics)
