@@ -577,7 +577,7 @@ class Calibration:
             if i.name.startswith(("past_key", "past_value")) and len(shape) == 4 and i.shape[2] is None:
                 shape = shape[:2] + (0,) + shape[3:]  # an empty key/value cache (a decoder's prefill)
                 if self.model is not None:  # heads and head size from the attention node where the input's are open
-                    from .text import cache_shape
+                    from .caches import cache_shape
                     try:
                         heads, dim = cache_shape(self.model, i)
                         shape = (shape[0], heads, 0, dim)

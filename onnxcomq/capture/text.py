@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 
 from ..errors import UserError
+from .caches import cache_shape, static_cache
 
 CACHE_PREFIXES = ("past_key_values", "past_key", "past_value")
 _TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -87,59 +88,6 @@ def read_samples(path, paragraphs: bool = False) -> list[str]:
     return out
 
 
-def cache_shape(model, info) -> tuple:
-    """(kv_heads, head_dim) of a cache input: the non-batch dims of its shape (batch, kv_heads, past, head_dim)
-    where static, else from the GroupQueryAttention node reading it."""
-    shape = tuple(info.shape)
-    if _static(info):
-        return shape[1], shape[3]
-    dims = _gqa_dims(model, info.name) if isinstance(model, onnx.ModelProto) else None
-    if dims is None or len(shape) != 4:
-        shown = "[" + ", ".join(str(d) if d is not None else (p or "?") for d, p in zip(shape, info.params)) + "]"
-        raise UserError(f"cache input {info.name} has shape {shown}: cannot tell its key/value heads and head size "
-                        "for an empty cache (expected [batch, kv_heads, past_length, head_dim] with static heads "
-                        "and head size)")
-    return dims
-
-
-def _static(info) -> bool:
-    return len(info.shape) == 4 and info.shape[1] is not None and info.shape[3] is not None
-
-
-def _gqa_dims(model: onnx.ModelProto, name: str):
-    """(kv_num_heads, head_size) of the com.microsoft GroupQueryAttention node that reads input ``name``, the head
-    size from the width of its query (packed q|k|v where its key input is empty); None if not found."""
-    nodes = list(model.graph.node)
-    node = next((n for n in nodes if n.op_type == "GroupQueryAttention" and name in n.input), None)
-    if node is None:
-        return None
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    heads, kv = attrs.get("num_heads"), attrs.get("kv_num_heads")
-    width = _width(model, nodes, node.input[0])
-    if not heads or not kv or not width:
-        return None
-    packed = len(node.input) < 2 or not node.input[1]
-    per = heads + 2 * kv if packed else heads
-    return (int(kv), width // per) if width % per == 0 else None
-
-
-def _width(model, nodes, tensor: str, depth: int = 0):
-    """The last dim of ``tensor`` where a MatMul / MatMulNBits / Gemm with a constant weight (through Add) makes it."""
-    inits = {t.name: t for t in model.graph.initializer}
-    prod = next((n for n in nodes if tensor in n.output), None)
-    if prod is None or depth > 4:
-        return None
-    if prod.op_type == "MatMulNBits":
-        return next((onnx.helper.get_attribute_value(a) for a in prod.attribute if a.name == "N"), None)
-    if prod.op_type in ("MatMul", "Gemm") and len(prod.input) > 1 and prod.input[1] in inits:
-        dims = list(inits[prod.input[1]].dims)
-        trans = any(a.name == "transB" and a.i for a in prod.attribute)
-        return dims[0] if trans else dims[-1]
-    if prod.op_type == "Add":
-        return next((w for i in prod.input if i not in inits and (w := _width(model, nodes, i, depth + 1))), None)
-    return None
-
-
 class TextCalibration:
     """A calibration source of text samples and a tokenizer, for ``Calibration`` / ``onnxcomq.run``.
 
@@ -171,7 +119,7 @@ class TextCalibration:
                             "past_key_values.* caches); give an .npz instead")
         caches = [i for i in inputs if i.name.startswith(CACHE_PREFIXES)]
         model = self.model
-        if isinstance(model, (str, os.PathLike)) and any(not _static(i) for i in caches):  # (read only if needed)
+        if isinstance(model, (str, os.PathLike)) and any(not static_cache(i) for i in caches):  # (read only if needed)
             model = onnx.load(os.fspath(model), load_external_data=False)
         self.caches = {i.name: (i.dtype, cache_shape(model, i)) for i in caches}
         self.inputs = inputs
