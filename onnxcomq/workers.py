@@ -136,7 +136,39 @@ class _SpawnContext(_mpc.SpawnContext):
         return p
 
 
-class LocalPool:
+class _Pool:
+    """What LocalPool and RayPool share: ``map`` over a window of tasks in flight; each pool submits a task
+    (``_submit``), waits for one (``_result``, a failure as a one-line error) and cancels the rest (``close``)."""
+
+    workers = 1
+    _pending = ()  # the tasks in flight (a pool's close may cancel them)
+
+    def map(self, fn, tasks, names=()):
+        """``fn(*args)`` for each args tuple of ``tasks``, in the workers; yields the results in task order, with
+        at most 2 x workers tasks submitted ahead (``tasks`` is consumed lazily)."""
+        names, it, window, i = list(names), iter(tasks), collections.deque(), 0
+        self._pending = window
+        try:
+            for args in it:
+                window.append(self._submit(fn, args))
+                if len(window) >= 2 * self.workers:
+                    break
+            while window:
+                out = self._result(window[0], names[i] if i < len(names) else f"task {i}")
+                window.popleft()
+                i += 1
+                nxt = next(it, None)
+                if nxt is not None:
+                    window.append(self._submit(fn, nxt))
+                yield out
+        except GeneratorExit:  # the caller stopped reading (after the last result, or on its own error)
+            raise
+        except BaseException:
+            self.close(kill=True)
+            raise
+
+
+class LocalPool(_Pool):
     """``local:N``: N spawned worker processes on this machine (concurrent.futures), each with cores / N BLAS
     threads; tasks and results travel pickled."""
 
@@ -151,37 +183,19 @@ class LocalPool:
     def share(self, obj):
         return obj  # (pickled into each task that reads it)
 
-    def map(self, fn, tasks, names=()):
-        """``fn(*args)`` for each args tuple of ``tasks``, in the workers; yields the results in task order, with
-        at most 2 N tasks submitted ahead (``tasks`` is consumed lazily)."""
+    def _submit(self, fn, args):
+        return self._ex.submit(fn, *args)
+
+    def _result(self, future, name: str):
         from concurrent.futures.process import BrokenProcessPool
 
-        names, it, window, i = list(names), iter(tasks), collections.deque(), 0
         try:
-            for args in it:
-                window.append(self._ex.submit(fn, *args))
-                if len(window) >= 2 * self.workers:
-                    break
-            while window:
-                f = window.popleft()
-                name = names[i] if i < len(names) else f"task {i}"
-                try:
-                    out = f.result()
-                except BrokenProcessPool:
-                    raise WorkerError(f"{name}: a worker process died while solving it (killed by the system: out "
-                                      "of memory is the usual cause; try fewer --workers)") from None
-                except Exception as e:
-                    raise _failure(name, e) from None
-                i += 1
-                nxt = next(it, None)
-                if nxt is not None:
-                    window.append(self._ex.submit(fn, *nxt))
-                yield out
-        except GeneratorExit:  # the caller stopped reading (after the last result, or on its own error)
-            raise
-        except BaseException:
-            self.close(kill=True)
-            raise
+            return future.result()
+        except BrokenProcessPool:
+            raise WorkerError(f"{name}: a worker process died while solving it (killed by the system: out "
+                              "of memory is the usual cause; try fewer --workers)") from None
+        except Exception as e:
+            raise _failure(name, e) from None
 
     def close(self, kill: bool = False) -> None:
         """Shut the workers down; ``kill``: at once (after a failure or an interrupt), not after their tasks."""
@@ -195,7 +209,7 @@ class LocalPool:
         ex.shutdown(wait=not kill, cancel_futures=True)
 
 
-class RayPool:
+class RayPool(_Pool):
     """``ray`` / ``ray://HOST:PORT``: one Ray task per layer (1 CPU each); the statistics of a group are put into
     the object store once (``share``) and read there by every task that needs them."""
 
@@ -222,41 +236,22 @@ class RayPool:
     def share(self, obj):
         return self._ray.put(obj)
 
-    def map(self, fn, tasks, names=()):
-        """Like LocalPool.map, on the cluster: at most 2 x its CPUs tasks ahead."""
-        ray = self._ray
+    def _submit(self, fn, args):
         remote = self._remote.get(fn)
         if remote is None:
-            remote = self._remote[fn] = ray.remote(num_cpus=1, max_retries=0)(fn)
-        names, it, window, i = list(names), iter(tasks), collections.deque(), 0
-        self._pending = window
+            remote = self._remote[fn] = self._ray.remote(num_cpus=1, max_retries=0)(fn)
+        return remote.remote(*args)
+
+    def _result(self, ref, name: str):
+        ray = self._ray
         try:
-            for args in it:
-                window.append(remote.remote(*args))
-                if len(window) >= 2 * self.workers:
-                    break
-            while window:
-                ref = window[0]
-                name = names[i] if i < len(names) else f"task {i}"
-                try:
-                    out = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    raise _failure(name, getattr(e, "cause", None) or e) from None
-                except ray.exceptions.RayError as e:  # a worker or node lost, the object store full, ...
-                    text = " ".join(str(e).split())[:300]
-                    raise WorkerError(f"{name}: a Ray worker failed while solving it: {type(e).__name__}: "
-                                      f"{text}") from None
-                window.popleft()
-                i += 1
-                nxt = next(it, None)
-                if nxt is not None:
-                    window.append(remote.remote(*nxt))
-                yield out
-        except GeneratorExit:  # the caller stopped reading (after the last result, or on its own error)
-            raise
-        except BaseException:
-            self.close(kill=True)
-            raise
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            raise _failure(name, getattr(e, "cause", None) or e) from None
+        except ray.exceptions.RayError as e:  # a worker or node lost, the object store full, ...
+            text = " ".join(str(e).split())[:300]
+            raise WorkerError(f"{name}: a Ray worker failed while solving it: {type(e).__name__}: "
+                              f"{text}") from None
 
     def close(self, kill: bool = False) -> None:
         """Cancel the tasks still running (``kill``); shut Ray down if this pool started it."""
