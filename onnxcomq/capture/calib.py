@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from ..errors import UserError
+from .caches import cache_shape
 
 log = logging.getLogger(__name__)
 
@@ -577,7 +578,6 @@ class Calibration:
             if i.name.startswith(("past_key", "past_value")) and len(shape) == 4 and i.shape[2] is None:
                 shape = shape[:2] + (0,) + shape[3:]  # an empty key/value cache (a decoder's prefill)
                 if self.model is not None:  # heads and head size from the attention node where the input's are open
-                    from .caches import cache_shape
                     try:
                         heads, dim = cache_shape(self.model, i)
                         shape = (shape[0], heads, 0, dim)

@@ -100,7 +100,7 @@ def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, f
     ({XSpec: LayerStats}, samples). ``specs``: XSpec -> groups; ``fold_below``: XSpec -> row threshold for folds.
     ``observers``: tensor name -> activation range observer (capture/observers.py), fed the float model's values of
     that tensor in the same pass. ``xp``: a device array module (CuPy) forms the Grams on the GPU, from onnxruntime
-    outputs left in device memory where its CUDA provider runs the model (``session.device_session``); the
+    outputs left in device memory where its CUDA provider runs the model (``session.run_on``); the
     statistics come back to the host at the end."""
     cross = twin is not None
     fold_below = fold_below or {}
@@ -139,10 +139,9 @@ def _stream(runs, stats, batches, graph_inputs, consts, observers, mask_input, c
             if spec.kind in RNN_KINDS:
                 tq = rnn_rows(spec, _host(vals[1])) if cross else None
                 st.add(rnn_rows(spec, _host(vals[0])), mask, tq, n)
-            else:  # (a row-kind input goes to the Grams' array module, a convolution's stays for im2col)
-                put = xp.asarray if spec.kind == "rows" else to_host
-                tq = put(vals[1][spec.tensor]) if cross else None
-                st.add(put(vals[0][spec.tensor]), mask, tq, n)
+            else:  # (GramStats places it: a row input's chunks in the Grams' array module, a conv's im2col on the host)
+                tq = vals[1][spec.tensor] if cross else None
+                st.add(vals[0][spec.tensor], mask, tq, n)
         for name, obs in observers.items():
             obs.update(to_host(vals[0][name]))
         samples += n

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import UserError
-from ..graph.modelio import SESSION_FILE_BYTES, is_large, model_bytes, model_path, skeleton
+from ..graph.modelio import SESSION_FILE_BYTES, model_bytes, model_path, skeleton
 
 
 def capture_model(model: onnx.ModelProto, tensors: list[str], copy: bool = True) -> onnx.ModelProto:
@@ -70,7 +70,7 @@ def make_session(model: onnx.ModelProto, providers=None, what: str = "the model"
             with open(path, "wb") as f:
                 f.write(model.SerializeToString())
             return ort.InferenceSession(path, so, providers=providers)
-        if is_large(model) or model_bytes(model) >= SESSION_FILE_BYTES:
+        if model_bytes(model) >= SESSION_FILE_BYTES:  # (and so every model too large for one protobuf message)
             with model_path(model) as path:
                 return ort.InferenceSession(path, so, providers=providers)
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)

@@ -109,7 +109,7 @@ def model_bytes(model: onnx.ModelProto) -> int:
     rest = onnx.ModelProto()
     copy_fields(model, rest, skip="graph")
     copy_fields(model.graph, rest.graph, skip="initializer")
-    return rest.ByteSize() + sum(_data_bytes(t) + len(t.name) + 8 * len(t.dims) + 16 for t in inits)
+    return rest.ByteSize() + inline + sum(len(t.name) + 8 * len(t.dims) + 16 for t in inits)
 
 
 def _data_bytes(t: onnx.TensorProto) -> int:
