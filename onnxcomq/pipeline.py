@@ -14,6 +14,7 @@ import onnx
 
 from . import progress as _progress
 from .capture.calib import Calibration, KeepFirst, model_inputs, reiterable, resolve_mask_input
+from .capture.carry import Carry
 from .capture.gram import check_stats
 from .capture.memory import STATS_SHARE, choose_batch, fit_groups, layer_specs, memory_budget, peak_rss_mb
 from .capture.passes import capture, split_stages, stage_entries
@@ -117,6 +118,12 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     bar = _progress.bars(progress)
 
     solve_bar = None
+    # each group's pass starts from the tensors the earlier passes stored (capture/carry.py)
+    carry = twin_carry = None
+    if acts is None and stats_cache is None:
+        carry = Carry.for_groups(cap_model, [layer_specs(st) for st in stages])
+        twin_carry = Carry.for_groups(cap_model, [layer_specs(st) for st in stages], twin=True) \
+            if sequential and carry is not None else None
     pool = open_pool(sv.workers) if sv.workers else None  # None: the solves run here, one after the other
     try:
         for s, stage in enumerate(stages):
@@ -132,7 +139,8 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
             else:
                 with bar(total or None, desc, "sample") as b:
                     stats, samples = capture(cap_model, twin, specs, batches, b, mask_input, fold_below, total,
-                                             observers=acts.observers if acts is not None else None, xp=xp)
+                                             observers=acts.observers if acts is not None else None, xp=xp,
+                                             carry=carry, group=s, twin_carry=twin_carry)
                 if stats_cache is not None and twin is None and acts is None:
                     stats_cache[key] = (stats, samples)
             if acts is not None:  # activations upstream of a Log, a divisor...: judged by the error at that op
@@ -195,6 +203,9 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
             pool.close(kill=True)  # (the tasks still running are of no use now)
         raise
     finally:
+        for c in (carry, twin_carry):
+            if c is not None:
+                c.close()
         if solve_bar is not None:
             solve_bar.close()
         if pool is not None:

@@ -160,6 +160,41 @@ def test_padded_positions_stay_out_of_the_statistics(tiny):
     assert any(not np.allclose(unmasked[s].G, plain[s].G, rtol=1e-3) for s in specs)
 
 
+def test_carried_group_passes_give_the_one_pass_statistics_of_the_decoder(tiny):
+    """Group passes of the KV-cache export that start from the stored residual stream (capture/carry.py) give the
+    one-pass statistics, padded positions left out; the later groups read the hidden state, never the mask."""
+    from onnxcomq.capture.carry import Carry
+    from onnxcomq.capture.memory import layer_specs
+    from onnxcomq.capture.passes import capture, collect_stats, split_stages
+    from onnxcomq.capture.text import text_feeds
+    from onnxcomq.graph.layers import find_layers
+
+    d, hf, path = tiny
+    feeds = text_feeds(d / "calib.txt", hf, path, batch_size=6, max_samples=12)
+    assert any(0 in f["attention_mask"] for f in feeds)
+    model = onnx.load(path)
+    layers, _ = find_layers(model)
+    specs = {spec: layer.groups for layer in layers for _, spec in layer.consumers}
+    whole, _ = collect_stats(model, specs, feeds, mask_input="attention_mask")
+    groups = split_stages(layers, 3)
+    carry = Carry.for_groups(model, [layer_specs(g) for g in groups])
+    try:
+        hidden = _config(hf)["hidden_size"]
+        for g, group in enumerate(groups):
+            stored = carry.load(g, 0)  # (what this group reads of the first batch)
+            assert set(stored) == set(carry.inputs[g]) and bool(stored) == (g > 0)
+            # a hidden state or less per token: no (seq x seq) mask is stored
+            assert all(a.size <= feeds[0]["input_ids"].size * hidden for a in stored.values())
+            stats, _ = capture(model, None, layer_specs(group), feeds, mask_input="attention_mask", carry=carry,
+                               group=g)
+            for spec, st in stats.items():
+                ref = whole[spec]
+                assert st.part().x.rows == ref.rows
+                np.testing.assert_allclose(st.part().x.G, ref.G, rtol=1e-4, atol=1e-6 * np.abs(ref.G).max())
+    finally:
+        carry.close()
+
+
 # ------------------------------------------------------------------------------------------- quantize from text
 def test_cli_quantizes_the_decoder_from_text_to_matmulnbits(tiny, tmp_path, capsys):
     from onnxcomq.capture.text import text_feeds

@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from ..graph.layers import node_names
 from ..graph.modelio import SESSION_FILE_BYTES, add_light, copy_fields, data_file, model_bytes, temp_folder
 from .calib import batch_samples
+from .carry import has_subgraphs
 from .gram import LayerStats, to_host
 from .rows import RNN_KINDS, free_scratch, rnn_rows, spec_tensors
 from .session import capture_model, device_providers, make_session, run_on
@@ -33,23 +34,25 @@ def collect_stats(model: onnx.ModelProto, specs: dict, batches, progress=None,
     return {spec: st.part().x for spec, st in stats.items()}, samples
 
 
-def stage_model(model: onnx.ModelProto, tensors: list, place=None) -> onnx.ModelProto:
+def stage_model(model: onnx.ModelProto, tensors: list, place=None, cut: list = ()) -> onnx.ModelProto:
     """A copy of ``model`` that outputs ``tensors`` only, without the nodes (and initializers) they do not depend
     on. Built field by field so that the initializers are copied once; with ``place`` (``modelio.data_file``), the
-    large ones are not copied at all but written to that file and referenced as external data."""
+    large ones are not copied at all but written to that file and referenced as external data. ``cut``: graph
+    inputs (ValueInfoProto) for tensors an earlier pass computed (``carry.py``); the nodes above them are left out."""
     m = onnx.ModelProto()
     copy_fields(model, m, skip="graph")
     copy_fields(model.graph, m.graph, skip="initializer")
     del m.graph.output[:]
-    subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in m.graph.node
-                    for a in n.attribute)
+    m.graph.input.extend(cut)
+    subgraphs = has_subgraphs(m)
     if not subgraphs:  # (subgraphs read outer names implicitly: keep everything then)
-        need = set(tensors)
+        stop = {vi.name for vi in cut}
+        need = set(tensors) - stop
         keep = []
         for n in reversed(m.graph.node):
             if any(o in need for o in n.output):
                 keep.append(n)
-                need.update(i for i in n.input if i)
+                need.update(i for i in n.input if i and i not in stop)
         del m.graph.node[:]
         m.graph.node.extend(reversed(keep))
     used = {i for n in m.graph.node for i in n.input}
@@ -64,15 +67,16 @@ def stage_model(model: onnx.ModelProto, tensors: list, place=None) -> onnx.Model
 STAGE_DATA = "stage.data"
 
 
-def stage_session(model: onnx.ModelProto, tensors: list, stack: contextlib.ExitStack, providers=None):
-    """An onnxruntime session of ``stage_model(model, tensors)`` (no memory pattern). A model of
+def stage_session(model: onnx.ModelProto, tensors: list, stack: contextlib.ExitStack, providers=None,
+                  cut: list = ()):
+    """An onnxruntime session of ``stage_model(model, tensors, cut=cut)`` (no memory pattern). A model of
     ``SESSION_FILE_BYTES`` or more never gets a second copy in memory: the initializers the stage reads are written
     to a temporary folder, which ``stack`` keeps until the session is done with, and onnxruntime memory-maps them."""
     if model_bytes(model) < SESSION_FILE_BYTES:
-        return make_session(stage_model(model, tensors), providers, mem_pattern=False)
+        return make_session(stage_model(model, tensors, cut=cut), providers, mem_pattern=False)
     folder = stack.enter_context(temp_folder())
     with data_file(os.path.join(folder, STAGE_DATA)) as place:
-        m = stage_model(model, tensors, place)
+        m = stage_model(model, tensors, place, cut)
     return make_session(m, providers, mem_pattern=False, folder=folder)
 
 
@@ -95,14 +99,18 @@ def split_stages(layers: list, stages: int) -> list:
 
 
 def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, fold_below: dict | None = None,
-            total_samples: int = 0, observers: dict | None = None, xp=None) -> tuple:
+            total_samples: int = 0, observers: dict | None = None, xp=None, carry=None, group: int = 0,
+            twin_carry=None) -> tuple:
     """Run every batch through ``model`` (and ``twin``, the partly quantized copy, when given) and return
     ({XSpec: LayerStats}, samples). ``specs``: XSpec -> groups; ``fold_below``: XSpec -> row threshold for folds.
     ``observers``: tensor name -> activation range observer (capture/observers.py), fed the float model's values of
     that tensor in the same pass. ``xp``: a device array module (CuPy) forms the Grams on the GPU, from onnxruntime
     outputs left in device memory where its CUDA provider runs the model (``session.run_on``); the
-    statistics come back to the host at the end."""
+    statistics come back to the host at the end. ``carry`` (and ``twin_carry`` for the twin): a ``carry.Carry``
+    (no observers): this is group ``group``'s pass, which starts from the tensors the earlier groups' passes stored
+    and stores those later groups read."""
     cross = twin is not None
+    assert carry is None or not observers
     fold_below = fold_below or {}
     stats = {spec: LayerStats(spec, g, cross, fold_below.get(spec, 0.0), total_samples, xp)
              for spec, g in specs.items()}
@@ -112,24 +120,47 @@ def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, f
               if any(t.name == s.initial for s in specs if s.kind == "rnn_hidden")}  # a constant initial_h
     fetch = sorted({t for s in specs for t in spec_tensors(s)} - graph_inputs - set(consts))
     fetch_float = sorted(set(fetch) | (set(observers) - graph_inputs))
-    pairs = ((model, fetch_float), (twin, fetch)) if cross else ((model, fetch_float),)
+    carries = (carry, twin_carry) if cross else (carry,)
+    pairs = [(m, _carried(f, c, group)) for m, f, c in zip((model, twin), (fetch_float, fetch), carries)]
     xp = xp or np
     providers = device_providers(xp)
     with contextlib.ExitStack() as stack:
-        runs = [(stage_session(m, f, stack, providers) if f else None, f) for m, f in pairs]
-        samples = _stream(runs, stats, batches, graph_inputs, consts, observers, mask_input, cross, progress, xp)
+        runs = [(stage_session(m, f, stack, providers, c.value_infos(group) if c else ()) if f else None, f, c)
+                for (m, f), c in zip(pairs, carries)]
+        samples = _stream(runs, stats, batches, graph_inputs, consts, observers, mask_input, cross, progress, xp,
+                          group)
         del runs  # (the sessions before their files)
+    for c in carries:
+        if c is not None:
+            c.done(group)
     for st in stats.values():
         st.to_host()
     free_scratch()  # (the chunk buffers of GramStats.chunks)
     return stats, samples
 
 
-def _stream(runs, stats, batches, graph_inputs, consts, observers, mask_input, cross, progress, xp) -> int:
+def _carried(fetch: list, carry, group: int) -> list:
+    """A pass's session outputs with ``carry``: the stored tensors come in as graph inputs instead, and the
+    tensors later groups read go out too."""
+    if carry is None:
+        return fetch
+    return sorted((set(fetch) - set(carry.inputs[group])) | set(carry.outputs[group]))
+
+
+def _stream(runs, stats, batches, graph_inputs, consts, observers, mask_input, cross, progress, xp, group) -> int:
     """capture's loop over the batches; returns the number of samples."""
     samples = 0
-    for feed in batches:
-        vals = [dict(zip(f, run_on(sess, f, feed, samples, xp))) if sess is not None else {} for sess, f in runs]
+    for b, feed in enumerate(batches):
+        vals = []
+        for sess, f, carry in runs:
+            stored = carry.load(group, b) if carry is not None else {}
+            v = dict(zip(f, run_on(sess, f, {**feed, **stored} if stored else feed, samples, xp))) \
+                if sess is not None else {}
+            if carry is not None:
+                v.update(stored)
+                carry.store(group, b, v)
+            vals.append(v)
+            del stored, v
         for v in vals:
             v.update({k: a for k, a in feed.items() if k in graph_inputs})
             v.update(consts)
