@@ -38,7 +38,7 @@ from .report import RNN_ROLE, LayerReport, Report, bits_summary, layer_row, run_
 from .solve.backend import get_xp
 from .solve.comq import on_sweep
 from .solve.layer import quantize_layer
-from .verify import VerificationError, problems, verify
+from .verify import VerificationError, float_outputs, problems, verify
 from .verify import to_dicts as verify_dicts
 from .verify import warnings as verify_warnings
 from .workers import open_pool, solve_layer
@@ -114,6 +114,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     t_capture = t_solve = 0.0
     peaks = {}
     total = calib.num_samples or 0
+    ref = None  # the float model's outputs on the check's samples
 
     bar = _progress.bars(progress)
 
@@ -198,6 +199,8 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
             t_solve += time.perf_counter() - t0
             peaks["solve"] = peak_rss_mb()
             del stats, twin
+            if recipe.check.enabled and held and ref is None:  # (the float session before the quantized model)
+                ref = float_outputs(model, held)
     except BaseException:
         if pool is not None:
             pool.close(kill=True)  # (the tasks still running are of no use now)
@@ -239,7 +242,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
         t0 = time.perf_counter()
         if not held:  # (no calibration pass ran: the statistics came from stats_cache)
             held = first_feeds(calib, recipe.check.samples)
-        checks, n = verify(model, out, held)
+        checks, n = verify(model, out, held, ref)
         report.verification = {"samples": n, "outputs": verify_dicts(checks)}
         report.total_seconds += time.perf_counter() - t0
         for line in verify_warnings(checks):

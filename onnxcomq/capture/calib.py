@@ -668,15 +668,18 @@ def resolve_mask_input(model, name: str | None) -> str | None:
 
 
 class KeepFirst:
-    """Iterates ``batches`` and keeps (in ``held``) the batches that hold the first ``samples`` samples."""
+    """Iterates ``batches`` and keeps (in ``held``) the batches that hold the first ``samples`` samples, in the
+    first iteration only (a calibration set smaller than ``samples`` is not kept twice by the later passes)."""
 
     def __init__(self, batches, held: list, calib, samples: int):
         self.batches, self.held, self.calib, self.samples = batches, held, calib, samples
+        self.kept = False
 
     def __iter__(self):
+        keep, self.kept = not self.kept, True
         for feed in self.batches:
             room = self.samples - sum(batch_samples(f) for f in self.held)
-            if room > 0:
+            if keep and room > 0:
                 self.held.append(self.calib.head(feed, room))
             yield feed
 

@@ -1,0 +1,73 @@
+"""The check against the float model (verify.py): the comparison of an output against a float64 reference, chunk by
+chunk; the float outputs taken before the quantized model exists; the samples it runs on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from builders import recipe
+
+from onnxcomq import verify as V
+from onnxcomq.pipeline import run
+
+MODELS = "models/"
+
+
+def _reference(fs, qs):
+    """cosine and ||q - f|| / ||f|| over the positions where the float output is finite, in float64, whole."""
+    f = np.concatenate([a.ravel() for a in fs]).astype(np.float64)
+    q = np.concatenate([b.ravel() for b in qs]).astype(np.float64)
+    ok = np.isfinite(f)
+    f, q = f[ok], q[ok]
+    return f @ q / np.linalg.norm(f) / np.linalg.norm(q), np.linalg.norm(q - f) / np.linalg.norm(f)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
+def test_compare_matches_a_float64_reference_across_chunks_and_batches(monkeypatch, chunk):
+    monkeypatch.setattr(V, "CHUNK", chunk)
+    rng = np.random.default_rng(0)
+    fs = [rng.standard_normal((3, 5, 7)).astype(np.float32) for _ in range(3)]
+    qs = [(f + 0.1 * rng.standard_normal(f.shape)).astype(np.float32) for f in fs]
+    fs[1][0, 2, 3] = np.inf  # a non-finite float value: that position is left out
+    qs[1][0, 2, 3] = 5.0
+    c = V._compare("y", fs, qs)
+    cos, rel = _reference(fs, qs)
+    assert c.finite and not c.float_finite
+    np.testing.assert_allclose([c.cosine, c.rel_error], [cos, rel], rtol=1e-12)
+    qs[2][2, 4, 6] = np.nan  # the quantized output is not finite where the float one is
+    c = V._compare("y", fs, qs)
+    assert not c.finite and not c.float_finite and c.problem()
+
+
+def test_compare_counts_equal_integer_outputs():
+    f = [np.array([1, 2, 3, 4]), np.array([5, 6])]
+    q = [np.array([1, 0, 3, 4]), np.array([5, 7])]
+    assert V._compare("ids", f, q).agreement == pytest.approx(4 / 6)
+
+
+def test_float_outputs_are_taken_before_the_quantized_model_is_written(monkeypatch):
+    """The float model's session runs after the first group's solve, before the emitter: the float session and the
+    quantized model are never in memory together; the check's figures are those of a check run at the end."""
+    from onnxcomq import pipeline
+
+    events = []
+    taken, emit = pipeline.float_outputs, pipeline.emit_qdq
+    monkeypatch.setattr(pipeline, "float_outputs", lambda *a: (events.append("float"), taken(*a))[1])
+    monkeypatch.setattr(pipeline, "emit_qdq", lambda *a, **k: (events.append("emit"), emit(*a, **k))[1])
+    _, rep = run(MODELS + "fmnist_cnn.onnx", MODELS + "fmnist_calib.npz", recipe(bits=4, max_samples=16,
+                                                                                  max_memory="1M"))
+    assert rep.config["groups"] > 1 and events == ["float", "emit"]
+    monkeypatch.undo()
+    with monkeypatch.context() as m:  # the same figures from the float outputs taken at the end
+        m.setattr(pipeline, "float_outputs", lambda *a: None)
+        _, late = run(MODELS + "fmnist_cnn.onnx", MODELS + "fmnist_calib.npz", recipe(bits=4, max_samples=16,
+                                                                                       max_memory="1M"))
+    assert late.verification == rep.verification
+
+
+def test_a_calibration_smaller_than_the_check_is_checked_once_through_the_groups():
+    """With fewer calibration samples than the check takes and several groups, the later passes do not add the
+    same samples to the check again."""
+    _, rep = run(MODELS + "fmnist_cnn.onnx", MODELS + "fmnist_calib.npz", recipe(bits=4, max_samples=4,
+                                                                                  max_memory="1M"))
+    assert rep.config["groups"] > 1 and rep.verification["samples"] == 4
