@@ -119,10 +119,19 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     bar = _progress.bars(progress)
 
     solve_bar = None
+    # the layers that may correct their input error (sequential capture): the float model's pass after the first
+    # stage captures their inputs alone (cross statistics); the others fit the twin's input X~ and need only G~
+    correction = recipe.sequential.correction if sequential else "entry"
+    entries = [stage_entries(model, stage) if correction == "entry" else
+               {layer.node for layer in stage} if correction == "all" else set() for stage in stages]
+    # (block-grid layers never correct: the block solver has no cross objective)
+    cross_specs = [{spec for layer in stage if layer.node in entries[s] and plan[layer.weight].granularity != "block"
+                    for _, spec in layer.consumers}
+                   if sequential and s > 0 else set(layer_specs(stage)) for s, stage in enumerate(stages)]
     # each group's pass starts from the tensors the earlier passes stored (capture/carry.py)
     carry = twin_carry = None
     if acts is None and stats_cache is None:
-        carry = Carry.for_groups(cap_model, [layer_specs(st) for st in stages])
+        carry = Carry.for_groups(cap_model, cross_specs)
         twin_carry = Carry.for_groups(cap_model, [layer_specs(st) for st in stages], twin=True) \
             if sequential and carry is not None else None
     pool = open_pool(sv.workers) if sv.workers else None  # None: the solves run here, one after the other
@@ -141,7 +150,8 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
                 with bar(total or None, desc, "sample") as b:
                     stats, samples = capture(cap_model, twin, specs, batches, b, mask_input, fold_below, total,
                                              observers=acts.observers if acts is not None else None, xp=xp,
-                                             carry=carry, group=s, twin_carry=twin_carry)
+                                             carry=carry, group=s, twin_carry=twin_carry,
+                                             cross_specs=cross_specs[s])
                 if stats_cache is not None and twin is None and acts is None:
                     stats_cache[key] = (stats, samples)
             if acts is not None:  # activations upstream of a Log, a divisor...: judged by the error at that op
@@ -157,9 +167,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
             if recipe.mixed_precision is not None:  # (one stage: sequential capture is refused with a budget)
                 mp = mixed_precision(model, layers, stats, calib, recipe, plan, xp, bar)
             t0 = time.perf_counter()
-            correction = recipe.sequential.correction if sequential else "entry"
-            entry = stage_entries(model, stage) if correction == "entry" else \
-                {layer.node for layer in stage} if correction == "all" else set()
+            entry = entries[s]
             if solve_bar is None:
                 solve_bar = bar(len(layers), "solve", "layer")
             sweeps = [0]

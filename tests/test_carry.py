@@ -181,3 +181,36 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_behind(monkeypatch, tmp_path
     msg = str(e.value)
     assert "\n" not in msg and "No space left on device" in msg and str(tmp_path) in msg and "TMPDIR" in msg
     assert not os.listdir(tmp_path)
+
+
+def test_layers_that_do_not_correct_get_the_twins_gram_alone():
+    """With ``cross_specs`` only those inputs get (G, H, G~); the others get G~ from the twin, equal to the G~ of
+    full cross statistics, and the float model's pass does not fetch them."""
+    model = _model()
+    twin = _model()
+    twin.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+        numpy_helper.to_array(twin.graph.initializer[0]) * 1.1, "W0"))  # W0 "quantized"
+    layers = find_layers(model)[0]
+    specs = layer_specs(layers[1:])
+    full, _ = capture(model, twin, specs, _feeds())
+    first = next(spec for _, spec in layers[1].consumers)
+    from onnxcomq.capture import passes
+    fetched = []
+    session = passes.stage_session
+    passes.stage_session = lambda m, tensors, *a: (fetched.append((m is model, sorted(tensors))),
+                                                   session(m, tensors, *a))[1]
+    try:
+        part, _ = capture(model, twin, specs, _feeds(), cross_specs={first})
+    finally:
+        passes.stage_session = session
+    assert fetched == [(True, [first.tensor]), (False, sorted(s.tensor for s in specs))]
+    for spec in specs:
+        ref, got = full[spec].stats(0), part[spec].stats(0)
+        if spec == first:
+            assert part[spec].cross
+            for a, b in zip(got, ref):
+                np.testing.assert_allclose(a, b, rtol=1e-6)
+        else:
+            assert not part[spec].cross and got[1] is None
+            np.testing.assert_allclose(got[0], ref[2], rtol=1e-6)
+            assert not np.allclose(got[0], ref[0], rtol=1e-3)  # (X~ is not X here)

@@ -100,7 +100,7 @@ def split_stages(layers: list, stages: int) -> list:
 
 def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, fold_below: dict | None = None,
             total_samples: int = 0, observers: dict | None = None, xp=None, carry=None, group: int = 0,
-            twin_carry=None) -> tuple:
+            twin_carry=None, cross_specs=None) -> tuple:
     """Run every batch through ``model`` (and ``twin``, the partly quantized copy, when given) and return
     ({XSpec: LayerStats}, samples). ``specs``: XSpec -> groups; ``fold_below``: XSpec -> row threshold for folds.
     ``observers``: tensor name -> activation range observer (capture/observers.py), fed the float model's values of
@@ -108,18 +108,22 @@ def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, f
     outputs left in device memory where its CUDA provider runs the model (``session.run_on``); the
     statistics come back to the host at the end. ``carry`` (and ``twin_carry`` for the twin): a ``carry.Carry``
     (no observers): this is group ``group``'s pass, which starts from the tensors the earlier groups' passes stored
-    and stores those later groups read."""
+    and stores those later groups read. ``cross_specs`` (with ``twin``): the layer inputs that get cross
+    statistics (the layers that may correct their input error); the others get G~ alone, from the twin (default:
+    all get cross statistics)."""
     cross = twin is not None
     assert carry is None or not observers
     fold_below = fold_below or {}
-    stats = {spec: LayerStats(spec, g, cross, fold_below.get(spec, 0.0), total_samples, xp)
+    both = set(specs) if cross_specs is None or not cross else set(cross_specs)
+    stats = {spec: LayerStats(spec, g, cross and spec in both, fold_below.get(spec, 0.0), total_samples, xp)
              for spec, g in specs.items()}
     graph_inputs = {i.name for i in model.graph.input}
     observers = observers or {}
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
               if any(t.name == s.initial for s in specs if s.kind == "rnn_hidden")}  # a constant initial_h
     fetch = sorted({t for s in specs for t in spec_tensors(s)} - graph_inputs - set(consts))
-    fetch_float = sorted(set(fetch) | (set(observers) - graph_inputs))
+    fetch_float = sorted(({t for s in both for t in spec_tensors(s)} - graph_inputs - set(consts)) |
+                         (set(observers) - graph_inputs))
     carries = (carry, twin_carry) if cross else (carry,)
     pairs = [(m, _carried(f, c, group)) for m, f, c in zip((model, twin), (fetch_float, fetch), carries)]
     xp = xp or np
@@ -167,12 +171,11 @@ def _stream(runs, stats, batches, graph_inputs, consts, observers, mask_input, c
         mask = feed.get(mask_input) if mask_input else None
         n = batch_samples(feed)
         for spec, st in stats.items():
+            x, xt = (vals[0], vals[1] if st.cross else None) if st.cross or not cross else (vals[1], None)
             if spec.kind in RNN_KINDS:
-                tq = rnn_rows(spec, _host(vals[1])) if cross else None
-                st.add(rnn_rows(spec, _host(vals[0])), mask, tq, n)
+                st.add(rnn_rows(spec, _host(x)), mask, rnn_rows(spec, _host(xt)) if xt is not None else None, n)
             else:  # (GramStats places it: a row input's chunks in the Grams' array module, a conv's im2col on the host)
-                tq = vals[1][spec.tensor] if cross else None
-                st.add(vals[0][spec.tensor], mask, tq, n)
+                st.add(x[spec.tensor], mask, xt[spec.tensor] if xt is not None else None, n)
         for name, obs in observers.items():
             obs.update(to_host(vals[0][name]))
         samples += n
