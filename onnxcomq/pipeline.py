@@ -17,7 +17,7 @@ from .capture.calib import Calibration, KeepFirst, model_inputs, reiterable, res
 from .capture.carry import Carry
 from .capture.gram import check_stats
 from .capture.memory import STATS_SHARE, choose_batch, fit_groups, layer_specs, memory_budget, peak_rss_mb
-from .capture.passes import capture, split_stages, stage_entries
+from .capture.passes import Twin, capture, split_stages, stage_entries
 from .capture.session import run_model
 from .config import Recipe
 from .errors import UserError
@@ -141,7 +141,10 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
             fold_below = {spec: recipe.regularization.few_rows * spec.fan_in for spec in specs} \
                 if damping == "auto" else None
             t0 = time.perf_counter()
-            twin = quantized_twin(cap_model, qweights, apply_bias, deltas) if sequential and s > 0 else None
+            twin = None
+            if sequential and s > 0:  # (re-fitted biases change the graph: a full twin then)
+                twin = quantized_twin(cap_model, qweights, apply_bias, deltas) if deltas else \
+                    Twin(cap_model, {q.name: q for q in qweights})
             desc = "capture" if len(stages) == 1 else f"capture {s + 1}/{len(stages)}"
             key = (tuple(sorted(specs, key=repr)), total, mask_input, damping == "auto")
             if stats_cache is not None and twin is None and acts is None and key in stats_cache:

@@ -214,3 +214,24 @@ def test_layers_that_do_not_correct_get_the_twins_gram_alone():
             assert not part[spec].cross and got[1] is None
             np.testing.assert_allclose(got[0], ref[2], rtol=1e-6)
             assert not np.allclose(got[0], ref[0], rtol=1e-3)  # (X~ is not X here)
+
+
+@pytest.mark.parametrize("name", ["fmnist_cnn.onnx", "fmnist_vit.onnx"])
+def test_twin_without_a_model_copy_writes_the_full_twins_model(monkeypatch, name):
+    """Sequential capture without re-fitted biases reads the dequantized weights through ``passes.Twin`` (no float
+    copy of the model a stage): the same bytes as with a full twin model."""
+    from builders import recipe
+
+    from onnxcomq import pipeline
+    from onnxcomq.write.bias import apply as apply_bias
+    from onnxcomq.write.qdq import quantized_twin
+    made = []
+    twin = pipeline.Twin
+    monkeypatch.setattr(pipeline, "Twin", lambda m, w: (made.append(len(w)), twin(m, w))[1])
+    path, calib = os.path.join("models", name), os.path.join("models", "fmnist_calib.npz")
+    r = recipe(bits=4, sequential=True, stages=3, bias_correction=False, batch_size=4, max_samples=16)
+    lazy, _ = pipeline.run(path, calib, r)
+    assert len(made) == 2 and 0 < made[0] < made[1]  # (stages 2 and 3, with the weights quantized so far)
+    monkeypatch.setattr(pipeline, "Twin", lambda m, w: quantized_twin(m, list(w.values()), apply_bias, {}))
+    full, _ = pipeline.run(path, calib, r)
+    assert lazy.SerializeToString() == full.SerializeToString()

@@ -5,6 +5,7 @@ quantized twin), and each layer input is folded into its statistics. See docs/de
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import numpy as np
@@ -34,11 +35,23 @@ def collect_stats(model: onnx.ModelProto, specs: dict, batches, progress=None,
     return {spec: st.part().x for spec, st in stats.items()}, samples
 
 
-def stage_model(model: onnx.ModelProto, tensors: list, place=None, cut: list = ()) -> onnx.ModelProto:
+@dataclasses.dataclass
+class Twin:
+    """The partly quantized twin of sequential capture, without a copy of the model: ``model`` whose initializers
+    named in ``weights`` become ``weights[name].dequantized()`` where a stage's session reads them (a full twin
+    was one more float copy of the model, every stage)."""
+
+    model: onnx.ModelProto
+    weights: dict
+
+
+def stage_model(model: onnx.ModelProto, tensors: list, place=None, cut: list = (), replace: dict | None = None) \
+        -> onnx.ModelProto:
     """A copy of ``model`` that outputs ``tensors`` only, without the nodes (and initializers) they do not depend
     on. Built field by field so that the initializers are copied once; with ``place`` (``modelio.data_file``), the
     large ones are not copied at all but written to that file and referenced as external data. ``cut``: graph
-    inputs (ValueInfoProto) for tensors an earlier pass computed (``carry.py``); the nodes above them are left out."""
+    inputs (ValueInfoProto) for tensors an earlier pass computed (``carry.py``); the nodes above them are left out.
+    ``replace``: initializer name -> an object whose ``dequantized()`` array replaces it (``Twin``)."""
     m = onnx.ModelProto()
     copy_fields(model, m, skip="graph")
     copy_fields(model.graph, m.graph, skip="initializer")
@@ -57,6 +70,9 @@ def stage_model(model: onnx.ModelProto, tensors: list, place=None, cut: list = (
         m.graph.node.extend(reversed(keep))
     used = {i for n in m.graph.node for i in n.input}
     kept = (t for t in model.graph.initializer if subgraphs or t.name in used)
+    if replace:
+        kept = (numpy_helper.from_array(replace[t.name].dequantized(), t.name) if t.name in replace else t
+                for t in kept)
     if place is None:
         m.graph.initializer.extend(kept)
     else:
@@ -67,16 +83,17 @@ def stage_model(model: onnx.ModelProto, tensors: list, place=None, cut: list = (
 STAGE_DATA = "stage.data"
 
 
-def stage_session(model: onnx.ModelProto, tensors: list, stack: contextlib.ExitStack, providers=None,
-                  cut: list = ()):
-    """An onnxruntime session of ``stage_model(model, tensors, cut=cut)`` (no memory pattern). A model of
-    ``SESSION_FILE_BYTES`` or more never gets a second copy in memory: the initializers the stage reads are written
-    to a temporary folder, which ``stack`` keeps until the session is done with, and onnxruntime memory-maps them."""
+def stage_session(model, tensors: list, stack: contextlib.ExitStack, providers=None, cut: list = ()):
+    """An onnxruntime session of ``stage_model(model, tensors, cut=cut)`` (no memory pattern); ``model`` a
+    ModelProto or a ``Twin``. A model of ``SESSION_FILE_BYTES`` or more never gets a second copy in memory: the
+    initializers the stage reads are written to a temporary folder, which ``stack`` keeps until the session is done
+    with, and onnxruntime memory-maps them."""
+    model, replace = (model.model, model.weights) if isinstance(model, Twin) else (model, None)
     if model_bytes(model) < SESSION_FILE_BYTES:
-        return make_session(stage_model(model, tensors, cut=cut), providers, mem_pattern=False)
+        return make_session(stage_model(model, tensors, cut=cut, replace=replace), providers, mem_pattern=False)
     folder = stack.enter_context(temp_folder())
     with data_file(os.path.join(folder, STAGE_DATA)) as place:
-        m = stage_model(model, tensors, place, cut)
+        m = stage_model(model, tensors, place, cut, replace)
     return make_session(m, providers, mem_pattern=False, folder=folder)
 
 
