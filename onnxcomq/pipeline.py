@@ -64,9 +64,9 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
         stats_cache: dict | None = None):
     """Quantize and return ``(quantized ModelProto, Report)``.
 
-    ``stats_cache``: a dict in which the float model's layer statistics (one-pass capture) are kept and looked up
-    by the layers' inputs and the samples, so that several recipes on one model and one calibration set capture
-    once (benchmarks). Give it only with the same model and calibration data."""
+    ``stats_cache``: a dict in which the float model's layer statistics (one-pass capture in one group) are kept and
+    looked up by the layers' inputs and the samples, so that several recipes on one model and one calibration set
+    capture once (benchmarks). Give it only with the same model and calibration data."""
     recipe = (recipe or Recipe()).validate()
     w, sv = recipe.weights, recipe.solver
     t_start = time.perf_counter()
@@ -130,7 +130,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
                    if sequential and s > 0 else set(layer_specs(stage)) for s, stage in enumerate(stages)]
     # each group's pass starts from the tensors the earlier passes stored (capture/carry.py)
     carry = twin_carry = None
-    if acts is None and stats_cache is None:
+    if acts is None:
         carry = Carry.for_groups(cap_model, cross_specs)
         twin_carry = Carry.for_groups(cap_model, [layer_specs(st) for st in stages], twin=True) \
             if sequential and carry is not None else None
@@ -147,7 +147,9 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
                     Twin(cap_model, {q.name: q for q in qweights})
             desc = "capture" if len(stages) == 1 else f"capture {s + 1}/{len(stages)}"
             key = (tuple(sorted(specs, key=repr)), total, mask_input, damping == "auto")
-            if stats_cache is not None and twin is None and acts is None and key in stats_cache:
+            # (not with groups: each group's pass stores what the next one reads)
+            cached = stats_cache is not None and len(stages) == 1 and acts is None
+            if cached and key in stats_cache:
                 stats, samples = stats_cache[key]
             else:
                 with bar(total or None, desc, "sample") as b:
@@ -155,7 +157,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
                                              observers=acts.observers if acts is not None else None, xp=xp,
                                              carry=carry, group=s, twin_carry=twin_carry,
                                              cross_specs=cross_specs[s])
-                if stats_cache is not None and twin is None and acts is None:
+                if cached:
                     stats_cache[key] = (stats, samples)
             if acts is not None:  # activations upstream of a Log, a divisor...: judged by the error at that op
                 acts.judge_sensitive(held or first_feeds(calib, recipe.check.samples), run_model)
