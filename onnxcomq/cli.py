@@ -52,7 +52,7 @@ def _settings(q) -> None:
     """The options that set the recipe (quantize and recipe --dump); None: as the preset / recipe file say."""
     q.add_argument("--preset", choices=["default", "fast", "best", "official"], default=None,
                    help="starting settings: default; fast (one COMQ solve per layer); best (default + sequential "
-                        "capture in 16 stages, ~2.7x the time); official (the COMQ paper's code: greedy order, one "
+                        "capture in 16 stages, ~1.6x the time); official (the COMQ paper's code: greedy order, one "
                         "sweep, asymmetric per-channel min-max grid) (default: default)")
     q.add_argument("--recipe", metavar="FILE", help="a recipe file (.yaml or .json) with any of the settings")
     g = q.add_argument_group("weights")

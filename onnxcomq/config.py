@@ -309,7 +309,7 @@ class Recipe:
 
     @classmethod
     def best(cls, bits: int = 4, **sections) -> "Recipe":
-        """The default plus sequential capture in 16 stages (about 2.7x the time of one pass on a CNN)."""
+        """The default plus sequential capture in 16 stages (about 1.6x the time of one pass on a CNN)."""
         return cls(weights=Weights(bits=bits), sequential=Sequential(), **sections)
 
     @classmethod

@@ -229,18 +229,26 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
 
     meta = run_metadata(recipe, official, bool(deltas), samples, mask_input, len(stages) if sequential else 1,
                         acts.metadata() if acts is not None else None)
+    # What the float model is still needed for, taken now: a model loaded, folded or rewritten here is edited in
+    # place into the quantized one (a language model then never has its embeddings and lm_head twice)
+    float_bytes, float_opsets = model_bytes(model), onnx.ModelProto(opset_import=model.opset_import)
+    if recipe.check.enabled and ref is None:
+        held = held or first_feeds(calib, recipe.check.samples)  # (no calibration pass ran: stats_cache)
+        ref = float_outputs(model, held)
+    mine = model is not model_or_path and acts is None
+    del nodes, inits, readers, cap_model  # (references into the model)
     out = apply_bias(model, deltas) if deltas else model
-    owned = out is not model  # a private copy: the emitters may edit it in place (saves a copy of a large model)
+    owned = out is not model or mine  # the emitters may edit it in place (saves a copy of a large model)
     nbits = [q for q in qweights if plan[q.name].format == "matmulnbits"]
     if nbits:
-        out, owned = emit_matmulnbits(out, nbits, w.nbits_accuracy_level), True
+        out, owned = emit_matmulnbits(out, nbits, w.nbits_accuracy_level, inplace=owned), True
     rest = [q for q in qweights if plan[q.name].format != "matmulnbits"]
     out = emit_qdq(out, rest, meta, inplace=owned, max_opset=w.max_opset) if rest \
         else set_metadata(out, meta, copy=not owned)
     if acts is not None:
         out = acts.insert(out)
     # (after the metadata: the report's only)
-    meta["opset"] = opset_change(model, out, w.max_opset)
+    meta["opset"] = opset_change(float_opsets, out, w.max_opset)
     meta.update(batch_size=calib.batch_size, max_memory=budget, batch_choice=batch_note, groups=len(stages))
     report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)
     report.recipe = recipe.to_dict()
@@ -249,12 +257,10 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     peaks["emit"] = peak_rss_mb()
     report.peak_rss_mb = peaks
     report.total_seconds = time.perf_counter() - t_start
-    report.float_bytes = model_bytes(model)
+    report.float_bytes = float_bytes
     report.quant_bytes = model_bytes(out)
     if recipe.check.enabled:
         t0 = time.perf_counter()
-        if not held:  # (no calibration pass ran: the statistics came from stats_cache)
-            held = first_feeds(calib, recipe.check.samples)
         checks, n = verify(model, out, held, ref)
         report.verification = {"samples": n, "outputs": verify_dicts(checks)}
         report.total_seconds += time.perf_counter() - t0

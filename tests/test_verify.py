@@ -71,3 +71,31 @@ def test_a_calibration_smaller_than_the_check_is_checked_once_through_the_groups
     _, rep = run(MODELS + "fmnist_cnn.onnx", MODELS + "fmnist_calib.npz", recipe(bits=4, max_samples=4,
                                                                                   max_memory="1M"))
     assert rep.config["groups"] > 1 and rep.verification["samples"] == 4
+
+
+@pytest.mark.parametrize("name,fmt", [("fmnist_vit.onnx", "qdq"), ("fmnist_vit.onnx", "matmulnbits"),
+                                      ("fmnist_cnn.onnx", "qdq")])
+def test_a_loaded_model_is_quantized_in_place_and_a_callers_model_is_left_as_it_was(monkeypatch, name, fmt):
+    """A model the run loaded (or folded, or rewrote) itself is edited into the quantized one (no second copy of its
+    other initializers); a ModelProto from the caller comes back unchanged; both give the same bytes."""
+    import onnx
+
+    from onnxcomq import pipeline
+    calls = []
+    for f_name in ("emit_qdq", "emit_matmulnbits"):
+        f = getattr(pipeline, f_name)
+        monkeypatch.setattr(pipeline, f_name, lambda *a, _f=f, _n=f_name, **k: (calls.append((_n, k.get("inplace"))),
+                                                                                _f(*a, **k))[1])
+    flat = dict(bits=4, max_samples=8, bias_correction=name != "fmnist_cnn.onnx") if fmt == "qdq" else \
+        dict(bits=4, max_samples=8, granularity="block", block_size=16, weight_format=fmt)
+    path = MODELS + name
+    from_path, _ = run(path, MODELS + "fmnist_calib.npz", recipe(**flat))
+    assert calls and all(inplace for _, inplace in calls)
+    calls.clear()
+    mine = onnx.load(path)
+    before = mine.SerializeToString()
+    from_proto, _ = run(mine, MODELS + "fmnist_calib.npz", recipe(**flat))
+    assert mine.SerializeToString() == before
+    assert from_proto.SerializeToString() == from_path.SerializeToString()
+    if name == "fmnist_cnn.onnx":  # (nothing to fold, rewrite or re-bias: the caller's own object reaches the emitter)
+        assert calls == [("emit_qdq", False)]

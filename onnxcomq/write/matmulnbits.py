@@ -59,17 +59,24 @@ def nbits_arrays(q: QuantizedWeight):
     return packed, scales, zps
 
 
-def emit_matmulnbits(model: onnx.ModelProto, weights: list, accuracy_level: int = 0):
-    """A copy of ``model`` in which every MatMul reading a weight of ``weights`` (block-quantized, 2, 4 or 8 bits)
-    as its input B is a MatMulNBits; the float initializers are removed (never copied: a language model's copy
-    would be most of its size)."""
+def emit_matmulnbits(model: onnx.ModelProto, weights: list, accuracy_level: int = 0, inplace: bool = False):
+    """A copy of ``model`` (``model`` itself, edited, if ``inplace``) in which every MatMul reading a weight of
+    ``weights`` (block-quantized, 2, 4 or 8 bits) as its input B is a MatMulNBits; the float initializers are
+    removed (never copied: a language model's copy would be most of its size; in place, the other initializers
+    are not copied either: a language model's embeddings and lm_head)."""
     replaced = {q.name for q in weights}
-    out = onnx.ModelProto()
-    copy_fields(model, out, skip="graph")
-    copy_fields(model.graph, out.graph, skip="initializer")
+    taken = {t.name for t in model.graph.initializer}
+    if inplace:
+        out = model
+        for i in reversed([i for i, t in enumerate(model.graph.initializer) if t.name in replaced]):
+            del model.graph.initializer[i]
+    else:
+        out = onnx.ModelProto()
+        copy_fields(model, out, skip="graph")
+        copy_fields(model.graph, out.graph, skip="initializer")
+        out.graph.initializer.extend(t for t in model.graph.initializer if t.name not in replaced)
     g = out.graph
-    g.initializer.extend(t for t in model.graph.initializer if t.name not in replaced)
-    taken = {t.name for t in model.graph.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    taken |= {o for n in g.node for o in n.output} | {i.name for i in g.input}
     for q in weights:
         if q.bits not in (2, 4, 8):
             raise UserError(f"{q.name}: MatMulNBits stores 2, 4 or 8 bits, got {q.bits}")
