@@ -159,7 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--child", nargs=4, metavar=("METHOD", "MODEL", "OUT", "ARGS"), help=argparse.SUPPRESS)
     ap.add_argument("--size", default="tinyllama", help="a folder out/llm/SIZE from tools/export/llm.py")
     ap.add_argument("--exporter", default="optimum", help="the export under out/llm/SIZE (optimum, torch, genai)")
-    ap.add_argument("--methods", nargs="+", default=["onnxcomq", "ort-rtn", "ort-hqq"])
+    ap.add_argument("--methods", nargs="+", default=["onnxcomq", "ort-rtn", "ort-hqq"],
+                    help="onnxcomq, onnxcomq-seq (with --preset best: sequential capture), ort-rtn, ort-hqq")
     ap.add_argument("--max-samples", type=int, default=16, help="onnxcomq's calibration samples")
     ap.add_argument("--max-memory", default="1G", help="onnxcomq's --max-memory: 1G makes each group about one "
                     "TinyLlama block (statistics budget 0.5 GB)")
@@ -188,9 +189,11 @@ def main(argv=None) -> int:
     rows = []
     for method in a.methods:
         out = os.path.join(work, f"{method}.onnx")
+        report = os.path.join(work, f"{method}.report.json")
         extra = ["--calib", calib, "--tokenizer", tok, "--bits", "4", "--granularity", "block", "--block-size",
                  "128", "--format", "matmulnbits", "--max-samples", str(a.max_samples), "--max-memory",
-                 a.max_memory, "--report", os.path.join(work, "report.json")] if method == "onnxcomq" else []
+                 a.max_memory, "--report", report] + (["--preset", "best"] if method == "onnxcomq-seq" else []) \
+            if method.startswith("onnxcomq") else []
         cmd = [sys.executable, os.path.abspath(__file__), "--child", method, model, out, json.dumps(extra)]
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -203,8 +206,8 @@ def main(argv=None) -> int:
                  cosine=float(np.mean([cosine(x, y) for x, y in zip(f_logits, q_logits)])),
                  top1=float(np.mean([(x.argmax(-1) == y.argmax(-1)).mean() for x, y in zip(f_logits, q_logits)])),
                  tokens=float(np.mean([np.mean(np.array(x) == np.array(y)) for x, y in zip(f_gen, q_gen)])))
-        if method == "onnxcomq":
-            rep = json.load(open(os.path.join(work, "report.json")))
+        if method.startswith("onnxcomq"):
+            rep = json.load(open(report))
             r["groups"] = rep.get("config", {}).get("groups")
         rows.append(r)
         print(json.dumps(r), flush=True)
