@@ -126,12 +126,10 @@ class Carry:
     def load(self, g: int, batch: int) -> dict:
         """The stored tensors group g reads, for one batch."""
         out = {}
-        for (h, b), path in self.files.items():
-            if b != batch:
-                continue
+        for h in range(g):
             want = [(k, t) for k, t in enumerate(self.outputs[h]) if t in self.inputs[g]]
             if want:
-                with np.load(path, allow_pickle=False) as z:
+                with np.load(self.files[(h, batch)], allow_pickle=False) as z:
                     out.update({t: z[f"t{k}"] for k, t in want})
         return out
 

@@ -138,9 +138,11 @@ def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, f
     observers = observers or {}
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
               if any(t.name == s.initial for s in specs if s.kind == "rnn_hidden")}  # a constant initial_h
-    fetch = sorted({t for s in specs for t in spec_tensors(s)} - graph_inputs - set(consts))
-    fetch_float = sorted(({t for s in both for t in spec_tensors(s)} - graph_inputs - set(consts)) |
-                         (set(observers) - graph_inputs))
+    def tensors(specs) -> set:  # (what a run must output: graph inputs come with the feed, constants are known)
+        return {t for s in specs for t in spec_tensors(s)} - graph_inputs - set(consts)
+
+    fetch = sorted(tensors(specs))
+    fetch_float = sorted(tensors(both) | (set(observers) - graph_inputs))
     carries = (carry, twin_carry) if cross else (carry,)
     pairs = [(m, _carried(f, c, group)) for m, f, c in zip((model, twin), (fetch_float, fetch), carries)]
     xp = xp or np
@@ -187,23 +189,26 @@ def _stream(runs, stats, batches, graph_inputs, consts, observers, mask_input, c
             v.update(consts)
         mask = feed.get(mask_input) if mask_input else None
         n = batch_samples(feed)
+        hosts = {}  # run index -> its values on the host (recurrent rows are built there), made once a batch
         for spec, st in stats.items():
-            x, xt = (vals[0], vals[1] if st.cross else None) if st.cross or not cross else (vals[1], None)
+            if st.cross:  # X from the float model, X~ from the twin
+                x, xt = 0, 1
+            else:  # X alone: the twin's input where there is a twin (a layer that does not correct fits X~)
+                x, xt = (1 if cross else 0), None
             if spec.kind in RNN_KINDS:
-                st.add(rnn_rows(spec, _host(x)), mask, rnn_rows(spec, _host(xt)) if xt is not None else None, n)
+                for k in (x, xt):
+                    if k is not None and k not in hosts:
+                        hosts[k] = {name: to_host(a) for name, a in vals[k].items()}
+                st.add(rnn_rows(spec, hosts[x]), mask, rnn_rows(spec, hosts[xt]) if xt is not None else None, n)
             else:  # (GramStats places it: a row input's chunks in the Grams' array module, a conv's im2col on the host)
-                st.add(x[spec.tensor], mask, xt[spec.tensor] if xt is not None else None, n)
+                st.add(vals[x][spec.tensor], mask, vals[xt][spec.tensor] if xt is not None else None, n)
         for name, obs in observers.items():
             obs.update(to_host(vals[0][name]))
         samples += n
         # (all of them: the loop variable v alone kept a batch's outputs alive through the next batch's run, which
         # doubled capture's peak memory from the second batch on)
-        del vals, v
+        del vals, v, hosts
         if progress is not None:
             progress.update(n)
     return samples
 
-
-def _host(vals: dict) -> dict:
-    """A batch's captured values, on the host (recurrent rows are built there)."""
-    return {k: to_host(v) for k, v in vals.items()}
