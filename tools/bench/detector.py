@@ -87,7 +87,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "tools", "export"))
 
 from eval_imagenet_agreement import session  # noqa: E402 (sets path)
-from heldout import IMAGE_SETS, cluster_se, git_state, make_recipe, parse_variant, spread  # noqa: E402
+from heldout import IMAGE_SETS, cluster_se, git_state, make_recipe, parse_variant, save_results, spread  # noqa: E402
 
 MODEL = os.path.join("out", "detector", "nudenet_320n.onnx")
 SIZE = 320
@@ -472,10 +472,7 @@ def main(argv=None) -> int:
     md = tables(res)
     print("\n" + md)
     print(f"detector: whole run {res['wall_seconds']:.0f} s")
-    with open(os.path.join(a.out, "detector.md"), "w") as f:
-        f.write(header(res) + md)
-    with open(os.path.join(a.out, "detector.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    save_results(a.out, "detector", header(res) + md, res)
     return 0
 
 

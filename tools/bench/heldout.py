@@ -276,6 +276,14 @@ def tables(model: str, res: dict) -> str:
     return "\n".join(lines)
 
 
+def save_results(folder: str, stem: str, md: str, res: dict) -> None:
+    """Write a run's tables to FOLDER/STEM.md and its results to FOLDER/STEM.json (heldout, detector, augment)."""
+    with open(os.path.join(folder, f"{stem}.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(folder, f"{stem}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
 def git_state() -> str:
     src = os.environ.get("ONNXCOMQ_SOURCE")
     if src:
@@ -440,11 +448,8 @@ def main(argv=None) -> int:
         md = tables(model, res)
         print("\n" + md)
         print(f"{model}: whole run {res['wall_seconds']:.0f} s")
-        with open(os.path.join(a.out, f"{model}.md"), "w") as f:
-            f.write(f"<!-- {res['command']} ; {res['onnxcomq']} ; {res['machine']} ; whole run "
-                    f"{res['wall_seconds']:.0f} s -->\n\n{md}")
-        with open(os.path.join(a.out, f"{model}.json"), "w") as f:
-            json.dump(res, f, indent=1)
+        save_results(a.out, model, f"<!-- {res['command']} ; {res['onnxcomq']} ; {res['machine']} ; whole run "
+                                   f"{res['wall_seconds']:.0f} s -->\n\n{md}", res)
     return 0
 
 

@@ -276,10 +276,7 @@ def main(argv=None) -> int:
     md = (f"<!-- {res['command']} ; {res['onnxcomq']} ; {res['machine']} ; whole run {res['wall_seconds']:.0f} s;"
           f" eval crops {a.eval_crops} per set, calibration crop seed {calib_seed} -->\n\n{report(res)}")
     print("\n" + md)
-    with open(os.path.join(a.out, "augment.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(a.out, "augment.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    H.save_results(a.out, "augment", md, res)
     return 0
 
 
