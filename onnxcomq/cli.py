@@ -51,8 +51,10 @@ class _Parser(argparse.ArgumentParser):
 def _settings(q) -> None:
     """The options that set the recipe (quantize and recipe --dump); None: as the preset / recipe file say."""
     q.add_argument("--preset", choices=["default", "fast", "best", "official"], default=None,
-                   help="starting settings: default; fast (one COMQ solve per layer); best (default + sequential "
-                        "capture in 16 stages, ~1.6x the time); official (the COMQ paper's code: greedy order, one "
+                   metavar="{default,fast,official}",
+                   help="starting settings: default (sequential capture in 16 stages: each stage fits the input of "
+                        "the model whose earlier stages are quantized); fast (one float capture pass and one COMQ "
+                        "solve per layer, ~0.4x the time); official (the COMQ paper's code: greedy order, one "
                         "sweep, asymmetric per-channel min-max grid) (default: default)")
     q.add_argument("--recipe", metavar="FILE", help="a recipe file (.yaml or .json) with any of the settings")
     g = q.add_argument_group("weights")

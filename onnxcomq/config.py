@@ -1,12 +1,12 @@
 """The recipe: everything that decides the output, as frozen sections that validate themselves.
 
-    Recipe()                                   # the defaults
+    Recipe()                                   # the defaults (sequential capture in 16 stages)
     Recipe(weights=Weights(bits=8))            # one section changed
     Recipe.official(bits=4)                    # a preset: a named constructor, not a flag
     Recipe.load("recipe.yaml").updated({"weights": {"bits": 3}})
 
 A recipe file (YAML or JSON) holds any subset of the sections, e.g. ``{"weights": {"bits": 4}, "sequential":
-{"stages": 16}}``; a missing section keeps its default, ``null`` turns an optional section off. ``to_dict`` gives
+null}``; a missing section keeps its default, ``null`` turns an optional section off. ``to_dict`` gives
 the whole effective recipe (the report embeds it, so a run can be reproduced from it). The reasons behind the
 defaults, with their measurements, are in docs/experiments.md.
 """
@@ -166,8 +166,10 @@ class Regularization:
 
 @dataclass(frozen=True)
 class Sequential:
-    """Sequential (error-feeding) capture: the layers in ``stages`` topological stages; each later stage's layers
-    solve min ||X W^T - X~ Q^T||^2 with X~ their input in the model whose earlier stages are quantized."""
+    """Sequential (error-feeding) capture, on by default: the layers in ``stages`` topological stages; each later
+    stage's layers solve min ||X W^T - X~ Q^T||^2 with X~ their input in the model whose earlier stages are
+    quantized. Runs with quantized activations or a mixed-precision budget take one float pass instead (they need
+    every layer's statistics at once); ``null`` turns it off."""
 
     stages: int = 16
     correction: str = "entry"  # which layers fit the float output from X~: entry | all | none
@@ -288,7 +290,7 @@ class Recipe:
     regularization: Regularization = field(default_factory=Regularization)
     data: Data = field(default_factory=Data)
     check: Check = field(default_factory=Check)
-    sequential: Sequential | None = None
+    sequential: Sequential | None = field(default_factory=Sequential)
     mixed_precision: MixedPrecision | None = None
     activations: Activations | None = None
 
@@ -300,25 +302,24 @@ class Recipe:
         return cls(weights=Weights(bits=bits, granularity="channel", scheme="asym"),
                    solver=Solver(order="greedy", sweeps=1, scale_update=False, lambda_search=False,
                                  zero_in_range=False, bias_correction=False),
-                   regularization=Regularization(damping=0.0), **sections)
+                   regularization=Regularization(damping=0.0), sequential=None, **sections)
 
     @classmethod
     def fast(cls, bits: int = 4, **sections) -> "Recipe":
-        """One COMQ solve per layer from the best round-to-nearest grid (the default solves from 7 candidates)."""
-        return cls(weights=Weights(bits=bits), solver=Solver(lambda_solves=1), **sections)
-
-    @classmethod
-    def best(cls, bits: int = 4, **sections) -> "Recipe":
-        """The default plus sequential capture in 16 stages (about 1.6x the time of one pass on a CNN)."""
-        return cls(weights=Weights(bits=bits), sequential=Sequential(), **sections)
+        """One float capture pass and one COMQ solve per layer from the best round-to-nearest grid (the default
+        captures in 16 sequential stages and solves from 7 candidate grids): about 0.4x the default's time."""
+        return cls(weights=Weights(bits=bits), solver=Solver(lambda_solves=1), sequential=None, **sections)
 
     @classmethod
     def preset(cls, name: str, **kw) -> "Recipe":
-        makers = {"default": lambda **k: cls(weights=Weights(**({"bits": k.pop("bits")} if "bits" in k else {})),
-                                             **k),
-                  "official": cls.official, "fast": cls.fast, "best": cls.best}
+        """A preset by name: default, fast or official (``best``, the default plus sequential capture before
+        sequential capture became the default, is the default)."""
+        def default(**k):
+            return cls(weights=Weights(**({"bits": k.pop("bits")} if "bits" in k else {})), **k)
+
+        makers = {"default": default, "official": cls.official, "fast": cls.fast, "best": default}
         if name not in makers:
-            raise UserError(f"--preset must be one of {', '.join(makers)}, got {name!r}")
+            raise UserError(f"--preset must be one of default, fast, official, got {name!r}")
         return makers[name](**kw)
 
     # ------------------------------------------------------------------ derived values
@@ -328,12 +329,21 @@ class Recipe:
         error in sequential capture)."""
         from .solve.layer import LayerPolicy
 
-        reg, seq = self.regularization, self.sequential
+        reg, seq = self.regularization, self.sequential_capture()
         return LayerPolicy(self.solver_config(bits, granularity, taps), comq=self.weights.method == "comq",
                            free_bias=free_bias, damping=damping, damping_scale=reg.scale, damping_max=reg.max,
                            few_rows=reg.few_rows, damping_grid=reg.grid, correct=correct,
                            **({} if seq is None else dict(strength=seq.strength, correct_rows=seq.min_rows,
                                                           correct_few_rows=seq.few_rows)))
+
+    def sequential_capture(self) -> Sequential | None:
+        """The sequential section where it applies. Runs that quantize activations or allocate bits under a size
+        budget need every layer's float statistics at once, and round-to-nearest and the official COMQ code have
+        no input error to fit: those take one float pass whatever the section says."""
+        if self.activations is not None or self.mixed_precision is not None or self.weights.method != "comq" or \
+                self.is_official():
+            return None
+        return self.sequential
 
     def weight_scheme(self) -> str:
         return self.weights.scheme or ("sym" if self.activations is not None or self.target == "tensorrt"
@@ -375,8 +385,6 @@ class Recipe:
             raise UserError("--preset official uses per-channel grids: it cannot be combined with --granularity "
                             "block")
         self.solver_config()
-        if self.sequential is not None and (self.mixed_precision is not None or self.activations is not None):
-            raise UserError("sequential capture works without mixed precision and without activation quantization")
         if self.target == "tensorrt":
             self._validate_tensorrt()
         return self
@@ -546,7 +554,7 @@ def moved_option(option: str) -> str | None:
     if name == "official":
         return "--preset official"
     if name == "sequential":
-        return "the recipe's sequential section (or --preset best)"
+        return "the default (sequential capture; the recipe's 'sequential: null' or --preset fast turn it off)"
     where = MOVED.get(name)
     if where is None or option.startswith("--no-") and name not in ("scale_update", "bias_correction",
                                                                     "rewrite_matmul"):

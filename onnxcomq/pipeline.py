@@ -85,9 +85,10 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     comq = w.method == "comq"
     official = recipe.is_official()
     damping = recipe.regularization.damping
-    sequential = recipe.sequential is not None and comq and not official and len(layers) > 1
-    stages = split_stages(layers, recipe.sequential.stages) if sequential else [layers]
-    cross, folds = recipe.sequential is not None and comq, damping == "auto"
+    seq = recipe.sequential_capture()  # (None where it does not apply: activations, a size budget, RTN, official)
+    sequential = seq is not None and len(layers) > 1
+    stages = split_stages(layers, seq.stages) if sequential else [layers]
+    cross, folds = sequential, damping == "auto"
     if recipe.mixed_precision is None and recipe.activations is None:  # (both need every layer's statistics)
         stages = fit_groups(stages, STATS_SHARE * memory_budget(recipe.data.max_memory), sequential, folds)
     budget, batch_note = choose_batch(with_rnn_outputs(model, layers), layers, calib, recipe.data.max_memory,
@@ -121,7 +122,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     solve_bar = None
     # the layers that may correct their input error (sequential capture): the float model's pass after the first
     # stage captures their inputs alone (cross statistics); the others fit the twin's input X~ and need only G~
-    correction = recipe.sequential.correction if sequential else "entry"
+    correction = seq.correction if sequential else "entry"
     entries = [stage_entries(model, stage) if correction == "entry" else
                {layer.node for layer in stage} if correction == "all" else set() for stage in stages]
     # (block-grid layers never correct: the block solver has no cross objective)
@@ -169,7 +170,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
             t_capture += time.perf_counter() - t0
             peaks["capture"] = peak_rss_mb()
             check_stats(stats, [i.name for i in model_inputs(model)])
-            if recipe.mixed_precision is not None:  # (one stage: sequential capture is refused with a budget)
+            if recipe.mixed_precision is not None:  # (one stage: a budget takes no sequential capture)
                 mp = mixed_precision(model, layers, stats, calib, recipe, plan, xp, bar)
             t0 = time.perf_counter()
             entry = entries[s]

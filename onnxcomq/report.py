@@ -215,6 +215,8 @@ def summary(report, model_path: str, output_path: str) -> list:
                     else f"{c['bits']} bits")
                  + f", {c['granularity']}, {c['scheme']}"
                  + (f"; {c['act_dtype']} activations for {c['target']}" if c.get("act_bits") else "")
+                 + (f"; sequential capture in {c['sequential_stages']} stages" if c.get("sequential_stages")
+                    else "")
                  + f") with {report.samples} calibration samples"
                  + (f" in batches of {c['batch_choice']}" if c.get("batch_choice") else ""))
     n_fb = sum(L.rtn_groups > 0 for L in report.layers)

@@ -167,7 +167,8 @@ from onnxcomq.config import MOVED as FLAT  # noqa: E402
 def recipe(official=False, sequential=False, **flat):
     """An onnxcomq Recipe from flat option names: ``recipe(bits=3, sequential=True, stages=4, act_bits=8)``.
     The optional sections (sequential, mixed_precision, activations) are on where sequential=True, avg_bits or
-    act_bits is given."""
+    act_bits is given; sequential=False is one float pass (the package's default is sequential capture), None the
+    package's default."""
     from onnxcomq import Recipe
 
     d = {}
@@ -183,6 +184,8 @@ def recipe(official=False, sequential=False, **flat):
         d.setdefault("sequential", {})
     else:
         assert "sequential" not in d, "sequential fields without sequential=True"
+        if sequential is False:
+            d["sequential"] = None
     base = Recipe.official(bits=flat.get("bits", 4)) if official else Recipe()
     if target is not None:
         d["target"] = target
@@ -191,7 +194,8 @@ def recipe(official=False, sequential=False, **flat):
 
 def recipe_args(tmp_path, official=False, sequential=False, **flat) -> list:
     """Command-line arguments ``["--recipe", FILE]`` for the settings that have no option of their own: the
-    sections the flat names touch (tests/builders.py FLAT), written to a JSON recipe file under ``tmp_path``."""
+    sections the flat names touch (tests/builders.py FLAT), written to a JSON recipe file under ``tmp_path``;
+    sequential as in ``recipe``."""
     import json
     import os
 
@@ -203,6 +207,8 @@ def recipe_args(tmp_path, official=False, sequential=False, **flat) -> list:
         d.setdefault(sec, {})[name] = list(v) if isinstance(v, tuple) else v
     if sequential:
         d.setdefault("sequential", {})
+    elif sequential is False:
+        d["sequential"] = None
     path = os.path.join(str(tmp_path), f"recipe{len(os.listdir(str(tmp_path)))}.json")
     with open(path, "w") as f:
         json.dump(d, f)

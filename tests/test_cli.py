@@ -142,8 +142,6 @@ def _bad_cases(tmp):
                            "tensorrt"], "INT4 only as weight-only"),
         ("tensorrt W4 per channel", [CNN, "-o", out, "--calib", CALIB, "--bits", "4", "--target", "tensorrt"],
          "only block-wise"),
-        ("sequential + budget", [CNN, "-o", out, "--calib", CALIB, *recipe_args(tmp, sequential=True, avg_bits=4.5)],
-         "sequential capture works with"),
         ("budget above 8", [CNN, "-o", out, "--calib", CALIB, *recipe_args(tmp, avg_bits=9)],
          "avg_bits must be between"),
         ("layer-bits no match", [CNN, "-o", out, "--calib", CALIB, *recipe_args(tmp, layer_bits=("nomatch*=8",))],

@@ -32,7 +32,7 @@ def test_sections_are_frozen():
 
 
 def test_dict_round_trip_of_every_preset():
-    for r in (Recipe(), Recipe.official(bits=3), Recipe.fast(), Recipe.best(bits=5),
+    for r in (Recipe(), Recipe.official(bits=3), Recipe.fast(), Recipe.preset("best", bits=5),
               Recipe(activations=Activations(exclude=("Add",)), target="tensorrt")):
         d = json.loads(json.dumps(r.to_dict()))  # (through JSON: tuples come back as lists)
         assert Recipe.from_dict(d) == r
@@ -44,7 +44,10 @@ def test_presets_differ_only_where_they_say():
     assert official["solver"]["order"] == "greedy" and official["solver"]["sweeps"] == 1
     assert official["regularization"]["damping"] == 0.0 and not official["solver"]["bias_correction"]
     assert official["data"] == default["data"] and official["layers"] == default["layers"]
-    assert Recipe.best().sequential == Sequential() and Recipe().sequential is None
+    # sequential capture is the default; fast and official take one float pass; best (its old name) is the default
+    assert Recipe().sequential == Sequential() and Recipe().sequential_capture() == Sequential()
+    assert Recipe.fast().sequential is None and Recipe.official().sequential is None
+    assert Recipe.preset("best", bits=3) == Recipe.preset("default", bits=3) == Recipe(weights=Weights(bits=3))
     assert Recipe.fast().solver.lambda_solves == 1
     assert Recipe.official().is_official() and not Recipe().is_official()
     assert Recipe.preset("official", bits=3) == Recipe.official(bits=3)
@@ -62,7 +65,6 @@ def test_presets_differ_only_where_they_say():
     ({"solver": {"order": "random"}}, "solver.order must be one of"),
     ({"regularization": {"damping": -1}}, "damping must be"),
     ({"sequential": {"correction": "some"}}, "sequential.correction"),
-    ({"sequential": {}, "mixed_precision": {"avg_bits": 5}}, "sequential capture works without mixed precision"),
     ({"mixed_precision": {"avg_bits": 3.0}}, "avg_bits must be between"),
     ({"activations": {"method": "max"}}, "activations.method"),
     ({"target": "tensorrt"}, "target tensorrt takes 4-bit weights only block-wise"),
@@ -74,6 +76,16 @@ def test_each_section_validates_itself(d, needle):
         Recipe().updated(d).validate()
 
 
+@pytest.mark.parametrize("d", [{"mixed_precision": {"avg_bits": 5}}, {"activations": {"bits": 8}},
+                               {"weights": {"method": "rtn"}}])
+def test_sequential_capture_steps_aside_where_it_cannot_apply(d):
+    # a size budget and activation quantization need every layer's float statistics at once; RTN fits nothing
+    r = Recipe().updated(d).validate()
+    assert r.sequential == Sequential() and r.sequential_capture() is None
+    assert Recipe.official().updated({"sequential": {}}).sequential_capture() is None
+    assert Recipe().updated({"sequential": {"stages": 3}}).sequential_capture().stages == 3
+
+
 def test_one_value_for_a_list_field_is_a_list_of_one():
     r = Recipe().updated({"mixed_precision": {"candidates": 8}, "layers": {"exclude": "*head*"}}).validate()
     assert r.mixed_precision.candidates == (8,) and r.layers.exclude == ("*head*",)
@@ -83,7 +95,7 @@ def test_optional_sections_turn_on_and_off():
     r = Recipe().updated({"sequential": {"stages": 4}, "mixed_precision": {"avg_bits": 4.5}})
     assert r.sequential.stages == 4 and r.sequential.correction == "entry" and r.mixed_precision.avg_bits == 4.5
     assert r.updated({"sequential": None}).sequential is None
-    assert set(OPTIONAL) == {n for n in SECTIONS if getattr(Recipe(), n) is None}
+    assert set(OPTIONAL) == {n for n in SECTIONS if getattr(Recipe.fast(), n) is None}
 
 
 def test_recipe_files_yaml_and_json(tmp_path):
@@ -102,7 +114,7 @@ def test_recipe_files_yaml_and_json(tmp_path):
 
 def test_schema_covers_every_field():
     schema = Recipe.schema()
-    dumped = Recipe.best().to_dict()
+    dumped = Recipe().to_dict()
     assert set(schema["properties"]) == set(dumped)
     for name, fields in dumped.items():
         if isinstance(fields, dict):
@@ -146,12 +158,14 @@ def test_a_run_is_reproduced_from_its_report(tmp_path):
 
 
 def test_stats_cache_gives_the_same_model_without_a_second_capture():
-    cache = {}
-    q1, rep1 = run(CNN, calib(), Recipe(), stats_cache=cache)
+    cache, one_pass = {}, Recipe.fast().updated({"solver": {"lambda_solves": 7}})  # (the cache: one float pass)
+    q1, rep1 = run(CNN, calib(), one_pass, stats_cache=cache)
     assert len(cache) == 1
-    q2, rep2 = run(CNN, calib(), Recipe(weights=Weights(bits=3)), stats_cache=cache)
-    q3, _ = run(CNN, calib(), Recipe(weights=Weights(bits=3)))
+    q2, rep2 = run(CNN, calib(), one_pass.updated({"weights": {"bits": 3}}), stats_cache=cache)
+    q3, _ = run(CNN, calib(), one_pass.updated({"weights": {"bits": 3}}))
     assert len(cache) == 1 and rep2.capture_seconds < rep1.capture_seconds
+    run(CNN, calib(), Recipe(), stats_cache=cache)  # sequential stages capture their own statistics
+    assert len(cache) == 1
     assert q2.SerializeToString() == q3.SerializeToString()
 
 
@@ -162,6 +176,6 @@ def test_an_option_of_the_old_command_line_names_where_it_went(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1
     for where in ("--sweeps is now the recipe's solver.sweeps", "--no-scale-update is now the recipe's "
-                  "solver.scale_update", "--official is now --preset official", "--sequential is now the recipe's "
-                  "sequential section"):
+                  "solver.scale_update", "--official is now --preset official", "--sequential is now the default "
+                  "(sequential capture"):
         assert where in err

@@ -507,3 +507,22 @@ def test_mixed_target_statistics_equal_those_of_the_mixed_input(beta):
     np.testing.assert_allclose(G, Xb.T @ Xb, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(H, Xt.T @ Xb, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(Gt, Xt.T @ Xt, rtol=1e-12)
+
+
+def test_the_default_is_sequential_and_steps_aside_where_it_cannot_apply():
+    # sequential capture is the default; a size budget, quantized activations, RTN, --preset fast and official take
+    # one float pass (the first two need every layer's float statistics at once)
+    from onnxcomq import Recipe
+
+    model = "models/fmnist_cnn.onnx"
+    x = {"input": np.load("models/fmnist_calib.npz")["input"][:32]}
+    default, rep = run(model, x, Recipe())
+    assert rep.config["sequential_stages"] == 6  # (16 stages asked, one a layer for the CNN's 6)
+    explicit, _ = run(model, x, recipe(sequential=True))
+    one_pass, _ = run(model, x, recipe(sequential=False))
+    assert default.SerializeToString() == explicit.SerializeToString() != one_pass.SerializeToString()
+    for r in (Recipe().updated({"weights": {"bits": 8}, "activations": {"bits": 8}}),
+              Recipe().updated({"mixed_precision": {"avg_bits": 5.0, "samples": 4}}),
+              Recipe().updated({"weights": {"method": "rtn"}}), Recipe.fast(), Recipe.official()):
+        _, rep = run(model, x, r)
+        assert rep.config["sequential_stages"] == 0, r

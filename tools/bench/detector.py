@@ -99,7 +99,7 @@ LABELS = ["FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED", "FEMALE
           "ANUS_COVERED", "FEMALE_BREAST_COVERED", "BUTTOCKS_COVERED"]
 HEAD = "/model.22/*"
 STEM = "/model.[0-4]/*"  # the first 5 blocks (stride 2..8): 13 convs, 80 k of the 3.0 M weights
-DEFAULT_VARIANTS = ["RTN:weights.method=rtn", "default:", "best:preset=best",
+DEFAULT_VARIANTS = ["RTN:weights.method=rtn", "default:", "one pass:sequential=False",
                     "avg 4.25 bits:mixed_precision.avg_bits=4.25", f"head float:layers.exclude=('{HEAD}',)",
                     f"stem 8-bit:layers.layer_bits=('{STEM}=8',)", "W6:bits=6", "W8 RTN:bits=8,weights.method=rtn",
                     "W8:bits=8"]

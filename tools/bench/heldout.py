@@ -33,7 +33,7 @@ minilm (all-MiniLM-L6-v2; Debian package descriptions of /var/lib/dpkg/status, p
 Each recipe is quantized once, on the calibration set; the float model's one-pass statistics are captured once per
 model (``onnxcomq.run(..., stats_cache=...)``), so only the first one-pass recipe's time includes the capture
 (sequential recipes capture their own). Recipes are ``--variant LABEL:NAME=VALUE,...`` as in
-tools/bench/sequential.py (flat names of tools/bench/_recipes.py or SECTION.FIELD), plus ``preset=fast|best|official``
+tools/bench/sequential.py (flat names of tools/bench/_recipes.py or SECTION.FIELD), plus ``preset=fast|official``
 and ``bits=N``; without --variant, the default list below (W4 per channel, weight-only).
 
     python tools/bench/heldout.py --model effnet minilm          # out/heldout/{effnet,minilm}.{md,json}
@@ -87,10 +87,12 @@ IMAGE_SETS = [  # (set, role, sources)
 TEXT_SETS = ["calibration", "dev", "E1", "E2", "E3"]
 
 DEFAULT_VARIANTS = {
-    "effnet": ["RTN:weights.method=rtn", "default:", "fast:preset=fast", "official:preset=official",
-               "best:preset=best", "damping=0.1:regularization.damping=0.1", "damping=0:regularization.damping=0"],
+    "effnet": ["RTN:weights.method=rtn", "default:", "one pass:sequential=False", "fast:preset=fast",
+               "official:preset=official", "damping=0.1:regularization.damping=0.1",
+               "damping=0:regularization.damping=0"],
 }
-DEFAULT_VARIANTS["minilm"] = DEFAULT_VARIANTS["effnet"] + ["default W3:bits=3", "RTN W3:bits=3,weights.method=rtn"]
+DEFAULT_VARIANTS["minilm"] = DEFAULT_VARIANTS["effnet"] + ["default W3:bits=3", "one pass W3:bits=3,sequential=False",
+                                                           "RTN W3:bits=3,weights.method=rtn"]
 METRICS = {"effnet": [("agree", "top-1 agreement", +1, ".3f"), ("kl", "mean KL(float‖quant)", -1, ".4f")],
            "minilm": [("cos", "mean cosine to float", +1, ".4f"), ("same", "same top-1 as float", +1, ".3f")]}
 

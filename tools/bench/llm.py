@@ -154,13 +154,22 @@ def block_stats_gb(hidden: int, mlp: int) -> float:
     return 8 * (3 * hidden * hidden + mlp * mlp) / 1e9
 
 
+def one_pass_recipe(work: str) -> str:
+    """A recipe file that turns sequential capture off (the statistics of one float pass)."""
+    path = os.path.join(work, "one_pass.recipe.json")
+    with open(path, "w") as f:
+        json.dump({"sequential": None}, f)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", nargs=4, metavar=("METHOD", "MODEL", "OUT", "ARGS"), help=argparse.SUPPRESS)
     ap.add_argument("--size", default="tinyllama", help="a folder out/llm/SIZE from tools/export/llm.py")
     ap.add_argument("--exporter", default="optimum", help="the export under out/llm/SIZE (optimum, torch, genai)")
     ap.add_argument("--methods", nargs="+", default=["onnxcomq", "ort-rtn", "ort-hqq"],
-                    help="onnxcomq, onnxcomq-seq (with --preset best: sequential capture), ort-rtn, ort-hqq")
+                    help="onnxcomq (its default: sequential capture), onnxcomq-onepass (one float capture pass: "
+                         "a recipe with 'sequential: null'), ort-rtn, ort-hqq")
     ap.add_argument("--max-samples", type=int, default=16, help="onnxcomq's calibration samples")
     ap.add_argument("--max-memory", default="1G", help="onnxcomq's --max-memory: 1G makes each group about one "
                     "TinyLlama block (statistics budget 0.5 GB)")
@@ -192,7 +201,8 @@ def main(argv=None) -> int:
         report = os.path.join(work, f"{method}.report.json")
         extra = ["--calib", calib, "--tokenizer", tok, "--bits", "4", "--granularity", "block", "--block-size",
                  "128", "--format", "matmulnbits", "--max-samples", str(a.max_samples), "--max-memory",
-                 a.max_memory, "--report", report] + (["--preset", "best"] if method == "onnxcomq-seq" else []) \
+                 a.max_memory, "--report", report] + (["--recipe", one_pass_recipe(work)]
+                                                      if method == "onnxcomq-onepass" else []) \
             if method.startswith("onnxcomq") else []
         cmd = [sys.executable, os.path.abspath(__file__), "--child", method, model, out, json.dumps(extra)]
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
