@@ -244,6 +244,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     if nbits:
         out, owned = emit_matmulnbits(out, nbits, w.nbits_accuracy_level, inplace=owned), True
     rest = [q for q in qweights if plan[q.name].format != "matmulnbits"]
+    rest = acts.weight_storage(rest) if acts is not None else rest
     out = emit_qdq(out, rest, meta, inplace=owned, max_opset=w.max_opset) if rest \
         else set_metadata(out, meta, copy=not owned)
     if acts is not None:

@@ -530,6 +530,21 @@ class ActivationQuantizer:
         stats, _ = capture(fq, {moved[s]: g for s, g in specs.items()})
         return {s: stats[moved[s]] for s in specs}
 
+    def weight_storage(self, qweights: list) -> list:
+        """The quantized weights as the target's int8 kernels should read them. onnxruntime's x86 kernels for uint8
+        activations and int8 weights (U8S8: QLinearConv, QLinearMatMul, QGemm) multiply with AVX2's VPMADDUBSW,
+        which saturates a pair of products at 32767 on CPUs without VNNI (AMD before Zen 4, Intel before Cascade
+        Lake): 255 * 127 * 2 does not fit, and outputs were off by 19 % of their range on an AMD EPYC. So with uint8
+        activations, 8-bit symmetric weights are stored as uint8 with zero point 128 (U8U8 kernels widen to 16 bits
+        first and do not saturate): the same dequantized weights, the same grid. 7 bits and fewer fit
+        (255 * 64 * 2 < 32768) and 4-bit weights are not fused; they stay as they are."""
+        if self.target != "ort" or self.fmt.signed:
+            return qweights
+        return [dataclasses.replace(w, codes=(w.codes.astype(np.int16) + 128).astype(np.uint8),
+                                    zero_point=(np.asarray(w.zero_point).astype(np.int16) + 128).astype(np.uint8),
+                                    signed=False)
+                if w.bits == 8 and w.signed and not w.block_size else w for w in qweights]
+
     def insert(self, model: onnx.ModelProto) -> onnx.ModelProto:
         params = self.params
         return insert(model, self.placement, params, self.max_opset)[0]

@@ -7,6 +7,11 @@ quantization (QDQ, per-channel, same calibration data, after onnxruntime's prepr
     python tools/bench/deploy.py --models cnn --threads 1 --rounds 15
     python tools/bench/deploy.py --real                   # also EfficientNet-Lite0 (top-1 agreement with float) and
                                                           # MiniLM (mean cosine to float embeddings), from out/
+    python tools/bench/deploy.py --int8-weights           # also the W8A8 model with int8 weights (U8S8 kernels)
+
+onnxcomq's W8A8 models for onnxruntime store 8-bit weights as uint8 (zero point 128): onnxruntime's U8S8 kernels
+saturate on x86 CPUs without VNNI. ``--int8-weights`` adds the same model with its weights as int8 (zero point 0,
+the same dequantized values), as onnxcomq wrote them before, to measure that on the machine at hand.
 
 Latency: sessions with ORT_ENABLE_ALL, ``--threads`` intra-op threads and 1 inter-op thread; batch 1 and 8; for
 each round every model runs ``--calls`` times in turn (interleaved, so load changes hit all alike), timed by the
@@ -118,6 +123,8 @@ def main(argv=None):
     ap.add_argument("--real", action="store_true", help="also EfficientNet-Lite0 and MiniLM (out/*.onnx)")
     ap.add_argument("--real-models", nargs="+", default=list(REAL), choices=list(REAL),
                     help="which real models with --real (default: both)")
+    ap.add_argument("--int8-weights", action="store_true",
+                    help="also the W8A8 model with its uint8 weights stored as int8 (onnxruntime's U8S8 kernels)")
     ap.add_argument("--keep", metavar="DIR", help="keep the quantized models in DIR")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
@@ -156,7 +163,32 @@ def _build(name, src, calib, out_dir, args, config_kw=None):
         save_model(model, p)
         secs[label] = time.perf_counter() - t
         paths[label] = p
+        if args.int8_weights and kw.get("bits") == 8:
+            signed = os.path.join(out_dir, f"{name}.{label.split()[0]}.int8w.onnx")
+            save_model(int8_weights(model), signed)
+            paths[label + ", int8 weights"], secs[label + ", int8 weights"] = signed, secs[label]
     return paths, secs
+
+
+def int8_weights(model):
+    """The model with every uint8 weight of zero point 128 (onnxcomq's W8A8 for onnxruntime) stored as int8 with zero
+    point 0: the same dequantized weights, read by onnxruntime's U8S8 kernels instead of U8U8."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    for n in out.graph.node:
+        if n.op_type != "DequantizeLinear" or len(n.input) < 3 or n.input[0] not in inits or n.input[2] not in inits:
+            continue
+        codes, zp = numpy_helper.to_array(inits[n.input[0]]), numpy_helper.to_array(inits[n.input[2]])
+        if codes.dtype != np.uint8 or codes.ndim < 2 or not np.all(zp == 128):
+            continue
+        inits[n.input[0]].CopyFrom(numpy_helper.from_array((codes.astype(np.int16) - 128).astype(np.int8),
+                                                           n.input[0]))
+        inits[n.input[2]].CopyFrom(numpy_helper.from_array(np.zeros(zp.shape, np.int8), n.input[2]))
+    return out
 
 
 def _rows(name, paths, accs, lat, secs, scale, unit, higher="better"):
