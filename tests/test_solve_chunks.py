@@ -1,10 +1,12 @@
 """A layer's solve in row chunks (solve.layer.row_chunks, issue 17): the same results as the whole layer at once.
 
 Rows are independent problems with per-channel and block grids, so solving them in chunks changes nothing: codes,
-scales, zero points, the bias change, the fallback count and the settings are compared exactly; the reported errors
-are sums over the chunks' rows in another order, so they agree to float64 rounding (rel 1e-12), not bit for bit.
-The exactness needs chunks that start at multiples of CHUNK_ALIGN rows: OpenBLAS computes a product's last rows with
-other kernels, and with chunks of 50 rows the scales and bias changes of these cases differed in their last bits."""
+zero points, the fallback count and the settings are compared exactly. Scales and the bias change come out of float32
+matrix products whose rows OpenBLAS computes with kernels that depend on the product's shape: chunks that start at
+multiples of CHUNK_ALIGN rows made them bit-identical on one machine (with chunks of 50 rows they differed in their
+last bits), but on an AMD EPYC (Zen 3) they differ by a few float32 ulps whatever the alignment, so they are compared
+to float32 rounding (rel 2e-6; bias 1e-5 of its largest entry). The reported errors are sums over the chunks' rows in
+another order: float64 rounding (rel 1e-12) where the products are bit-identical, 1e-6 otherwise."""
 
 from __future__ import annotations
 
@@ -62,15 +64,19 @@ def _assert_same(got, want):
     for field in ("codes", "scales", "zero_points"):
         for g, w in zip(getattr(got, field), getattr(want, field)):
             assert g.dtype == w.dtype
-            np.testing.assert_array_equal(g, w)
+            if field == "scales":  # (float32 products of another shape: a few ulps)
+                np.testing.assert_allclose(g, w, rtol=2e-6, atol=0)
+            else:
+                np.testing.assert_array_equal(g, w)
     if want.bias_delta is None:
         assert got.bias_delta is None
     else:
-        np.testing.assert_array_equal(got.bias_delta, want.bias_delta)
+        np.testing.assert_allclose(got.bias_delta, want.bias_delta, rtol=0,
+                                   atol=1e-5 * float(np.abs(want.bias_delta).max()))
     for field in ("rtn_groups", "damping", "corrected", "rows", "solver"):
         assert getattr(got, field) == getattr(want, field), field
     for field in ("comq_error", "rtn_error", "input_energy"):  # (sums over the rows in another order)
-        assert getattr(got, field) == pytest.approx(getattr(want, field), rel=1e-12, abs=0), field
+        assert getattr(got, field) == pytest.approx(getattr(want, field), rel=1e-6, abs=0), field
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -119,7 +125,7 @@ def test_rtn_fallback_in_chunks(monkeypatch, name):
         assert got.rtn_groups == len(mats)
         for g, w in zip(got.codes + got.scales + got.zero_points, want.codes + want.scales + want.zero_points):
             np.testing.assert_array_equal(g, w)
-        assert got.rtn_error == pytest.approx(want.rtn_error, rel=1e-12)
+        assert got.rtn_error == pytest.approx(want.rtn_error, rel=1e-6)  # (sums in another order: see above)
 
 
 @pytest.mark.parametrize("m,n,chunk,want", [

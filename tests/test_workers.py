@@ -37,10 +37,15 @@ def _recipe(flat: dict, workers=None):
 
 
 def _baseline(model: str, flat: dict) -> bytes:
-    """The in-process run's model bytes (computed once per case)."""
+    """The in-process run's model bytes (computed once per case), with the BLAS threads of each worker (cores / 2,
+    as local:2 and a 2-CPU Ray cluster run them): OpenBLAS's float32 products can depend on its thread count (they
+    do on an AMD EPYC), so "the same bytes" holds for the same threads per solve."""
+    from threadpoolctl import threadpool_limits
+
     key = (model, repr(sorted(flat.items())))
     if key not in _BASELINE:
-        _BASELINE[key] = run(MODELS + model, CALIB, _recipe(flat))[0].SerializeToString()
+        with threadpool_limits(limits=max(1, cores() // 2), user_api="blas"):
+            _BASELINE[key] = run(MODELS + model, CALIB, _recipe(flat))[0].SerializeToString()
     return _BASELINE[key]
 
 
