@@ -5,6 +5,11 @@ output must be finite wherever the float model's is (else the model is not writt
 output is reported (a warning where it exceeds the float output itself). This catches what no per-layer error shows: a
 model onnxruntime cannot load (a weight also listed as a graph input, an IR version it does not know), a NaN or an
 overflow anywhere in the graph, a weight whose layout does not match its input.
+
+A model with quantized activations is also run node by node (no graph optimization: its Q/DQ arithmetic as written)
+and compared with onnxruntime's fused int8 kernels on this machine: where the kernels are much further from the
+float model than the graph itself (e.g. int8-weight kernels that saturate on x86 CPUs without VNNI), a warning says
+so.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from .errors import UserError
 
 # an output further from the float model's than the float output is from zero (||q - f|| > ||f||) gets a warning
 MAX_REL_ERROR = 1.0
+# quantized activations: a warning where the fused kernels' relative error exceeds FACTOR x the graph's + SLACK
+KERNEL_FACTOR, KERNEL_SLACK = 2.0, 0.02
 
 
 @dataclass
@@ -33,6 +40,8 @@ class OutputCheck:
     agreement: float | None = None  # integer / boolean outputs: the fraction of equal elements
     float_finite: bool = True  # the float model's own output is finite
     mismatch: str = ""  # the outputs cannot be compared (shapes differ)
+    # quantized activations: ||q - f|| / ||f|| with the model run node by node (no fused int8 kernels)
+    graph_rel_error: float | None = None
 
     def problem(self) -> str | None:
         """Why this output fails the check, or None."""
@@ -44,6 +53,11 @@ class OutputCheck:
 
     def warning(self) -> str | None:
         """Why this output deserves a look (the model is still written), or None."""
+        if self.graph_rel_error is not None and self.rel_error > KERNEL_FACTOR * self.graph_rel_error + KERNEL_SLACK:
+            return (f"output {self.name}: onnxruntime's fused int8 kernels on this CPU are further from the float "
+                    f"model (relative error {self.rel_error:.3g}) than the model's own Q/DQ arithmetic "
+                    f"({self.graph_rel_error:.3g}): the model will run less accurately on this CPU than it was "
+                    f"quantized (int8-weight kernels saturate on x86 CPUs without VNNI)")
         if self.rel_error is not None and self.rel_error > MAX_REL_ERROR:
             return (f"output {self.name} is far from the float model's (relative error {self.rel_error:.3g}, "
                     f"cosine {self.cosine:.3g}): check the calibration data, or use more bits")
@@ -117,6 +131,9 @@ def verify(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, feeds: list, r
     names = [o.name for o in float_model.graph.output]
     ref = ref if ref is not None else float_outputs(float_model, feeds)
     got = run_model(qmodel, names, feeds, "the quantized model")
+    # (weight-only models have DequantizeLinear nodes only: nothing for a fused int8 kernel to read)
+    graph = run_model(qmodel, names, feeds, "the quantized model", optimize=False) \
+        if any(n.op_type == "QuantizeLinear" for n in qmodel.graph.node) else None
     checks = []
     for k, name in enumerate(names):
         f, q = [np.asarray(r[k]) for r in ref], [np.asarray(g[k]) for g in got]
@@ -125,7 +142,10 @@ def verify(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, feeds: list, r
             checks.append(OutputCheck(name, True, mismatch=f"shape/type {bad[1]} differs from the float "
                                                              f"model's {bad[0]}"))
             continue
-        checks.append(_compare(name, f, q))
+        check = _compare(name, f, q)
+        if graph is not None and check.rel_error is not None:
+            check.graph_rel_error = _compare(name, f, [np.asarray(g[k]) for g in graph]).rel_error
+        checks.append(check)
     return checks, sum(batch_samples(feed) for feed in feeds)
 
 

@@ -99,3 +99,69 @@ def test_a_loaded_model_is_quantized_in_place_and_a_callers_model_is_left_as_it_
     assert from_proto.SerializeToString() == from_path.SerializeToString()
     if name == "fmnist_cnn.onnx":  # (nothing to fold, rewrite or re-bias: the caller's own object reaches the emitter)
         assert calls == [("emit_qdq", False)]
+
+
+def _saturates() -> bool:
+    """Whether this CPU's onnxruntime U8S8 kernel saturates (x86 without VNNI): MatMulInteger of 255s and 127s."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "probe",
+                          [helper.make_tensor_value_info("A", TensorProto.UINT8, [4, 2])],
+                          [helper.make_tensor_value_info("Y", TensorProto.INT32, None)],
+                          [numpy_helper.from_array(np.full((2, 16), 127, np.int8), "B")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return int(s.run(None, {"A": np.full((4, 2), 255, np.uint8)})[0][0, 0]) != 255 * 127 * 2
+
+
+def _int8_weights(model):
+    """The model with its uint8 weights of zero point 128 stored as int8 (the same dequantized values)."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    for n in out.graph.node:
+        if n.op_type == "DequantizeLinear" and len(n.input) > 2 and n.input[0] in inits and n.input[2] in inits:
+            codes, zp = numpy_helper.to_array(inits[n.input[0]]), numpy_helper.to_array(inits[n.input[2]])
+            if codes.dtype == np.uint8 and codes.ndim >= 2 and np.all(zp == 128):
+                inits[n.input[0]].CopyFrom(numpy_helper.from_array((codes.astype(np.int16) - 128).astype(np.int8),
+                                                                   n.input[0]))
+                inits[n.input[2]].CopyFrom(numpy_helper.from_array(np.zeros(zp.shape, np.int8), n.input[2]))
+    return out
+
+
+def test_fused_kernels_are_checked_against_the_graphs_own_arithmetic(monkeypatch):
+    import onnx
+
+    x = dict(np.load(MODELS + "fmnist_calib.npz"))
+    feeds = [{"input": x["input"][:16]}, {"input": x["input"][16:32]}]
+    fm = onnx.load(MODELS + "fmnist_cnn.onnx")
+    q, rep = run(fm, {"input": x["input"][:32]}, recipe(bits=8, act_bits=8, device="cpu"))
+    (out,) = rep.verification["outputs"]
+    assert out["graph_rel_error"] is not None and out["graph_rel_error"] < 0.2  # the graph node by node
+    assert not V.warnings(V.verify(fm, q, feeds)[0])  # uint8 weights: the fused kernels as accurate as the graph
+    # a weight-only model has nothing to fuse: no second run
+    w, rep_w = run(fm, {"input": x["input"][:32]}, recipe(bits=8, device="cpu"))
+    assert rep_w.verification["outputs"][0]["graph_rel_error"] is None
+    # int8 weights: where onnxruntime's U8S8 kernels saturate (this CPU or not), the check says so
+    checks, _ = V.verify(fm, _int8_weights(q), feeds)
+    said = [c.warning() for c in checks if c.warning()]
+    if _saturates():
+        assert said and "fused int8 kernels" in said[0], [c.__dict__ for c in checks]
+    else:
+        assert not said
+    # the rule itself, on any CPU: fused outputs further from float than the graph's by the factor and slack
+    real = V.run_model
+
+    def fused_off(model, names, fds, what="", optimize=True):
+        outs = real(model, names, fds, what, optimize=optimize)
+        if not optimize or what != "the quantized model":  # (the float model's outputs and the graph's as they are)
+            return outs
+        return [[o + np.float32(0.2) * np.abs(o).max() for o in r] for r in outs]
+    monkeypatch.setattr(V, "run_model", fused_off)
+    checks, _ = V.verify(fm, q, feeds)
+    c = checks[0]
+    assert c.rel_error > V.KERNEL_FACTOR * c.graph_rel_error + V.KERNEL_SLACK and "fused int8" in c.warning()

@@ -48,7 +48,7 @@ def ort_message(e: Exception) -> str:
 
 
 def make_session(model: onnx.ModelProto, providers=None, what: str = "the model",
-                 mem_pattern: bool = True, folder: str | None = None) -> ort.InferenceSession:
+                 mem_pattern: bool = True, folder: str | None = None, optimize: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session (MatMulNBits exact); a model onnxruntime refuses is a one-line UserError.
 
     A model of ``SESSION_FILE_BYTES`` or more is loaded from a temporary file with external data, which
@@ -58,9 +58,14 @@ def make_session(model: onnx.ModelProto, providers=None, what: str = "the model"
     ``mem_pattern=False`` (capture): no memory pattern. With one, the second run of a shape allocates one block
     for the whole planned pattern beside the arena chunks of the first run, which the capture model's many
     outputs make large: peak RSS then grew from one calibration batch to two by the size of a batch's activations
-    (EfficientNet-Lite0, batch 32: +0.9 GB), at no measurable speed gain."""
+    (EfficientNet-Lite0, batch 32: +0.9 GB), at no measurable speed gain.
+
+    ``optimize=False``: no graph optimization, so each node runs as written (a QDQ model's QuantizeLinear and
+    DequantizeLinear nodes around float ops, not onnxruntime's fused int8 kernels)."""
     so = ort.SessionOptions()
     so.enable_mem_pattern = mem_pattern
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 4  # (failures become one-line errors: onnxruntime need not print them too)
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     providers = providers or ["CPUExecutionProvider"]
@@ -144,9 +149,11 @@ def _cupy_view(v, xp):
     return xp.ndarray(shape, dtype, xp.cuda.MemoryPointer(mem, 0))
 
 
-def run_model(model: onnx.ModelProto, names: list, feeds: list, what: str = "the model") -> list:
+def run_model(model: onnx.ModelProto, names: list, feeds: list, what: str = "the model", optimize: bool = True) \
+        -> list:
     """The values of tensors ``names`` of ``model`` for each feed (onnxruntime, CPU): [[array per name] per feed].
-    (Graph outputs alone need no copy of the model.)"""
+    (Graph outputs alone need no copy of the model.) ``optimize``: as make_session's."""
     outputs = {o.name for o in model.graph.output}
-    sess = make_session(model if set(names) <= outputs else capture_model(model, names), what=what)
+    sess = make_session(model if set(names) <= outputs else capture_model(model, names), what=what,
+                        optimize=optimize)
     return [run_session(sess, names, feed, what=f"onnxruntime cannot run {what}") for feed in feeds]
