@@ -69,6 +69,7 @@ class OutputCheck:
         if self.cosine is None:
             return f"{self.name}: {'finite' if self.finite else 'NOT FINITE'}"
         return f"{self.name}: cosine {self.cosine:.4f}, rel. error {self.rel_error:.3g}" + \
+            ("" if self.graph_rel_error is None else f" ({self.graph_rel_error:.3g} node by node)") + \
             ("" if self.finite else " (NOT FINITE)")
 
 

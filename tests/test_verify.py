@@ -142,6 +142,8 @@ def test_fused_kernels_are_checked_against_the_graphs_own_arithmetic(monkeypatch
     q, rep = run(fm, {"input": x["input"][:32]}, recipe(bits=8, act_bits=8, device="cpu"))
     (out,) = rep.verification["outputs"]
     assert out["graph_rel_error"] is not None and out["graph_rel_error"] < 0.2  # the graph node by node
+    summary = V.OutputCheck(**out).summary()
+    assert summary.endswith(f"({out['graph_rel_error']:.3g} node by node)"), summary
     assert not V.warnings(V.verify(fm, q, feeds)[0])  # uint8 weights: the fused kernels as accurate as the graph
     # a weight-only model has nothing to fuse: no second run
     w, rep_w = run(fm, {"input": x["input"][:32]}, recipe(bits=8, device="cpu"))
