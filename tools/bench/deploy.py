@@ -8,10 +8,12 @@ quantization (QDQ, per-channel, same calibration data, after onnxruntime's prepr
     python tools/bench/deploy.py --real                   # also EfficientNet-Lite0 (top-1 agreement with float) and
                                                           # MiniLM (mean cosine to float embeddings), from out/
     python tools/bench/deploy.py --int8-weights           # also the W8A8 model with int8 weights (U8S8 kernels)
+                                                          # and W7A8 (int8 weights that cannot saturate)
 
 onnxcomq's W8A8 models for onnxruntime store 8-bit weights as uint8 (zero point 128): onnxruntime's U8S8 kernels
 saturate on x86 CPUs without VNNI. ``--int8-weights`` adds the same model with its weights as int8 (zero point 0,
-the same dequantized values), as onnxcomq wrote them before, to measure that on the machine at hand.
+the same dequantized values), as onnxcomq wrote them before, to measure that on the machine at hand, and W7A8
+(``--bits 7``: int8 weights of at most 64 in magnitude, which the U8S8 kernels cannot saturate).
 
 Latency: sessions with ORT_ENABLE_ALL, ``--threads`` intra-op threads and 1 inter-op thread; batch 1 and 8; for
 each round every model runs ``--calls`` times in turn (interleaved, so load changes hit all alike), timed by the
@@ -124,7 +126,7 @@ def main(argv=None):
     ap.add_argument("--real-models", nargs="+", default=list(REAL), choices=list(REAL),
                     help="which real models with --real (default: both)")
     ap.add_argument("--int8-weights", action="store_true",
-                    help="also the W8A8 model with its uint8 weights stored as int8 (onnxruntime's U8S8 kernels)")
+                    help="also the W8A8 model with its uint8 weights stored as int8 (onnxruntime's U8S8 kernels), and W7A8")
     ap.add_argument("--keep", metavar="DIR", help="keep the quantized models in DIR")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
@@ -154,7 +156,8 @@ def _build(name, src, calib, out_dir, args, config_kw=None):
     quantize_static_qdq(src, qs, calib)
     secs["ort quantize_static"] = time.perf_counter() - t
     paths["ort quantize_static"] = qs
-    for label, kw in VARIANTS.items():
+    variants = dict(VARIANTS, **({"W7A8 onnxcomq": dict(bits=7)} if args.int8_weights else {}))
+    for label, kw in variants.items():
         t = time.perf_counter()
         cfg = recipe(act_bits=8, target="ort", act_method=args.act_method, act_aware=args.act_aware,
                      device="cpu", **kw, **(config_kw or {}))
