@@ -228,14 +228,13 @@ def test_ort_target_stores_8bit_weights_as_uint8_so_avx2_kernels_do_not_saturate
     q_w, _ = run(m, {"input": x}, recipe(bits=8, scheme="sym", device="cpu"))  # weight-only: int8, as before
     ort_w, trt_w, wo = _weight_dqs(q_ort), _weight_dqs(q_trt), _weight_dqs(q_w)
     assert set(ort_w) == set(trt_w) == set(wo) == {"W0", "W1", "W2"}
-    for name, (codes, scale, zp) in ort_w.items():
+    for name, (codes, _, zp) in ort_w.items():
         assert codes.dtype == np.uint8 and zp.dtype == np.uint8 and np.all(zp == 128), name
         assert codes.min() < 64 or codes.max() > 192  # codes that would saturate as int8 are used
-        tc, ts, tz = trt_w[name]
+        tc, _, tz = trt_w[name]
         assert tc.dtype == np.int8 and np.all(tz == 0), name  # TensorRT: symmetric int8
-        wc, _, wz = wo[name]
-        assert wc.dtype == np.int8, name
-        # the same grid and dequantized weights as the int8 codes of a weight-only run would have
+        assert wo[name][0].dtype == np.int8, name
+        # the symmetric 8-bit grid, shifted by 128: its levels are int8 levels
         levels = codes.astype(np.int32) - 128
         assert levels.min() >= -128 and levels.max() <= 127
     # fused kernels (onnxruntime's optimizer) agree with the QDQ graph run node by node, on inputs that fill the

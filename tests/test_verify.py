@@ -115,24 +115,6 @@ def _saturates() -> bool:
     return int(s.run(None, {"A": np.full((4, 2), 255, np.uint8)})[0][0, 0]) != 255 * 127 * 2
 
 
-def _int8_weights(model):
-    """The model with its uint8 weights of zero point 128 stored as int8 (the same dequantized values)."""
-    import onnx
-    from onnx import numpy_helper
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = {t.name: t for t in out.graph.initializer}
-    for n in out.graph.node:
-        if n.op_type == "DequantizeLinear" and len(n.input) > 2 and n.input[0] in inits and n.input[2] in inits:
-            codes, zp = numpy_helper.to_array(inits[n.input[0]]), numpy_helper.to_array(inits[n.input[2]])
-            if codes.dtype == np.uint8 and codes.ndim >= 2 and np.all(zp == 128):
-                inits[n.input[0]].CopyFrom(numpy_helper.from_array((codes.astype(np.int16) - 128).astype(np.int8),
-                                                                   n.input[0]))
-                inits[n.input[2]].CopyFrom(numpy_helper.from_array(np.zeros(zp.shape, np.int8), n.input[2]))
-    return out
-
-
 def test_fused_kernels_are_checked_against_the_graphs_own_arithmetic(monkeypatch):
     import onnx
 
@@ -148,8 +130,13 @@ def test_fused_kernels_are_checked_against_the_graphs_own_arithmetic(monkeypatch
     # a weight-only model has nothing to fuse: no second run
     w, rep_w = run(fm, {"input": x["input"][:32]}, recipe(bits=8, device="cpu"))
     assert rep_w.verification["outputs"][0]["graph_rel_error"] is None
-    # int8 weights: where onnxruntime's U8S8 kernels saturate (this CPU or not), the check says so
-    checks, _ = V.verify(fm, _int8_weights(q), feeds)
+    # int8 weights, as onnxcomq stored them before (weight_storage off): where onnxruntime's U8S8 kernels saturate
+    # (this CPU or not), the check says so
+    from onnxcomq.write.activations import ActivationQuantizer
+    with monkeypatch.context() as m:
+        m.setattr(ActivationQuantizer, "weight_storage", lambda self, qweights: qweights)
+        q8, _ = run(fm, {"input": x["input"][:32]}, recipe(bits=8, act_bits=8, device="cpu"))
+    checks, _ = V.verify(fm, q8, feeds)
     said = [c.warning() for c in checks if c.warning()]
     if _saturates():
         assert said and "fused int8 kernels" in said[0], [c.__dict__ for c in checks]
