@@ -138,10 +138,11 @@ class _SpawnContext(_mpc.SpawnContext):
 
 class _Pool:
     """What LocalPool and RayPool share: ``map`` over a window of tasks in flight; each pool submits a task
-    (``_submit``), waits for one (``_result``, a failure as a one-line error) and cancels the rest (``close``)."""
+    (``_submit``), waits for one (``_result``, a failure as a one-line error) and stops or drops the rest
+    (``close``)."""
 
     workers = 1
-    _pending = ()  # the tasks in flight (a pool's close may cancel them)
+    _pending = ()  # the tasks in flight (a pool's close stops or drops them)
 
     def map(self, fn, tasks, names=()):
         """``fn(*args)`` for each args tuple of ``tasks``, in the workers; yields the results in task order, with
@@ -254,19 +255,20 @@ class RayPool(_Pool):
                               f"{text}") from None
 
     def close(self, kill: bool = False) -> None:
-        """Cancel the tasks still running (``kill``); shut Ray down if this pool started it."""
+        """After a failure (``kill``) collect the tasks in flight that end within a few seconds, so that Ray does
+        not log their errors as never handled; shut Ray down if this pool started it (which stops the rest).
+
+        No ``ray.cancel``: cancelling a task as it ends races with its reply in Ray's core worker and can abort
+        the driver with a C++ check failure ("Tried to complete task that was not pending", ray-project/ray
+        #54798); the tasks left running on a cluster this pool did not start are at most 2 x workers layer
+        solves, whose results are dropped (and Ray stops them when this process exits)."""
         ray = self._ray
         if ray is None:
             return
         pending, self._pending = list(self._pending), []
         if kill and pending:
-            for ref in pending:
-                try:
-                    ray.cancel(ref, force=True)
-                except Exception:
-                    pass
-            try:  # fetch what has ended, so that Ray does not log their errors as never handled
-                done, _ = ray.wait(pending, num_returns=len(pending), timeout=10)
+            try:
+                done, _ = ray.wait(pending, num_returns=len(pending), timeout=0 if self._started else 5)
                 for ref in done:
                     try:
                         ray.get(ref)
