@@ -147,11 +147,19 @@ def _worker_dies(*args):
     os._exit(9)
 
 
-def _cli_with_solve(fn: str, workers: str, tmp_path, ray: bool = False) -> tuple:
+def _solve_raises_or_hangs(mats, policy, fan_in, *stats):
+    """The 3x3 convs on one channel (fan-in 9: the first layer and the depthwise one) fail, the others take
+    minutes."""
+    if fan_in == 9:
+        raise ValueError("a bug")
+    time.sleep(300)
+
+
+def _cli_with_solve(fn: str, workers: str, tmp_path, ray: bool = False, extra: tuple = ()) -> tuple:
     """``onnxcomq quantize --workers ...`` in a child process whose solve is ``fn`` of this file; (rc, stderr)."""
     out = tmp_path / "q.onnx"
     args = ["quantize", os.path.join(ROOT, MODELS, "fmnist_cnn.onnx"), "-o", str(out), "--calib",
-            os.path.join(ROOT, CALIB), "--max-samples", "16", "--device", "cpu", "--quiet", "--workers", workers]
+            os.path.join(ROOT, CALIB), "--max-samples", "16", "--device", "cpu", "--quiet", "--workers", workers, *extra]
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {TESTS!r})
@@ -189,3 +197,15 @@ def test_a_failing_ray_task_is_a_one_line_error(tmp_path):
     lines = builders.error_lines(err)
     assert rc == 1 and len(lines) == 1, err
     assert "the solve failed in a worker: ValueError: a bug in two lines" in lines[0], err
+
+
+def test_a_failed_ray_run_does_not_wait_for_the_tasks_still_running(tmp_path):
+    """One pass (all six layers at once, four tasks in flight on 2 CPUs): the first layer's task fails while the
+    second runs for minutes; the run ends with the first error, without waiting for (or cancelling) the others."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install ray; tools/test.sh installs it)")
+    t0 = time.perf_counter()
+    rc, err = _cli_with_solve("_solve_raises_or_hangs", "ray", tmp_path, ray=True, extra=("--preset", "fast"))
+    lines = builders.error_lines(err)
+    assert rc == 1 and len(lines) == 1, err
+    assert "features.0.0/Conv: the solve failed in a worker: ValueError: a bug" in lines[0], err
+    assert time.perf_counter() - t0 < 120, "the run waited for the tasks still running"
