@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     lines = [f"# {a.size} ({a.exporter} export): hidden {hidden}, MLP {mlp}, {layers} blocks, float "
              f"{float_gb:.2f} GB; one block's statistics {blk:.2f} GB; eval: {len(samples)} held-out texts, "
              f"{a.tokens} generated tokens", "",
-             "| method | time s | peak RSS GB | peak / (float + block stats) | size MB | logits cosine | top-1 "
+             "| method | time s | peak RSS GiB | peak / (float + block stats) | size MB | logits cosine | top-1 "
              "agreement | generated tokens equal |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['seconds']:.0f} | {r['peak_rss_gb']:.2f} | "
