@@ -159,7 +159,8 @@ def _cli_with_solve(fn: str, workers: str, tmp_path, ray: bool = False, extra: t
     """``onnxcomq quantize --workers ...`` in a child process whose solve is ``fn`` of this file; (rc, stderr)."""
     out = tmp_path / "q.onnx"
     args = ["quantize", os.path.join(ROOT, MODELS, "fmnist_cnn.onnx"), "-o", str(out), "--calib",
-            os.path.join(ROOT, CALIB), "--max-samples", "16", "--device", "cpu", "--quiet", "--workers", workers, *extra]
+            os.path.join(ROOT, CALIB), "--max-samples", "16", "--device", "cpu", "--quiet", "--workers", workers,
+            *extra]
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {TESTS!r})

@@ -126,7 +126,8 @@ def main(argv=None):
     ap.add_argument("--real-models", nargs="+", default=list(REAL), choices=list(REAL),
                     help="which real models with --real (default: both)")
     ap.add_argument("--int8-weights", action="store_true",
-                    help="also the W8A8 model with its uint8 weights stored as int8 (onnxruntime's U8S8 kernels), and W7A8")
+                    help="also the W8A8 model with its uint8 weights stored as int8 (onnxruntime's U8S8 kernels), "
+                         "and W7A8")
     ap.add_argument("--keep", metavar="DIR", help="keep the quantized models in DIR")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
