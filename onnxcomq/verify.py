@@ -23,8 +23,10 @@ from .capture.calib import batch_samples
 from .capture.session import run_model
 from .errors import UserError
 
-# an output further from the float model's than the float output is from zero (||q - f|| > ||f||) gets a warning
-MAX_REL_ERROR = 1.0
+# an output further from the float model's than the float output is from zero (||q - f|| > ||f||) gets a warning,
+# and so does one that points elsewhere (cosine below MIN_COSINE: an output near zero has a relative error just
+# under 1)
+MAX_REL_ERROR, MIN_COSINE = 1.0, 0.5
 # quantized activations: a warning where the fused kernels' relative error exceeds FACTOR x the graph's + SLACK
 KERNEL_FACTOR, KERNEL_SLACK = 2.0, 0.02
 
@@ -58,7 +60,7 @@ class OutputCheck:
                     f"model (relative error {self.rel_error:.3g}) than the model's own Q/DQ arithmetic "
                     f"({self.graph_rel_error:.3g}): the model will run less accurately on this CPU than it was "
                     f"quantized (int8-weight kernels saturate on x86 CPUs without VNNI)")
-        if self.rel_error is not None and self.rel_error > MAX_REL_ERROR:
+        if self.rel_error is not None and (self.rel_error > MAX_REL_ERROR or self.cosine < MIN_COSINE):
             return (f"output {self.name} is far from the float model's (relative error {self.rel_error:.3g}, "
                     f"cosine {self.cosine:.3g}): check the calibration data, or use more bits")
         return None
@@ -163,4 +165,4 @@ def to_dicts(checks: list) -> list:
     return [asdict(c) for c in checks]
 
 
-__all__ = ["OutputCheck", "VerificationError", "float_outputs", "verify", "problems", "warnings", "MAX_REL_ERROR"]
+__all__ = ["OutputCheck", "VerificationError", "float_outputs", "verify", "problems", "warnings", "MAX_REL_ERROR", "MIN_COSINE"]

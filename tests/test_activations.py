@@ -524,3 +524,40 @@ def test_relu6_clip_folds_into_the_conv_output(tmp_path):
     (yf,) = ort_run(m, {"input": x[:8]})
     (yq,) = ort_run(q, {"input": x[:8]})
     assert np.abs(yq - yf).max() <= 0.05 * np.abs(yf).max()
+
+
+def test_a_bias_too_large_for_int32_codes_stays_exact(tmp_path):
+    """A layer whose input range is tiny against its bias (torchvision's randomly initialised GoogLeNet: the
+    classifier's input ~1e-9, its bias ~0.02): bias / (scale_a * scale_w) does not fit int32. The codes used to be
+    clipped, and the W8A8 model's output was ~1e-7 where the float one is the bias (cosine 0.02). Such a bias becomes
+    an Add after the node; the other layers keep their int32 bias and fused kernel."""
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "W1"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(8)).astype(np.float32), "B1"),
+             numpy_helper.from_array((rng.standard_normal((6, 8)) * 0.5).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.linspace(-2, 2, 6).astype(np.float32), "B2"),
+             numpy_helper.from_array(np.array([1e-6], np.float32), "tiny")]
+    nodes = [helper.make_node("Conv", ["input", "W1", "B1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("GlobalAveragePool", ["r1"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Mul", ["f", "tiny"], ["small"], name="shrink"),
+             helper.make_node("Gemm", ["small", "W2", "B2"], ["output"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 6])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((16, 3, 6, 6)).astype(np.float32)
+    q, _ = run(m, {"input": x}, recipe(bits=8, act_bits=8, device="cpu", target="ort"))
+    onnx.checker.check_model(q, full_check=True)
+    fc = next(n for n in q.graph.node if n.name == "fc")
+    assert len(fc.input) == 2  # the Gemm's bias moved out, into an Add of B2 exactly
+    add = next(n for n in q.graph.node if n.op_type == "Add" and fc.output[0] in n.input)
+    inits_q = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    np.testing.assert_array_equal(inits_q[add.input[1]], numpy_helper.to_array(inits[3]))
+    conv = next(n for n in q.graph.node if n.name == "conv1")
+    assert inits_q[next(n for n in q.graph.node if n.output[0] == conv.input[2]).input[0]].dtype == np.int32
+    assert optimized_ops(q, tmp_path)["QLinearConv"] == 1
+    (yf,) = ort_run(m, {"input": x})
+    (yq,) = ort_run(q, {"input": x})
+    assert np.abs(yq - yf).max() <= 1e-3 * np.abs(yf).max()

@@ -293,11 +293,12 @@ def insert(model: onnx.ModelProto, p: Placement, params: dict, max_opset: int | 
     return out, qdq_out
 
 
-def _bias_adds(g, taken: set) -> None:
+def _bias_adds(g, taken: set, only: set | None = None) -> None:
     """Float16 Conv/Gemm biases next to DequantizeLinear input and weight become an Add after the node (exact;
     TensorRT fuses it back into the kernel). onnxruntime's BiasQuantization would otherwise quantize such a bias
     itself, dividing it by scale_a * scale_w in float16, which overflows (measured: a relative output error of 0.32
-    on a small float16 CNN under ORT_ENABLE_ALL, 0 without optimizations)."""
+    on a small float16 CNN under ORT_ENABLE_ALL, 0 without optimizations). ``only``: the nodes (by first output)
+    whose bias moves instead, of any float type (float32 biases too large for int32 codes: ``_int32_biases``)."""
     inits = {t.name: t for t in g.initializer}
     dq_out = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"}
     rank = {n.output[0]: len(inits[n.input[0]].dims) for n in g.node
@@ -308,7 +309,8 @@ def _bias_adds(g, taken: set) -> None:
         if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or n.input[2] not in inits:
             continue
         b = inits[n.input[2]]
-        if b.data_type != onnx.TensorProto.FLOAT16 or len(b.dims) != 1 or not (
+        wanted = b.data_type == onnx.TensorProto.FLOAT16 if only is None else n.output[0] in only
+        if not wanted or len(b.dims) != 1 or not (
                 n.input[0] in dq_out and n.input[1] in dq_out):
             continue
         if n.op_type == "Conv" and n.input[1] not in rank:
@@ -319,7 +321,7 @@ def _bias_adds(g, taken: set) -> None:
         bname = unique_name(f"{n.input[2]}_add", taken)
         value = numpy_helper.to_array(b).reshape(shape)
         if beta != 1.0:  # Gemm's C is scaled by beta: the Add takes beta * C
-            value = (value.astype(np.float32) * np.float32(beta)).astype(np.float16)
+            value = (value.astype(np.float32) * np.float32(beta)).astype(value.dtype)
         g.initializer.append(numpy_helper.from_array(value, bname))
         pre = unique_name(f"{n.output[0]}_before_bias", taken)
         ordered.append(helper.make_node("Add", [pre, bname], [n.output[0]],
@@ -338,10 +340,13 @@ def _bias_adds(g, taken: set) -> None:
 def _int32_biases(g, p: Placement, params: dict, taken: set) -> None:
     """onnxruntime fuses DQ -> Gemm into QGemm only when the bias is DequantizeLinear(int32, scale_a * scale_w)
     (QLinearConv takes an int32 bias too): rewrite float Gemm and Conv biases that way (the int32 rounding error
-    is at most half a step of scale_a * scale_w, far below the output's quantization step)."""
+    is at most half a step of scale_a * scale_w, far below the output's quantization step). A float32 bias whose
+    codes would not fit (|bias| / (scale_a * scale_w) >= 2^30: a layer whose input range is tiny against its bias;
+    the int32 accumulator adds the products to it) becomes an Add after the node instead, exact, without the
+    fused kernel (clipped codes, or onnxruntime's own bias quantization, would change the output)."""
     inits = {t.name: t for t in g.initializer}
     dq_of = {n.output[0]: n for n in g.node if n.op_type == "DequantizeLinear"}
-    new, replaced = [], []
+    new, replaced, too_large = [], [], set()
     for n in g.node:
         if n.op_type not in ("Gemm", "Conv") or len(n.input) < 3 or n.input[2] not in inits:
             continue
@@ -368,6 +373,9 @@ def _int32_biases(g, p: Placement, params: dict, taken: set) -> None:
             scale = half_up(np.maximum(sa * sw * np.ones_like(bias), np.abs(bias) / 2.0 ** 30)).astype(np.float16)
         else:
             scale = (sa * sw * np.ones_like(bias)).astype(np.float32)
+            if not np.all(np.abs(bias) < 2.0 ** 30 * scale.astype(np.float64)):
+                too_large.add(n.output[0])
+                continue
         codes = np.clip(np.rint(bias / scale.astype(np.float64)), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
         qn, sn = unique_name(f"{n.input[2]}_int32", taken), unique_name(f"{n.input[2]}_int32_scale", taken)
         zn = unique_name(f"{n.input[2]}_int32_zero_point", taken)
@@ -385,6 +393,8 @@ def _int32_biases(g, p: Placement, params: dict, taken: set) -> None:
         nodes = new + list(g.node)
         del g.node[:]
         g.node.extend(nodes)
+    if too_large:
+        _bias_adds(g, taken, too_large)
 
 
 def act_params(p: Placement, ranges: dict, fmt: ActFormat) -> dict:
