@@ -79,6 +79,51 @@ def test_carried_group_passes_give_the_whole_prefix_statistics_and_clean_up(monk
     assert not glob.glob(str(tmp_path / "onnxcomq-carry-*"))
 
 
+def _scalar_model(seed=0) -> onnx.ModelProto:
+    """x -> mm0 = a; n = Gather(Shape(a), 0), a 0-d tensor (the batch size, as TorchScript exports of attention
+    compute it), which two Reshapes read: b = Reshape(relu(a), [n, D]) -> mm1 = c; Reshape(c, [n, D]) -> mm2."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((D, D)).astype(np.float32), f"W{i}") for i in range(3)]
+    inits += [numpy_helper.from_array(np.array(0, np.int64), "i0"), numpy_helper.from_array(np.array([0]), "ax0"),
+              numpy_helper.from_array(np.array([D]), "dvec")]
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["a"], name="mm0"),
+             helper.make_node("Shape", ["a"], ["sh"], name="shape"),
+             helper.make_node("Gather", ["sh", "i0"], ["n"], name="gather")]
+    for k, (src, dst) in enumerate([("ar", "b"), ("c", "r")]):
+        nodes += [helper.make_node("Unsqueeze", ["n", "ax0"], [f"nu{k}"], name=f"unsqueeze{k}"),
+                  helper.make_node("Concat", [f"nu{k}", "dvec"], [f"shp{k}"], name=f"concat{k}", axis=0),
+                  helper.make_node("Reshape", [src, f"shp{k}"], [dst], name=f"reshape{k}")]
+    nodes.insert(3, helper.make_node("Relu", ["a"], ["ar"], name="relu"))
+    nodes.insert(7, helper.make_node("MatMul", ["b", "W1"], ["c"], name="mm1"))
+    nodes.append(helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2"))
+    graph = helper.make_graph(nodes, "scalar", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", D])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_stored_0d_tensor_stays_0d():
+    """A 0-d tensor that crosses a group boundary (torchvision's ViT and Swin from the TorchScript exporter) is
+    stored and declared 0-d: stored as 1-d, the Concat after its Unsqueeze got a rank-2 input and onnxruntime
+    refused the group's model."""
+    model = _scalar_model()
+    onnx.checker.check_model(model, full_check=True)
+    inputs, outputs = plan(model, [["x"], ["b"], ["r"]])
+    assert inputs[2] == ["b", "n"] and outputs[1] == ["b", "n"]
+    layers = find_layers(model)[0]
+    groups = [layer_specs([L]) for L in layers]
+    carry = Carry.for_groups(model, groups)
+    feeds = [{"x": f["x"]} for f in _feeds()]
+    try:
+        for g, specs in enumerate(groups):
+            full, _ = capture(model, None, specs, feeds)
+            carried, _ = capture(model, None, specs, feeds, carry=carry, group=g)
+            for s in specs:
+                np.testing.assert_allclose(carried[s].part().x.G, full[s].part().x.G, rtol=1e-6, atol=1e-6)
+        assert carry.types["n"][1] == 0
+    finally:
+        carry.close()
+
+
 def test_a_carried_group_session_holds_only_its_own_weights():
     model = _model()
     layers = find_layers(model)[0]

@@ -137,7 +137,8 @@ class Carry:
         """Keep group g's tensors for later groups, for one batch."""
         if not self.outputs[g]:
             return
-        arrays = [np.ascontiguousarray(to_host(values[t])) for t in self.outputs[g]]
+        # (np.asarray, not ascontiguousarray: that makes a 0-d array, e.g. a dimension from Shape -> Gather, 1-d)
+        arrays = [np.asarray(to_host(values[t]), order="C") for t in self.outputs[g]]
         for t, a in zip(self.outputs[g], arrays):
             self.types[t] = (a.dtype, a.ndim)
         try:
