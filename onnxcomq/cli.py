@@ -291,8 +291,10 @@ def cmd_quantize(a) -> int:
     try:
         model, report = run(a.model, calib, recipe, progress=progress.enabled_for(a.quiet))
     except VerificationError as e:
-        if not a.write_unverified or e.model is None:
+        if e.model is None:
             raise
+        if not a.write_unverified:
+            raise UserError(f"{e}; nothing written (--write-unverified writes it anyway)") from None
         print(f"onnxcomq: warning: {e} (written anyway: --write-unverified)", file=sys.stderr)
         model, report = e.model, e.report
     # the model and the report are written together, all or nothing (modelio.AtomicFiles)

@@ -1,10 +1,11 @@
 """Stage 5: verify a quantized model before it is written.
 
 The quantized model is loaded in onnxruntime and run on calibration samples beside the float model; every graph
-output must be finite wherever the float model's is (else the model is not written), and its distance from the float
-output is reported (a warning where it exceeds the float output itself). This catches what no per-layer error shows: a
-model onnxruntime cannot load (a weight also listed as a graph input, an IR version it does not know), a NaN or an
-overflow anywhere in the graph, a weight whose layout does not match its input.
+output must be finite wherever the float model's is and no further from it than the float output is from zero, nor
+pointing elsewhere (cosine >= 0.5); else the model is not written. The distance of every output is reported. This
+catches what no per-layer error shows: a model onnxruntime cannot load (a weight also listed as a graph input, an IR
+version it does not know), a NaN or an overflow anywhere in the graph, a weight whose layout does not match its
+input, an int32 bias that does not fit.
 
 A model with quantized activations is also run node by node (no graph optimization: its Q/DQ arithmetic as written)
 and compared with onnxruntime's fused int8 kernels on this machine: where the kernels are much further from the
@@ -23,7 +24,7 @@ from .capture.calib import batch_samples
 from .capture.session import run_model
 from .errors import UserError
 
-# an output further from the float model's than the float output is from zero (||q - f|| > ||f||) gets a warning,
+# an output further from the float model's than the float output is from zero (||q - f|| > ||f||) fails the check,
 # and so does one that points elsewhere (cosine below MIN_COSINE: an output near zero has a relative error just
 # under 1)
 MAX_REL_ERROR, MIN_COSINE = 1.0, 0.5
@@ -51,6 +52,9 @@ class OutputCheck:
             return f"output {self.name}: {self.mismatch}"
         if not self.finite:
             return f"output {self.name} has NaN or Inf values where the float model's is finite"
+        if self.rel_error is not None and (self.rel_error > MAX_REL_ERROR or self.cosine < MIN_COSINE):
+            return (f"output {self.name} is far from the float model's (relative error {self.rel_error:.3g}, "
+                    f"cosine {self.cosine:.3g}): check the calibration data, or use more bits")
         return None
 
     def warning(self) -> str | None:
@@ -60,9 +64,6 @@ class OutputCheck:
                     f"model (relative error {self.rel_error:.3g}) than the model's own Q/DQ arithmetic "
                     f"({self.graph_rel_error:.3g}): the model will run less accurately on this CPU than it was "
                     f"quantized (int8-weight kernels saturate on x86 CPUs without VNNI)")
-        if self.rel_error is not None and (self.rel_error > MAX_REL_ERROR or self.cosine < MIN_COSINE):
-            return (f"output {self.name} is far from the float model's (relative error {self.rel_error:.3g}, "
-                    f"cosine {self.cosine:.3g}): check the calibration data, or use more bits")
         return None
 
     def summary(self) -> str:
@@ -165,4 +166,5 @@ def to_dicts(checks: list) -> list:
     return [asdict(c) for c in checks]
 
 
-__all__ = ["OutputCheck", "VerificationError", "float_outputs", "verify", "problems", "warnings", "MAX_REL_ERROR", "MIN_COSINE"]
+__all__ = ["OutputCheck", "VerificationError", "float_outputs", "verify", "problems", "warnings", "MAX_REL_ERROR",
+           "MIN_COSINE"]

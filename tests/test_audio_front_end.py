@@ -137,7 +137,7 @@ def test_activations_before_the_log_stay_float_under_w8a8(monkeypatch):
     assert {"power_t", "mel"} & set(kept), kept  # the power spectrum / mel energies: what the Log magnifies
     good = np.corrcoef(ref.ravel(), infer(q, ev).ravel())[0, 1]
     monkeypatch.setattr(acts_module, "SENSITIVE_OPS", {})  # the rule off: judged by their own noise alone
-    q0, rep0 = run(m, {"audio": tones(24, 1)}, r)
+    q0, rep0 = builders.run_unverified(m, {"audio": tones(24, 1)}, r)  # (its output fails the check: far from float)
     assert "act_float_sensitive" not in rep0.config
     bad = np.corrcoef(ref.ravel(), infer(q0, ev).ravel())[0, 1]
     # (0.99 and more on one machine, 0.982 on an AMD EPYC, where float rounding leaves re2 quantized; without the

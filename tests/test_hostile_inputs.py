@@ -368,19 +368,28 @@ def test_negative_dim_value_is_a_dynamic_batch():
     assert cal.fixed_batch is None and [b.samples for b in cal] == [3, 3, 2]
 
 
-def test_an_output_far_from_float_is_written_with_a_warning(caplog):
+def test_an_output_far_from_float_fails_the_check(tmp_path, capsys):
     """y = x @ W - 0.34 is exactly 0 in float; at 2 bits round-to-nearest the weight 0.34 becomes 2/3: the output is
-    finite (so the model is returned) but further from float than float is from zero (a warning says so)."""
+    finite but further from float than float is from zero: the model fails its check (the VerificationError
+    carries it, for --write-unverified), and the CLI writes nothing."""
     w = np.array([[0.34], [1.0], [-1.0]], np.float32)
     nodes = [helper.make_node("MatMul", ["x", "W0"], ["h"], name="mm0"), helper.make_node("Sub", ["h", "c"], ["y"])]
     m = _model(nodes, [_vi("x", ["N", 3])], [_vi("y", ["N", 1])],
                [numpy_helper.from_array(w, "W0"), numpy_helper.from_array(np.array([0.34], np.float32), "c")])
-    with caplog.at_level("WARNING", logger="onnxcomq"):
-        q, rep = run(m, {"x": np.tile(np.array([[1, 0, 0]], np.float32), (8, 1))},
-                     recipe(bits=2, method="rtn", device="cpu"))
-    out = rep.verification["outputs"][0]
-    assert out["finite"] and out["rel_error"] > 1
-    assert any("output y is far from the float model's" in r.getMessage() for r in caplog.records)
+    x = np.tile(np.array([[1, 0, 0]], np.float32), (8, 1))
+    with pytest.raises(VerificationError, match="output y is far from the float model's") as e:
+        run(m, {"x": x}, recipe(bits=2, method="rtn", device="cpu"))
+    out = e.value.report.verification["outputs"][0]
+    assert out["finite"] and out["rel_error"] > 1 and e.value.model is not None
+    model, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(m, str(model))
+    np.savez(calib, x=x)
+    args = ["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--calib", str(calib), "--bits", "2",
+            *recipe_args(tmp_path, method="rtn")]
+    assert main(args) == 2 and not (tmp_path / "q.onnx").exists()
+    err = capsys.readouterr().err
+    assert "output y is far from the float model's" in err and "--write-unverified writes it anyway" in err
+    assert main(args + ["--write-unverified"]) == 0 and (tmp_path / "q.onnx").exists()
 
 
 def test_eval_feeds_a_fixed_batch_model_like_quantize(tmp_path):

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from builders import recipe
+from builders import recipe, run_unverified
 
 from onnxcomq import run
 from onnxcomq.evaluate import top1_accuracy
@@ -38,7 +38,7 @@ def test_w4_accuracy_drop_within_paper_claims(float_acc, name, max_drop):
 def test_w2_comq_beats_rtn_clearly_on_cnn(float_acc):
     accs = {}
     for method in ("comq", "rtn"):
-        q, rep = run(model("cnn"), CALIB, recipe(bits=2, method=method, device="cpu"))
+        q, rep = run_unverified(model("cnn"), CALIB, recipe(bits=2, method=method, device="cpu"))  # (RTN: far)
         accs[method] = top1_accuracy(q, TEST)[0]
     assert accs["comq"] - accs["rtn"] >= 0.2, accs
     assert float_acc["cnn"] - accs["comq"] <= 0.15, accs
