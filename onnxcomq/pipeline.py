@@ -263,7 +263,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     report.quant_bytes = model_bytes(out)
     if recipe.check.enabled:
         t0 = time.perf_counter()
-        checks, n = verify(model, out, held, ref)
+        checks, n = verify(model, out, held, ref, kernels=recipe.target == "ort")
         report.verification = {"samples": n, "outputs": verify_dicts(checks)}
         report.total_seconds += time.perf_counter() - t0
         for line in verify_warnings(checks):

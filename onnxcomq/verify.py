@@ -127,17 +127,20 @@ def float_outputs(float_model: onnx.ModelProto, feeds: list) -> list:
     return run_model(float_model, [o.name for o in float_model.graph.output], feeds, "the float model")
 
 
-def verify(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, feeds: list, ref: list | None = None) \
-        -> tuple[list, int]:
+def verify(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, feeds: list, ref: list | None = None,
+           kernels: bool = True) -> tuple[list, int]:
     """Run both models on ``feeds`` (calibration batches) and compare every graph output; returns
     ([OutputCheck], samples). ``ref``: the float model's outputs on ``feeds`` (``float_outputs``), if taken
-    already. A quantized model that onnxruntime cannot load or run is a UserError."""
+    already. A quantized model that onnxruntime cannot load or run is a UserError. ``kernels`` (a model deployed
+    on onnxruntime): a model with quantized activations is judged as onnxruntime's fused int8 kernels run it, and
+    its Q/DQ arithmetic run node by node is reported beside; without (a TensorRT target), as the Q/DQ arithmetic
+    alone: onnxruntime's CPU kernels are not what runs it, and on x86 CPUs without VNNI they saturate."""
     names = [o.name for o in float_model.graph.output]
     ref = ref if ref is not None else float_outputs(float_model, feeds)
-    got = run_model(qmodel, names, feeds, "the quantized model")
     # (weight-only models have DequantizeLinear nodes only: nothing for a fused int8 kernel to read)
-    graph = run_model(qmodel, names, feeds, "the quantized model", optimize=False) \
-        if any(n.op_type == "QuantizeLinear" for n in qmodel.graph.node) else None
+    qdq = any(n.op_type == "QuantizeLinear" for n in qmodel.graph.node)
+    got = run_model(qmodel, names, feeds, "the quantized model", optimize=kernels or not qdq)
+    graph = run_model(qmodel, names, feeds, "the quantized model", optimize=False) if qdq and kernels else None
     checks = []
     for k, name in enumerate(names):
         f, q = [np.asarray(r[k]) for r in ref], [np.asarray(g[k]) for g in got]
