@@ -561,3 +561,32 @@ def test_a_bias_too_large_for_int32_codes_stays_exact(tmp_path):
     (yf,) = ort_run(m, {"input": x})
     (yq,) = ort_run(q, {"input": x})
     assert np.abs(yq - yf).max() <= 1e-3 * np.abs(yf).max()
+
+
+def test_a_conv_shared_by_two_nodes_gets_an_int32_bias_for_each(tmp_path):
+    """One Conv weight and bias applied by two nodes to two inputs (Faster R-CNN's RPN head, once per FPN level):
+    each node gets its own int32 bias at its own input scale; the shared float bias is removed once (the second
+    removal was an internal error)."""
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "W"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(4)).astype(np.float32), "B"),
+             numpy_helper.from_array(np.array(3.0, np.float32), "k")]
+    nodes = [helper.make_node("Mul", ["input", "k"], ["big"], name="scale"),
+             helper.make_node("Conv", ["input", "W", "B"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["big", "W", "B"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["a", "b"], ["output"], name="sum")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4, 6, 6])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((16, 3, 6, 6)).astype(np.float32)
+    q, _ = run(m, {"input": x}, recipe(bits=8, act_bits=8, device="cpu", target="ort"))
+    onnx.checker.check_model(q, full_check=True)
+    assert "B" not in {t.name for t in q.graph.initializer}
+    producer = {o: n for n in q.graph.node for o in n.output}
+    biases = [producer[n.input[2]] for n in q.graph.node if n.name in ("conv_a", "conv_b")]
+    assert len({b.input[0] for b in biases}) == 2 and all(b.op_type == "DequantizeLinear" for b in biases)
+    assert optimized_ops(q, tmp_path)["QLinearConv"] == 2
+    (yf,) = ort_run(m, {"input": x})
+    (yq,) = ort_run(q, {"input": x})
+    assert np.abs(yq - yf).max() <= 0.05 * np.abs(yf).max()

@@ -388,8 +388,8 @@ def _int32_biases(g, p: Placement, params: dict, taken: set) -> None:
         n.input[2] = out
     if new:
         used = {i for n in g.node for i in n.input}
-        for t in [inits[b] for b in replaced if b not in used]:
-            g.initializer.remove(t)
+        for b in sorted(set(replaced) - used):  # (a bias shared by several nodes is replaced once for each)
+            g.initializer.remove(inits[b])
         nodes = new + list(g.node)
         del g.node[:]
         g.node.extend(nodes)
