@@ -208,5 +208,10 @@ def test_an_output_whose_shape_depends_on_the_data_may_change_shape():
     idx, y = checks
     assert idx.varied == 1 and idx.problem() is None and idx.agreement == 1.0 and "1 check batch" in idx.summary()
     assert y.varied == 0 and y.rel_error == 0 and not V.problems(checks)
+    assert idx.dynamic and not y.dynamic
+    # a data-dependent output's elements need not correspond position by position (boxes swapping places in the
+    # score order): its distance is reported, not judged; any other output's is
+    far = dict(finite=True, cosine=0.1, rel_error=2.0)
+    assert V.OutputCheck("boxes", dynamic=True, **far).problem() is None and V.OutputCheck("y", **far).problem()
     checks, _ = V.verify(_threshold_model(c), _threshold_model(c, drop=True), feeds)
     assert V.problems(checks) == ["output y: shape/type (3, 3) differs from the float model's (3, 4)"]
