@@ -155,6 +155,18 @@ def test_small_budget_gives_a_smaller_batch():
     assert "lowered from 32" in small.config["batch_choice"]
 
 
+def test_a_budget_that_even_one_sample_exceeds_says_so(caplog):
+    """A budget below what the process holds already: batch 1, and a warning that names the statistics held and
+    --max-memory (it named only the activations before, which were not the reason on a 3-D conv net)."""
+    model = _conv_model("N")
+    calib = {"x": np.random.default_rng(2).standard_normal((8, 4, 16, 16)).astype(np.float32)}
+    with caplog.at_level("WARNING", logger="onnxcomq"):
+        _, rep = run(model, calib, recipe(bits=8, batch_size=32, max_memory=memory.current_rss() // 2))
+    assert rep.config["batch_size"] == 1
+    said = [r.getMessage() for r in caplog.records if "calibration batch" in r.getMessage()]
+    assert said and "layer statistics held at once" in said[0] and "--max-memory" in said[0], said
+
+
 def test_fixed_batch_model_keeps_its_batch():
     model = _conv_model(4)
     calib = {"x": np.random.default_rng(3).standard_normal((16, 4, 16, 16)).astype(np.float32)}

@@ -201,6 +201,9 @@ def choose_batch(model, layers, calib, max_memory, cross: bool = False, folds: b
     calib.batch_size = batch
     note = (f"{batch}: captured activations {per / 2**20:.1f} MiB a sample, memory budget "
             f"{budget / 2**30:.2f} GiB" + ("" if batch == requested else f" (lowered from {requested})"))
-    (log.warning if batch < requested and batch == 1 and fixed + CAPTURE_OVERHEAD * per > budget else log.info)(
-        "calibration batch %s", note)
+    if batch < requested and batch == 1 and fixed + CAPTURE_OVERHEAD * per > budget:
+        log.warning("calibration batch %s; the layer statistics held at once (%.2f GiB) leave no room for more, and "
+                    "the run may exceed the budget (--max-memory)", note, held / 2**30)
+    else:
+        log.info("calibration batch %s", note)
     return budget, note
