@@ -7,10 +7,11 @@ catches what no per-layer error shows: a model onnxruntime cannot load (a weight
 version it does not know), a NaN or an overflow anywhere in the graph, a weight whose layout does not match its
 input, an int32 bias that does not fit.
 
-A model with quantized activations is also run node by node (no graph optimization: its Q/DQ arithmetic as written)
-and compared with onnxruntime's fused int8 kernels on this machine: where the kernels are much further from the
-float model than the graph itself (e.g. int8-weight kernels that saturate on x86 CPUs without VNNI), a warning says
-so.
+A model with quantized activations for onnxruntime is also run node by node (no graph optimization: its Q/DQ
+arithmetic as written) and compared with onnxruntime's fused int8 kernels on this machine: where the kernels are much
+further from the float model than the graph itself (e.g. int8-weight kernels that saturate on x86 CPUs without
+VNNI), a warning says so. A model for TensorRT is judged by its Q/DQ arithmetic alone. An output whose shape depends
+on the data (after NMS) may change shape; its distance is reported, not judged.
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ def data_dependent(model: onnx.ModelProto) -> set:
 
 
 def problems(checks: list) -> list:
-    """Why the quantized model must not be written (NaN/Inf outputs, outputs of another shape)."""
+    """Why the quantized model must not be written (NaN/Inf outputs, outputs of another shape, outputs far from
+    float)."""
     return [p for p in (c.problem() for c in checks) if p]
 
 
