@@ -130,6 +130,21 @@ def _compare(name: str, fs: list, qs: list) -> OutputCheck:
     return OutputCheck(name, True, cosine=cos, rel_error=rel, float_finite=float_finite)
 
 
+def as_array(value) -> np.ndarray:
+    """One output of an onnxruntime run as an array: a tensor as it is; a sequence of maps (scikit-learn's
+    ZipMap: one {class: probability} per sample) as (samples, keys) of its values in key order; a sequence of
+    tensors as their flattened values, one after the other."""
+    if not isinstance(value, list):
+        return np.asarray(value)
+    if value and all(isinstance(v, dict) for v in value):
+        keys = list(value[0])
+        if all(list(v) == keys for v in value):
+            return np.array([[v[key] for key in keys] for v in value])
+    elif value and all(isinstance(v, np.ndarray) for v in value) and len({v.dtype for v in value}) == 1:
+        return np.concatenate([v.ravel() for v in value])
+    return np.array(value, dtype=object)
+
+
 def float_outputs(float_model: onnx.ModelProto, feeds: list) -> list:
     """The float model's graph outputs on ``feeds``, [[array per output] per feed]: what ``verify`` compares
     against. The pipeline takes them before the quantized model exists, so that the float model's session and the
@@ -154,8 +169,8 @@ def verify(float_model: onnx.ModelProto, qmodel: onnx.ModelProto, feeds: list, r
     checks = []
     dynamic = data_dependent(float_model)
     for k, name in enumerate(names):
-        f, q = [np.asarray(r[k]) for r in ref], [np.asarray(g[k]) for g in got]
-        gr = [np.asarray(g[k]) for g in graph] if graph is not None else None
+        f, q = [as_array(r[k]) for r in ref], [as_array(g[k]) for g in got]
+        gr = [as_array(g[k]) for g in graph] if graph is not None else None
         same = [a.shape == b.shape and a.dtype == b.dtype and (gr is None or c.shape == a.shape)
                 for a, b, c in zip(f, q, gr or q)]
         if not all(same) and not (name in dynamic and all(a.dtype == b.dtype for a, b in zip(f, q))):

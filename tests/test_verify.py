@@ -215,3 +215,38 @@ def test_an_output_whose_shape_depends_on_the_data_may_change_shape():
     assert V.OutputCheck("boxes", dynamic=True, **far).problem() is None and V.OutputCheck("y", **far).problem()
     checks, _ = V.verify(_threshold_model(c), _threshold_model(c, drop=True), feeds)
     assert V.problems(checks) == ["output y: shape/type (3, 3) differs from the float model's (3, 4)"]
+
+
+def _zipmap_model(w: np.ndarray):
+    """x -> Softmax(x W) -> ZipMap (scikit-learn's classifier output: one {class: probability} per sample) and the
+    same probabilities as a sequence of tensors (SplitToSequence)."""
+    from onnx import TensorProto, helper, numpy_helper
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Softmax", ["z"], ["p"]),
+             helper.make_node("ZipMap", ["p"], ["probs"], domain="ai.onnx.ml", classlabels_int64s=[3, 1, 2]),
+             helper.make_node("SplitToSequence", ["p"], ["rows"], keepdims=0)]
+    seq = helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, [3]))
+    maps = helper.make_sequence_type_proto(helper.make_map_type_proto(
+        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_value_info("probs", maps), helper.make_value_info("rows", seq)],
+                          [numpy_helper.from_array(w.astype(np.float32), "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)],
+                             ir_version=8)
+
+
+def test_sequence_outputs_are_compared_as_the_values_they_hold():
+    """A classifier exported by skl2onnx outputs a sequence of {class: probability} maps (ZipMap): onnxruntime
+    returns a list of dicts, which was compared for equality ("0.0 % equal", never judged). Its values are
+    compared as a float output now (key order kept), and so are a sequence's tensors: a far output fails."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3))
+    feeds = [{"x": 2 * rng.standard_normal((5, 4)).astype(np.float32)} for _ in range(2)]
+    (probs, rows), _ = V.verify(_zipmap_model(w), _zipmap_model(w + 0.01), feeds)
+    for c in (probs, rows):
+        assert c.agreement is None and 0.99 < c.cosine < 1 and 0 < c.rel_error < 0.05 and c.problem() is None
+    p = [V.as_array(r[0]) for r in V.float_outputs(_zipmap_model(w), feeds)]
+    e = np.exp(feeds[0]["x"].astype(np.float64) @ w.astype(np.float32))
+    # the values in the maps' key order (onnxruntime's maps are sorted: labels 1, 2, 3 are columns 1, 2, 0)
+    np.testing.assert_allclose(p[0], (e / e.sum(1, keepdims=True))[:, [1, 2, 0]], rtol=1e-5)
+    checks, _ = V.verify(_zipmap_model(w), _zipmap_model(-3 * w), feeds)
+    assert all("is far from the float model's" in c.problem() for c in checks)
