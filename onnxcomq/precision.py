@@ -56,7 +56,7 @@ def _match(pattern: str, layer, index: int, count: int) -> bool:
     if pattern == "last":
         return index == count - 1
     if pattern == "depthwise":
-        return layer.op_type == "Conv" and layer.groups > 1 and layer.weight_shape[1] == 1
+        return layer.base == "Conv" and layer.groups > 1 and layer.weight_shape[1] == 1
     names = [layer.node] + [c for c, _ in layer.consumers]
     return any(fnmatch.fnmatchcase(n, pattern) for n in names) or fnmatch.fnmatchcase(layer.op_type, pattern)
 
@@ -227,14 +227,14 @@ def mixed_precision(model, layers, stats, calib, recipe, plan: dict, xp, make_ba
 
 
 def conv_taps(layer) -> int:
-    return int(np.prod(layer.weight_shape[2:])) if layer.op_type == "Conv" else 1
+    return int(np.prod(layer.weight_shape[2:])) if layer.base == "Conv" else 1
 
 
 def block_unsupported(layer, block: int) -> str:
     """Why ``layer`` cannot have block scales along its input channels ("" if it can)."""
-    if layer.op_type in ("MatMul", "Gemm"):
+    if layer.base in ("MatMul", "Gemm"):
         return ""
-    if layer.op_type != "Conv":
+    if layer.base != "Conv":
         return f"block granularity is not implemented for {layer.op_type}"
     if layer.groups > 1:
         return "block granularity is not implemented for grouped/depthwise convs"

@@ -20,6 +20,19 @@ from ..errors import UserError
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 SUPPORTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul") + RECURRENT_OPS
 RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+# onnxruntime's fused forms of these layers (com.microsoft; in graphs saved by its optimizer and by its transformer
+# optimizer): each multiplies input 0 by the weight in input 1 as its standard op does, then applies an activation
+# (FusedConv, FusedGemm), scales the product (FusedMatMul's alpha) or splits it into attention heads (Attention's
+# packed Q, K, V projection, with its bias in input 2)
+CONTRIB_LAYERS = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatMul", "Attention": "MatMul"}
+
+
+def base_op(node) -> str:
+    """The standard op whose weight product ``node`` computes: its op type, or for one of onnxruntime's fused
+    layers (CONTRIB_LAYERS) the op it fuses."""
+    if node.domain == "com.microsoft" and node.op_type in CONTRIB_LAYERS:
+        return CONTRIB_LAYERS[node.op_type]
+    return node.op_type
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,10 @@ class Layer:
     groups: int = 1
     consumers: list = field(default_factory=list)  # all node names that read this weight (shared weights)
     float16: bool = False  # the weight (and so its DequantizeLinear scale) is float16
+    base: str = ""  # the standard op whose weight layout it has (``base_op``; "": op_type itself)
+
+    def __post_init__(self):
+        self.base = self.base or self.op_type
 
     @property
     def out_channels(self) -> int:
@@ -75,7 +92,7 @@ class Layer:
         """The stored weight -> one (m, n) matrix per group, rows = output channels, columns = X's columns."""
         if self.op_type in RECURRENT_OPS:  # W/R [num_directions, gates * hidden, n]: one group per direction
             return [w[d] for d in range(w.shape[0])]
-        if self.op_type == "ConvTranspose":  # W[C_in, C_out/g, *k] -> per group the flipped conv kernel
+        if self.base == "ConvTranspose":  # W[C_in, C_out/g, *k] -> per group the flipped conv kernel
             cin = w.shape[0] // self.groups
             spatial = tuple(range(2, w.ndim))
             out = []
@@ -83,7 +100,7 @@ class Layer:
                 wk = np.flip(w[k * cin:(k + 1) * cin], axis=spatial)  # (C_in/g, C_out/g, *k)
                 out.append(np.ascontiguousarray(np.swapaxes(wk, 0, 1)).reshape(w.shape[1], -1))
             return out
-        if self.op_type == "Conv":
+        if self.base == "Conv":
             o = w.shape[0]
             flat = w.reshape(o, -1)
             step = o // self.groups
@@ -94,14 +111,14 @@ class Layer:
         """Inverse of ``to_matrices`` (codes or dequantized weights back to the stored layout)."""
         if self.op_type in RECURRENT_OPS:
             return np.stack(mats)
-        if self.op_type == "ConvTranspose":
+        if self.base == "ConvTranspose":
             cin = self.weight_shape[0] // self.groups
             kshape = tuple(self.weight_shape[2:])
             spatial = tuple(range(2, 2 + len(kshape)))
             parts = [np.flip(np.swapaxes(mk.reshape((mk.shape[0], cin) + kshape), 0, 1), axis=spatial)
                      for mk in mats]
             return np.ascontiguousarray(np.concatenate(parts, axis=0))
-        if self.op_type == "Conv":
+        if self.base == "Conv":
             return np.concatenate(mats, axis=0).reshape(self.weight_shape)
         return mats[0].T if self.axis == 1 else mats[0]
 
@@ -364,15 +381,16 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=(),
             skip(name, node, "Einsum with a constant operand: not rewritten as MatMul "
                  "(equation not a plain contraction with the weight, or --no-rewrite-matmul)")
             continue
-        if node.op_type not in SUPPORTED_OPS:
+        op = base_op(node)
+        if op not in SUPPORTED_OPS:
             if hold.holds(node, src):
                 skip(name, node, _float_reason(node, src))
             continue
-        if node.op_type not in op_types:
+        if op not in op_types:
             skip(name, node, ("recurrent layer: " if node.op_type in RECURRENT_OPS else "")
                  + "op type not selected (layers.op_types)")
             continue
-        if _matches(exclude, name, node.op_type):
+        if _matches(exclude, name, node.op_type) or _matches(exclude, name, op):
             skip(name, node, "excluded by --exclude")
             continue
         if node.op_type in RECURRENT_OPS:
@@ -393,7 +411,7 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=(),
         widx = 1
         wname = node.input[widx] if len(node.input) > widx else ""
         if wname not in inits:
-            a_const = node.op_type == "MatMul" and node.input[0] in inits
+            a_const = op == "MatMul" and node.input[0] in inits
             skip(name, node, "constant weight on input A (activation rank unknown, or --no-rewrite-matmul)"
                  if a_const else "weight is a Constant node's output, not an initializer (constant folding "
                  "failed?)" if wname in consts else "weight is not a constant (activation x activation)")
@@ -411,7 +429,7 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=(),
             continue
         shape = tuple(wt.dims)
         at = _attrs(node)
-        layer = _make_layer(name, node, wname, shape, at)
+        layer = _make_layer(name, node, op, wname, shape, at)
         if isinstance(layer, str):
             skip(name, node, layer)
             continue
@@ -460,8 +478,15 @@ def _conv_attrs(op, wname, shape, at):
             tuple(int(p) for p in at.get("pads", [0] * (2 * nsp))), auto_pad)
 
 
-def _make_layer(name, node, wname, shape, at):
-    op = node.op_type
+def _make_layer(name, node, op, wname, shape, at):
+    """The Layer of ``node`` (computing standard op ``op``), or why it is not one."""
+    layer = _standard_layer(name, node, op, wname, shape, at)
+    if not isinstance(layer, str) and op != node.op_type:
+        layer.op_type, layer.base = node.op_type, op
+    return layer
+
+
+def _standard_layer(name, node, op, wname, shape, at):
     if op in ("Conv", "ConvTranspose"):
         parsed = _conv_attrs(op, wname, shape, at)
         if isinstance(parsed, str):
@@ -489,7 +514,12 @@ def _make_layer(name, node, wname, shape, at):
         return Layer(name, op, wname, shape, x, axis=1, groups=group)
     if op == "MatMul":
         if len(shape) != 2:
-            return f"MatMul weight {wname} has rank {len(shape)}; only 2-D weights are quantized"
+            return f"{node.op_type} weight {wname} has rank {len(shape)}; only 2-D weights are quantized"
+        if node.op_type == "FusedMatMul":  # Y = alpha A' B': the weight may be transposed, the input may not
+            if any(int(at.get(k, 0)) for k in ("transA", "transBatchA", "transBatchB")):
+                return "FusedMatMul with a transposed input A (transA, transBatchA or transBatchB set)"
+            if int(at.get("transB", 0)):
+                return Layer(name, op, wname, shape, XSpec(node.input[0], "rows", fan_in=shape[1]), axis=0)
         return Layer(name, op, wname, shape, XSpec(node.input[0], "rows", fan_in=shape[0]), axis=1)
     # Gemm: Y = alpha * A' B' + beta * C
     if len(shape) != 2:

@@ -11,7 +11,7 @@ import tempfile
 import onnx
 
 from ..errors import UserError
-from .layers import RECURRENT_OPS, SUPPORTED_OPS
+from .layers import CONTRIB_LAYERS, RECURRENT_OPS, SUPPORTED_OPS
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def load_model(path) -> onnx.ModelProto:
     return model
 
 
-WEIGHT_OPS = SUPPORTED_OPS + ("Einsum",)  # Einsum: rewritten as MatMul (graph/rewrite.py)
+WEIGHT_OPS = SUPPORTED_OPS + ("Einsum",) + tuple(CONTRIB_LAYERS)  # Einsum: rewritten as MatMul (graph/rewrite.py)
 
 
 def _needs_folding(model: onnx.ModelProto) -> bool:

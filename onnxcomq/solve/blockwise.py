@@ -264,7 +264,7 @@ def block_layout(layer, scale, zero_point):
     """Matrix-form block parameters (out rows m, blocks nb) -> (scale, zero_point, axis) of the DequantizeLinear on
     the stored 2-D weight: MatMul B[K, N] and Gemm transB=0 (layer.axis 1) block along axis 0 with scale[nb, N];
     Gemm transB=1 W[N, K] along axis 1 with scale[N, nb]; Conv W[O, I, *k] along axis 1 with scale[O, I/B, *k]."""
-    if layer.op_type == "Conv":  # W[O, I, *k]: scale [O, I / B, *k] on axis 1, rows in (channel block, tap) order
+    if layer.base == "Conv":  # W[O, I, *k]: scale [O, I / B, *k] on axis 1, rows in (channel block, tap) order
         shape = (scale.shape[0], -1) + tuple(layer.weight_shape[2:])
         return scale.reshape(shape), zero_point.reshape(shape), 1
     if layer.axis == 1:

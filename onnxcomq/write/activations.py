@@ -78,6 +78,15 @@ def _tensor_info(model: onnx.ModelProto) -> tuple[set, dict, set]:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
         inferred = model
+    typed = {vi.name for vi in inferred.graph.value_info if vi.type.tensor_type.elem_type}
+    if any(n.domain == "com.microsoft" and any(o and o not in typed for o in n.output) for n in model.graph.node):
+        # onnx knows no type of onnxruntime's contrib ops' outputs (Attention, SkipLayerNormalization...),
+        # nor of anything computed from them: onnxruntime's own shape inference does
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        except Exception:
+            pass
     floats, shapes, halves = set(), {}, set()
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         t = vi.type.tensor_type

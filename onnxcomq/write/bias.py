@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph.layers import node_names, readers_of, unique_name
+from ..graph.layers import base_op, node_names, readers_of, unique_name
 
 
 def _attr(node, name, default):
@@ -20,13 +20,20 @@ def _attr(node, name, default):
     return default
 
 
+def _own_bias(node: onnx.NodeProto) -> bool:
+    """Whether ``node``'s bias is its input 2, added to the weight product (Conv, ConvTranspose, onnxruntime's
+    FusedConv and Attention; Gemm's C is scaled)."""
+    return base_op(node) in ("Conv", "ConvTranspose") or node.op_type == "Attention"
+
+
 def bias_target(node: onnx.NodeProto, inits: dict) -> str | None:
     """Why the bias of ``node`` cannot be corrected, or None when it can (``inits``: initializers by name)."""
-    if node.op_type in ("Conv", "ConvTranspose"):
+    op = base_op(node)
+    if _own_bias(node):
         if len(node.input) > 2 and node.input[2] and node.input[2] not in inits:
             return "bias is not a constant"
         return None
-    if node.op_type == "Gemm":
+    if op == "Gemm":
         if len(node.input) > 2 and node.input[2]:
             c = inits.get(node.input[2])
             if c is None:
@@ -36,7 +43,7 @@ def bias_target(node: onnx.NodeProto, inits: dict) -> str | None:
             if _attr(node, "beta", 1.0) == 0:
                 return "Gemm beta is 0"
         return None  # no C: beta is unused (tf2onnx writes beta=0), apply() adds C with beta 1
-    if node.op_type == "MatMul":
+    if op == "MatMul":
         return None
     return f"{node.op_type} has no bias"
 
@@ -48,10 +55,12 @@ def has_bias(node: onnx.NodeProto, inits: dict, readers: dict, channels: int) ->
     Reshape + Squeeze + Add [heads, head size]). (``readers``: tensor -> the nodes that read it.) A free bias is only written where this holds: a layer without a
     bias maps a zero input to zero, and a bias fitted to the calibration data's mean would break that on inputs the
     data lacks (silence in an audio front end: -100 dB came out as -6 dB)."""
-    if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 2 and node.input[2]:
+    if _own_bias(node) and len(node.input) > 2 and node.input[2]:
         return True
-    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] and _attr(node, "beta", 1.0) != 0:
+    if base_op(node) == "Gemm" and len(node.input) > 2 and node.input[2] and _attr(node, "beta", 1.0) != 0:
         return True
+    if node.op_type != base_op(node) and node.op_type != "FusedMatMul":  # (its output is after an activation)
+        return False
     y = node.output[0]
     for _ in range(4):
         consumers = readers.get(y, [])
@@ -95,10 +104,10 @@ def apply(model: onnx.ModelProto, deltas: dict) -> onnx.ModelProto:
             g.initializer.append(numpy_helper.from_array(np.asarray(values, np_type).reshape(shape), bname))
             return bname
 
-        if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
+        if _own_bias(node) or base_op(node) == "Gemm":
             scale = 1.0
             has_c = len(node.input) > 2 and node.input[2]
-            if node.op_type == "Gemm":
+            if base_op(node) == "Gemm":
                 if not has_c:  # the new C is added with beta 1 (beta was unused without C)
                     for a in node.attribute:
                         if a.name == "beta":
@@ -118,6 +127,7 @@ def apply(model: onnx.ModelProto, deltas: dict) -> onnx.ModelProto:
                 node.input[2] = new_bias(name, scale * delta, (delta.size,))
             continue
         # MatMul: fold into the constant of the Add that follows, or add an Add
+        delta = delta * _attr(node, "alpha", 1.0)  # (FusedMatMul: alpha X W)
         consumers = readers.get(node.output[0], [])
         add = consumers[0] if len(consumers) == 1 and consumers[0].op_type == "Add" else None
         const = None
