@@ -153,3 +153,28 @@ def test_activations_after_fused_layers_are_typed_by_onnxruntimes_shape_inferenc
     q, rep = run(m, {"x": x}, recipe(bits=8, act_bits=8))
     quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
     assert "f" in quantized and rep.verification["outputs"][0]["cosine"] > 0.99
+
+
+def test_a_graph_saved_by_onnxruntimes_optimizer_quantizes_as_the_original(tmp_path):
+    """The shipped CNN saved by onnxruntime at ORT_ENABLE_EXTENDED (5 Conv + Relu become FusedConv): every layer is
+    quantized, to the same weights as the original graph's, and the outputs agree."""
+    import onnxruntime as ort
+
+    path = str(tmp_path / "optimized.onnx")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = path
+    ort.InferenceSession("models/fmnist_cnn.onnx", so, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(path)
+    assert sum(n.op_type == "FusedConv" for n in optimized.graph.node) == 5
+    r = recipe(bits=4, max_samples=32)
+    qo, ro = run(optimized, "models/fmnist_calib.npz", r)
+    qs, rs = run("models/fmnist_cnn.onnx", "models/fmnist_calib.npz", r)
+    assert [L.op_type for L in ro.layers] == ["FusedConv"] * 5 + ["Gemm"] and not ro.skipped
+    wo, ws = _dequantized_reference(qo), _dequantized_reference(qs)
+    nodes_o, nodes_s = ({n.name: n for n in q.graph.node} for q in (qo, qs))
+    for a, b in zip(ro.layers, rs.layers):
+        np.testing.assert_allclose(wo[nodes_o[a.node].input[1]], ws[nodes_s[b.node].input[1]], rtol=1e-5, atol=1e-6)
+    x = np.load("models/fmnist_test.npz")["input"][:64]
+    np.testing.assert_allclose(make_session(qo).run(None, {"input": x})[0],
+                               make_session(qs).run(None, {"input": x})[0], rtol=1e-3, atol=1e-3)
