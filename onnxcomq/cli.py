@@ -294,7 +294,7 @@ def cmd_quantize(a) -> int:
         if e.model is None:
             raise
         if not a.write_unverified:
-            raise UserError(f"{e}; nothing written (--write-unverified writes it anyway)") from None
+            raise UserError(f"{e.problem}; nothing written (--write-unverified writes it anyway){e.hint}") from None
         print(f"onnxcomq: warning: {e} (written anyway: --write-unverified)", file=sys.stderr)
         model, report = e.model, e.report
     # the model and the report are written together, all or nothing (modelio.AtomicFiles)

@@ -89,9 +89,11 @@ class OutputCheck:
 class VerificationError(UserError):
     """The quantized model failed verification; ``model`` and ``report`` hold what would have been written."""
 
-    def __init__(self, message: str, model=None, report=None):
-        super().__init__(message)
+    def __init__(self, message: str, model=None, report=None, hint: str = ""):
+        """``hint``: what may help, appended to ``message`` (``problem``) in the error's text."""
+        super().__init__(message + hint)
         self.model, self.report = model, report
+        self.problem, self.hint = message, hint
 
 
 CHUNK = 1 << 20  # elements of an output compared at a time (float64 copies of a whole output of a language model's

@@ -590,3 +590,45 @@ def test_a_conv_shared_by_two_nodes_gets_an_int32_bias_for_each(tmp_path):
     (yf,) = ort_run(m, {"input": x})
     (yq,) = ort_run(q, {"input": x})
     assert np.abs(yq - yf).max() <= 0.05 * np.abs(yf).max()
+
+
+def _outlier_channel_model(seed=0):
+    """x -> MatMul(W1) -> h -> MatMul(W2) -> y, where h's channel 0 is ~1000x the others and W2 ignores it: h's
+    own quantization noise is tiny (its energy is channel 0's), but one uint8 grid for h erases the channels y
+    reads."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((4, 8)).astype(np.float32)
+    w1[:, 0] *= 1000
+    w2 = rng.standard_normal((8, 3)).astype(np.float32)
+    w2[0] = 0
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_failed_check_names_the_activations_that_alone_move_the_outputs_most(tmp_path, capsys):
+    """A W8A8 model refused by the check says which activation to keep float (BlazePose's landmark model from
+    mediapipe: one tensor of 136 alone moved an output by 1.28, the next by 0.48), and keeping it float passes."""
+    from onnxcomq import VerificationError
+
+    m = _outlier_channel_model()
+    x = np.random.default_rng(1).standard_normal((64, 4)).astype(np.float32)
+    with pytest.raises(VerificationError) as e:
+        run(m, {"x": x}, recipe(bits=8, act_bits=8))
+    (worst, *rest) = e.value.report.verification["culprits"]
+    assert worst["tensor"] == "h" and worst["rel_sq_error"] > 0.1
+    assert all(c["rel_sq_error"] < 0.01 * worst["rel_sq_error"] for c in rest)  # (x: its own noise only)
+    assert "moves the outputs most: h (" in str(e.value) and e.value.hint in str(e.value)
+    _, rep = run(m, {"x": x}, recipe(bits=8, act_bits=8, act_exclude=["h"]))
+    assert rep.verification["outputs"][0]["cosine"] > 0.999
+    # the CLI: the problem, what was (not) written, then the hint
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", x=x)
+    rc = main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "c.npz"),
+               "--bits", "8", "--act-bits", "8"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and not (tmp_path / "q.onnx").exists()
+    assert "output y is far" in err and err.index("nothing written") < err.index("moves the outputs most: h (")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -449,14 +450,20 @@ def sensitive_cones(model: onnx.ModelProto, tensors, depth: int = 8) -> dict:
     return cones
 
 
-def _close(limit: float, ref: list, got: list) -> bool:
-    """Whether ``got`` is within relative squared error ``limit`` of ``ref`` (where ``ref`` is finite)."""
+def _rel_sq(ref: list, got: list) -> float:
+    """The relative squared error of ``got`` against ``ref`` (where ``ref`` is finite; inf where ``got`` is not)."""
     f = np.concatenate([np.asarray(a, np.float64).ravel() for a in ref])
     q = np.concatenate([np.asarray(a, np.float64).ravel() for a in got])
     finite = np.isfinite(f)
+    if not np.isfinite(q[finite]).all():
+        return float("inf")
     with np.errstate(all="ignore"):
-        err = np.sum((q[finite] - f[finite]) ** 2) / max(float(np.sum(f[finite] ** 2)), 1e-30)
-    return bool(np.isfinite(q[finite]).all() and err <= limit)
+        return float(np.sum((q[finite] - f[finite]) ** 2) / max(float(np.sum(f[finite] ** 2)), 1e-30))
+
+
+def _close(limit: float, ref: list, got: list) -> bool:
+    """Whether ``got`` is within relative squared error ``limit`` of ``ref`` (where ``ref`` is finite)."""
+    return _rel_sq(ref, got) <= limit
 
 
 class ActivationQuantizer:
@@ -539,6 +546,24 @@ class ActivationQuantizer:
                 t: key for t, key in self.placement.tensors.items() if t not in drop})
             ranges = {t: o.range(self.fmt) for t, o in self.observers.items()}
             self._params = act_params(self.placement, ranges, self.fmt)
+
+    def culprits(self, feeds: list, run, top: int = 3, seconds: float = 120.0) -> list:
+        """[(tensor, error)] of the ``top`` quantized activations whose quantization alone moves the graph outputs
+        most (relative squared error on ``feeds``, the worst output's), for a model that failed its check: each
+        tensor's Q/DQ pair is inserted on its own into the float model and run (``run`` as judge_sensitive's), in
+        graph order, for at most ``seconds``."""
+        names = [o.name for o in self.model.graph.output]
+        ref = run(self.model, names, feeds)
+        params = self.params
+        found, start = [], time.perf_counter()
+        for t, key in self.placement.tensors.items():
+            if time.perf_counter() - start > seconds:
+                break
+            p = dataclasses.replace(self.placement, tensors={t: key})
+            got = run(insert(self.model, p, {key: params[key]}, self.max_opset)[0], names, feeds)
+            found.append((t, max(_rel_sq([r[k] for r in ref], [g[k] for g in got])
+                                 for k in range(len(names)))))
+        return sorted(found, key=lambda c: -c[1])[:top]
 
     def aware_stats(self, specs: dict, calib, capture) -> dict:
         """Layer statistics from a second pass over the float model carrying the activation Q/DQ: each layer's X is
