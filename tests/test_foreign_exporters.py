@@ -474,3 +474,37 @@ def test_weight_on_the_left_quantized_per_output_row():
                            (model, recipe(bits=4, device="cpu", rewrite_matmul=False))):
         with pytest.raises(UserError, match="constant weight on input A"):
             run(off_model, {"input": x}, cfg)
+
+
+def _local_function_model(seed=0):
+    """x -> Linear(W1, b1) -> Relu -> Linear(W2, b2) -> y, with Linear a model-local function (MatMul + Add) as
+    torch.onnx's export_modules_as_functions writes each nn.Linear: the weights reach the MatMul only inside it."""
+    rng = np.random.default_rng(seed)
+    body = [helper.make_node("MatMul", ["X", "W"], ["XW"]), helper.make_node("Add", ["XW", "B"], ["Y"])]
+    fn = helper.make_function("torch.nn.modules.linear", "Linear", ["X", "W", "B"], ["Y"], body,
+                              [helper.make_opsetid("", 17)])
+    nodes = [helper.make_node("Linear", ["x", "w1", "b1"], ["h"], domain="torch.nn.modules.linear"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Linear", ["r", "w2", "b2"], ["y"], domain="torch.nn.modules.linear")]
+    inits = {"w1": rng.standard_normal((6, 16)), "b1": rng.standard_normal(16), "w2": rng.standard_normal((16, 3)),
+             "b2": rng.standard_normal(3)}
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                               helper.make_opsetid("torch.nn.modules.linear", 1)],
+                             functions=[fn], ir_version=8)
+
+
+def test_layers_inside_local_functions_are_inlined_and_quantized():
+    """torch.onnx's export_modules_as_functions puts each nn.Linear in a model-local function: no layer was found
+    ("not a layer COMQ quantizes"), and where the graph outside had layers, the int4 model lost its functions (onnx's
+    version converter drops them) and onnxruntime could not load it. The functions are inlined first."""
+    m = _local_function_model()
+    before = m.SerializeToString()
+    x = np.random.default_rng(1).standard_normal((64, 6)).astype(np.float32)
+    q, rep = run(m, {"x": x}, recipe(bits=4))
+    assert m.SerializeToString() == before  # (the caller's model is not touched)
+    assert len(rep.layers) == 2 and not rep.skipped and not q.functions
+    assert sum(n.op_type == "DequantizeLinear" for n in q.graph.node) == 2
+    assert ort_run(q, {"x": x})[0].shape == (64, 3) and rep.verification["outputs"][0]["cosine"] > 0.99

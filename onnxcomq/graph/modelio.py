@@ -58,6 +58,18 @@ def _needs_folding(model: onnx.ModelProto) -> bool:
     return False
 
 
+def _inlined(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with its local functions inlined, so that the layers inside them are found (and the
+    quantized model needs no functions: onnx's version converter, which raises the opset for int4, drops them)."""
+    from onnx import inliner
+
+    try:
+        return inliner.inline_local_functions(model)
+    except Exception as e:  # (e.g. a model over protobuf's 2 GB with its data loaded)
+        raise UserError(f"the model's local functions ({', '.join(sorted({f.name for f in model.functions}))}) "
+                        f"cannot be inlined: {' '.join(str(e).split())[:200]}") from None
+
+
 def prepare_model(model_or_path) -> onnx.ModelProto:
     """Load (if a path) and fold constant subgraphs so that weights held in ``Constant`` nodes or behind
     ``Identity`` become initializers. The caller's ModelProto is never modified."""
@@ -68,6 +80,8 @@ def prepare_model(model_or_path) -> onnx.ModelProto:
            for n in model.graph.node):
         raise UserError("the model is already quantized (it holds QuantizeLinear/DequantizeLinear or QLinear "
                         "nodes): give onnxcomq the float model")
+    if model.functions:  # layers inside model-local functions (torch.onnx's export_modules_as_functions)
+        model = _inlined(model)
     if not _needs_folding(model):
         return model
     original = model
