@@ -344,6 +344,7 @@ class Calibration:
         self._source = source
         self.name = name  # what errors about a dict source call it
         self.num_samples = None
+        self._said_dropped = False
         self.layouts: dict | None = None
         self.fixed_batch: int | None = None
         self._chunks_fn = self._resolve(source)
@@ -613,7 +614,8 @@ class Calibration:
                 raise UserError(f"calibration data has {dropped[0]} samples, fewer than the model's fixed batch "
                                 f"size {self.fixed_batch}")
             raise UserError("calibration data is empty")
-        if dropped[0]:
+        if dropped[0] and not self._said_dropped:  # (once: sequential capture reads the batches once a stage)
+            self._said_dropped = True
             log.warning("the model's batch size is fixed at %d: the last %d calibration samples (not a whole batch) "
                         "were left out", self.fixed_batch, dropped[0])
 
