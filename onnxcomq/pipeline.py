@@ -46,7 +46,7 @@ from .write.activations import ActivationQuantizer
 from .write.bias import apply as apply_bias
 from .write.bias import bias_target, has_bias
 from .write.matmulnbits import emit_matmulnbits
-from .write.qdq import emit_qdq, opset_change, quantized_twin, quantized_weight, set_metadata
+from .write.qdq import emit_qdq, opset_change, quantized_twin, quantized_weight, set_metadata, upgrade_opset
 
 log = logging.getLogger("onnxcomq")
 
@@ -60,6 +60,9 @@ def quantize(model_or_path, calibration, recipe: Recipe | None = None) -> onnx.M
     return run(model_or_path, calibration, recipe)[0]
 
 
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel scales)
+
+
 def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool = False,
         stats_cache: dict | None = None):
     """Quantize and return ``(quantized ModelProto, Report)``.
@@ -71,6 +74,10 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     w, sv = recipe.weights, recipe.solver
     t_start = time.perf_counter()
     model = prepare_model(model_or_path)
+    if recipe.activations is not None and (w.max_opset is None or w.max_opset >= PER_CHANNEL_OPSET):
+        # the output needs opset 13 (per-channel DequantizeLinear) anyway: converted now, so that the activation
+        # placement is made on the graph it is written into (below 10 the converter replaces Upsample by Resize)
+        model = upgrade_opset(model, PER_CHANNEL_OPSET, "per-channel DequantizeLinear", w.max_opset)
     model = rewrite_to_matmul(model) if recipe.layers.rewrite_matmul else model
     layers, skipped = find_layers(model, op_types=tuple(recipe.layers.op_types), exclude=tuple(recipe.layers.exclude),
                                   lm_head_float=recipe.layers.lm_head == "float")

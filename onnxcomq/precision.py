@@ -116,6 +116,9 @@ def with_weights_as_inputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers ``names`` are also graph inputs, so a session can be fed other values."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    # (below IR 4 every initializer is listed as an input and onnxruntime takes them as constants: at IR 4 a
+    # listed initializer is an input with a default)
+    out.ir_version = max(out.ir_version, 4)
     inits = {t.name: t for t in out.graph.initializer}
     have = {i.name for i in out.graph.input}
     for n in names:

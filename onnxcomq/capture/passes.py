@@ -70,6 +70,12 @@ def stage_model(model: onnx.ModelProto, tensors: list, place=None, cut: list = (
         m.graph.node.extend(reversed(keep))
     used = {i for n in m.graph.node for i in n.input}
     kept = (t for t in model.graph.initializer if subgraphs or t.name in used)
+    if not subgraphs:  # (IR < 4 lists every initializer as a graph input too: one left out would be required)
+        dropped = {t.name for t in model.graph.initializer} - used
+        if any(i.name in dropped for i in m.graph.input):
+            keep_inputs = [i for i in m.graph.input if i.name not in dropped]
+            del m.graph.input[:]
+            m.graph.input.extend(keep_inputs)
     if replace:
         kept = (numpy_helper.from_array(replace[t.name].dequantized(), t.name) if t.name in replace else t
                 for t in kept)

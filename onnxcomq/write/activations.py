@@ -33,7 +33,7 @@ from onnx import helper, numpy_helper
 from ..capture.observers import ActFormat, half_up, make_observer, qparams
 from ..errors import UserError
 from ..graph.layers import node_names, unique_name
-from .qdq import opset_of, upgrade_opset
+from .qdq import drop_weight, opset_of, upgrade_opset
 
 log = logging.getLogger(__name__)
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -399,7 +399,7 @@ def _int32_biases(g, p: Placement, params: dict, taken: set) -> None:
     if new:
         used = {i for n in g.node for i in n.input}
         for b in sorted(set(replaced) - used):  # (a bias shared by several nodes is replaced once for each)
-            g.initializer.remove(inits[b])
+            drop_weight(g, inits[b])  # (and its graph input listing, as IR < 4 writes one)
         nodes = new + list(g.node)
         del g.node[:]
         g.node.extend(nodes)
