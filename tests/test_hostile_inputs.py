@@ -420,3 +420,28 @@ def test_weight_listed_as_graph_input_is_dropped_by_matmulnbits_too():
     assert "W0" not in [i.name for i in q.graph.input]
     assert any(n.op_type == "MatMulNBits" for n in q.graph.node)
     assert rep.verification["outputs"][0]["cosine"] > 0.99
+
+
+def test_a_folder_of_sequences_of_different_lengths_is_batched_by_shape(tmp_path):
+    """A calibration folder of one tokenized text per file, each of its own length (as ModelOpt's and onnxruntime's
+    users keep them): the samples were concatenated into one batch ("internal error: ... along dimension 1 ... size
+    52 and ... 41"). Samples of different shapes never share a batch; the statistics are those of the texts fed one
+    by one."""
+    m = builders.mlp_model([8, 12, 4], seq=5)
+    m.graph.input[0].type.tensor_type.shape.dim[1].ClearField("dim_value")
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "seq"
+    rng = np.random.default_rng(0)
+    lengths = [3, 3, 7, 7, 7, 2, 9, 3]
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    xs = [rng.standard_normal((1, n, 8)).astype(np.float32) for n in lengths]
+    for i, x in enumerate(xs):
+        np.save(folder / f"{i:02d}.npy", x)
+    name = m.graph.input[0].name
+    cal = Calibration(str(folder), model_inputs(m), batch_size=32)
+    batches = [b[name] for b in cal]
+    assert [b.shape[:2] for b in batches] == [(2, 3), (3, 7), (1, 2), (1, 9), (1, 3)]
+    np.testing.assert_array_equal(np.concatenate([b.reshape(-1, 8) for b in batches]),
+                                  np.concatenate([x.reshape(-1, 8) for x in xs]))
+    q, rep = run(m, str(folder), recipe(bits=4))
+    assert rep.samples == len(lengths) and rep.verification["outputs"][0]["cosine"] > 0.99

@@ -293,8 +293,8 @@ def batch_samples(feed) -> int:
 
 def _rebatch(chunks, batch_size: int, max_samples: int | None, fixed: bool = False, dropped=None):
     """Split/concatenate a stream of canonical chunks (samples on axis 0 of every array) into batches of
-    ``batch_size`` samples. ``fixed``: a shorter last batch is not yielded (its sample count goes to
-    ``dropped[0]``)."""
+    ``batch_size`` samples; samples of different shapes (other than on axis 0) never share a batch. ``fixed``: a
+    shorter batch is not yielded (its sample count goes to ``dropped[0]``)."""
     pending: list[dict] = []
     count = 0
     total = 0
@@ -305,6 +305,14 @@ def _rebatch(chunks, batch_size: int, max_samples: int | None, fixed: bool = Fal
             n = max_samples - total
         if n <= 0:
             break
+        if pending and any(v.shape[1:] != pending[0][k].shape[1:] for k, v in feed.items()):
+            # samples of another shape (a folder of token sequences of different lengths): the batch so far goes
+            # alone (a model with a fixed batch leaves it out)
+            if not fixed:
+                yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+            elif dropped is not None:
+                dropped[0] += count
+            pending, count = [], 0
         total += n
         pending.append(feed)
         count += n
@@ -320,7 +328,7 @@ def _rebatch(chunks, batch_size: int, max_samples: int | None, fixed: bool = Fal
     if count and not fixed:
         yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
     elif count and dropped is not None:
-        dropped[0] = count
+        dropped[0] += count
 
 
 class Calibration:
