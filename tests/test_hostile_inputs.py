@@ -70,12 +70,19 @@ def stateful(static=False):
                   inits, opset=18)
 
 
-def gather_mlp(vocab=10):
+def gather_mlp(vocab=10, ids=TensorProto.INT64):
     """Token ids -> embedding Gather -> MatMul."""
     nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"]),
              helper.make_node("MatMul", ["e", "W0"], ["y"], name="mm0")]
-    return _model(nodes, [_vi("ids", ["N", 3], TensorProto.INT64)], [_vi("y", ["N", 3, 5])],
+    return _model(nodes, [_vi("ids", ["N", 3], ids)], [_vi("y", ["N", 3, 5])],
                   [_w("emb", (vocab, 6)), _w("W0", (6, 5), seed=1)])
+
+
+def _float16_input_mlp():
+    """A float16 input, cast to float32, then a MatMul."""
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["xf", "W0"], ["y"], name="mm0")]
+    return _model(nodes, [_vi("x", ["N", 6], TensorProto.FLOAT16)], [_vi("y", ["N", 5])], [_w("W0", (6, 5))])
 
 
 def _run_ort(model, feed):
@@ -134,6 +141,12 @@ BAD = [
     ("weight Inf", lambda: _mlp_with_weight(_weight_with(np.inf)), {"x": x6}, [], "NaN or Inf"),
     ("gram overflow", lambda: _mlp_with_weight(_weight_with(1.0)), {"x": x6 * 1e20}, [], "beyond float32's range"),
     ("token ids out of range", gather_mlp, {"ids": np.full((4, 3), 12, np.int64)}, [], "out of range for a Gather"),
+    # (a cast to the model's int32 wrapped 2^33 + 1 around to 1, a valid id: calibration on other tokens, unsaid)
+    ("int64 ids beyond an int32 input", lambda: gather_mlp(ids=TensorProto.INT32),
+     {"ids": np.full((4, 3), 2**33 + 1, np.int64)}, [],
+     "input ids has values 8589934593..8589934593, beyond the range of the model's int32 (-2147483648..2147483647)"),
+    ("float32 beyond a float16 input", _float16_input_mlp, {"x": x6 * 1e5}, [],
+     "beyond the range of the model's float16 (65504 in magnitude)"),
     ("weight does not match input", _weight_mismatch, {"x": x6}, [], "does not match its input"),
     ("runtime error in capture", _reflect_pad, {"x": RNG.standard_normal((4, 3, 1)).astype(np.float32)}, [],
      "onnxruntime failed on the calibration batch"),

@@ -274,6 +274,15 @@ def _check_values(where: str, info: InputInfo, a: np.ndarray) -> np.ndarray:
     elif np.issubdtype(info.dtype, np.floating) and not np.issubdtype(a.dtype, np.integer):
         raise UserError(f"{where}: input {info.name} has dtype {a.dtype}, the model expects "
                         f"{np.dtype(info.dtype).name}")
+    target = np.dtype(info.dtype)
+    limits = np.iinfo(target) if np.issubdtype(target, np.integer) else \
+        np.finfo(target) if np.issubdtype(target, np.floating) and a.dtype.itemsize > target.itemsize else None
+    if limits is not None and a.size and a.dtype != np.bool_:  # (a cast would wrap around, or overflow to inf)
+        lo, hi = a.min(), a.max()
+        if lo < limits.min or hi > limits.max:
+            span = f"{limits.min}..{limits.max}" if isinstance(limits, np.iinfo) else f"{limits.max:.6g} in magnitude"
+            raise UserError(f"{where}: input {info.name} has values {lo}..{hi}, beyond the range of the model's "
+                            f"{target.name} ({span})")
     return a.astype(info.dtype, copy=False)
 
 
