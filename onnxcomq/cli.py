@@ -78,7 +78,8 @@ def _settings(q) -> None:
                    help="leave float the nodes whose name or op type matches this fnmatch pattern (repeatable)")
     g.add_argument("--lm-head", choices=["float", "int8", "quantize"], default=None,
                    help="a language model's output projection (as wide as its token embedding): left float, at 8 "
-                        "bits, or quantized like the other layers (default: float; embeddings are never quantized)")
+                        "bits, or quantized like the other layers (default: float; embeddings are not quantized, "
+                        "but one tied to the lm_head reads its quantized weight)")
     act = q.add_argument_group("activations and deployment")
     act.add_argument("--act-bits", type=int, choices=[8], default=None,
                      help="quantize activations too (Q/DQ pairs placed for --target) (default: weight-only)")

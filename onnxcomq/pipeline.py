@@ -85,6 +85,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
         why = "; ".join(f"{s.node}: {s.reason}" for s in skipped[:5]) or "it has no Conv, Gemm or MatMul node"
         raise UserError(f"no quantizable layer found ({why})")
     check_weights(model, layers)
+    _say_shared_readers(model, layers)
     calib = calibration if isinstance(calibration, Calibration) else Calibration(
         calibration, model_inputs(model), batch_size=recipe.data.batch_size, max_samples=recipe.data.max_samples,
         model=model)
@@ -287,6 +288,22 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
             raise VerificationError(f"the quantized model failed its check on {n} calibration sample(s): "
                                     f"{'; '.join(bad)}", out, report, hint)
     return out, report
+
+
+def _say_shared_readers(model, layers) -> None:
+    """A warning for each quantized weight that nodes other than its layers read (a language model's embedding
+    table tied to its lm_head: the lookup then reads the quantized table)."""
+    readers: dict = {}
+    for name, n in zip(node_names(model), model.graph.node):
+        if n.op_type not in ("Shape", "Size"):
+            for i in set(n.input):
+                readers.setdefault(i, []).append((name, n.op_type))
+    for layer in layers:
+        mine = {c for c, _ in layer.consumers}
+        others = [f"{op} {name}" for name, op in readers.get(layer.weight, []) if name not in mine]
+        if others:
+            log.warning("weight %s of %s is also read by %s: %s the quantized weight (tied weights)", layer.weight,
+                        layer.node, ", ".join(others), "they read" if len(others) > 1 else "it reads")
 
 
 def _quantize(recipe: Recipe, plan: dict, model, layer, stats: dict, xp, use_bias: bool, damping, correct: bool):

@@ -108,3 +108,27 @@ def test_a_mask_of_zeros_everywhere_is_an_error_not_a_silent_nothing():
     calib = {**_calib(4), "attention_mask": np.zeros((4, 12), np.int64)}
     with pytest.raises(UserError, match="no calibration row reached any quantized layer"):
         run(_masked_decoder(), calib, recipe(bits=4))
+
+
+def _tied_decoder():
+    """_decoder whose lm_head is Gemm(h2, emb, transB=1): the embedding table itself (tied weights)."""
+    m = _decoder()
+    head = next(n for n in m.graph.node if n.name == "lm_head")
+    head.CopyFrom(helper.make_node("Gemm", ["h2_2d", "emb"], ["logits"], name="lm_head", transB=1))
+    m.graph.initializer.append(numpy_helper.from_array(np.array([-1, H]), "flat"))
+    m.graph.node.insert(len(m.graph.node) - 1, helper.make_node("Reshape", ["h2", "flat"], ["h2_2d"], name="flat"))
+    return m
+
+
+def test_a_head_tied_to_the_embedding_says_that_the_lookup_reads_it_quantized(caplog):
+    """Quantizing an lm_head that shares its weight with the token embedding quantizes the embedding too (the
+    Gather reads the DequantizeLinear output): said, not silent. Left float (the default), nothing to say."""
+    x = {"input_ids": _calib()["input_ids"][:, :1]}
+    q, rep = run(_tied_decoder(), x, recipe(bits=4).updated({"layers": {"lm_head": "quantize"}}))
+    said = [r.getMessage() for r in caplog.records if "tied weights" in r.getMessage()]
+    assert said == ["weight emb of lm_head is also read by Gather embed: it reads the quantized weight (tied weights)"]
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    assert producers[next(n for n in q.graph.node if n.op_type == "Gather").input[0]] == "DequantizeLinear"
+    caplog.clear()
+    _, rep = run(_tied_decoder(), x, recipe(bits=4))
+    assert "lm_head" not in [r.node for r in rep.layers] and not any("tied" in r.getMessage() for r in caplog.records)
