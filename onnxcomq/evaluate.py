@@ -10,6 +10,7 @@ from .capture.calib import Calibration, _load_npz, model_inputs
 from .capture.session import make_session, run_session
 from .errors import UserError
 from .graph.modelio import load_model
+from .verify import as_array
 
 
 def top1_accuracy(model, data_path: str, batch_size: int = 256) -> tuple[float, int]:
@@ -42,17 +43,31 @@ def top1_accuracy(model, data_path: str, batch_size: int = 256) -> tuple[float, 
     if cal.num_samples != expected:
         raise UserError(f"{data_path}: 'labels' has {n} entries, the inputs have {cal.num_samples} samples")
     sess = make_session(model)
+    names = [o.name for o in sess.get_outputs()]
     correct = i = 0
     for feed in cal:
         k = feed.samples
-        out = run_session(sess, None, feed, what=f"onnxruntime failed on {data_path} at sample {i}")[0]
-        out = out.reshape(out.shape[0], -1)
-        if i == 0 and labels.max() >= out.shape[1]:
-            raise UserError(f"{data_path}: 'labels' holds class index {int(labels.max())}, but the model's first "
-                            f"output has {out.shape[1]} classes")
-        if out.shape[0] != k:
-            raise UserError(f"{data_path}: the model's first output has {out.shape[0]} rows for a batch of "
-                            f"{k} samples: not one score vector per sample")
-        correct += int((out.argmax(axis=1) == labels[i:i + k]).sum())
+        outs = [as_array(o) for o in run_session(sess, None, feed, what=f"onnxruntime failed on {data_path} at "
+                                                                          f"sample {i}")]
+        name, pred, classes = _predictions(names, outs, k, data_path)
+        if i == 0 and classes is not None and labels.max() >= classes:
+            raise UserError(f"{data_path}: 'labels' holds class index {int(labels.max())}, but the model's output "
+                            f"{name} has {classes} classes")
+        correct += int((pred == labels[i:i + k]).sum())
         i += k
     return correct / i, i
+
+
+def _predictions(names: list, outs: list, k: int, where: str) -> tuple:
+    """(output name, predicted class per sample, number of classes or None) of one batch of ``k`` samples: the
+    argmax of the first float output with several scores per sample (logits, probabilities; scikit-learn's
+    ZipMap maps in key order), else the first integer output with one value per sample (a predicted label)."""
+    for name, a in zip(names, outs):
+        if np.issubdtype(a.dtype, np.floating) and a.ndim and a.shape[0] == k and a.size > k:
+            return name, a.reshape(k, -1).argmax(axis=1), a.size // k
+    for name, a in zip(names, outs):
+        if np.issubdtype(a.dtype, np.integer) and a.size == k:
+            return name, a.reshape(k), None
+    shapes = ", ".join(f"{n} {list(a.shape)} {a.dtype}" for n, a in zip(names, outs))
+    raise UserError(f"{where}: no output of the model holds one score vector or one class index per sample "
+                    f"(batch of {k}; outputs: {shapes})")

@@ -16,7 +16,7 @@ from builders import recipe, recipe_args
 from onnx import TensorProto, helper, numpy_helper
 from test_hostile_cli import assert_one_line_error, snapshot
 
-from onnxcomq import run
+from onnxcomq import UserError, run
 from onnxcomq.capture.calib import Calibration, model_inputs
 from onnxcomq.cli import main
 from onnxcomq.solve.comq import SolverConfig, comq_quantize, rtn_quantize
@@ -458,3 +458,44 @@ def test_a_folder_of_sequences_of_different_lengths_is_batched_by_shape(tmp_path
                                   np.concatenate([x.reshape(-1, 8) for x in xs]))
     q, rep = run(m, str(folder), recipe(bits=4))
     assert rep.samples == len(lengths) and rep.verification["outputs"][0]["cosine"] > 0.99
+
+
+def _sklearn_like_classifier(w, zipmap=True):
+    """skl2onnx's classifier outputs: the predicted label (int64, one per sample) first, then the probabilities
+    (a sequence of {class: probability} maps with ZipMap, else an (N, classes) tensor)."""
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["z"], name="mm0"), helper.make_node("Softmax", ["z"], ["p"]),
+             helper.make_node("ArgMax", ["p"], ["label"], axis=1, keepdims=0)]
+    if zipmap:
+        nodes.append(helper.make_node("ZipMap", ["p"], ["probs"], domain="ai.onnx.ml",
+                                      classlabels_int64s=list(range(w.shape[1]))))
+        probs = helper.make_value_info("probs", helper.make_sequence_type_proto(helper.make_map_type_proto(
+            TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))))
+    else:
+        nodes.append(helper.make_node("Identity", ["p"], ["probs"]))
+        probs = _vi("probs", ["N", w.shape[1]])
+    g = helper.make_graph(nodes, "clf", [_vi("x", ["N", w.shape[0]])],
+                          [_vi("label", ["N"], TensorProto.INT64), probs], [numpy_helper.from_array(w, "W0")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)],
+                             ir_version=8)
+
+
+@pytest.mark.parametrize("zipmap", [True, False])
+def test_eval_scores_a_classifier_whose_first_output_is_its_label(tmp_path, zipmap):
+    """onnxcomq eval took the first output as the scores: a scikit-learn classifier's (its predicted label, one
+    value per sample) read as "1 classes", and any label above 0 was refused. The scores are the first float output
+    with several values per sample (ZipMap maps included); a model with labels alone is scored by them."""
+    from onnxcomq.evaluate import top1_accuracy
+
+    w = RNG.standard_normal((6, 4)).astype(np.float32)
+    x = RNG.standard_normal((20, 6)).astype(np.float32)
+    labels = (x @ w).argmax(1)
+    labels[:5] = (labels[:5] + 1) % 4
+    np.savez(tmp_path / "d.npz", x=x, labels=labels)
+    assert top1_accuracy(_sklearn_like_classifier(w, zipmap), str(tmp_path / "d.npz"), batch_size=8) == (0.75, 20)
+    only_label = _sklearn_like_classifier(w, zipmap=False)
+    only_label.graph.output.pop()  # (the probabilities no longer an output)
+    assert top1_accuracy(only_label, str(tmp_path / "d.npz")) == (0.75, 20)
+    scalar = _model([helper.make_node("MatMul", ["x", "W0"], ["y"], name="mm0")], [_vi("x", ["N", 6])],
+                    [_vi("y", ["N", 1])], [_w("W0", (6, 1))])
+    with pytest.raises(UserError, match="no output of the model holds one score vector or one class index"):
+        top1_accuracy(scalar, str(tmp_path / "d.npz"))
