@@ -1,7 +1,8 @@
 """Free bias (docs/design.md, "Free bias"): with the bias kept float, the best bias for quantized
 weights Q is b'_i = b_i + mu . (w_i - q_i), mu the mean row of X; COMQ then solves on the centered Gram
 G_c = X^T X - N mu^T mu. This module writes b' into the graph: it edits the layer's bias input (Conv, ConvTranspose,
-Gemm's C, or the constant of an Add right after a MatMul), or adds one.
+Gemm's C, onnxruntime's FusedConv and Attention), or after a MatMul the constant of the Add (or of onnxruntime's
+BiasGelu, FastGelu or SkipLayerNormalization) that follows, or adds an Add.
 """
 
 from __future__ import annotations
@@ -67,9 +68,8 @@ def has_bias(node: onnx.NodeProto, inits: dict, readers: dict, channels: int) ->
         if len(consumers) != 1:
             return False
         nxt = consumers[0]
-        if nxt.op_type == "Add":
-            other = nxt.input[1] if nxt.input[0] == y else nxt.input[0]
-            c = inits.get(other)
+        if nxt.op_type == "Add" or _FUSED_BIAS.get(nxt.op_type) is not None and nxt.domain == "com.microsoft":
+            c = inits.get(bias_after(nxt, y) or "")
             return c is not None and len(c.dims) >= 1 and int(np.prod(c.dims)) == channels
         if nxt.op_type not in _SHAPE_OPS:
             return False
@@ -78,6 +78,23 @@ def has_bias(node: onnx.NodeProto, inits: dict, readers: dict, channels: int) ->
 
 
 _SHAPE_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+# onnxruntime's fused ops that add a bias to their input (its transformer optimizer moves a MatMul's bias there):
+# op -> (the inputs that receive it, the bias input)
+_FUSED_BIAS = {"BiasGelu": ((0,), 1), "FastGelu": ((0,), 1), "SkipLayerNormalization": ((0, 1), 4)}
+
+
+def bias_after(reader: onnx.NodeProto, y: str) -> str | None:
+    """The name of the other operand of ``reader`` that it adds to ``y``: an Add's, or the bias input of one of
+    onnxruntime's fused ops (BiasGelu, FastGelu, SkipLayerNormalization: bias + input + skip); None otherwise."""
+    if reader.op_type == "Add" and len(reader.input) == 2:
+        return reader.input[1] if reader.input[0] == y else reader.input[0]
+    fused = _FUSED_BIAS.get(reader.op_type) if reader.domain == "com.microsoft" else None
+    if fused is None:
+        return None
+    receivers, b = fused
+    if any(k < len(reader.input) and reader.input[k] == y for k in receivers) and b < len(reader.input):
+        return reader.input[b] or None
+    return None
 
 
 def apply(model: onnx.ModelProto, deltas: dict) -> onnx.ModelProto:
@@ -129,10 +146,9 @@ def apply(model: onnx.ModelProto, deltas: dict) -> onnx.ModelProto:
         # MatMul: fold into the constant of the Add that follows, or add an Add
         delta = delta * _attr(node, "alpha", 1.0)  # (FusedMatMul: alpha X W)
         consumers = readers.get(node.output[0], [])
-        add = consumers[0] if len(consumers) == 1 and consumers[0].op_type == "Add" else None
+        other = bias_after(consumers[0], node.output[0]) if len(consumers) == 1 else None
         const = None
-        if add is not None:
-            other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+        if other is not None:
             c = inits.get(other)
             if c is not None and tuple(c.dims) in ((delta.size,), (1, delta.size)) and uses.get(other, 0) == 1:
                 const = (other, c)
