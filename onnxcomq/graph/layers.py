@@ -29,10 +29,13 @@ CONTRIB_LAYERS = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatM
 
 def base_op(node) -> str:
     """The standard op whose weight product ``node`` computes: its op type, or for one of onnxruntime's fused
-    layers (CONTRIB_LAYERS) the op it fuses."""
+    layers (CONTRIB_LAYERS) the op it fuses; an op of another domain is named with its domain (onnxruntime's
+    com.microsoft.nchwc Conv holds its weight in a blocked layout: not a Conv to quantize)."""
+    if node.domain in ("", "ai.onnx"):
+        return node.op_type
     if node.domain == "com.microsoft" and node.op_type in CONTRIB_LAYERS:
         return CONTRIB_LAYERS[node.op_type]
-    return node.op_type
+    return f"{node.domain}.{node.op_type}"
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,9 @@ def _float_reason(node, src: dict) -> str:
     if op == "Einsum":
         return ("Einsum with a constant operand: not rewritten as MatMul (equation not a plain contraction with the "
                 "weight, or --no-rewrite-matmul)")
+    if node.domain == "com.microsoft.nchwc":
+        return ("onnxruntime's CPU-specific NCHWc layout (a graph saved at ORT_ENABLE_ALL): its weights are "
+                "reordered; quantize the model saved at ORT_ENABLE_EXTENDED or below")
     return f"{op} with a constant float operand: not a layer COMQ quantizes"
 
 
