@@ -156,17 +156,22 @@ def test_activations_after_fused_layers_are_typed_by_onnxruntimes_shape_inferenc
     assert "f" in quantized and rep.verification["outputs"][0]["cosine"] > 0.99
 
 
+def _saved_by_onnxruntime(path: str, tmp_path, level: str) -> onnx.ModelProto:
+    """The model as onnxruntime's CPU session saves it optimized at ``level`` (a GraphOptimizationLevel name)."""
+    import onnxruntime as ort
+
+    out = str(tmp_path / f"{level}.onnx")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    so.optimized_model_filepath = out
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return onnx.load(out)
+
+
 def test_a_graph_saved_by_onnxruntimes_optimizer_quantizes_as_the_original(tmp_path):
     """The shipped CNN saved by onnxruntime at ORT_ENABLE_EXTENDED (5 Conv + Relu become FusedConv): every layer is
     quantized, to the same weights as the original graph's, and the outputs agree."""
-    import onnxruntime as ort
-
-    path = str(tmp_path / "optimized.onnx")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = path
-    ort.InferenceSession("models/fmnist_cnn.onnx", so, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(path)
+    optimized = _saved_by_onnxruntime("models/fmnist_cnn.onnx", tmp_path, "ORT_ENABLE_EXTENDED")
     assert sum(n.op_type == "FusedConv" for n in optimized.graph.node) == 5
     r = recipe(bits=4, max_samples=32)
     qo, ro = run(optimized, "models/fmnist_calib.npz", r)
@@ -226,8 +231,6 @@ def test_an_op_of_another_domain_is_not_taken_for_the_standard_op(tmp_path):
     activations are in a blocked layout; they were taken for Conv layers (captured and quantized in the wrong
     layout: W4 cosine to float 0.21 on EfficientNet-Lite0, refused by the check). Now they are left float, said
     why, and the rest is quantized."""
-    import onnxruntime as ort
-
     w = _weights()
     custom = _model([helper.make_node("Conv", ["x", "w1", "b1"], ["c"], domain="my.domain"),
                      helper.make_node("Flatten", ["c"], ["f"]), helper.make_node("Gemm", ["f", "w2", "c2"], ["y"],
@@ -236,12 +239,7 @@ def test_an_op_of_another_domain_is_not_taken_for_the_standard_op(tmp_path):
     custom.opset_import.append(helper.make_opsetid("my.domain", 1))
     layers, skipped = find_layers(custom)
     assert [L.op_type for L in layers] == ["Gemm"] and [s.op_type for s in skipped] == ["Conv"]
-    path = str(tmp_path / "all.onnx")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = path
-    ort.InferenceSession("models/fmnist_cnn.onnx", so, providers=["CPUExecutionProvider"])
-    saved = onnx.load(path)
+    saved = _saved_by_onnxruntime("models/fmnist_cnn.onnx", tmp_path, "ORT_ENABLE_ALL")
     nchwc = [n for n in saved.graph.node if n.domain == "com.microsoft.nchwc" and n.op_type == "Conv"]
     if not nchwc:
         pytest.skip("onnxruntime wrote no NCHWc nodes on this CPU")
