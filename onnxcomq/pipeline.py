@@ -280,10 +280,12 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
         if bad:
             hint = ""
             if acts is not None:  # name the activations that alone move the outputs most
-                worst = acts.culprits(held, run_model)
+                worst, probed, total = acts.culprits(held, run_model)
                 report.verification["culprits"] = [{"tensor": t, "rel_sq_error": e} for t, e in worst]
-                hint = "; the activations whose quantization alone moves the outputs most: " + ", ".join(
-                    f"{t} ({e:.3g})" for t, e in worst) + \
+                report.verification["culprits_probed"] = [probed, total]
+                hint = "; the activations whose quantization alone moves the outputs most" + (
+                    f" (of the first {probed} of {total}, all the time allowed)" if probed < total else "") + \
+                    ": " + ", ".join(f"{t} ({e:.3g})" for t, e in worst) + \
                     " (a recipe's activations.exclude keeps them float; or quantize weights only)"
             raise VerificationError(f"the quantized model failed its check on {n} calibration sample(s): "
                                     f"{'; '.join(bad)}", out, report, hint)

@@ -26,6 +26,7 @@ from onnxcomq.capture.observers import (
 )
 from onnxcomq.cli import main
 from onnxcomq.errors import UserError
+from onnxcomq.write import activations
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALIB = os.path.join(ROOT, "models", "fmnist_calib.npz")
@@ -609,7 +610,7 @@ def _outlier_channel_model(seed=0):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def test_a_failed_check_names_the_activations_that_alone_move_the_outputs_most(tmp_path, capsys):
+def test_a_failed_check_names_the_activations_that_alone_move_the_outputs_most(tmp_path, capsys, monkeypatch):
     """A W8A8 model refused by the check says which activation to keep float (BlazePose's landmark model from
     mediapipe: one tensor of 136 alone moved an output by 1.28, the next by 0.48), and keeping it float passes."""
     from onnxcomq import VerificationError
@@ -632,3 +633,9 @@ def test_a_failed_check_names_the_activations_that_alone_move_the_outputs_most(t
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and not (tmp_path / "q.onnx").exists()
     assert "output y is far" in err and err.index("nothing written") < err.index("moves the outputs most: h (")
+    # a model too large to probe every activation in the time allowed says how many it probed
+    monkeypatch.setattr(activations, "CULPRIT_SECONDS", 0.0)
+    with pytest.raises(VerificationError) as e:
+        run(m, {"x": x}, recipe(bits=8, act_bits=8))
+    assert e.value.report.verification["culprits_probed"] == [1, 2]
+    assert "moves the outputs most (of the first 1 of 2, all the time allowed): x (" in str(e.value)

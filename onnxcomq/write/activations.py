@@ -466,6 +466,9 @@ def _close(limit: float, ref: list, got: list) -> bool:
     return _rel_sq(ref, got) <= limit
 
 
+CULPRIT_SECONDS = 120.0  # how long a failed check may probe its activations one by one (ActivationQuantizer.culprits)
+
+
 class ActivationQuantizer:
     """Activation quantization of one run: the placement, the observers fed by the capture pass, the Q/DQ insertion."""
 
@@ -547,23 +550,23 @@ class ActivationQuantizer:
             ranges = {t: o.range(self.fmt) for t, o in self.observers.items()}
             self._params = act_params(self.placement, ranges, self.fmt)
 
-    def culprits(self, feeds: list, run, top: int = 3, seconds: float = 120.0) -> list:
-        """[(tensor, error)] of the ``top`` quantized activations whose quantization alone moves the graph outputs
-        most (relative squared error on ``feeds``, the worst output's), for a model that failed its check: each
-        tensor's Q/DQ pair is inserted on its own into the float model and run (``run`` as judge_sensitive's), in
-        graph order, for at most ``seconds``."""
+    def culprits(self, feeds: list, run, top: int = 3) -> tuple[list, int, int]:
+        """([(tensor, error)] of the ``top`` quantized activations whose quantization alone moves the graph outputs
+        most (relative squared error on ``feeds``, the worst output's), activations probed, activations quantized),
+        for a model that failed its check: each tensor's Q/DQ pair is inserted on its own into the float model and
+        run (``run`` as judge_sensitive's), in graph order, for at most CULPRIT_SECONDS."""
         names = [o.name for o in self.model.graph.output]
         ref = run(self.model, names, feeds)
         params = self.params
         found, start = [], time.perf_counter()
         for t, key in self.placement.tensors.items():
-            if time.perf_counter() - start > seconds:
+            if found and time.perf_counter() - start > CULPRIT_SECONDS:
                 break
             p = dataclasses.replace(self.placement, tensors={t: key})
             got = run(insert(self.model, p, {key: params[key]}, self.max_opset)[0], names, feeds)
             found.append((t, max(_rel_sq([r[k] for r in ref], [g[k] for g in got])
                                  for k in range(len(names)))))
-        return sorted(found, key=lambda c: -c[1])[:top]
+        return sorted(found, key=lambda c: -c[1])[:top], len(found), len(self.placement.tensors)
 
     def aware_stats(self, specs: dict, calib, capture) -> dict:
         """Layer statistics from a second pass over the float model carrying the activation Q/DQ: each layer's X is
