@@ -2,6 +2,7 @@
 step loop, the scale-update system against brute force and lstsq, emitted DequantizeLinear(block_size) and
 MatMulNBits models against float twins in onnxruntime."""
 
+import math
 import os
 
 import builders
@@ -241,7 +242,6 @@ def test_emitted_block_dq_equals_float_twin(model_fn, block, bits, scheme):
     opset = next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx"))
     assert opset >= 21
     dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
-    assert dqs and all(any(a.name == "block_size" and a.i == block for a in n.attribute) for n in dqs)
     inits = {t.name: t for t in q.graph.initializer}
     for n in dqs:
         codes = inits[n.input[0]]
@@ -251,7 +251,11 @@ def test_emitted_block_dq_equals_float_twin(model_fn, block, bits, scheme):
         axis = next(a.i for a in n.attribute if a.name == "axis")
         scale_dims = list(inits[n.input[1]].dims)
         want = list(codes.dims)
-        want[axis] = -(-want[axis] // block)
+        # a partial last block is written in whole blocks of gcd(K, block) where that at most quadruples the scales
+        fine = math.gcd(want[axis], block)
+        b = block if want[axis] % block == 0 or block // fine > 4 else fine
+        assert {a.name: a.i for a in n.attribute}["block_size"] == b
+        want[axis] = -(-want[axis] // b)
         assert scale_dims == want
     assert all(L.granularity == "block" for L in rep.layers)
     (y,) = session(q).run(None, {"input": x})
@@ -295,9 +299,10 @@ def test_conv_blocks_equal_step_loop_and_float_twin(w_shape, attrs, block):
     assert L.granularity == "block" and not L.note
     dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear")
     at = {a.name: a.i for a in dq.attribute}
-    assert at["axis"] == 1 and at["block_size"] == block
+    b = block if cin % block == 0 else math.gcd(cin, block)  # (10 in blocks of 4: written in whole blocks of 2)
+    assert at["axis"] == 1 and at["block_size"] == b
     scale = next(t for t in q.graph.initializer if t.name == dq.input[1])
-    assert list(scale.dims) == [w_shape[0], -(-cin // block)] + list(w_shape[2:])
+    assert list(scale.dims) == [w_shape[0], -(-cin // b)] + list(w_shape[2:])
     (y,) = session(q).run(None, {"input": x})
     (yt,) = session(float_twin(q)).run(None, {"input": x})
     np.testing.assert_allclose(y, yt, rtol=1e-4, atol=1e-4)
@@ -395,3 +400,45 @@ def test_matmulnbits_shared_weight_and_unnamed_nodes():
     (y,) = session(q).run(None, {"input": x})
     (yt,) = session(float_twin(q)).run(None, {"input": x})
     np.testing.assert_allclose(y, yt, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(length=st.integers(1, 200), block=st.sampled_from([16, 32, 64, 128]), axis=st.integers(0, 1),
+       seed=st.integers(0, 1000))
+def test_whole_blocks_keep_every_elements_scale(length, block, axis, seed):
+    """A partial last block is rewritten in blocks of gcd(length, block) where that at most quadruples the
+    scales: the same scale and zero point for every element (expanded as DequantizeLinear expands them)."""
+    from onnxcomq.write.qdq import whole_blocks
+
+    rng = np.random.default_rng(seed)
+    nb = -(-length // block)
+    shape = (nb, 5) if axis == 0 else (5, nb)
+    scale, zp = rng.random(shape).astype(np.float32), rng.integers(0, 16, shape).astype(np.uint8)
+    s2, z2, b2 = whole_blocks(scale, zp, axis, block, length)
+    fine = math.gcd(length, block)
+    if length % block and block // fine <= 4:  # rewritten: whole blocks, at most 4x the scales
+        assert b2 == fine and s2.shape[axis] == length // fine
+    else:  # (a whole number of blocks already, or too many scales: kept)
+        assert b2 == block and s2 is scale
+
+    def expand(a, b):
+        return np.take(np.repeat(a, b, axis=axis), np.arange(length), axis=axis)
+
+    np.testing.assert_array_equal(expand(s2, b2), expand(scale, block))
+    np.testing.assert_array_equal(expand(z2, b2), expand(zp, block))
+
+
+def test_a_conv_with_a_partial_last_block_is_written_in_whole_blocks(tmp_path):
+    """An 80-channel 1x1 conv in blocks of 32 (EfficientNet-Lite0's): written with block_size 16, which OpenVINO's
+    ONNX frontend accepts (it refused 32: "dimension of X at axis 1 (80) cannot be divided by block_size (32)"),
+    with the dequantized weights of the 32-wide grid: at most 3 scales per output channel."""
+    rng = np.random.default_rng(0)
+    m = builders.conv_model((None, 80, 6, 6), rng.standard_normal((8, 80, 1, 1)).astype(np.float32))
+    x = rng.standard_normal((16, 80, 6, 6)).astype(np.float32)
+    q, _ = run(m, {"input": x}, recipe(bits=4, granularity="block", block_size=32))
+    (dq,) = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
+    assert {a.name: a.i for a in dq.attribute}["block_size"] == 16
+    scale = numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == dq.input[1]))
+    assert scale.shape == (8, 5, 1, 1)
+    np.testing.assert_array_equal(scale[:, 0], scale[:, 1])  # (channels 0-31: one scale, written twice)
+    np.testing.assert_array_equal(scale[:, 2], scale[:, 3])  # (32-63; 64-79 the last)

@@ -10,7 +10,8 @@ dequantized weights). Older models are converted with onnx's version converter, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import ml_dtypes
 import numpy as np
@@ -113,6 +114,23 @@ def quantized_weight(layer, res) -> QuantizedWeight:
                            directions=directions)
 
 
+WHOLE_BLOCK_REPEAT = 4  # whole_blocks: at most this many times the scales (24 channels in blocks of 32: 3 of 8)
+
+
+def whole_blocks(scale: np.ndarray, zero_point: np.ndarray, axis: int, block: int, length: int) -> tuple:
+    """(scale, zero point, block size) with the same values element for element, in blocks that divide the
+    ``length`` of the weight's ``axis``: where the last block of ``block`` is partial (80 input channels in
+    blocks of 32), each scale repeated in blocks of gcd(length, block) (16), if that stores at most
+    WHOLE_BLOCK_REPEAT times the scales. ONNX allows a partial last block; OpenVINO's ONNX frontend refuses it
+    ("dimension of X at axis 1 (80) cannot be divided by block_size (32)")."""
+    fine = math.gcd(length, block)
+    if length % block == 0 or block // fine > WHOLE_BLOCK_REPEAT:
+        return scale, zero_point, block
+    keep = tuple(slice(0, length // fine) if a == axis else slice(None) for a in range(scale.ndim))
+    return (np.repeat(scale, block // fine, axis=axis)[keep], np.repeat(zero_point, block // fine, axis=axis)[keep],
+            fine)
+
+
 def _opset(model) -> int:
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
@@ -181,6 +199,9 @@ def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: d
     if max_opset is not None and _opset(model) > max_opset:
         raise UserError(f"weights.max_opset {max_opset}: the model is already at opset {_opset(model)} (onnxcomq does not "
                         "lower a model's opset)")
+    weights = [replace(w, **dict(zip(("scale", "zero_point", "block_size"), whole_blocks(
+        w.scale, w.zero_point, w.axis, w.block_size, w.codes.shape[w.axis])))) if w.block_size else w
+        for w in weights]  # (MatMulNBits pads a partial block itself)
     stored = [(w,) + tuple(w.storage(max_opset)) for w in weights]
     target, why = max((weight_opset(w, dt) for w, *_, dt in stored), key=lambda t: t[0])
     if max_opset is not None and target > max_opset:
