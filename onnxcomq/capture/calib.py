@@ -300,6 +300,11 @@ def batch_samples(feed) -> int:
     return int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1
 
 
+def _joined(parts: list) -> dict:
+    """One feed of the samples of ``parts`` (feeds whose arrays differ on axis 0 only), in order."""
+    return {k: np.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
+
+
 def _rebatch(chunks, batch_size: int, max_samples: int | None, fixed: bool = False, dropped=None):
     """Split/concatenate a stream of canonical chunks (samples on axis 0 of every array) into batches of
     ``batch_size`` samples; samples of different shapes (other than on axis 0) never share a batch. ``fixed``: a
@@ -318,7 +323,7 @@ def _rebatch(chunks, batch_size: int, max_samples: int | None, fixed: bool = Fal
             # samples of another shape (a folder of token sequences of different lengths): the batch so far goes
             # alone (a model with a fixed batch leaves it out)
             if not fixed:
-                yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+                yield _joined(pending)
             elif dropped is not None:
                 dropped[0] += count
             pending, count = [], 0
@@ -326,8 +331,7 @@ def _rebatch(chunks, batch_size: int, max_samples: int | None, fixed: bool = Fal
         pending.append(feed)
         count += n
         while count >= batch_size:
-            merged = {k: np.concatenate([p[k] for p in pending]) if len(pending) > 1 else pending[0][k]
-                      for k in pending[0]}
+            merged = _joined(pending)
             yield {k: v[:batch_size] for k, v in merged.items()}
             rest = {k: v[batch_size:] for k, v in merged.items()}
             count -= batch_size
@@ -335,7 +339,7 @@ def _rebatch(chunks, batch_size: int, max_samples: int | None, fixed: bool = Fal
         if max_samples is not None and total >= max_samples:
             break
     if count and not fixed:
-        yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+        yield _joined(pending)
     elif count and dropped is not None:
         dropped[0] += count
 

@@ -11,7 +11,7 @@ import tempfile
 import onnx
 
 from ..errors import UserError
-from .layers import CONTRIB_LAYERS, RECURRENT_OPS, SUPPORTED_OPS
+from .layers import RECURRENT_OPS, SUPPORTED_OPS, base_op
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def load_model(path) -> onnx.ModelProto:
     return model
 
 
-WEIGHT_OPS = SUPPORTED_OPS + ("Einsum",) + tuple(CONTRIB_LAYERS)  # Einsum: rewritten as MatMul (graph/rewrite.py)
+WEIGHT_OPS = SUPPORTED_OPS + ("Einsum",)  # Einsum: rewritten as MatMul (graph/rewrite.py)
 
 
 def _needs_folding(model: onnx.ModelProto) -> bool:
@@ -50,7 +50,7 @@ def _needs_folding(model: onnx.ModelProto) -> bool:
                                        and n.op_type not in ("RandomNormal", "RandomUniform", "Multinomial")):
             const.update(o for o in n.output if o)
     for n in graph.node:
-        if n.op_type in WEIGHT_OPS:
+        if base_op(n) in WEIGHT_OPS:  # (onnxruntime's fused layers too)
             w = list(n.input if n.op_type == "Einsum" else n.input[1:3] if n.op_type in RECURRENT_OPS
                      else n.input[:2])
             if any(t in const and t not in inits for t in w):

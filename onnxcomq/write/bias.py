@@ -68,8 +68,9 @@ def has_bias(node: onnx.NodeProto, inits: dict, readers: dict, channels: int) ->
         if len(consumers) != 1:
             return False
         nxt = consumers[0]
-        if nxt.op_type == "Add" or _FUSED_BIAS.get(nxt.op_type) is not None and nxt.domain == "com.microsoft":
-            c = inits.get(bias_after(nxt, y) or "")
+        other = bias_after(nxt, y)
+        if other is not None or nxt.op_type == "Add":
+            c = inits.get(other or "")
             return c is not None and len(c.dims) >= 1 and int(np.prod(c.dims)) == channels
         if nxt.op_type not in _SHAPE_OPS:
             return False

@@ -131,6 +131,14 @@ def whole_blocks(scale: np.ndarray, zero_point: np.ndarray, axis: int, block: in
             fine)
 
 
+def _in_whole_blocks(w: QuantizedWeight) -> QuantizedWeight:
+    """``w`` with its block scales as ``whole_blocks`` writes them (``w`` itself without blocks)."""
+    if not w.block_size:
+        return w
+    scale, zero_point, block = whole_blocks(w.scale, w.zero_point, w.axis, w.block_size, w.codes.shape[w.axis])
+    return replace(w, scale=scale, zero_point=zero_point, block_size=block)
+
+
 def _opset(model) -> int:
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
@@ -199,9 +207,7 @@ def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: d
     if max_opset is not None and _opset(model) > max_opset:
         raise UserError(f"weights.max_opset {max_opset}: the model is already at opset {_opset(model)} (onnxcomq does not "
                         "lower a model's opset)")
-    weights = [replace(w, **dict(zip(("scale", "zero_point", "block_size"), whole_blocks(
-        w.scale, w.zero_point, w.axis, w.block_size, w.codes.shape[w.axis])))) if w.block_size else w
-        for w in weights]  # (MatMulNBits pads a partial block itself)
+    weights = [_in_whole_blocks(w) for w in weights]  # (here: MatMulNBits pads a partial block itself)
     stored = [(w,) + tuple(w.storage(max_opset)) for w in weights]
     target, why = max((weight_opset(w, dt) for w, *_, dt in stored), key=lambda t: t[0])
     if max_opset is not None and target > max_opset:
