@@ -499,3 +499,29 @@ def test_eval_scores_a_classifier_whose_first_output_is_its_label(tmp_path, zipm
                     [_vi("y", ["N", 1])], [_w("W0", (6, 1))])
     with pytest.raises(UserError, match="no output of the model holds one score vector or one class index"):
         top1_accuracy(scalar, str(tmp_path / "d.npz"))
+
+
+def test_a_static_batch_with_a_dynamic_width_takes_feeds_of_any_width(tmp_path):
+    """An OCR line model (ddddocr's: input [1, 1, 64, image_width]): the batch is fixed at 1 and the width is free.
+    Each calibration file was compared with the model's shape including the open axis, so every feed was refused
+    ("has shape (1, 3, 5), the model expects [1, 3, ?]"), 'random' too. Each file is one feed, of any width."""
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["h"], name="conv1", pads=[1, 1]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "W2"], ["y"], name="conv2")]
+    m = _model(nodes, [_vi("x", [1, 3, "image_width"])], [_vi("y", [1, 4, "image_width"])],
+               [_w("W1", (6, 3, 3)), _w("W2", (4, 6, 1), seed=1)])
+    widths = [5, 9, 5, 12]
+    folder = tmp_path / "lines"
+    folder.mkdir()
+    for k, w in enumerate(widths):
+        np.save(folder / f"{k}.npy", RNG.standard_normal((1, 3, w)).astype(np.float32))
+    feeds = list(Calibration(str(folder), model_inputs(m)))
+    assert [f["x"].shape for f in feeds] == [(1, 3, w) for w in widths]
+    q, rep = run(m, str(folder), recipe(bits=8, device="cpu"))
+    assert rep.samples == len(widths) and {L.node: L.rows for L in rep.layers} == {"conv1": 31, "conv2": 31}
+    _close_to_float(m, q, {"x": np.load(folder / "3.npy")})
+    _, rep = run(m, "random", recipe(bits=8, device="cpu"))
+    assert rep.samples == 1
+    np.save(folder / "4.npy", np.zeros((1, 2, 5), np.float32))  # (the static axes are still checked)
+    with pytest.raises(UserError, match=r"4.npy: input x has shape \(1, 2, 5\), the model expects \[1, 3, \?\]"):
+        list(Calibration(str(folder), model_inputs(m)))

@@ -17,6 +17,7 @@ How an array maps to an input (``Layout``), decided once from the first data see
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import zipfile
@@ -419,8 +420,8 @@ class Calibration:
             if isinstance(a, _Meta):
                 continue
             a = _check_values(where, i, a)
-            if L.form == "const":
-                if a.shape != i.shape:
+            if L.form == "const":  # (a dynamic axis beside a static batch, as an OCR line's width, takes any size)
+                if a.ndim != len(i.shape) or any(w is not None and g != w for g, w in zip(a.shape, i.shape)):
                     raise UserError(f"{where}: input {i.name} has shape {a.shape}, the model expects "
                                     f"{_fmt_shape(i.shape)} (fed as it is, like the first calibration data)")
                 consts[i.name] = a
@@ -626,7 +627,10 @@ class Calibration:
                 else:  # every input a constant: the chunk is one feed, as it is
                     yield {"": np.zeros((1, 0))}
 
-        for b in _rebatch(canonical(), self.batch_size, self.max_samples, bool(self.fixed_batch), dropped):
+        chunks = canonical()
+        first = next(chunks, None)  # (the first data decide the layouts, and with them the model's fixed batch)
+        chunks = itertools.chain([first], chunks) if first is not None else iter(())
+        for b in _rebatch(chunks, self.batch_size, self.max_samples, bool(self.fixed_batch), dropped):
             empty = False
             b.pop("", None)
             yield self._to_feed(b, consts)
