@@ -134,6 +134,16 @@ def _reflect_pad():
                   [numpy_helper.from_array(np.array([0, 0, 2, 0, 0, 2], np.int64), "pads"), _w("W0", (5, 5))])
 
 
+def _dynamically_quantized(tmp):
+    """onnxruntime's quantize_dynamic output (MatMulInteger after DynamicQuantizeLinear), as ddddocr ships one."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    m = _model([helper.make_node("MatMul", ["x", "W0"], ["y"], name="mm0")], [_vi("x", ["N", 6])],
+               [_vi("y", ["N", 5])], [_w("W0", (6, 5))], opset=13)
+    quantize_dynamic(builders.save(m, tmp / "float.onnx"), str(tmp / "dynamic.onnx"))
+    return onnx.load(str(tmp / "dynamic.onnx"))
+
+
 x6 = RNG.standard_normal((8, 6)).astype(np.float32)
 BAD = [
     # (id, model builder, calibration arrays (None: random), extra args, words of the message)
@@ -169,6 +179,8 @@ BAD = [
      {"x": x6, "state": np.zeros((8, 2, 1, 5), np.float32)}, [], "axis 2: 5 != 4"),
     ("static input, two axes differ", lambda: fixed_batch_conv(1),
      {"x": RNG.standard_normal((4, 3, 8, 9)).astype(np.float32)}, [], "axes 0, 3 differ"),
+    ("quantized by onnxruntime already", _dynamically_quantized, {"x": x6}, [],
+     "the model is already quantized (it holds 1 DynamicQuantizeLinear, 1 MatMulInteger): give onnxcomq the float"),
     ("different static batches", lambda: _model(
         [helper.make_node("MatMul", ["a", "W0"], ["ya"], name="mma"), helper.make_node("MatMul", ["b", "W1"], ["yb"],
                                                                                         name="mmb")],
@@ -180,7 +192,7 @@ BAD = [
 
 @pytest.mark.parametrize("name,build,calib,args,needle", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, name, build, calib, args, needle):
-    model = build()
+    model = build(tmp_path) if build is _dynamically_quantized else build()
     mpath = builders.save(model, tmp_path / "m.onnx")
     cpath = str(tmp_path / "calib.npz")
     np.savez(cpath, **calib)

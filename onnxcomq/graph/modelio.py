@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -70,16 +71,25 @@ def _inlined(model: onnx.ModelProto) -> onnx.ModelProto:
                         f"cannot be inlined: {' '.join(str(e).split())[:200]}") from None
 
 
+# the ops of a model quantized already: QDQ, onnxruntime's static (QLinear*) and dynamic quantization, its 4-bit
+# formats
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QGemm", "QAttention", "MatMulNBits",
+    "MatMulBnb4", "GatherBlockQuantized"})
+
+
 def prepare_model(model_or_path) -> onnx.ModelProto:
     """Load (if a path) and fold constant subgraphs so that weights held in ``Constant`` nodes or behind
     ``Identity`` become initializers. The caller's ModelProto is never modified."""
     model = load_model(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
     if not isinstance(model, onnx.ModelProto):
         raise UserError(f"expected an ONNX ModelProto or a path, got {type(model).__name__}")
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "MatMulNBits", "QLinearConv", "QLinearMatMul")
-           for n in model.graph.node):
-        raise UserError("the model is already quantized (it holds QuantizeLinear/DequantizeLinear or QLinear "
-                        "nodes): give onnxcomq the float model")
+    found = collections.Counter(n.op_type for n in model.graph.node
+                                if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear"))
+    if found:
+        ops = ", ".join(f"{v} {k}" for k, v in sorted(found.items()))
+        raise UserError(f"the model is already quantized (it holds {ops}): give onnxcomq the float model")
     if model.functions:  # layers inside model-local functions (torch.onnx's export_modules_as_functions)
         model = _inlined(model)
     if not _needs_folding(model):
