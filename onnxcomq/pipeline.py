@@ -21,6 +21,7 @@ from .capture.passes import Twin, capture, split_stages, stage_entries
 from .capture.session import run_model
 from .config import Recipe
 from .errors import UserError
+from .graph.batchnorm import fold_batch_norms
 from .graph.layers import (
     RECURRENT_OPS,
     check_weights,
@@ -73,7 +74,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     recipe = (recipe or Recipe()).validate()
     w, sv = recipe.weights, recipe.solver
     t_start = time.perf_counter()
-    model = prepare_model(model_or_path)
+    model = fold_batch_norms(prepare_model(model_or_path))
     if recipe.activations is not None and (w.max_opset is None or w.max_opset >= PER_CHANNEL_OPSET):
         # the output needs opset 13 (per-channel DequantizeLinear) anyway: converted now, so that the activation
         # placement is made on the graph it is written into (below 10 the converter replaces Upsample by Resize)

@@ -1,0 +1,143 @@
+"""Inference ``BatchNormalization`` after a ``Conv`` folded into the conv's weight and bias, before anything is
+captured.
+
+Exporters that keep batch norms as nodes (Paddle2ONNX, some tf2onnx and older torch exports) leave the conv's output
+before a per-channel scale ``gamma / sqrt(var + eps)``, which reaches 50-300 on the channels a depthwise conv barely
+uses (PaddleDetection's PicoDet layout model). Quantized per tensor there, as 8-bit activations are, one channel's
+rounding noise comes out of the batch norm that many times larger: one such tensor alone moved the model's output by
+a relative error of 0.99. Runtimes fold the pair anyway (onnxruntime's ConvBNFusion, TensorRT); folded first, the
+weights are those the runtime would run and the activation quantized is the batch norm's output. For per-channel
+weight grids the fold changes nothing but the bias, which the conv then has (so it may be re-fitted).
+
+    W'[c] = W[c] * s[c],  b'[c] = (b[c] - mean[c]) * s[c] + beta[c],  s = gamma / sqrt(var + eps)
+
+A pair is folded only where that is exact: an inference-mode batch norm (one output, no ``training_mode``,
+``spatial`` 1) whose four parameters are initializers, after a Conv (standard domain) whose only reader it is and
+whose weight and bias are initializers read by that conv alone; nothing of the pair may be read inside a subgraph.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .layers import unique_name
+
+log = logging.getLogger("onnxcomq")
+
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def _subgraph_names(graph: onnx.GraphProto) -> set:
+    """Every tensor name a node of a subgraph (If/Loop/Scan bodies, at any depth) reads or writes."""
+    out = set()
+    for n in graph.node:
+        for a in n.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                for m in g.node:
+                    out.update(m.input)
+                    out.update(m.output)
+                out |= _subgraph_names(g)
+    return out
+
+
+def _pairs(model: onnx.ModelProto) -> list:
+    """(conv index, batch-norm index) of every pair that folds exactly."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    graph_io = {i.name for i in g.input} | {o.name for o in g.output}
+    if model.ir_version < 4:  # (there every initializer is also listed as an input, and is a constant)
+        graph_io -= set(inits)
+    readers: dict = {}
+    for k, n in enumerate(g.node):
+        for t in n.input:
+            readers.setdefault(t, []).append(k)
+    producer = {o: k for k, n in enumerate(g.node) for o in n.output}
+    nested = _subgraph_names(g)
+    pairs = []
+    for k, bn in enumerate(g.node):
+        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or len(bn.input) != 5:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in bn.attribute}
+        if attrs.get("training_mode", 0) or attrs.get("spatial", 1) != 1 or any(o for o in bn.output[1:]):
+            continue
+        params = bn.input[1:]
+        if any(p not in inits or p in graph_io or inits[p].data_type not in _FLOATS for p in params):
+            continue
+        x = bn.input[0]
+        c = producer.get(x)
+        if c is None or x in graph_io or x in nested or readers.get(x) != [k]:
+            continue
+        conv = g.node[c]
+        if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.output) != 1:
+            continue
+        consts = [t for t in conv.input[1:] if t]
+        if len(conv.input) < 2 or not conv.input[1] or any(
+                t not in inits or t in graph_io or t in nested or readers.get(t) != [c] or
+                inits[t].data_type not in _FLOATS for t in consts):
+            continue
+        channels = inits[conv.input[1]].dims[0]
+        if any(list(inits[p].dims) != [channels] for p in params):
+            continue
+        pairs.append((c, k))
+    return pairs
+
+
+def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every exactly foldable Conv -> BatchNormalization pair folded into the conv (the
+    model itself where there is none)."""
+    pairs = _pairs(model)
+    if not pairs:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {t.name: t for t in g.initializer}
+    taken = set(inits) | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    drop_nodes, drop_params = set(), set()
+    for c, k in pairs:
+        conv, bn = g.node[c], g.node[k]
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in bn.input[1:])
+        s = gamma / np.sqrt(var + eps)
+        wt = inits[conv.input[1]]
+        w = numpy_helper.to_array(wt)
+        w2 = (w.astype(np.float64) * s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype)
+        wt.CopyFrom(numpy_helper.from_array(w2, wt.name))
+        has_bias = len(conv.input) > 2 and conv.input[2]
+        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_bias else np.zeros_like(s)
+        b2 = ((b - mean) * s + beta).astype(w.dtype)
+        if has_bias:
+            inits[conv.input[2]].CopyFrom(numpy_helper.from_array(b2, conv.input[2]))
+        else:
+            name = unique_name(f"{wt.name}_bias", taken)
+            g.initializer.append(numpy_helper.from_array(b2, name))
+            if out.ir_version < 4:  # (an initializer is listed as an input there)
+                g.input.append(helper.make_tensor_value_info(name, g.initializer[-1].data_type, list(b2.shape)))
+            if len(conv.input) < 3:
+                conv.input.append(name)
+            else:
+                conv.input[2] = name
+        conv.output[0] = bn.output[0]  # (the batch norm's readers and graph outputs keep their tensor)
+        drop_nodes.add(k)
+        drop_params.update(bn.input[1:])
+    nodes = [n for i, n in enumerate(g.node) if i not in drop_nodes]
+    del g.node[:]
+    g.node.extend(nodes)
+    still = {t for n in g.node for t in n.input}
+    keep = [t for t in g.initializer if t.name not in drop_params or t.name in still]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    gone = drop_params - still  # (below IR 4 the parameters were listed as graph inputs too)
+    inputs = [i for i in g.input if i.name not in gone]
+    del g.input[:]
+    g.input.extend(inputs)
+    unwritten = {model.graph.node[c].output[0] for c, _ in pairs}  # (the conv outputs no node writes now)
+    keep_vi = [v for v in g.value_info if v.name not in unwritten]
+    del g.value_info[:]
+    g.value_info.extend(keep_vi)
+    log.info("folded %d BatchNormalization node(s) into the Conv before each", len(pairs))
+    return out

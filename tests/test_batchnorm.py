@@ -1,0 +1,105 @@
+"""Conv -> BatchNormalization folded before capture (graph/batchnorm.py): exact where it folds, left alone where a
+fold would change what the model computes, and the W8A8 failure it removes (PaddleDetection's PicoDet, exported by
+Paddle2ONNX with its batch norms as nodes)."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from builders import recipe
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcomq import run
+from onnxcomq.graph.batchnorm import fold_batch_norms
+
+RNG = np.random.default_rng(0)
+
+
+def _vi(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _arr(a, name):
+    return numpy_helper.from_array(np.asarray(a, np.float32), name)
+
+
+def conv_bn(groups=1, bias=True, dims=2, loud=1.0, ir=8, opset=17, bn_attrs=None):
+    """x[N, 4, 6(, 6)] -> Conv(6 out, kernel 3, groups) -> BatchNormalization -> Relu -> y. ``loud``: one channel's
+    conv output is that much smaller than the others and its batch-norm scale (gamma / sqrt(var + eps)) that much
+    larger."""
+    c_in, c_out = 4, 8 if groups == 4 else 6
+    k = (3,) * dims
+    w = RNG.standard_normal((c_out, c_in // groups) + k) / 3
+    var = RNG.uniform(0.5, 2.0, c_out)
+    var[1] = 1.0 / loud ** 2  # (a channel the conv barely uses: its weights and statistics that much smaller)
+    w[1] /= loud
+    mean = RNG.standard_normal(c_out) / 4
+    mean[1] /= loud
+    beta = RNG.standard_normal(c_out)
+    beta[1] = 0.5  # (alive after the Relu)
+    inits = [_arr(w, "W"), _arr(RNG.uniform(0.5, 1.5, c_out), "gamma"), _arr(beta, "beta"), _arr(mean, "mean"),
+             _arr(var, "var")]
+    ins = ["x", "W"] + (["B"] if bias else [])
+    if bias:
+        inits.append(_arr(RNG.standard_normal(c_out) * np.where(np.arange(c_out) == 1, 1 / loud, 1), "B"))
+    nodes = [helper.make_node("Conv", ins, ["c"], name="conv", group=groups, pads=[1] * (2 * dims)),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"], name="bn",
+                              epsilon=1e-6, **(bn_attrs or {})),
+             helper.make_node("Relu", ["b"], ["y"], name="relu")]
+    inputs = [_vi("x", ["N", c_in] + [6] * dims)]
+    if ir < 4:  # (IR 3 lists every initializer as a graph input)
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    g = helper.make_graph(nodes, "g", inputs, [_vi("y", ["N", c_out] + [6] * dims)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir)
+
+
+def _run(model, x):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("groups,bias,dims,ir,opset", [(1, True, 2, 8, 17), (1, False, 2, 8, 17), (4, False, 2, 8, 17),
+                                                       (1, True, 1, 8, 17), (2, False, 2, 3, 8)],
+                         ids=["conv+bias", "conv", "depthwise", "conv1d", "ir3-opset8"])
+def test_folded_model_computes_the_same(groups, bias, dims, ir, opset):
+    m = conv_bn(groups, bias, dims, ir=ir, opset=opset)
+    before = m.SerializeToString()
+    f = fold_batch_norms(m)
+    assert m.SerializeToString() == before  # (the caller's model untouched)
+    assert [n.op_type for n in f.graph.node] == ["Conv", "Relu"] and f.graph.node[0].name == "conv"
+    assert len(f.graph.node[0].input) == 3 and f.graph.node[0].output[0] == "b"
+    assert not {"gamma", "beta", "mean", "var"} & {t.name for t in f.graph.initializer}
+    onnx.checker.check_model(f, full_check=True)
+    x = RNG.standard_normal((3, 4) + (6,) * dims).astype(np.float32)
+    np.testing.assert_allclose(_run(f, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+def _edited(edit):
+    m = conv_bn()
+    edit(m.graph)
+    return m
+
+
+@pytest.mark.parametrize("edit", [
+    lambda g: g.node.append(helper.make_node("Identity", ["c"], ["c2"])),  # the conv's output read twice
+    lambda g: g.output.append(_vi("c", ["N", 6, 6, 6])),  # ... or a graph output
+    lambda g: g.node.append(helper.make_node("Identity", ["W"], ["w2"])),  # the weight read elsewhere
+    lambda g: g.node[1].attribute.append(helper.make_attribute("training_mode", 1)),
+    lambda g: g.input.append(_vi("var", [6])),  # a parameter fed by the user
+], ids=["conv output read twice", "conv output is a graph output", "weight shared", "training mode",
+        "parameter is an input"])
+def test_not_folded_where_it_would_change_the_model(edit):
+    m = _edited(edit)
+    assert fold_batch_norms(m) is m
+
+
+def test_w8a8_quantizes_the_batch_norm_output_not_the_conv_output():
+    """One channel's batch-norm scale is 300 (a depthwise conv's barely used channel in PicoDet: 289): quantizing
+    the conv's output per tensor, that channel's rounding noise came out 300 times larger, and the output with it.
+    The folded model quantizes the batch norm's output, the tensor the runtime computes after its own fold."""
+    m = conv_bn(loud=300.0)
+    x = RNG.standard_normal((64, 4, 6, 6)).astype(np.float32)
+    q, rep = run(m, {"x": x}, recipe(bits=8, act_bits=8, device="cpu"))
+    assert "BatchNormalization" not in {n.op_type for n in q.graph.node}
+    assert [L.node for L in rep.layers] == ["conv"]
+    ref, got = _run(m, x[:16]).ravel(), _run(q, x[:16]).ravel()
+    assert ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got)) > 0.999
