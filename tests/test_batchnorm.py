@@ -73,6 +73,32 @@ def test_folded_model_computes_the_same(groups, bias, dims, ir, opset):
     np.testing.assert_allclose(_run(f, x), _run(m, x), rtol=1e-5, atol=1e-5)
 
 
+def paddle3_chain(add_shape=(1, 6, 1, 1)):
+    """Paddle 3's export: Conv (no bias) -> Add(the bias, [1, C, 1, 1]) -> Identity -> BatchNormalization."""
+    m = conv_bn(bias=False)
+    g = m.graph
+    g.node[0].output[0] = "c0"
+    g.initializer.append(_arr(RNG.standard_normal(add_shape), "bias"))
+    g.node.insert(1, helper.make_node("Add", ["c0", "bias"], ["c1"], name="add"))
+    g.node.insert(2, helper.make_node("Identity", ["c1"], ["c"], name="id"))
+    return m
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 1, 1), (6, 1, 1), (1,)])
+def test_a_bias_added_after_the_conv_joins_the_fold(shape):
+    m = paddle3_chain(shape)
+    f = fold_batch_norms(m)
+    assert [n.op_type for n in f.graph.node] == ["Conv", "Relu"]
+    assert "bias" not in {t.name for t in f.graph.initializer}
+    x = RNG.standard_normal((3, 4, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(f, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_add_that_is_not_per_channel_is_not_folded():
+    m = paddle3_chain((6,))  # (one value per column: the last axis, not the channels)
+    assert fold_batch_norms(m) is m
+
+
 def _edited(edit):
     m = conv_bn()
     edit(m.graph)

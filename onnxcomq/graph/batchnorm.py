@@ -4,16 +4,19 @@ captured.
 Exporters that keep batch norms as nodes (Paddle2ONNX, some tf2onnx and older torch exports) leave the conv's output
 before a per-channel scale ``gamma / sqrt(var + eps)``, which reaches 50-300 on the channels a depthwise conv barely
 uses (PaddleDetection's PicoDet layout model). Quantized per tensor there, as 8-bit activations are, one channel's
-rounding noise comes out of the batch norm that many times larger: one such tensor alone moved the model's output by
-a relative error of 0.99. Runtimes fold the pair anyway (onnxruntime's ConvBNFusion, TensorRT); folded first, the
+rounding noise comes out of the batch norm that many times larger: one such tensor alone gave the model's output a
+relative squared error of 0.99. Runtimes fold the pair anyway (onnxruntime's ConvBNFusion, TensorRT); folded first, the
 weights are those the runtime would run and the activation quantized is the batch norm's output. For per-channel
 weight grids the fold changes nothing but the bias, which the conv then has (so it may be re-fitted).
 
     W'[c] = W[c] * s[c],  b'[c] = (b[c] - mean[c]) * s[c] + beta[c],  s = gamma / sqrt(var + eps)
 
-A pair is folded only where that is exact: an inference-mode batch norm (one output, no ``training_mode``,
-``spatial`` 1) whose four parameters are initializers, after a Conv (standard domain) whose only reader it is and
-whose weight and bias are initializers read by that conv alone; nothing of the pair may be read inside a subgraph.
+Paddle 3's exporter writes the conv's bias as an Add of a [1, C, 1, 1] constant, then an Identity, before the batch
+norm: that constant joins the bias, ``b`` above. A chain is folded only where that is exact: an inference-mode batch
+norm (one output, no ``training_mode``, ``spatial`` 1) whose four parameters are initializers, after a Conv
+(standard domain) whose weight and bias are initializers read by that conv alone, with between them at most one Add
+of a constant with one value per channel and any Identity nodes, each tensor of the chain read by the next node
+alone; nothing of the chain may be read inside a subgraph.
 """
 
 from __future__ import annotations
@@ -44,8 +47,19 @@ def _subgraph_names(graph: onnx.GraphProto) -> set:
     return out
 
 
-def _pairs(model: onnx.ModelProto) -> list:
-    """(conv index, batch-norm index) of every pair that folds exactly."""
+def _per_channel(t: onnx.TensorProto, rank: int, channels: int) -> bool:
+    """Whether constant ``t``, added to a [N, C, ...] tensor of ``rank``, adds one value per channel (axis 1)."""
+    dims = list(t.dims)
+    if len(dims) > rank:
+        return False
+    dims = [1] * (rank - len(dims)) + dims
+    return all(d == 1 for a, d in enumerate(dims) if a != 1) and dims[1] in (1, channels)
+
+
+def _chains(model: onnx.ModelProto) -> list:
+    """(conv index, [indices of the Identity / Add nodes between], add constant's name or None, batch-norm index) of
+    every chain that folds exactly: Conv, then optionally a per-channel constant Add (Paddle 3's export of a conv
+    bias) and Identity nodes, each the only reader of the tensor before it, then the batch norm."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     graph_io = {i.name for i in g.input} | {o.name for o in g.output}
@@ -57,7 +71,11 @@ def _pairs(model: onnx.ModelProto) -> list:
             readers.setdefault(t, []).append(k)
     producer = {o: k for k, n in enumerate(g.node) for o in n.output}
     nested = _subgraph_names(g)
-    pairs = []
+
+    def const(t):
+        return t in inits and t not in graph_io and inits[t].data_type in _FLOATS
+
+    chains = []
     for k, bn in enumerate(g.node):
         if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or len(bn.input) != 5:
             continue
@@ -65,32 +83,47 @@ def _pairs(model: onnx.ModelProto) -> list:
         if attrs.get("training_mode", 0) or attrs.get("spatial", 1) != 1 or any(o for o in bn.output[1:]):
             continue
         params = bn.input[1:]
-        if any(p not in inits or p in graph_io or inits[p].data_type not in _FLOATS for p in params):
+        if not all(const(p) for p in params):
             continue
-        x = bn.input[0]
-        c = producer.get(x)
-        if c is None or x in graph_io or x in nested or readers.get(x) != [k]:
+        x, reader, mids, add = bn.input[0], k, [], None
+        while True:  # back from the batch norm, through Identity and one constant Add, to the Conv
+            c = producer.get(x)
+            if c is None or x in graph_io or x in nested or readers.get(x) != [reader]:
+                c = None
+                break
+            node = g.node[c]
+            if node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+                c = None
+                break
+            if node.op_type == "Identity":
+                mids.append(c)
+            elif node.op_type == "Add" and add is None and len(node.input) == 2 and \
+                    sum(const(t) for t in node.input) == 1:
+                mids.append(c)
+                add = next(t for t in node.input if const(t))
+            else:
+                break
+            x, reader = next(t for t in node.input if t != add), c
+        if c is None or g.node[c].op_type != "Conv":
             continue
         conv = g.node[c]
-        if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.output) != 1:
-            continue
         consts = [t for t in conv.input[1:] if t]
         if len(conv.input) < 2 or not conv.input[1] or any(
-                t not in inits or t in graph_io or t in nested or readers.get(t) != [c] or
-                inits[t].data_type not in _FLOATS for t in consts):
+                not const(t) or t in nested or readers.get(t) != [c] for t in consts):
             continue
         channels = inits[conv.input[1]].dims[0]
-        if any(list(inits[p].dims) != [channels] for p in params):
+        if any(list(inits[p].dims) != [channels] for p in params) or (
+                add is not None and not _per_channel(inits[add], len(inits[conv.input[1]].dims), channels)):
             continue
-        pairs.append((c, k))
-    return pairs
+        chains.append((c, mids, add, k))
+    return chains
 
 
 def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with every exactly foldable Conv -> BatchNormalization pair folded into the conv (the
+    """A copy of ``model`` with every exactly foldable Conv -> BatchNormalization chain folded into the conv (the
     model itself where there is none)."""
-    pairs = _pairs(model)
-    if not pairs:
+    chains = _chains(model)
+    if not chains:
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -98,7 +131,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     inits = {t.name: t for t in g.initializer}
     taken = set(inits) | {o for n in g.node for o in n.output} | {i.name for i in g.input}
     drop_nodes, drop_params = set(), set()
-    for c, k in pairs:
+    for c, mids, add, k in chains:
         conv, bn = g.node[c], g.node[k]
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in bn.input[1:])
@@ -109,6 +142,8 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
         wt.CopyFrom(numpy_helper.from_array(w2, wt.name))
         has_bias = len(conv.input) > 2 and conv.input[2]
         b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_bias else np.zeros_like(s)
+        if add is not None:
+            b = b + numpy_helper.to_array(inits[add]).astype(np.float64).reshape(-1)
         b2 = ((b - mean) * s + beta).astype(w.dtype)
         if has_bias:
             inits[conv.input[2]].CopyFrom(numpy_helper.from_array(b2, conv.input[2]))
@@ -122,8 +157,8 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
             else:
                 conv.input[2] = name
         conv.output[0] = bn.output[0]  # (the batch norm's readers and graph outputs keep their tensor)
-        drop_nodes.add(k)
-        drop_params.update(bn.input[1:])
+        drop_nodes.update([k, *mids])
+        drop_params.update([*bn.input[1:], *([add] if add else [])])
     nodes = [n for i, n in enumerate(g.node) if i not in drop_nodes]
     del g.node[:]
     g.node.extend(nodes)
@@ -135,9 +170,9 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     inputs = [i for i in g.input if i.name not in gone]
     del g.input[:]
     g.input.extend(inputs)
-    unwritten = {model.graph.node[c].output[0] for c, _ in pairs}  # (the conv outputs no node writes now)
+    unwritten = {model.graph.node[i].output[0] for c, mids, _, _ in chains for i in (c, *mids)}  # (now unwritten)
     keep_vi = [v for v in g.value_info if v.name not in unwritten]
     del g.value_info[:]
     g.value_info.extend(keep_vi)
-    log.info("folded %d BatchNormalization node(s) into the Conv before each", len(pairs))
+    log.info("folded %d BatchNormalization node(s) into the Conv before each", len(chains))
     return out
