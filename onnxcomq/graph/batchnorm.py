@@ -28,6 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .layers import unique_name
+from .modelio import copy_to_edit
 
 log = logging.getLogger("onnxcomq")
 
@@ -125,11 +126,8 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     chains = _chains(model)
     if not chains:
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out, inits, taken = copy_to_edit(model)
     g = out.graph
-    inits = {t.name: t for t in g.initializer}
-    taken = set(inits) | {o for n in g.node for o in n.output} | {i.name for i in g.input}
     drop_nodes, drop_params = set(), set()
     for c, mids, add, k in chains:
         conv, bn = g.node[c], g.node[k]

@@ -12,7 +12,7 @@ import tempfile
 import onnx
 
 from ..errors import UserError
-from .layers import RECURRENT_OPS, SUPPORTED_OPS, base_op
+from .layers import RECURRENT_OPS, SUPPORTED_OPS, base_op, node_names
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,17 @@ def copy_fields(src, dst, skip: str) -> None:
             getattr(dst, fd.name).CopyFrom(value)
         else:
             setattr(dst, fd.name, value)
+
+
+def copy_to_edit(model: onnx.ModelProto) -> tuple:
+    """(a copy of ``model``, its initializers by name, every name its graph uses: tensors, inputs, nodes), for
+    a rewrite that adds tensors under new names (``layers.unique_name``)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {t.name: t for t in g.initializer}
+    return out, inits, set(inits) | {o for n in g.node for o in n.output} | {i.name for i in g.input} | \
+        set(node_names(out))
 
 
 def skeleton(model: onnx.ModelProto, threshold: int = 1024, place=None,

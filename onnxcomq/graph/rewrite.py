@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .layers import node_names, unique_name
-from .modelio import skeleton
+from .modelio import copy_to_edit, skeleton
 
 
 def parse(equation: str, n_inputs: int = 2):
@@ -111,11 +111,8 @@ def rewrite_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
             todo[i] = (name, const[0], p)
     if not todo:
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out, inits, taken = copy_to_edit(model)
     g = out.graph
-    inits = {t.name: t for t in g.initializer}
-    taken = set(inits) | {o for n in g.node for o in n.output} | {i.name for i in g.input} | set(node_names(out))
     new_nodes, replaced = [], set()
     for i, node in enumerate(list(g.node)):
         if i in todo:
