@@ -99,6 +99,26 @@ def test_an_add_that_is_not_per_channel_is_not_folded():
     assert fold_batch_norms(m) is m
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_transpose_and_parameters_behind_identity_fold(groups):
+    """torch's TorchScript exporter folds Conv + BatchNorm2d but not ConvTranspose2d + BatchNorm2d (a DCGAN or UNet
+    decoder), and writes a parameter equal to another (running_var and weight, both ones) as an Identity of it."""
+    w = RNG.standard_normal((4, 6 // groups, 3, 3)).astype(np.float32) / 3
+    ones = np.ones(6, np.float32)
+    nodes = [helper.make_node("Identity", ["gamma"], ["var"]),
+             helper.make_node("ConvTranspose", ["x", "W", "B"], ["c"], name="up", group=groups, strides=[2, 2]),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], epsilon=1e-5)]
+    g = helper.make_graph(nodes, "g", [_vi("x", ["N", 4, 5, 5])], [_vi("y", ["N", 6, 11, 11])],
+                          [_arr(w, "W"), _arr(RNG.standard_normal(6), "B"), _arr(ones * 2, "gamma"),
+                           _arr(RNG.standard_normal(6), "beta"), _arr(RNG.standard_normal(6), "mean")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    f = fold_batch_norms(m)
+    assert [n.op_type for n in f.graph.node] == ["ConvTranspose"]
+    assert {t.name for t in f.graph.initializer} == {"W", "B"}
+    x = RNG.standard_normal((2, 4, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(_run(f, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
 def _edited(edit):
     m = conv_bn()
     edit(m.graph)

@@ -1,22 +1,24 @@
-"""Inference ``BatchNormalization`` after a ``Conv`` folded into the conv's weight and bias, before anything is
-captured.
+"""Inference ``BatchNormalization`` after a ``Conv`` or ``ConvTranspose`` folded into its weight and bias, before
+anything is captured.
 
 Exporters that keep batch norms as nodes (Paddle2ONNX, some tf2onnx and older torch exports) leave the conv's output
 before a per-channel scale ``gamma / sqrt(var + eps)``, which reaches 50-300 on the channels a depthwise conv barely
 uses (PaddleDetection's PicoDet layout model). Quantized per tensor there, as 8-bit activations are, one channel's
 rounding noise comes out of the batch norm that many times larger: one such tensor alone gave the model's output a
-relative squared error of 0.99. Runtimes fold the pair anyway (onnxruntime's ConvBNFusion, TensorRT); folded first, the
-weights are those the runtime would run and the activation quantized is the batch norm's output. For per-channel
-weight grids the fold changes nothing but the bias, which the conv then has (so it may be re-fitted).
+relative squared error of 0.99. Runtimes fold the pair anyway (onnxruntime's ConvBNFusion, TensorRT); folded
+first, the weights are those the runtime would run and the activation quantized is the batch norm's output. For
+per-channel weight grids the fold changes nothing but the bias, which the conv then has (so it may be re-fitted).
 
     W'[c] = W[c] * s[c],  b'[c] = (b[c] - mean[c]) * s[c] + beta[c],  s = gamma / sqrt(var + eps)
 
 Paddle 3's exporter writes the conv's bias as an Add of a [1, C, 1, 1] constant, then an Identity, before the batch
 norm: that constant joins the bias, ``b`` above. A chain is folded only where that is exact: an inference-mode batch
-norm (one output, no ``training_mode``, ``spatial`` 1) whose four parameters are initializers, after a Conv
-(standard domain) whose weight and bias are initializers read by that conv alone, with between them at most one Add
-of a constant with one value per channel and any Identity nodes, each tensor of the chain read by the next node
-alone; nothing of the chain may be read inside a subgraph.
+norm (one output, no ``training_mode``, ``spatial`` 1) whose four parameters are initializers (or Identity nodes of
+them, as torch's TorchScript exporter writes equal parameters), after a Conv or ConvTranspose (standard domain;
+torch's TorchScript exporter folds Conv + BatchNorm itself, not ConvTranspose + BatchNorm) whose weight and bias are
+initializers read by that conv alone, with between them at most one Add of a constant with one value per channel and
+any Identity nodes, each tensor of the chain read by the next node alone; nothing of the chain may be read inside a
+subgraph.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ def _subgraph_names(graph: onnx.GraphProto) -> set:
     return out
 
 
+def _group(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
 def _per_channel(t: onnx.TensorProto, rank: int, channels: int) -> bool:
     """Whether constant ``t``, added to a [N, C, ...] tensor of ``rank``, adds one value per channel (axis 1)."""
     dims = list(t.dims)
@@ -76,6 +82,13 @@ def _chains(model: onnx.ModelProto) -> list:
     def const(t):
         return t in inits and t not in graph_io and inits[t].data_type in _FLOATS
 
+    def source(t):  # the constant behind Identity nodes (torch's TorchScript exporter dedups equal parameters so)
+        for _ in range(8):
+            if t in inits or t not in producer or g.node[producer[t]].op_type != "Identity":
+                break
+            t = g.node[producer[t]].input[0]
+        return t if const(t) else None
+
     chains = []
     for k, bn in enumerate(g.node):
         if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or len(bn.input) != 5:
@@ -83,8 +96,8 @@ def _chains(model: onnx.ModelProto) -> list:
         attrs = {a.name: helper.get_attribute_value(a) for a in bn.attribute}
         if attrs.get("training_mode", 0) or attrs.get("spatial", 1) != 1 or any(o for o in bn.output[1:]):
             continue
-        params = bn.input[1:]
-        if not all(const(p) for p in params):
+        params = [source(p) for p in bn.input[1:]]
+        if None in params:
             continue
         x, reader, mids, add = bn.input[0], k, [], None
         while True:  # back from the batch norm, through Identity and one constant Add, to the Conv
@@ -105,18 +118,19 @@ def _chains(model: onnx.ModelProto) -> list:
             else:
                 break
             x, reader = next(t for t in node.input if t != add), c
-        if c is None or g.node[c].op_type != "Conv":
+        if c is None or g.node[c].op_type not in ("Conv", "ConvTranspose"):
             continue
         conv = g.node[c]
         consts = [t for t in conv.input[1:] if t]
         if len(conv.input) < 2 or not conv.input[1] or any(
                 not const(t) or t in nested or readers.get(t) != [c] for t in consts):
             continue
-        channels = inits[conv.input[1]].dims[0]
+        dims = inits[conv.input[1]].dims
+        channels = dims[0] if conv.op_type == "Conv" else dims[1] * _group(conv)
         if any(list(inits[p].dims) != [channels] for p in params) or (
                 add is not None and not _per_channel(inits[add], len(inits[conv.input[1]].dims), channels)):
             continue
-        chains.append((c, mids, add, k))
+        chains.append((c, mids, add, k, params))
     return chains
 
 
@@ -129,14 +143,20 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     out, inits, taken = copy_to_edit(model)
     g = out.graph
     drop_nodes, drop_params = set(), set()
-    for c, mids, add, k in chains:
+    for c, mids, add, k, params in chains:
         conv, bn = g.node[c], g.node[k]
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in bn.input[1:])
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
         s = gamma / np.sqrt(var + eps)
         wt = inits[conv.input[1]]
         w = numpy_helper.to_array(wt)
-        w2 = (w.astype(np.float64) * s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype)
+        if conv.op_type == "Conv":  # W[C_out, C_in / group, k...]
+            w2 = w.astype(np.float64) * s.reshape((-1,) + (1,) * (w.ndim - 1))
+        else:  # ConvTranspose: W[C_in, C_out / group, k...], output channel j of group i at W[group i's rows, j]
+            grp = _group(conv)
+            split = (grp, w.shape[0] // grp, w.shape[1]) + w.shape[2:]
+            w2 = (w.astype(np.float64).reshape(split) * s.reshape((grp, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
+        w2 = w2.astype(w.dtype)
         wt.CopyFrom(numpy_helper.from_array(w2, wt.name))
         has_bias = len(conv.input) > 2 and conv.input[2]
         b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_bias else np.zeros_like(s)
@@ -156,8 +176,11 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
                 conv.input[2] = name
         conv.output[0] = bn.output[0]  # (the batch norm's readers and graph outputs keep their tensor)
         drop_nodes.update([k, *mids])
-        drop_params.update([*bn.input[1:], *([add] if add else [])])
+        drop_params.update([*params, *([add] if add else [])])
+    fed = {t for *_, k, _ in chains for t in g.node[k].input[1:]}  # (the parameters as the batch norms read them)
     nodes = [n for i, n in enumerate(g.node) if i not in drop_nodes]
+    read = {t for n in nodes for t in n.input} | {o.name for o in g.output}
+    nodes = [n for n in nodes if not (n.op_type == "Identity" and n.output[0] in fed and n.output[0] not in read)]
     del g.node[:]
     g.node.extend(nodes)
     still = {t for n in g.node for t in n.input}
@@ -168,7 +191,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     inputs = [i for i in g.input if i.name not in gone]
     del g.input[:]
     g.input.extend(inputs)
-    unwritten = {model.graph.node[i].output[0] for c, mids, _, _ in chains for i in (c, *mids)}  # (now unwritten)
+    unwritten = {model.graph.node[i].output[0] for c, mids, *_ in chains for i in (c, *mids)}  # (now unwritten)
     keep_vi = [v for v in g.value_info if v.name not in unwritten]
     del g.value_info[:]
     g.value_info.extend(keep_vi)
