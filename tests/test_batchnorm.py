@@ -119,6 +119,40 @@ def test_conv_transpose_and_parameters_behind_identity_fold(groups):
     np.testing.assert_allclose(_run(f, x), _run(m, x), rtol=1e-5, atol=1e-5)
 
 
+def linear_bn(op, rank=2, **attrs):
+    """x[N, 6] (or [N, 3, 6]) -> Gemm / MatMul to 5 features -> BatchNormalization (torch's BatchNorm1d after a
+    Linear, which its TorchScript exporter leaves unfolded)."""
+    trans = attrs.get("transB", 0)
+    w = RNG.standard_normal((5, 6) if trans else (6, 5)).astype(np.float32)
+    ins = ["x", "W"] + (["C"] if "C" in attrs.pop("inputs", "") else [])
+    n = 5 if rank == 2 else 3  # (a rank-3 input puts its sequence on axis 1, the batch norm's)
+    nodes = [helper.make_node(op, ins, ["h"], name="fc", **attrs),
+             helper.make_node("BatchNormalization", ["h", "gamma", "beta", "mean", "var"], ["y"])]
+    inits = [_arr(w, "W"), _arr(RNG.uniform(0.5, 2, n), "gamma"), _arr(RNG.standard_normal(n), "beta"),
+             _arr(RNG.standard_normal(n), "mean"), _arr(RNG.uniform(0.2, 2, n), "var"),
+             _arr(RNG.standard_normal(5), "C")]
+    shape = ["N", 6] if rank == 2 else ["N", 3, 6]
+    g = helper.make_graph(nodes, "g", [_vi("x", shape)], [_vi("y", shape[:-1] + [5])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("op,attrs", [("Gemm", dict(transB=1, inputs="C")),
+                                      ("Gemm", dict(alpha=2.0, beta=0.5, inputs="C")), ("Gemm", {}),
+                                      ("MatMul", {})], ids=["gemm transB", "gemm alpha beta", "gemm no C", "matmul"])
+def test_a_linear_layer_before_a_batch_norm_folds(op, attrs):
+    m = linear_bn(op, **attrs)
+    f = fold_batch_norms(m)
+    assert [n.op_type for n in f.graph.node] == [op] + (["Add"] if op == "MatMul" else [])
+    assert f.graph.node[-1].output[0] == "y"
+    x = RNG.standard_normal((4, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(f, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_matmul_on_a_sequence_is_not_folded():
+    m = linear_bn("MatMul", rank=3)  # (the batch norm scales the sequence positions, not the features)
+    assert fold_batch_norms(m) is m
+
+
 def _edited(edit):
     m = conv_bn()
     edit(m.graph)

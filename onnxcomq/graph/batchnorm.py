@@ -1,5 +1,5 @@
-"""Inference ``BatchNormalization`` after a ``Conv`` or ``ConvTranspose`` folded into its weight and bias, before
-anything is captured.
+"""Inference ``BatchNormalization`` after a ``Conv``, ``ConvTranspose``, ``Gemm`` or ``MatMul`` (on a 2-D input)
+folded into its weight and bias (a MatMul gets an Add for its bias), before anything is captured.
 
 Exporters that keep batch norms as nodes (Paddle2ONNX, some tf2onnx and older torch exports) leave the conv's output
 before a per-channel scale ``gamma / sqrt(var + eps)``, which reaches 50-300 on the channels a depthwise conv barely
@@ -14,11 +14,11 @@ per-channel weight grids the fold changes nothing but the bias, which the conv t
 Paddle 3's exporter writes the conv's bias as an Add of a [1, C, 1, 1] constant, then an Identity, before the batch
 norm: that constant joins the bias, ``b`` above. A chain is folded only where that is exact: an inference-mode batch
 norm (one output, no ``training_mode``, ``spatial`` 1) whose four parameters are initializers (or Identity nodes of
-them, as torch's TorchScript exporter writes equal parameters), after a Conv or ConvTranspose (standard domain;
-torch's TorchScript exporter folds Conv + BatchNorm itself, not ConvTranspose + BatchNorm) whose weight and bias are
-initializers read by that conv alone, with between them at most one Add of a constant with one value per channel and
-any Identity nodes, each tensor of the chain read by the next node alone; nothing of the chain may be read inside a
-subgraph.
+them, as torch's TorchScript exporter writes equal parameters), after one of those layers (standard domain; torch's
+TorchScript exporter folds Conv + BatchNorm itself, not ConvTranspose or Linear + BatchNorm) whose weight and bias
+are initializers read by that layer alone, with between them at most one Add of a constant with one value per channel
+and any Identity nodes, each tensor of the chain read by the next node alone; nothing of the chain may be read
+inside a subgraph.
 """
 
 from __future__ import annotations
@@ -50,8 +50,12 @@ def _subgraph_names(graph: onnx.GraphProto) -> set:
     return out
 
 
-def _group(node) -> int:
-    return next((a.i for a in node.attribute if a.name == "group"), 1)
+# the ops a batch norm after them folds into (each with its output channels on axis 1 of its output)
+FOLD_INTO = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _attr(node, name: str, default):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _per_channel(t: onnx.TensorProto, rank: int, channels: int) -> bool:
@@ -89,6 +93,14 @@ def _chains(model: onnx.ModelProto) -> list:
             t = g.node[producer[t]].input[0]
         return t if const(t) else None
 
+    cache = []
+
+    def ranks():  # (shape inference, only where a MatMul needs it)
+        if not cache:
+            from .rewrite import _ranks
+            cache.append(_ranks(model))
+        return cache[0]
+
     chains = []
     for k, bn in enumerate(g.node):
         if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or len(bn.input) != 5:
@@ -118,20 +130,39 @@ def _chains(model: onnx.ModelProto) -> list:
             else:
                 break
             x, reader = next(t for t in node.input if t != add), c
-        if c is None or g.node[c].op_type not in ("Conv", "ConvTranspose"):
+        if c is None or g.node[c].op_type not in FOLD_INTO:
             continue
-        conv = g.node[c]
-        consts = [t for t in conv.input[1:] if t]
-        if len(conv.input) < 2 or not conv.input[1] or any(
+        layer = g.node[c]
+        consts = [t for t in layer.input[1:] if t]
+        if len(layer.input) < 2 or not layer.input[1] or const(layer.input[0]) or any(
                 not const(t) or t in nested or readers.get(t) != [c] for t in consts):
             continue
-        dims = inits[conv.input[1]].dims
-        channels = dims[0] if conv.op_type == "Conv" else dims[1] * _group(conv)
+        dims, op = list(inits[layer.input[1]].dims), layer.op_type
+        if op in ("Gemm", "MatMul") and (len(dims) != 2 or _attr(layer, "transA", 0)):
+            continue
+        if op == "MatMul" and ranks().get(layer.input[0]) != 2:  # (a batch norm reads axis 1: [N, C] only)
+            continue
+        channels = dims[0] if op == "Conv" or (op == "Gemm" and _attr(layer, "transB", 0)) else \
+            dims[1] * _attr(layer, "group", 1)
+        rank = len(dims) if op.startswith("Conv") else 2
         if any(list(inits[p].dims) != [channels] for p in params) or (
-                add is not None and not _per_channel(inits[add], len(inits[conv.input[1]].dims), channels)):
+                add is not None and not _per_channel(inits[add], rank, channels)):
             continue
         chains.append((c, mids, add, k, params))
     return chains
+
+
+def _scaled(layer, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The weight ``w`` of ``layer`` with output channel c multiplied by s[c]."""
+    op = layer.op_type
+    if op == "Conv" or (op == "Gemm" and _attr(layer, "transB", 0)):  # W[C_out, ...]
+        return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
+    if op in ("Gemm", "MatMul"):  # W[K, C_out]
+        return w * s
+    # ConvTranspose: W[C_in, C_out / group, k...], output channel j of group i at W[group i's rows, j]
+    grp = _attr(layer, "group", 1)
+    split = (grp, w.shape[0] // grp, w.shape[1]) + w.shape[2:]
+    return (w.reshape(split) * s.reshape((grp, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
 
 
 def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -142,43 +173,46 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     out, inits, taken = copy_to_edit(model)
     g = out.graph
-    drop_nodes, drop_params = set(), set()
+    drop_nodes, drop_params, adds = set(), set(), []
     for c, mids, add, k, params in chains:
-        conv, bn = g.node[c], g.node[k]
-        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        layer, bn = g.node[c], g.node[k]
         gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
-        s = gamma / np.sqrt(var + eps)
-        wt = inits[conv.input[1]]
+        s = gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
+        wt = inits[layer.input[1]]
         w = numpy_helper.to_array(wt)
-        if conv.op_type == "Conv":  # W[C_out, C_in / group, k...]
-            w2 = w.astype(np.float64) * s.reshape((-1,) + (1,) * (w.ndim - 1))
-        else:  # ConvTranspose: W[C_in, C_out / group, k...], output channel j of group i at W[group i's rows, j]
-            grp = _group(conv)
-            split = (grp, w.shape[0] // grp, w.shape[1]) + w.shape[2:]
-            w2 = (w.astype(np.float64).reshape(split) * s.reshape((grp, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
-        w2 = w2.astype(w.dtype)
-        wt.CopyFrom(numpy_helper.from_array(w2, wt.name))
-        has_bias = len(conv.input) > 2 and conv.input[2]
-        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_bias else np.zeros_like(s)
+        wt.CopyFrom(numpy_helper.from_array(_scaled(layer, w.astype(np.float64), s).astype(w.dtype), wt.name))
+        has_bias = layer.op_type != "MatMul" and len(layer.input) > 2 and layer.input[2]
+        b = numpy_helper.to_array(inits[layer.input[2]]).astype(np.float64) if has_bias else np.zeros_like(s)
+        if layer.op_type == "Gemm":  # Y = alpha A B + beta C: the new C is taken with beta 1
+            b = b * _attr(layer, "beta", 1.0)
+            for a in [a for a in layer.attribute if a.name == "beta"]:
+                layer.attribute.remove(a)
         if add is not None:
             b = b + numpy_helper.to_array(inits[add]).astype(np.float64).reshape(-1)
         b2 = ((b - mean) * s + beta).astype(w.dtype)
         if has_bias:
-            inits[conv.input[2]].CopyFrom(numpy_helper.from_array(b2, conv.input[2]))
+            inits[layer.input[2]].CopyFrom(numpy_helper.from_array(b2, layer.input[2]))
         else:
             name = unique_name(f"{wt.name}_bias", taken)
             g.initializer.append(numpy_helper.from_array(b2, name))
             if out.ir_version < 4:  # (an initializer is listed as an input there)
                 g.input.append(helper.make_tensor_value_info(name, g.initializer[-1].data_type, list(b2.shape)))
-            if len(conv.input) < 3:
-                conv.input.append(name)
+            if layer.op_type == "MatMul":  # (no bias input: an Add after it, as torch writes a Linear's bias)
+                mm = unique_name(f"{layer.output[0]}_matmul", taken)
+                adds.append((c, helper.make_node("Add", [mm, name], [bn.output[0]],
+                                                 name=unique_name(f"{layer.name or wt.name}_bias", taken))))
+                layer.output[0] = mm
+            elif len(layer.input) < 3:
+                layer.input.append(name)
             else:
-                conv.input[2] = name
-        conv.output[0] = bn.output[0]  # (the batch norm's readers and graph outputs keep their tensor)
+                layer.input[2] = name
+        if layer.op_type != "MatMul":
+            layer.output[0] = bn.output[0]  # (the batch norm's readers and graph outputs keep their tensor)
         drop_nodes.update([k, *mids])
         drop_params.update([*params, *([add] if add else [])])
     fed = {t for *_, k, _ in chains for t in g.node[k].input[1:]}  # (the parameters as the batch norms read them)
-    nodes = [n for i, n in enumerate(g.node) if i not in drop_nodes]
+    after = dict(adds)
+    nodes = [m for i, n in enumerate(g.node) if i not in drop_nodes for m in ([n, after[i]] if i in after else [n])]
     read = {t for n in nodes for t in n.input} | {o.name for o in g.output}
     nodes = [n for n in nodes if not (n.op_type == "Identity" and n.output[0] in fed and n.output[0] not in read)]
     del g.node[:]
@@ -195,5 +229,5 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     keep_vi = [v for v in g.value_info if v.name not in unwritten]
     del g.value_info[:]
     g.value_info.extend(keep_vi)
-    log.info("folded %d BatchNormalization node(s) into the Conv before each", len(chains))
+    log.info("folded %d BatchNormalization node(s) into the layer before each", len(chains))
     return out
