@@ -74,7 +74,10 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     recipe = (recipe or Recipe()).validate()
     w, sv = recipe.weights, recipe.solver
     t_start = time.perf_counter()
-    model = fold_batch_norms(prepare_model(model_or_path))
+    model = prepare_model(model_or_path)
+    folded = fold_batch_norms(model)
+    n_folded = 0 if folded is model else _count(model, "BatchNormalization") - _count(folded, "BatchNormalization")
+    model = folded
     if recipe.activations is not None and (w.max_opset is None or w.max_opset >= PER_CHANNEL_OPSET):
         # the output needs opset 13 (per-channel DequantizeLinear) anyway: converted now, so that the activation
         # placement is made on the graph it is written into (below 10 the converter replaces Upsample by Resize)
@@ -260,6 +263,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
         out = acts.insert(out)
     # (after the metadata: the report's only)
     meta["opset"] = opset_change(float_opsets, out, w.max_opset)
+    meta["batch_norms_folded"] = n_folded
     meta.update(batch_size=calib.batch_size, max_memory=budget, batch_choice=batch_note, groups=len(stages))
     report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)
     report.recipe = recipe.to_dict()
@@ -291,6 +295,10 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
             raise VerificationError(f"the quantized model failed its check on {n} calibration sample(s): "
                                     f"{'; '.join(bad)}", out, report, hint)
     return out, report
+
+
+def _count(model, op_type: str) -> int:
+    return sum(n.op_type == op_type for n in model.graph.node)
 
 
 def _say_shared_readers(model, layers) -> None:

@@ -223,6 +223,9 @@ def summary(report, model_path: str, output_path: str) -> list:
     if n_fb:
         lines.append(f"round-to-nearest kept for some groups in {n_fb} of {len(report.layers)} layer(s), where "
                      f"COMQ was not better")
+    if c.get("batch_norms_folded"):
+        lines.append(f"folded {c['batch_norms_folded']} BatchNormalization node(s) into the layer before each, as "
+                     "runtimes do")
     op = c.get("opset")
     if op and op["output"] != op["input"]:
         lines.append(f"opset raised {op['input']} -> {op['output']} for {op['reason'] or 'the quantized model'}"

@@ -2,6 +2,7 @@
 fold would change what the model computes, and the W8A8 failure it removes (PaddleDetection's PicoDet, exported by
 Paddle2ONNX with its batch norms as nodes)."""
 
+import builders
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -10,6 +11,7 @@ from builders import recipe
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomq import run
+from onnxcomq.cli import main
 from onnxcomq.graph.batchnorm import fold_batch_norms
 
 RNG = np.random.default_rng(0)
@@ -180,6 +182,14 @@ def test_w8a8_quantizes_the_batch_norm_output_not_the_conv_output():
     x = RNG.standard_normal((64, 4, 6, 6)).astype(np.float32)
     q, rep = run(m, {"x": x}, recipe(bits=8, act_bits=8, device="cpu"))
     assert "BatchNormalization" not in {n.op_type for n in q.graph.node}
-    assert [L.node for L in rep.layers] == ["conv"]
+    assert [L.node for L in rep.layers] == ["conv"] and rep.config["batch_norms_folded"] == 1
     ref, got = _run(m, x[:16]).ravel(), _run(q, x[:16]).ravel()
     assert ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got)) > 0.999
+
+
+def test_the_cli_says_what_it_folded(tmp_path, capsys):
+    path = builders.save(conv_bn(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=RNG.standard_normal((16, 4, 6, 6)).astype(np.float32))
+    assert main(["quantize", path, "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "c.npz")]) == 0
+    out = capsys.readouterr()
+    assert "folded 1 BatchNormalization node(s) into the layer before each" in out.out + out.err
