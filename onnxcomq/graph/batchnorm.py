@@ -31,6 +31,7 @@ from onnx import helper, numpy_helper
 
 from .layers import unique_name
 from .modelio import copy_to_edit
+from .rewrite import tensor_ranks
 
 log = logging.getLogger("onnxcomq")
 
@@ -68,9 +69,10 @@ def _per_channel(t: onnx.TensorProto, rank: int, channels: int) -> bool:
 
 
 def _chains(model: onnx.ModelProto) -> list:
-    """(conv index, [indices of the Identity / Add nodes between], add constant's name or None, batch-norm index) of
-    every chain that folds exactly: Conv, then optionally a per-channel constant Add (Paddle 3's export of a conv
-    bias) and Identity nodes, each the only reader of the tensor before it, then the batch norm."""
+    """(layer index, [indices of the Identity / Add nodes between], the Add's constant or None, batch-norm index,
+    the names of the batch norm's four constants) of every chain that folds exactly: a layer of ``FOLD_INTO``, then
+    optionally a per-channel constant Add (Paddle 3's export of a conv bias) and Identity nodes, each the only
+    reader of the tensor before it, then the batch norm."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     graph_io = {i.name for i in g.input} | {o.name for o in g.output}
@@ -97,8 +99,7 @@ def _chains(model: onnx.ModelProto) -> list:
 
     def ranks():  # (shape inference, only where a MatMul needs it)
         if not cache:
-            from .rewrite import _ranks
-            cache.append(_ranks(model))
+            cache.append(tensor_ranks(model))
         return cache[0]
 
     chains = []

@@ -75,7 +75,7 @@ def _equation(node, inits, ranks) -> str | None:
     return f"mk,{batch}kn->{batch}mn"
 
 
-def _ranks(model) -> dict:
+def tensor_ranks(model) -> dict:
     """Tensor name -> rank, where shape inference knows it (empty if it fails, e.g. on a model over 2 GB)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton(model))  # (ranks need no tensor bytes)
@@ -94,7 +94,7 @@ def rewrite_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
 
     def ranks():
         if "r" not in ranks_cache:
-            ranks_cache["r"] = _ranks(model)
+            ranks_cache["r"] = tensor_ranks(model)
         return ranks_cache["r"]
 
     for i, (name, node) in enumerate(zip(node_names(model), model.graph.node)):
