@@ -537,3 +537,23 @@ def test_a_static_batch_with_a_dynamic_width_takes_feeds_of_any_width(tmp_path):
     np.save(folder / "4.npy", np.zeros((1, 2, 5), np.float32))  # (the static axes are still checked)
     with pytest.raises(UserError, match=r"4.npy: input x has shape \(1, 2, 5\), the model expects \[1, 3, \?\]"):
         list(Calibration(str(folder), model_inputs(m)))
+
+
+def test_random_calibration_gives_an_image_sides_a_strided_network_can_take():
+    """'random' made every free axis 1: PP-OCRv6's detector ([N, 3, H, W]) then failed in onnxruntime, a branch
+    upsampled to 2 x 2 concatenated with one of 1 x 1. An image's or a signal's free sides are RANDOM_SIDE now; a
+    token sequence's stay 1."""
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["d"], name="down", strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["d", "", "scales"], ["u"], mode="nearest"),
+             helper.make_node("Conv", ["x", "W2"], ["p"], name="proj"),
+             helper.make_node("Concat", ["u", "p"], ["y"], axis=1)]
+    m = _model(nodes, [_vi("x", ["N", 3, "H", "W"])], [_vi("y", ["N", 8, "H", "W"])],
+               [_w("W1", (4, 3, 3, 3)), _w("W2", (4, 3, 1, 1), seed=1),
+                numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")])
+    feed = next(iter(Calibration("random", model_inputs(m), max_samples=4)))
+    assert feed["x"].shape == (4, 3, 64, 64)
+    q, rep = run(m, "random", recipe(bits=8, device="cpu", max_samples=4))
+    assert {L.node for L in rep.layers} == {"down", "proj"}
+    ids = gather_mlp()
+    ids.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "seq"  # ([N, seq] int64)
+    assert next(iter(Calibration("random", model_inputs(ids), max_samples=4)))["ids"].shape == (4, 1)

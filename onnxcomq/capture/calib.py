@@ -207,6 +207,11 @@ class Layout:
         return None if self.form == "const" else self.axis if self.form == "stacked" else 0
 
 
+# 'random' calibration: the size of a free axis of an image or a signal (1 made strided networks fail: PP-OCRv6's
+# detector, [N, 3, H, W], concatenates a branch upsampled to 2 x 2 with one of 1 x 1)
+RANDOM_SIDE = 64
+
+
 def model_batch_axis(info: InputInfo, inputs: list) -> int | None:
     """The input's batch axis as the model declares it: axis 0 if it is dynamic, else the dynamic axis named like
     another input's dynamic axis 0 (a recurrent state [2, batch, 128] beside an input [batch, seq]); None if the
@@ -585,9 +590,12 @@ class Calibration:
             yield self._canon(f"calibration batch {i}", feed)
 
     def _random_shape(self, i: InputInfo, n: int) -> tuple:
-        """n samples along the model's dynamic batch axis; other dynamic dims 1; a static input as it is."""
+        """n samples along the model's dynamic batch axis; the other dynamic dims of a float input of rank 3 or more
+        (an image's sides, a signal's length) RANDOM_SIDE, else 1; a static input as it is."""
         ax = model_batch_axis(i, self.inputs)
-        return tuple(n if a == ax else (d if d is not None else 1) for a, d in enumerate(i.shape))
+        side = RANDOM_SIDE if len(i.shape) >= 3 and np.issubdtype(i.dtype, np.floating) and \
+            not i.name.startswith(("past_key", "past_value")) else 1
+        return tuple(n if a == ax else (d if d is not None else side if a > 0 else 1) for a, d in enumerate(i.shape))
 
     def _random_count(self) -> int:
         return 1 if self.whole_feeds else self.max_samples or 64
