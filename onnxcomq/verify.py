@@ -29,6 +29,9 @@ from .errors import UserError
 # and so does one that points elsewhere (cosine below MIN_COSINE: an output near zero has a relative error just
 # under 1)
 MAX_REL_ERROR, MIN_COSINE = 1.0, 0.5
+# written, with a warning: an output whose cosine to float is below WARN_COSINE (PicoDet's W8A8 boxes at 0.68,
+# mediapipe's pose mask at W4 0.81 passed without a word)
+WARN_COSINE = 0.9
 # quantized activations: a warning where the fused kernels' relative error exceeds FACTOR x the graph's + SLACK
 KERNEL_FACTOR, KERNEL_SLACK = 2.0, 0.02
 
@@ -67,12 +70,17 @@ class OutputCheck:
 
     def warning(self) -> str | None:
         """Why this output deserves a look (the model is still written), or None."""
+        out = []
+        if self.cosine is not None and not self.dynamic and self.cosine < WARN_COSINE and not self.problem():
+            out.append(f"output {self.name} is at cosine {self.cosine:.3g} to the float model's (below "
+                       f"{WARN_COSINE}): check the quantized model on your own data; more bits, more calibration data or "
+                       f"weights only may help")
         if self.graph_rel_error is not None and self.rel_error > KERNEL_FACTOR * self.graph_rel_error + KERNEL_SLACK:
-            return (f"output {self.name}: onnxruntime's fused int8 kernels on this CPU are further from the float "
-                    f"model (relative error {self.rel_error:.3g}) than the model's own Q/DQ arithmetic "
-                    f"({self.graph_rel_error:.3g}): the model will run less accurately on this CPU than it was "
-                    f"quantized (int8-weight kernels saturate on x86 CPUs without VNNI)")
-        return None
+            out.append(f"output {self.name}: onnxruntime's fused int8 kernels on this CPU are further from the float "
+                       f"model (relative error {self.rel_error:.3g}) than the model's own Q/DQ arithmetic "
+                       f"({self.graph_rel_error:.3g}): the model will run less accurately on this CPU than it was "
+                       f"quantized (int8-weight kernels saturate on x86 CPUs without VNNI)")
+        return "; ".join(out) or None
 
     def summary(self) -> str:
         varied = f" (shape differs from float on {self.varied} check batch(es): data-dependent)" if self.varied \
@@ -222,4 +230,4 @@ def to_dicts(checks: list) -> list:
 
 
 __all__ = ["OutputCheck", "VerificationError", "float_outputs", "verify", "problems", "warnings", "MAX_REL_ERROR",
-           "MIN_COSINE"]
+           "MIN_COSINE", "WARN_COSINE"]

@@ -179,6 +179,21 @@ def test_an_output_near_zero_fails_the_check_though_its_relative_error_is_below_
     assert V._compare("y", zero, zero).problem() is None and V._compare("y", zero, f).problem()
 
 
+def test_an_output_that_passes_far_from_float_is_written_with_a_warning():
+    """Between the check's floor (cosine 0.5) and WARN_COSINE an output is written, with a warning naming it and its
+    cosine: PicoDet's W8A8 boxes (0.68) and mediapipe's W4 pose mask (0.81) passed without a word. A close output,
+    and one that fails, get none."""
+    rng = np.random.default_rng(0)
+    f = [rng.standard_normal((4, 50)).astype(np.float32)]
+    for noise, warned in [(0.3, False), (0.7, True), (3.0, False)]:  # cosines about 0.96, 0.82, 0.32
+        c = V._compare("boxes", f, [f[0] + noise * rng.standard_normal((4, 50)).astype(np.float32)])
+        assert (c.warning() is not None) == warned, (noise, c.cosine)
+        if warned:
+            assert c.problem() is None and c.cosine < V.WARN_COSINE
+            assert f"output boxes is at cosine {c.cosine:.3g} to the float model's" in c.warning()
+        assert V.warnings([c]) == ([c.warning()] if warned else [])
+
+
 def _threshold_model(c: float, drop: bool = False):
     """x -> idx = NonZero(x > c) (its shape depends on the values), y = x * 2 (or, ``drop``, its first column
     dropped: a shape that must not change)."""
