@@ -155,6 +155,39 @@ def test_a_matmul_on_a_sequence_is_not_folded():
     assert fold_batch_norms(m) is m
 
 
+def frozen_bn(scale_shape=(1, 6, 1, 1), shift_shape=(1, 6, 1, 1), shift_const=True):
+    """torchvision's FrozenBatchNorm2d as both torch exporters write it: Conv -> Mul(scale) -> Add(shift)."""
+    w = RNG.standard_normal((6, 4, 3, 3)).astype(np.float32) / 3
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c", "scale"], ["m"]),
+             helper.make_node("Add", ["m", "shift" if shift_const else "x2"], ["y"])]
+    inits = [_arr(w, "W"), _arr(RNG.uniform(0.5, 2, scale_shape), "scale")]
+    inputs = [_vi("x", ["N", 4, 6, 6])]
+    if shift_const:
+        inits.append(_arr(RNG.standard_normal(shift_shape), "shift"))
+    else:  # (a residual: not a batch norm)
+        inputs.append(_vi("x2", ["N", 6, 6, 6]))
+    g = helper.make_graph(nodes, "g", inputs, [_vi("y", ["N", 6, 6, 6])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("scale,shift", [((1, 6, 1, 1), (1, 6, 1, 1)), ((6, 1, 1), (1,)), ((1,), (6, 1, 1))])
+def test_a_frozen_batch_norm_folds(scale, shift):
+    m = frozen_bn(scale, shift)
+    f = fold_batch_norms(m)
+    assert [n.op_type for n in f.graph.node] == ["Conv"] and f.graph.node[0].output[0] == "y"
+    assert {t.name for t in f.graph.initializer} == {"W", "W_bias"}
+    x = RNG.standard_normal((3, 4, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(f, x), _run(m, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [lambda: frozen_bn(scale_shape=(6,)), lambda: frozen_bn(shift_const=False)],
+                         ids=["scale per column", "residual add"])
+def test_a_mul_and_add_that_are_not_a_batch_norm_stay(build):
+    m = build()
+    assert fold_batch_norms(m) is m
+
+
 def _edited(edit):
     m = conv_bn()
     edit(m.graph)

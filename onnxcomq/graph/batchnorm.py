@@ -11,6 +11,10 @@ per-channel weight grids the fold changes nothing but the bias, which the conv t
 
     W'[c] = W[c] * s[c],  b'[c] = (b[c] - mean[c]) * s[c] + beta[c],  s = gamma / sqrt(var + eps)
 
+A frozen batch norm, ``x * scale + shift`` with one value per channel (torchvision's FrozenBatchNorm2d, the
+backbone of its detection models, as both torch exporters write it: Mul then Add), folds the same way with
+s = scale and b' = b s + shift.
+
 Paddle 3's exporter writes the conv's bias as an Add of a [1, C, 1, 1] constant, then an Identity, before the batch
 norm: that constant joins the bias, ``b`` above. A chain is folded only where that is exact: an inference-mode batch
 norm (one output, no ``training_mode``, ``spatial`` 1) whose four parameters are initializers (or Identity nodes of
@@ -102,17 +106,33 @@ def _chains(model: onnx.ModelProto) -> list:
             cache.append(tensor_ranks(model))
         return cache[0]
 
-    chains = []
-    for k, bn in enumerate(g.node):
-        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or len(bn.input) != 5:
+    chains, used = [], set()
+    for k, end in enumerate(g.node):
+        if end.domain not in ("", "ai.onnx"):
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in bn.attribute}
-        if attrs.get("training_mode", 0) or attrs.get("spatial", 1) != 1 or any(o for o in bn.output[1:]):
+        if end.op_type == "BatchNormalization" and len(end.input) == 5:
+            attrs = {a.name: helper.get_attribute_value(a) for a in end.attribute}
+            if attrs.get("training_mode", 0) or attrs.get("spatial", 1) != 1 or any(o for o in end.output[1:]):
+                continue
+            params = [source(p) for p in end.input[1:]]
+            if None in params:
+                continue
+            x, reader, mids, kind = end.input[0], k, [], "bn"
+        elif end.op_type == "Add" and len(end.input) == 2 and sum(source(t) is not None for t in end.input) == 1:
+            # a frozen batch norm, x * scale + shift (torchvision's FrozenBatchNorm2d in its detection models)
+            y = next(t for t in end.input if source(t) is None)
+            m = producer.get(y)
+            if m is None or y in graph_io or y in nested or readers.get(y) != [k]:
+                continue
+            mul = g.node[m]
+            if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.output) != 1 or \
+                    len(mul.input) != 2 or sum(source(t) is not None for t in mul.input) != 1:
+                continue
+            params = [source(next(t for t in mul.input if source(t))), source(next(t for t in end.input if source(t)))]
+            x, reader, mids, kind = next(t for t in mul.input if source(t) is None), m, [m], "affine"
+        else:
             continue
-        params = [source(p) for p in bn.input[1:]]
-        if None in params:
-            continue
-        x, reader, mids, add = bn.input[0], k, [], None
+        add = None
         while True:  # back from the batch norm, through Identity and one constant Add, to the Conv
             c = producer.get(x)
             if c is None or x in graph_io or x in nested or readers.get(x) != [reader]:
@@ -131,7 +151,7 @@ def _chains(model: onnx.ModelProto) -> list:
             else:
                 break
             x, reader = next(t for t in node.input if t != add), c
-        if c is None or g.node[c].op_type not in FOLD_INTO:
+        if c is None or g.node[c].op_type not in FOLD_INTO or c in used:
             continue
         layer = g.node[c]
         consts = [t for t in layer.input[1:] if t]
@@ -143,14 +163,22 @@ def _chains(model: onnx.ModelProto) -> list:
             continue
         if op == "MatMul" and ranks().get(layer.input[0]) != 2:  # (a batch norm reads axis 1: [N, C] only)
             continue
-        channels = dims[0] if op == "Conv" or (op == "Gemm" and _attr(layer, "transB", 0)) else \
-            dims[1] * _attr(layer, "group", 1)
+        channels = _channels(layer, dims)
         rank = len(dims) if op.startswith("Conv") else 2
-        if any(list(inits[p].dims) != [channels] for p in params) or (
+        if (any(list(inits[p].dims) != [channels] for p in params) if kind == "bn" else
+                not all(_per_channel(inits[p], rank, channels) for p in params)) or (
                 add is not None and not _per_channel(inits[add], rank, channels)):
             continue
-        chains.append((c, mids, add, k, params))
+        used.add(c)
+        chains.append((c, mids, add, k, params, kind))
     return chains
+
+
+def _channels(layer, dims) -> int:
+    """The output channels of a layer of ``FOLD_INTO`` whose weight has ``dims``."""
+    if layer.op_type == "Conv" or (layer.op_type == "Gemm" and _attr(layer, "transB", 0)):
+        return dims[0]
+    return dims[1] * _attr(layer, "group", 1)
 
 
 def _scaled(layer, w: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -175,10 +203,15 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     out, inits, taken = copy_to_edit(model)
     g = out.graph
     drop_nodes, drop_params, adds = set(), set(), []
-    for c, mids, add, k, params in chains:
+    for c, mids, add, k, params, kind in chains:
         layer, bn = g.node[c], g.node[k]
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
-        s = gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
+        values = [numpy_helper.to_array(inits[p]).astype(np.float64).reshape(-1) for p in params]
+        if kind == "bn":
+            gamma, beta, mean, var = values
+            s = gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
+        else:  # x * scale + shift, each one value per channel (or one for all)
+            n = _channels(layer, inits[layer.input[1]].dims)
+            s, shift = (np.broadcast_to(v, (n,)) for v in values)
         wt = inits[layer.input[1]]
         w = numpy_helper.to_array(wt)
         wt.CopyFrom(numpy_helper.from_array(_scaled(layer, w.astype(np.float64), s).astype(w.dtype), wt.name))
@@ -190,7 +223,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
                 layer.attribute.remove(a)
         if add is not None:
             b = b + numpy_helper.to_array(inits[add]).astype(np.float64).reshape(-1)
-        b2 = ((b - mean) * s + beta).astype(w.dtype)
+        b2 = ((b - mean) * s + beta if kind == "bn" else b * s + shift).astype(w.dtype)
         if has_bias:
             inits[layer.input[2]].CopyFrom(numpy_helper.from_array(b2, layer.input[2]))
         else:
@@ -211,7 +244,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
             layer.output[0] = bn.output[0]  # (the batch norm's readers and graph outputs keep their tensor)
         drop_nodes.update([k, *mids])
         drop_params.update([*params, *([add] if add else [])])
-    fed = {t for *_, k, _ in chains for t in g.node[k].input[1:]}  # (the parameters as the batch norms read them)
+    fed = {t for *_, k, _, _ in chains for t in g.node[k].input}  # (the parameters as the batch norms read them)
     after = dict(adds)
     nodes = [m for i, n in enumerate(g.node) if i not in drop_nodes for m in ([n, after[i]] if i in after else [n])]
     read = {t for n in nodes for t in n.input} | {o.name for o in g.output}
