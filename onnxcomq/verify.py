@@ -73,8 +73,8 @@ class OutputCheck:
         out = []
         if self.cosine is not None and not self.dynamic and self.cosine < WARN_COSINE and not self.problem():
             out.append(f"output {self.name} is at cosine {self.cosine:.3g} to the float model's (below "
-                       f"{WARN_COSINE}): check the quantized model on your own data; more bits, more calibration data or "
-                       f"weights only may help")
+                       f"{WARN_COSINE}): check the quantized model on your own data; more bits, more calibration "
+                       f"data or weights only may help")
         if self.graph_rel_error is not None and self.rel_error > KERNEL_FACTOR * self.graph_rel_error + KERNEL_SLACK:
             out.append(f"output {self.name}: onnxruntime's fused int8 kernels on this CPU are further from the float "
                        f"model (relative error {self.rel_error:.3g}) than the model's own Q/DQ arithmetic "

@@ -33,8 +33,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .layers import unique_name
-from .modelio import copy_to_edit
+from .layers import _subgraphs, node_attr, unique_name
+from .modelio import copy_to_edit, drop_weight
 from .rewrite import tensor_ranks
 
 log = logging.getLogger("onnxcomq")
@@ -46,21 +46,16 @@ def _subgraph_names(graph: onnx.GraphProto) -> set:
     """Every tensor name a node of a subgraph (If/Loop/Scan bodies, at any depth) reads or writes."""
     out = set()
     for n in graph.node:
-        for a in n.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                for m in g.node:
-                    out.update(m.input)
-                    out.update(m.output)
-                out |= _subgraph_names(g)
+        for _, g in _subgraphs(n):
+            for m in g.node:
+                out.update(m.input)
+                out.update(m.output)
+            out |= _subgraph_names(g)
     return out
 
 
 # the ops a batch norm after them folds into (each with its output channels on axis 1 of its output)
 FOLD_INTO = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def _attr(node, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _per_channel(t: onnx.TensorProto, rank: int, channels: int) -> bool:
@@ -111,8 +106,8 @@ def _chains(model: onnx.ModelProto) -> list:
         if end.domain not in ("", "ai.onnx"):
             continue
         if end.op_type == "BatchNormalization" and len(end.input) == 5:
-            attrs = {a.name: helper.get_attribute_value(a) for a in end.attribute}
-            if attrs.get("training_mode", 0) or attrs.get("spatial", 1) != 1 or any(o for o in end.output[1:]):
+            if node_attr(end, "training_mode", 0) or node_attr(end, "spatial", 1) != 1 or \
+                    any(o for o in end.output[1:]):
                 continue
             params = [source(p) for p in end.input[1:]]
             if None in params:
@@ -159,7 +154,7 @@ def _chains(model: onnx.ModelProto) -> list:
                 not const(t) or t in nested or readers.get(t) != [c] for t in consts):
             continue
         dims, op = list(inits[layer.input[1]].dims), layer.op_type
-        if op in ("Gemm", "MatMul") and (len(dims) != 2 or _attr(layer, "transA", 0)):
+        if op in ("Gemm", "MatMul") and (len(dims) != 2 or node_attr(layer, "transA", 0)):
             continue
         if op == "MatMul" and ranks().get(layer.input[0]) != 2:  # (a batch norm reads axis 1: [N, C] only)
             continue
@@ -176,20 +171,20 @@ def _chains(model: onnx.ModelProto) -> list:
 
 def _channels(layer, dims) -> int:
     """The output channels of a layer of ``FOLD_INTO`` whose weight has ``dims``."""
-    if layer.op_type == "Conv" or (layer.op_type == "Gemm" and _attr(layer, "transB", 0)):
+    if layer.op_type == "Conv" or (layer.op_type == "Gemm" and node_attr(layer, "transB", 0)):
         return dims[0]
-    return dims[1] * _attr(layer, "group", 1)
+    return dims[1] * node_attr(layer, "group", 1)
 
 
 def _scaled(layer, w: np.ndarray, s: np.ndarray) -> np.ndarray:
     """The weight ``w`` of ``layer`` with output channel c multiplied by s[c]."""
     op = layer.op_type
-    if op == "Conv" or (op == "Gemm" and _attr(layer, "transB", 0)):  # W[C_out, ...]
+    if op == "Conv" or (op == "Gemm" and node_attr(layer, "transB", 0)):  # W[C_out, ...]
         return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
     if op in ("Gemm", "MatMul"):  # W[K, C_out]
         return w * s
     # ConvTranspose: W[C_in, C_out / group, k...], output channel j of group i at W[group i's rows, j]
-    grp = _attr(layer, "group", 1)
+    grp = node_attr(layer, "group", 1)
     split = (grp, w.shape[0] // grp, w.shape[1]) + w.shape[2:]
     return (w.reshape(split) * s.reshape((grp, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
 
@@ -208,7 +203,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
         values = [numpy_helper.to_array(inits[p]).astype(np.float64).reshape(-1) for p in params]
         if kind == "bn":
             gamma, beta, mean, var = values
-            s = gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
+            s = gamma / np.sqrt(var + node_attr(bn, "epsilon", 1e-5))
         else:  # x * scale + shift, each one value per channel (or one for all)
             n = _channels(layer, inits[layer.input[1]].dims)
             s, shift = (np.broadcast_to(v, (n,)) for v in values)
@@ -218,7 +213,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
         has_bias = layer.op_type != "MatMul" and len(layer.input) > 2 and layer.input[2]
         b = numpy_helper.to_array(inits[layer.input[2]]).astype(np.float64) if has_bias else np.zeros_like(s)
         if layer.op_type == "Gemm":  # Y = alpha A B + beta C: the new C is taken with beta 1
-            b = b * _attr(layer, "beta", 1.0)
+            b = b * node_attr(layer, "beta", 1.0)
             for a in [a for a in layer.attribute if a.name == "beta"]:
                 layer.attribute.remove(a)
         if add is not None:
@@ -252,13 +247,8 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     del g.node[:]
     g.node.extend(nodes)
     still = {t for n in g.node for t in n.input}
-    keep = [t for t in g.initializer if t.name not in drop_params or t.name in still]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    gone = drop_params - still  # (below IR 4 the parameters were listed as graph inputs too)
-    inputs = [i for i in g.input if i.name not in gone]
-    del g.input[:]
-    g.input.extend(inputs)
+    for t in [t for t in g.initializer if t.name in drop_params and t.name not in still]:
+        drop_weight(g, t)  # (and its graph input listing, as IR < 4 writes one)
     unwritten = {model.graph.node[i].output[0] for c, mids, *_ in chains for i in (c, *mids)}  # (now unwritten)
     keep_vi = [v for v in g.value_info if v.name not in unwritten]
     del g.value_info[:]

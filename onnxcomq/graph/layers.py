@@ -276,6 +276,11 @@ def _attrs(node) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
+def node_attr(node, name: str, default):
+    """The value of attribute ``name`` of ``node``, or ``default``."""
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
 def node_names(model: onnx.ModelProto) -> list[str]:
     """Node names, with unnamed nodes named ``<op>_<index>`` (and duplicates suffixed) so reports can refer to them."""
     seen: dict[str, int] = {}

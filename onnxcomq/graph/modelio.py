@@ -169,6 +169,22 @@ def copy_fields(src, dst, skip: str) -> None:
             setattr(dst, fd.name, value)
 
 
+def drop_weight(graph: onnx.GraphProto, init: onnx.TensorProto) -> None:
+    """Remove a float weight that is replaced (by DequantizeLinear or MatMulNBits) or no longer read (a folded batch
+    norm's parameters): its initializer and, where the float model also listed it as a graph input (older exporters
+    list every initializer there), that input, which would otherwise clash with the new producer of the name
+    (onnxruntime: "Duplicate definition") or be required of the caller."""
+    graph.initializer.remove(init)
+    drop_input(graph, init.name)
+
+
+def drop_input(graph: onnx.GraphProto, name: str) -> None:
+    """Remove the graph input ``name``, if listed (a replaced weight's listing; see drop_weight)."""
+    listed = next((i for i in graph.input if i.name == name), None)
+    if listed is not None:
+        graph.input.remove(listed)
+
+
 def copy_to_edit(model: onnx.ModelProto) -> tuple:
     """(a copy of ``model``, its initializers by name, every name its graph uses: tensors, inputs, nodes), for
     a rewrite that adds tensors under new names (``layers.unique_name``)."""

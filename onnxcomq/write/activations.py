@@ -33,7 +33,8 @@ from onnx import helper, numpy_helper
 from ..capture.observers import ActFormat, half_up, make_observer, qparams
 from ..errors import UserError
 from ..graph.layers import node_names, unique_name
-from .qdq import drop_weight, opset_of, upgrade_opset
+from ..graph.modelio import drop_weight
+from .qdq import opset_of, upgrade_opset
 
 log = logging.getLogger(__name__)
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

@@ -11,14 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph.layers import base_op, node_names, readers_of, unique_name
-
-
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+from ..graph.layers import base_op, node_attr, node_names, readers_of, unique_name
 
 
 def _own_bias(node: onnx.NodeProto) -> bool:
@@ -41,7 +34,7 @@ def bias_target(node: onnx.NodeProto, inits: dict) -> str | None:
                 return "Gemm C is not a constant"
             if len(c.dims) not in (1, 2) or (len(c.dims) == 2 and c.dims[0] != 1):
                 return f"Gemm C has shape {list(c.dims)}, not a per-channel bias"
-            if _attr(node, "beta", 1.0) == 0:
+            if node_attr(node, "beta", 1.0) == 0:
                 return "Gemm beta is 0"
         return None  # no C: beta is unused (tf2onnx writes beta=0), apply() adds C with beta 1
     if op == "MatMul":
@@ -58,7 +51,7 @@ def has_bias(node: onnx.NodeProto, inits: dict, readers: dict, channels: int) ->
     data lacks (silence in an audio front end: -100 dB came out as -6 dB)."""
     if _own_bias(node) and len(node.input) > 2 and node.input[2]:
         return True
-    if base_op(node) == "Gemm" and len(node.input) > 2 and node.input[2] and _attr(node, "beta", 1.0) != 0:
+    if base_op(node) == "Gemm" and len(node.input) > 2 and node.input[2] and node_attr(node, "beta", 1.0) != 0:
         return True
     if node.op_type != base_op(node) and node.op_type != "FusedMatMul":  # (its output is after an activation)
         return False
@@ -130,7 +123,7 @@ def apply(model: onnx.ModelProto, deltas: dict) -> onnx.ModelProto:
                     for a in node.attribute:
                         if a.name == "beta":
                             a.f = 1.0
-                scale = _attr(node, "alpha", 1.0) / _attr(node, "beta", 1.0)
+                scale = node_attr(node, "alpha", 1.0) / node_attr(node, "beta", 1.0)
             if has_c:
                 old = inits[node.input[2]]
                 base = numpy_helper.to_array(old)
@@ -145,7 +138,7 @@ def apply(model: onnx.ModelProto, deltas: dict) -> onnx.ModelProto:
                 node.input[2] = new_bias(name, scale * delta, (delta.size,))
             continue
         # MatMul: fold into the constant of the Add that follows, or add an Add
-        delta = delta * _attr(node, "alpha", 1.0)  # (FusedMatMul: alpha X W)
+        delta = delta * node_attr(node, "alpha", 1.0)  # (FusedMatMul: alpha X W)
         consumers = readers.get(node.output[0], [])
         other = bias_after(consumers[0], node.output[0]) if len(consumers) == 1 else None
         const = None

@@ -15,8 +15,8 @@ from onnx import helper, numpy_helper
 
 from ..errors import UserError
 from ..graph.layers import unique_name
-from ..graph.modelio import copy_fields
-from .qdq import QuantizedWeight, drop_input
+from ..graph.modelio import copy_fields, drop_input
+from .qdq import QuantizedWeight
 
 DOMAIN = "com.microsoft"
 

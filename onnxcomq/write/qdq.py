@@ -21,6 +21,7 @@ from onnx import helper, numpy_helper, version_converter
 from .. import __version__
 from ..errors import UserError
 from ..graph.layers import unique_name
+from ..graph.modelio import drop_weight
 
 
 @dataclass
@@ -179,21 +180,6 @@ def upgrade_opset(model: onnx.ModelProto, target: int, why: str = "", max_opset:
     if converted.ir_version < 7:
         converted.ir_version = 7
     return converted
-
-
-def drop_weight(graph: onnx.GraphProto, init: onnx.TensorProto) -> None:
-    """Remove a float weight that is replaced (by DequantizeLinear or MatMulNBits): its initializer and, where the
-    float model also listed it as a graph input (older exporters list every initializer there), that input, which
-    would otherwise clash with the new producer of the name (onnxruntime: "Duplicate definition")."""
-    graph.initializer.remove(init)
-    drop_input(graph, init.name)
-
-
-def drop_input(graph: onnx.GraphProto, name: str) -> None:
-    """Remove the graph input ``name``, if listed (a replaced weight's listing; see drop_weight)."""
-    listed = next((i for i in graph.input if i.name == name), None)
-    if listed is not None:
-        graph.input.remove(listed)
 
 
 def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: dict | None = None,
