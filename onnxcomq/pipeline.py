@@ -75,9 +75,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     w, sv = recipe.weights, recipe.solver
     t_start = time.perf_counter()
     model = prepare_model(model_or_path)
-    folded = fold_batch_norms(model)
-    n_folded = 0 if folded is model else _count(model, "BatchNormalization") - _count(folded, "BatchNormalization")
-    model = folded
+    model, n_folded = fold_batch_norms(model)
     if recipe.activations is not None and (w.max_opset is None or w.max_opset >= PER_CHANNEL_OPSET):
         # the output needs opset 13 (per-channel DequantizeLinear) anyway: converted now, so that the activation
         # placement is made on the graph it is written into (below 10 the converter replaces Upsample by Resize)
@@ -295,10 +293,6 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
             raise VerificationError(f"the quantized model failed its check on {n} calibration sample(s): "
                                     f"{'; '.join(bad)}", out, report, hint)
     return out, report
-
-
-def _count(model, op_type: str) -> int:
-    return sum(n.op_type == op_type for n in model.graph.node)
 
 
 def _say_shared_readers(model, layers) -> None:

@@ -65,7 +65,8 @@ def _run(model, x):
 def test_folded_model_computes_the_same(groups, bias, dims, ir, opset):
     m = conv_bn(groups, bias, dims, ir=ir, opset=opset)
     before = m.SerializeToString()
-    f = fold_batch_norms(m)
+    f, n = fold_batch_norms(m)
+    assert n == 1
     assert m.SerializeToString() == before  # (the caller's model untouched)
     assert [n.op_type for n in f.graph.node] == ["Conv", "Relu"] and f.graph.node[0].name == "conv"
     assert len(f.graph.node[0].input) == 3 and f.graph.node[0].output[0] == "b"
@@ -89,7 +90,8 @@ def paddle3_chain(add_shape=(1, 6, 1, 1)):
 @pytest.mark.parametrize("shape", [(1, 6, 1, 1), (6, 1, 1), (1,)])
 def test_a_bias_added_after_the_conv_joins_the_fold(shape):
     m = paddle3_chain(shape)
-    f = fold_batch_norms(m)
+    f, n = fold_batch_norms(m)
+    assert n == 1
     assert [n.op_type for n in f.graph.node] == ["Conv", "Relu"]
     assert "bias" not in {t.name for t in f.graph.initializer}
     x = RNG.standard_normal((3, 4, 6, 6)).astype(np.float32)
@@ -98,7 +100,8 @@ def test_a_bias_added_after_the_conv_joins_the_fold(shape):
 
 def test_an_add_that_is_not_per_channel_is_not_folded():
     m = paddle3_chain((6,))  # (one value per column: the last axis, not the channels)
-    assert fold_batch_norms(m) is m
+    f, n = fold_batch_norms(m)
+    assert f is m and n == 0
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -114,7 +117,8 @@ def test_conv_transpose_and_parameters_behind_identity_fold(groups):
                           [_arr(w, "W"), _arr(RNG.standard_normal(6), "B"), _arr(ones * 2, "gamma"),
                            _arr(RNG.standard_normal(6), "beta"), _arr(RNG.standard_normal(6), "mean")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    f = fold_batch_norms(m)
+    f, n = fold_batch_norms(m)
+    assert n == 1
     assert [n.op_type for n in f.graph.node] == ["ConvTranspose"]
     assert {t.name for t in f.graph.initializer} == {"W", "B"}
     x = RNG.standard_normal((2, 4, 5, 5)).astype(np.float32)
@@ -143,7 +147,8 @@ def linear_bn(op, rank=2, **attrs):
                                       ("MatMul", {})], ids=["gemm transB", "gemm alpha beta", "gemm no C", "matmul"])
 def test_a_linear_layer_before_a_batch_norm_folds(op, attrs):
     m = linear_bn(op, **attrs)
-    f = fold_batch_norms(m)
+    f, n = fold_batch_norms(m)
+    assert n == 1
     assert [n.op_type for n in f.graph.node] == [op] + (["Add"] if op == "MatMul" else [])
     assert f.graph.node[-1].output[0] == "y"
     x = RNG.standard_normal((4, 6)).astype(np.float32)
@@ -152,7 +157,8 @@ def test_a_linear_layer_before_a_batch_norm_folds(op, attrs):
 
 def test_a_matmul_on_a_sequence_is_not_folded():
     m = linear_bn("MatMul", rank=3)  # (the batch norm scales the sequence positions, not the features)
-    assert fold_batch_norms(m) is m
+    f, n = fold_batch_norms(m)
+    assert f is m and n == 0
 
 
 def frozen_bn(scale_shape=(1, 6, 1, 1), shift_shape=(1, 6, 1, 1), shift_const=True):
@@ -174,18 +180,22 @@ def frozen_bn(scale_shape=(1, 6, 1, 1), shift_shape=(1, 6, 1, 1), shift_const=Tr
 @pytest.mark.parametrize("scale,shift", [((1, 6, 1, 1), (1, 6, 1, 1)), ((6, 1, 1), (1,)), ((1,), (6, 1, 1))])
 def test_a_frozen_batch_norm_folds(scale, shift):
     m = frozen_bn(scale, shift)
-    f = fold_batch_norms(m)
+    f, n = fold_batch_norms(m)
+    assert n == 1
     assert [n.op_type for n in f.graph.node] == ["Conv"] and f.graph.node[0].output[0] == "y"
     assert {t.name for t in f.graph.initializer} == {"W", "W_bias"}
     x = RNG.standard_normal((3, 4, 6, 6)).astype(np.float32)
     np.testing.assert_allclose(_run(f, x), _run(m, x), rtol=1e-5, atol=1e-5)
+    _, rep = run(m, {"x": x}, recipe(bits=8, device="cpu"))  # (the summary counts it: no BatchNormalization node)
+    assert rep.config["batch_norms_folded"] == 1
 
 
 @pytest.mark.parametrize("build", [lambda: frozen_bn(scale_shape=(6,)), lambda: frozen_bn(shift_const=False)],
                          ids=["scale per column", "residual add"])
 def test_a_mul_and_add_that_are_not_a_batch_norm_stay(build):
     m = build()
-    assert fold_batch_norms(m) is m
+    f, n = fold_batch_norms(m)
+    assert f is m and n == 0
 
 
 def _edited(edit):
@@ -204,7 +214,8 @@ def _edited(edit):
         "parameter is an input"])
 def test_not_folded_where_it_would_change_the_model(edit):
     m = _edited(edit)
-    assert fold_batch_norms(m) is m
+    f, n = fold_batch_norms(m)
+    assert f is m and n == 0
 
 
 def test_w8a8_quantizes_the_batch_norm_output_not_the_conv_output():

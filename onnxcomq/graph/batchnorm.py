@@ -27,8 +27,6 @@ inside a subgraph.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -36,8 +34,6 @@ from onnx import helper, numpy_helper
 from .layers import _subgraphs, node_attr, unique_name
 from .modelio import copy_to_edit, drop_weight
 from .rewrite import tensor_ranks
-
-log = logging.getLogger("onnxcomq")
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
@@ -68,10 +64,11 @@ def _per_channel(t: onnx.TensorProto, rank: int, channels: int) -> bool:
 
 
 def _chains(model: onnx.ModelProto) -> list:
-    """(layer index, [indices of the Identity / Add nodes between], the Add's constant or None, batch-norm index,
-    the names of the batch norm's four constants) of every chain that folds exactly: a layer of ``FOLD_INTO``, then
-    optionally a per-channel constant Add (Paddle 3's export of a conv bias) and Identity nodes, each the only
-    reader of the tensor before it, then the batch norm."""
+    """(layer index, [indices of the nodes between: Identity, a bias Add, a frozen batch norm's Mul], the bias Add's
+    constant or None, the index of the last node (the BatchNormalization, or a frozen batch norm's Add), the names
+    of the batch norm's constants (gamma, beta, mean, var; or scale, shift), "bn" or "affine") of every chain that
+    folds exactly: a layer of ``FOLD_INTO``, then optionally a per-channel constant Add (Paddle 3's export of a conv
+    bias) and Identity nodes, each the only reader of the tensor before it, then the batch norm."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     graph_io = {i.name for i in g.input} | {o.name for o in g.output}
@@ -189,12 +186,12 @@ def _scaled(layer, w: np.ndarray, s: np.ndarray) -> np.ndarray:
     return (w.reshape(split) * s.reshape((grp, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
 
 
-def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with every exactly foldable Conv -> BatchNormalization chain folded into the conv (the
-    model itself where there is none)."""
+def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """(a copy of ``model`` with every exactly foldable chain folded into its layer, or the model itself where there
+    is none; the number of batch norms folded, frozen ones included)."""
     chains = _chains(model)
     if not chains:
-        return model
+        return model, 0
     out, inits, taken = copy_to_edit(model)
     g = out.graph
     drop_nodes, drop_params, adds = set(), set(), []
@@ -253,5 +250,4 @@ def fold_batch_norms(model: onnx.ModelProto) -> onnx.ModelProto:
     keep_vi = [v for v in g.value_info if v.name not in unwritten]
     del g.value_info[:]
     g.value_info.extend(keep_vi)
-    log.info("folded %d BatchNormalization node(s) into the layer before each", len(chains))
-    return out
+    return out, len(chains)
