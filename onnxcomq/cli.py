@@ -289,6 +289,11 @@ def cmd_quantize(a) -> int:
                             f"needs a .txt for --calib (got --calib {a.calib})")
         from .capture.text import TextCalibration
         calib = TextCalibration(a.calib, a.tokenizer, model=a.model)
+    if not getattr(a, "debug", False):  # (no warnings between the lines from sessions onnxcomq does not open:
+        # graphsurgeon's constant folding)
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
     try:
         model, report = run(a.model, calib, recipe, progress=progress.enabled_for(a.quiet))
     except VerificationError as e:

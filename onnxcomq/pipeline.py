@@ -47,7 +47,7 @@ from .write.activations import ActivationQuantizer
 from .write.bias import apply as apply_bias
 from .write.bias import bias_target, has_bias
 from .write.matmulnbits import emit_matmulnbits
-from .write.qdq import emit_qdq, opset_change, quantized_twin, quantized_weight, set_metadata, upgrade_opset
+from .write.qdq import emit_qdq, opset_change, opset_of, quantized_twin, quantized_weight, set_metadata, upgrade_opset
 
 log = logging.getLogger("onnxcomq")
 
@@ -62,6 +62,9 @@ def quantize(model_or_path, calibration, recipe: Recipe | None = None) -> onnx.M
 
 
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel scales)
+# onnxruntime implements some ops only from this opset on (Gemm-6: "Could not find an implementation"; "ONNX
+# Runtime only *guarantees* support for models stamped with opset version 7 or above")
+ORT_MIN_OPSET = 7
 
 
 def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool = False,
@@ -76,9 +79,12 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     t_start = time.perf_counter()
     model = prepare_model(model_or_path)
     model, n_folded = fold_batch_norms(model)
-    if recipe.activations is not None and (w.max_opset is None or w.max_opset >= PER_CHANNEL_OPSET):
+    float_opsets = onnx.ModelProto(opset_import=model.opset_import)  # (the report's input opset: the file's)
+    if (recipe.activations is not None or opset_of(model) < ORT_MIN_OPSET) and \
+            (w.max_opset is None or w.max_opset >= PER_CHANNEL_OPSET):
         # the output needs opset 13 (per-channel DequantizeLinear) anyway: converted now, so that the activation
-        # placement is made on the graph it is written into (below 10 the converter replaces Upsample by Resize)
+        # placement is made on the graph it is written into (below 10 the converter replaces Upsample by Resize),
+        # and so that onnxruntime runs the calibration passes of a model below the opsets it implements
         model = upgrade_opset(model, PER_CHANNEL_OPSET, "per-channel DequantizeLinear", w.max_opset)
     model = rewrite_to_matmul(model) if recipe.layers.rewrite_matmul else model
     layers, skipped = find_layers(model, op_types=tuple(recipe.layers.op_types), exclude=tuple(recipe.layers.exclude),
@@ -242,7 +248,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
                         acts.metadata() if acts is not None else None)
     # What the float model is still needed for, taken now: a model loaded, folded or rewritten here is edited in
     # place into the quantized one (a language model then never has its embeddings and lm_head twice)
-    float_bytes, float_opsets = model_bytes(model), onnx.ModelProto(opset_import=model.opset_import)
+    float_bytes = model_bytes(model)
     if recipe.check.enabled and ref is None:
         held = held or first_feeds(calib, recipe.check.samples)  # (no calibration pass ran: stats_cache)
         ref = float_outputs(model, held)

@@ -44,7 +44,8 @@ def _needs_folding(model: onnx.ModelProto) -> bool:
     (folding copies every tensor, which costs minutes on a model of gigabytes)."""
     graph = model.graph
     inputs = {i.name for i in graph.input}
-    const = {t.name for t in graph.initializer} - inputs
+    const = {t.name for t in graph.initializer} - (inputs if model.ir_version >= 4 else set())  # (IR < 4 lists
+    # every initializer as an input too: a constant all the same, as the layers take it)
     inits = set(const)
     for n in graph.node:  # topological order: a node of constant inputs has constant outputs
         if n.op_type == "Constant" or (n.input and all(i in const or i == "" for i in n.input)
@@ -100,10 +101,12 @@ def prepare_model(model_or_path) -> onnx.ModelProto:
     try:
         import onnx_graphsurgeon as gs
 
-        graph = gs.import_onnx(model)
-        graph.fold_constants(error_ok=True).cleanup().toposort()
+        with gs.logger.G_LOGGER.suppress():  # (its warnings would interleave with the run's lines)
+            graph = gs.import_onnx(model)
+            graph.fold_constants(error_ok=True).cleanup().toposort()
         folded = gs.export_onnx(graph, do_type_check=False)
-        folded.ir_version = model.ir_version
+        # (graphsurgeon lists no initializer as an input, which IR 4 is the first to allow)
+        folded.ir_version = max(model.ir_version, 4)
         del folded.opset_import[:]
         folded.opset_import.extend(model.opset_import)
         folded.metadata_props.extend(model.metadata_props)
