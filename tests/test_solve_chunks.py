@@ -221,3 +221,28 @@ def test_float64_solve_is_chosen_for_the_whole_layer(monkeypatch):
         got[chunk_bytes] = quantize_layer(mats, [RowStats(Xs)], policy, n, np)
     assert got[1].solver.dtype == "float32" and all(s.dtype == np.float64 for s in got[1].scales)
     _assert_same(got[1], got[1 << 40])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tiny_weights_on_huge_inputs_are_solved_in_float64(bits):
+    """The float32 rule looked at max |w|^2 max |G| only, but the scale update sums c^T G c over integer levels c:
+    with weights of 0.003 (the ONNX backend's ResNet-50 skeleton, every weight a constant, batch norms folded) and
+    inputs whose Gram reaches 1e34, that sum overflowed float32, the scale became 0 and the codes NaN: "internal
+    error: solver codes outside the 0..15 range of their grid". The levels' bound now picks float64 there."""
+    from onnxcomq.solve.comq import overflow_risk
+
+    rng = np.random.default_rng(0)
+    n, m = 256, 8
+    X = rng.standard_normal((4 * n, n)) + 3.0  # (correlated inputs: c^T G c near n^2 c^2 G)
+    W = np.full((m, n), 0.003, np.float32) + rng.uniform(-1e-4, 1e-4, (m, n)).astype(np.float32)
+    assert overflow_risk(n, 0.003, 1e34) and not overflow_risk(n, 0.003, 1e20)
+    policy = LayerPolicy(solver=SolverConfig(bits=bits), damping=0.0, few_rows=0)
+    st = RowStats([X * np.sqrt(1e34 / np.abs(X.T @ X).max())])  # (max |G| 1e34, below float32's 3.4e38)
+    res = quantize_layer([W], [st], policy, n, np)
+    assert res.solver.dtype == "float64"
+    codes = np.asarray(res.codes[0]).astype(np.int64)
+    assert codes.min() >= 0 and codes.max() <= 2 ** bits - 1
+    assert np.isfinite(res.scales[0]).all() and (res.scales[0] > 0).all()
+    ref = quantize_layer([W.astype(np.float64)], [RowStats([X])], dataclasses.replace(
+        policy, solver=SolverConfig(bits=bits, dtype="float64")), n, np)  # (the same problem at a sane scale)
+    assert res.comq_error == pytest.approx(ref.comq_error, rel=1e-6)

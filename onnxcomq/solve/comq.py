@@ -224,7 +224,8 @@ def importance_order(W, g):
 
 def safe_dtype(xp, W, G, dtype: str):
     """The solver's float type: ``dtype``, or float64 for a layer whose products would overflow float32 (weights
-    or input statistics near float32's range: sum_j |e_j| |G_jk| |e_k| reaches n * max|w|^2 * max|G|)."""
+    or input statistics near float32's range: sum_j |e_j| |G_jk| |e_k| reaches n * max|w|^2 * max|G|, and the
+    scale update's c^T G c over integer levels c up to 255 reaches n^2 255^2 max|G|)."""
     if dtype == "float64":
         return xp.float64
     return xp.float64 if overflow_risk(W.shape[-1], _absmax(xp, W), _absmax(xp, G)) else xp.float32
@@ -232,8 +233,8 @@ def safe_dtype(xp, W, G, dtype: str):
 
 def overflow_risk(n: int, wmax: float, gmax: float) -> bool:
     """``safe_dtype``'s rule from max |w| and max |G|: float32 products could overflow."""
-    with np.errstate(over="ignore"):
-        risk = np.float64(n) * np.float64(wmax) ** 2 * np.float64(gmax) * 256
+    with np.errstate(over="ignore"):  # (the levels' term: a layer of tiny weights whose inputs are huge)
+        risk = np.float64(n) * np.float64(gmax) * max(np.float64(wmax) ** 2 * 256, np.float64(n) * 256 ** 2)
     return not np.isfinite(risk) or risk > 1e36
 
 
