@@ -232,6 +232,45 @@ def test_an_output_whose_shape_depends_on_the_data_may_change_shape():
     assert V.problems(checks) == ["output y: shape/type (3, 3) differs from the float model's (3, 4)"]
 
 
+
+def _if_model(scale: float, inner_topk: bool = False):
+    """x -> If(c) -> y = x * scale on either branch (silero-vad's branches on the input's rank and sample rate);
+    ``inner_topk``: the then branch orders its output by value (TopK of the whole row) instead."""
+    from onnx import TensorProto, helper, numpy_helper
+    k = numpy_helper.from_array(np.array([4], np.int64), "k")
+
+    def branch(name, topk):
+        nodes = [helper.make_node("Mul", ["x", "s"], [f"{name}_y"])]
+        if topk:
+            nodes += [helper.make_node("TopK", [f"{name}_y", "k"], [f"{name}_v", f"{name}_i"])]
+        out = f"{name}_v" if topk else f"{name}_y"
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+    g = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch("then", inner_topk), else_branch=branch("else",
+                                                                                                       False))],
+        "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+              helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(scale, np.float32), "s"), k])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_an_output_behind_a_plain_if_is_judged():
+    """Every output downstream of an If was taken for one whose elements may swap places (as after NMS) and left
+    unjudged: silero-vad's W8A8 model, whose outputs all come through Ifs, was written at cosine 0.47 and 0.25
+    without a word. Its shape may still vary; its values are judged, unless a branch orders them by value."""
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((3, 4)).astype(np.float32), "c": np.array(True)} for _ in range(2)]
+    assert V.data_dependent(_if_model(2.0)) == {"y"} and not V.data_dependent(_if_model(2.0), V.REORDER_OPS)
+    checks, _ = V.verify(_if_model(2.0), _if_model(-2.0), feeds)
+    assert not checks[0].dynamic and V.problems(checks) and "far from the float model" in V.problems(checks)[0]
+    checks, _ = V.verify(_if_model(2.0), _if_model(2.0 * 0.9), feeds)  # (near: passes)
+    assert not V.problems(checks) and not V.warnings(checks)
+    assert V.data_dependent(_if_model(2.0, True), V.REORDER_OPS) == {"y"}
+    checks, _ = V.verify(_if_model(2.0, True), _if_model(-2.0, True), feeds)
+    assert checks[0].dynamic and not V.problems(checks)
+
+
 def _zipmap_model(w: np.ndarray):
     """x -> Softmax(x W) -> ZipMap (scikit-learn's classifier output: one {class: probability} per sample) and the
     same probabilities as a sequence of tensors (SplitToSequence)."""

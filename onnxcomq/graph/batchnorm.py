@@ -31,24 +31,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .layers import _subgraphs, node_attr, unique_name
+from .layers import node_attr, subgraph_names, unique_name
 from .modelio import copy_to_edit, drop_weight
 from .rewrite import tensor_ranks
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-
-
-def _subgraph_names(graph: onnx.GraphProto) -> set:
-    """Every tensor name a node of a subgraph (If/Loop/Scan bodies, at any depth) reads or writes."""
-    out = set()
-    for n in graph.node:
-        for _, g in _subgraphs(n):
-            for m in g.node:
-                out.update(m.input)
-                out.update(m.output)
-            out |= _subgraph_names(g)
-    return out
-
 
 # the ops a batch norm after them folds into (each with its output channels on axis 1 of its output)
 FOLD_INTO = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -79,7 +66,7 @@ def _chains(model: onnx.ModelProto) -> list:
         for t in n.input:
             readers.setdefault(t, []).append(k)
     producer = {o: k for k, n in enumerate(g.node) for o in n.output}
-    nested = _subgraph_names(g)
+    nested = subgraph_names(g)
 
     def const(t):
         return t in inits and t not in graph_io and inits[t].data_type in _FLOATS

@@ -160,6 +160,20 @@ def _subgraphs(node):
                 yield f"{a.name}[{k}]", g
 
 
+def subgraph_nodes(node):
+    """The nodes of ``node``'s subgraphs, at any depth."""
+    for _, g in _subgraphs(node):
+        for n in g.node:
+            yield n
+            yield from subgraph_nodes(n)
+
+
+def subgraph_names(graph: onnx.GraphProto) -> set:
+    """Every tensor name a node of a subgraph (If/Loop/Scan bodies, at any depth) reads or writes: the names a
+    rewrite of ``graph`` must leave as they are (a subgraph reads the outer ones implicitly)."""
+    return {t for n in graph.node for m in subgraph_nodes(n) for t in (*m.input, *m.output)}
+
+
 def _numel(t) -> int:
     return int(np.prod(t.dims)) if len(t.dims) else 1
 

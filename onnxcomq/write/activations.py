@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper
 
 from ..capture.observers import ActFormat, half_up, make_observer, qparams
 from ..errors import UserError
-from ..graph.layers import node_names, unique_name
+from ..graph.layers import node_names, subgraph_names, unique_name
 from ..graph.modelio import drop_weight
 from .qdq import opset_of, upgrade_opset
 
@@ -115,6 +115,9 @@ def place(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", exc
     floats, shapes, halves = _tensor_info(model)
     floats -= consts
     graph_outputs = {o.name for o in g.output}
+    # a Relu whose input or output a subgraph reads (implicitly, by name) is not folded: with it gone, the name
+    # holds the pre-activation (silero-vad's LSTM, inside an If, read a conv output's negatives: cosine 0.47)
+    nested = subgraph_names(g)
     consumers: dict = {}
     producer: dict = {}
     for name, n in zip(names, g.node):
@@ -152,7 +155,7 @@ def place(model: onnx.ModelProto, quantized_nodes: set, target: str = "ort", exc
             if op_type in ("Conv", "ConvTranspose"):
                 add(out)
             return
-        fold = _foldable(out, consumers, graph_outputs, exclude, inits) if fold_relu else None
+        fold = _foldable(out, consumers, graph_outputs | nested, exclude, inits) if fold_relu else None
         if fold is not None:
             rname, relu = fold
             p.folded[rname] = (out, relu.output[0])
