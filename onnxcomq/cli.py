@@ -71,7 +71,7 @@ def _settings(q) -> None:
                    help="asym: min-max grid with zero point; sym: zero point 0 (default: asym; sym with "
                         "--act-bits or --target tensorrt)")
     g.add_argument("--format", dest="weight_format", choices=["qdq", "matmulnbits"], default=None,
-                   help="qdq: DequantizeLinear weights; matmulnbits: MatMul weights as onnxruntime's "
+                   help="qdq: DequantizeLinear weights; matmulnbits: MatMul and Gemm weights as onnxruntime's "
                         "com.microsoft MatMulNBits (needs --granularity block and 2/4/8 bits), other layers "
                         "DequantizeLinear (default: qdq)")
     g.add_argument("--exclude", action="append", default=None, metavar="PATTERN",

@@ -53,7 +53,7 @@ class Weights:
     granularity: str = "channel"  # channel | tensor | block (one scale per output row and block of inputs)
     block_size: int = 32  # granularity "block": input channels per scale (MatMulNBits: a power of two >= 16)
     scheme: str | None = None  # asym | sym; None: sym where activations are quantized or the target is tensorrt
-    format: str = "qdq"  # qdq (DequantizeLinear) | matmulnbits (MatMul weights as com.microsoft MatMulNBits)
+    format: str = "qdq"  # qdq (DequantizeLinear) | matmulnbits (MatMul, Gemm weights as com.microsoft MatMulNBits)
     method: str = "comq"  # comq | rtn (round-to-nearest on the same grid: the baseline)
     nbits_accuracy_level: int = 0  # MatMulNBits accuracy_level (0: float activations; 4: int8, faster)
     # the output's highest opset (None: what the weights need, 21 for int4); below 21, 2..4-bit codes are stored

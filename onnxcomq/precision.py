@@ -261,8 +261,8 @@ class LayerPlan:
 
 def plan_layers(layers, weights, choice, heads=()) -> dict:
     """{weight: LayerPlan} before mixed precision, from the recipe's ``weights`` and ``layers`` sections (``choice``):
-    pinned bits, the Conv fallback of block granularity, and MatMulNBits only for MatMul weights (the other layers
-    stay DequantizeLinear). ``heads``: the nodes of a language model's output projection kept at 8 bits."""
+    pinned bits, the Conv fallback of block granularity, and MatMulNBits only for MatMul and Gemm weights (the other
+    layers stay DequantizeLinear). ``heads``: the nodes of a language model's output projection kept at 8 bits."""
     fixed = {L.weight: (8, "layers.lm_head int8") for L in layers if L.node in heads}
     fixed.update(fixed_bits(layers, weights.bits, choice.keep_8bit, parse_layer_bits(choice.layer_bits)))
     plan = {}
@@ -277,7 +277,7 @@ def plan_layers(layers, weights, choice, heads=()) -> dict:
             if why_not:
                 gran = "channel"
                 notes.append(f"{why_not}: per-channel")
-        if weights.format == "matmulnbits" and L.op_type == "MatMul":  # shared weights: all consumers MatMul
+        if weights.format == "matmulnbits" and L.op_type in ("MatMul", "Gemm"):  # (shared: all consumers alike)
             fmt = "matmulnbits"
             if bits not in NBITS_BITS:
                 raise UserError(f"{L.node}: {bits} bits cannot be stored as MatMulNBits (supports "

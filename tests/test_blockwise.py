@@ -165,8 +165,8 @@ def unpack(packed, bits, count):
 
 
 def float_twin(qmodel):
-    """Float model with every DequantizeLinear (block_size too) and MatMulNBits replaced by MatMul on weights
-    dequantized here from the stored initializers."""
+    """Float model with every DequantizeLinear (block_size too) and MatMulNBits replaced by MatMul (and an Add for
+    its bias input) on weights dequantized here from the stored initializers."""
     out = onnx.ModelProto()
     out.CopyFrom(qmodel)
     g = out.graph
@@ -201,8 +201,12 @@ def float_twin(qmodel):
             wname = n.input[1] + "_float"
             new_w[wname] = ((codes - np.repeat(zp, B, axis=1)[:, :K]) * np.repeat(scale, B, axis=1)[:, :K]
                             ).T.astype(np.float32)
-            drop.update(n.input[1:])
-            nodes.append(onnx.helper.make_node("MatMul", [n.input[0], wname], list(n.output), name=n.name))
+            drop.update(n.input[1:5])
+            if len(n.input) > 5 and n.input[5]:  # (the bias input: a Gemm's C)
+                nodes += [onnx.helper.make_node("MatMul", [n.input[0], wname], [n.output[0] + "_mm"], name=n.name),
+                          onnx.helper.make_node("Add", [n.output[0] + "_mm", n.input[5]], list(n.output))]
+            else:
+                nodes.append(onnx.helper.make_node("MatMul", [n.input[0], wname], list(n.output), name=n.name))
             continue
         nodes.append(n)
     del g.node[:]
@@ -352,7 +356,8 @@ def test_matmulnbits_on_fmnist_vit():
     onnx.checker.check_model(q, full_check=True)
     fmts = {L.op_type: L.weight_format for L in rep.layers}
     assert fmts.get("MatMul") == "matmulnbits"
-    assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) == sum(L.op_type == "MatMul" for L in rep.layers)
+    assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) == sum(L.op_type in ("MatMul", "Gemm")
+                                                                        for L in rep.layers)
     x = calib[name][:32]
     (y,) = session(q).run(None, {name: x})[:1]
     (yt,) = session(float_twin(q)).run(None, {name: x})[:1]
@@ -442,3 +447,49 @@ def test_a_conv_with_a_partial_last_block_is_written_in_whole_blocks(tmp_path):
     assert scale.shape == (8, 5, 1, 1)
     np.testing.assert_array_equal(scale[:, 0], scale[:, 1])  # (channels 0-31: one scale, written twice)
     np.testing.assert_array_equal(scale[:, 2], scale[:, 3])  # (32-63; 64-79 the last)
+
+
+def _gemm_forms_model(seed=0):
+    """Four Gemms as exporters write Linear layers (jax2onnx: every Linear a Gemm on a 2-D input; torch: transB):
+    transB with a per-column C; B as stored [K, N], alpha 0.5, beta 2, C [1, N]; transA; and C a graph input
+    (computed at run time: an Add after the MatMulNBits)."""
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(seed)
+    K = 48
+    arrs = {"w1": rng.standard_normal((32, K)), "c1": rng.standard_normal(32), "w2": rng.standard_normal((32, 40)),
+            "c2": rng.standard_normal((1, 40)), "w3": rng.standard_normal((40, 24)), "w4": rng.standard_normal((24, 16))}
+    nodes = [helper.make_node("Gemm", ["x", "w1", "c1"], ["h1"], transB=1, name="g1"),
+             helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Gemm", ["r1", "w2", "c2"], ["h2"], alpha=0.5, beta=2.0, name="g2"),
+             helper.make_node("Transpose", ["h2"], ["h2t"]),
+             helper.make_node("Gemm", ["h2t", "w3"], ["h3"], transA=1, name="g3"),
+             helper.make_node("Gemm", ["h3", "w4", "c4"], ["y"], beta=0.5, name="g4")]
+    g = helper.make_graph(nodes, "gemms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", K]),
+                                           helper.make_tensor_value_info("c4", TensorProto.FLOAT, [16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+                          [numpy_helper.from_array((v / 4).astype(np.float32), k) for k, v in arrs.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def test_matmulnbits_replaces_gemms_too():
+    """--format matmulnbits wrote only MatMul weights as MatMulNBits: a model whose Linear layers are Gemms
+    (jax2onnx writes every one so; torch a Linear on a 2-D input) got DequantizeLinear weights throughout, without
+    a word. Every Gemm form becomes MatMulNBits now (alpha in the scales, C as its bias, or an Add where C is
+    computed; a Transpose for transA), with the codes of the DequantizeLinear model of the same settings."""
+    model = _gemm_forms_model()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, 48)).astype(np.float32)
+    feed = {"x": x, "c4": rng.standard_normal(16).astype(np.float32)}
+    cfgq = recipe(bits=4, granularity="block", block_size=16, device="cpu")
+    q, rep = run(model, feed, cfgq.updated({"weights": {"format": "matmulnbits"}}))
+    onnx.checker.check_model(q, full_check=True)
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("MatMulNBits") == 4 and "Gemm" not in ops and "DequantizeLinear" not in ops
+    assert {L.weight_format for L in rep.layers} == {"matmulnbits"}
+    read = {i for n in q.graph.node for i in n.input}
+    assert all(t.name in read for t in q.graph.initializer)  # (the Cs moved into biases are gone)
+    qd, _ = run(model, feed, cfgq)
+    test = {"x": x[:16], "c4": feed["c4"]}
+    (y,), (yd,), (yf,) = (session(m).run(None, test) for m in (q, qd, model))
+    np.testing.assert_allclose(y, yd, rtol=1e-4, atol=1e-4)
+    assert np.linalg.norm(y - yf) < 0.2 * np.linalg.norm(yf)

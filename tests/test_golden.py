@@ -60,7 +60,7 @@ GOLDEN = {
         "paddle_cnn_w4": "bf164b4d58aba4a5529bccfae50f201be6156f166220e70713792f6fc32e666d",
         "vit_avg_bits": "e70079ed5eb5927edd4e8c3c40e9acb3901d20c32a7bb817edb5a786511373c2",
         "vit_w3_sym": "22df16c24318fc7b311504e7ed73cc1dce58d214a460aba84496fca40d3d802f",
-        "vit_w4_block_nbits": "7b639216f13d9b0bdd51889c3d801351848e10e381f10c9e0cf3b4c06b5e3042",
+        "vit_w4_block_nbits": "6c3a9969c1838ea58f7371e441b46ca110ec54697636ccac482ea3051adceb84",
         "vit_w4_block_qdq": "12ea2c9ff649b3496a8538c334b359481b4cd69a44e77ce340da9d4fa2e642eb",
         "vit_w8_tensor": "f9c99cf8e3e5ae6dc81f597dd0abd349d8e21be82b620c83dd0c030a43436662",
     },
@@ -73,7 +73,7 @@ GOLDEN["199b7f9b16992aa8"] = {
     "paddle_cnn_w4": "8b596de87d874f41ca117519c6382afd9d2a1fd49973be43480d66cd465bd393",
     "vit_avg_bits": "99ce6a7eba8382536a614175219ba8597a3ad1f5a9f6807a30419c1e4882d51b",
     "vit_w3_sym": "d1957bde5a7013fbbaacf26c162f6427dd12ad0f7f0dd73beb4dde725669811c",
-    "vit_w4_block_nbits": "3a72c08fd1e50ffa7ed04ebdf95518148897db02cc2eaaea12df698521fe8757",
+    "vit_w4_block_nbits": "ca3cdb039326525fa543ee05071fd1e342ac8b6f9dcd5003bcf7e56fa74a7cd0",
     "vit_w4_block_qdq": "ba3628040806a7a05c7ae22c587dc00b9a833a6b43643149339e95b84e1bd09e",
     "vit_w8_tensor": "a605badf8718411b7a79d9b4db7d4f8b25c15838253f83a9859e7fb6c842ce6a",
 }
