@@ -253,8 +253,6 @@ class _Holdings:
 def _float_reason(node, src: dict) -> str:
     """Why a node of a type COMQ does not solve, that holds a float weight, stays float."""
     op = node.op_type
-    if op in RECURRENT_OPS:
-        return "recurrent layer: its W and R weights stay float"
     if op == "Gather" and node.input and src.get(node.input[0]):
         return "embedding table (Gather of a constant): a lookup, not a layer COMQ solves"
     if op == "Einsum":
@@ -280,8 +278,10 @@ def _subgraph_skips(parent: str, node, outer: dict, hold: _Holdings) -> list:
             if not hold.holds(n, src):
                 continue
             params = hold.held(n, src)
+            # (a recurrent layer too: it said "recurrent layer: its W and R weights stay float", from before they
+            # were quantized)
             why = f"{where}: control-flow subgraphs are not quantized" if n.op_type in SUPPORTED_OPS \
-                and n.op_type not in RECURRENT_OPS else f"{_float_reason(n, src)} ({where})"
+                else f"{_float_reason(n, src)} ({where})"
             out.append(Skipped(name, n.op_type, why, params, hold.share(params)))
     return out
 
