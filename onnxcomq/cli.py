@@ -289,8 +289,8 @@ def cmd_quantize(a) -> int:
                             f"needs a .txt for --calib (got --calib {a.calib})")
         from .capture.text import TextCalibration
         calib = TextCalibration(a.calib, a.tokenizer, model=a.model)
-    if not getattr(a, "debug", False):  # (no warnings between the lines from sessions onnxcomq does not open:
-        # graphsurgeon's constant folding)
+    # no warnings between the run's lines from onnxruntime sessions onnxcomq does not open (graphsurgeon's folding)
+    if not getattr(a, "debug", False):
         import onnxruntime
 
         onnxruntime.set_default_logger_severity(3)

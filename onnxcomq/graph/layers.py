@@ -278,8 +278,7 @@ def _subgraph_skips(parent: str, node, outer: dict, hold: _Holdings) -> list:
             if not hold.holds(n, src):
                 continue
             params = hold.held(n, src)
-            # (a recurrent layer too: it said "recurrent layer: its W and R weights stay float", from before they
-            # were quantized)
+            # (recurrent layers too: quantized in the main graph, left float here for where they sit)
             why = f"{where}: control-flow subgraphs are not quantized" if n.op_type in SUPPORTED_OPS \
                 else f"{_float_reason(n, src)} ({where})"
             out.append(Skipped(name, n.op_type, why, params, hold.share(params)))

@@ -44,8 +44,8 @@ def _needs_folding(model: onnx.ModelProto) -> bool:
     (folding copies every tensor, which costs minutes on a model of gigabytes)."""
     graph = model.graph
     inputs = {i.name for i in graph.input}
-    const = {t.name for t in graph.initializer} - (inputs if model.ir_version >= 4 else set())  # (IR < 4 lists
-    # every initializer as an input too: a constant all the same, as the layers take it)
+    # (IR < 4 lists every initializer as an input too: a constant all the same, as the layers take it)
+    const = {t.name for t in graph.initializer} - (inputs if model.ir_version >= 4 else set())
     inits = set(const)
     for n in graph.node:  # topological order: a node of constant inputs has constant outputs
         if n.op_type == "Constant" or (n.input and all(i in const or i == "" for i in n.input)

@@ -177,6 +177,12 @@ def upgrade_opset(model: onnx.ModelProto, target: int, why: str = "", max_opset:
     except Exception as e:  # the converter raises plain RuntimeErrors with its own text
         raise UserError(f"cannot convert the model from opset {_opset(model)} to {target} (needed for the "
                         f"quantized weights): {str(e).splitlines()[0]}") from None
+    if converted.ir_version < 4:  # (there every initializer is listed as an input too, and is a constant; from IR 4
+        # on such a listing makes it an input the caller may override, which onnxruntime then neither folds nor fuses)
+        inits = {t.name for t in converted.graph.initializer}
+        keep = [i for i in converted.graph.input if i.name not in inits]
+        del converted.graph.input[:]
+        converted.graph.input.extend(keep)
     if converted.ir_version < 7:
         converted.ir_version = 7
     return converted
