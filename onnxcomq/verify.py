@@ -37,6 +37,16 @@ WARN_COSINE = 0.9
 KERNEL_FACTOR, KERNEL_SLACK = 2.0, 0.02
 
 
+def _under(x: float, limit: float) -> str:
+    """``x`` (below ``limit``) with as few significant digits as show it below: 0.89996 is "0.89996", not "0.9"
+    (silero-vad's W8A8 warning read "at cosine 0.9 ... (below 0.9)")."""
+    for digits in range(3, 10):
+        text = f"{x:.{digits}g}"
+        if float(text) < limit:
+            return text
+    return repr(x)
+
+
 @dataclass
 class OutputCheck:
     """How close one graph output of the quantized model is to the float model's, on the verification samples."""
@@ -66,15 +76,15 @@ class OutputCheck:
         if self.rel_error is not None and not self.dynamic and (self.rel_error > MAX_REL_ERROR or
                                                                 self.cosine < MIN_COSINE):
             return (f"output {self.name} is far from the float model's (relative error {self.rel_error:.3g}, "
-                    f"cosine {self.cosine:.3g}): check the calibration data, or use more bits")
+                    f"cosine {_under(self.cosine, MIN_COSINE)}): check the calibration data, or use more bits")
         return None
 
     def warning(self) -> str | None:
         """Why this output deserves a look (the model is still written), or None."""
         out = []
         if self.cosine is not None and not self.dynamic and self.cosine < WARN_COSINE and not self.problem():
-            out.append(f"output {self.name} is at cosine {self.cosine:.3g} to the float model's (below "
-                       f"{WARN_COSINE}): check the quantized model on your own data; more bits, more calibration "
+            out.append(f"output {self.name} is at cosine {_under(self.cosine, WARN_COSINE)} to the float model's "
+                       f"(below {WARN_COSINE}): check the quantized model on your own data; more bits, more calibration "
                        f"data or weights only may help")
         if self.graph_rel_error is not None and self.rel_error > KERNEL_FACTOR * self.graph_rel_error + KERNEL_SLACK:
             out.append(f"output {self.name}: onnxruntime's fused int8 kernels on this CPU are further from the float "

@@ -190,8 +190,19 @@ def test_an_output_that_passes_far_from_float_is_written_with_a_warning():
         assert (c.warning() is not None) == warned, (noise, c.cosine)
         if warned:
             assert c.problem() is None and c.cosine < V.WARN_COSINE
-            assert f"output boxes is at cosine {c.cosine:.3g} to the float model's" in c.warning()
+            assert f"output boxes is at cosine {c.cosine:.3g} to the float model's" in c.warning()  # (3 digits)
         assert V.warnings([c]) == ([c.warning()] if warned else [])
+
+
+
+@pytest.mark.parametrize("cosine,limit,shown", [(0.89996, V.WARN_COSINE, "0.89996"), (0.8999, V.WARN_COSINE, "0.8999"),
+                                                (0.4996, V.MIN_COSINE, "0.4996"), (0.812, V.WARN_COSINE, "0.812")])
+def test_a_cosine_just_under_a_limit_is_not_shown_as_the_limit(cosine, limit, shown):
+    """silero-vad's W8A8 warning read "output output is at cosine 0.9 to the float model's (below 0.9)": three
+    significant digits rounded 0.8999 up to the limit. As many digits as show the value under it are written."""
+    c = V.OutputCheck("out", True, cosine=cosine, rel_error=0.3 if limit == V.WARN_COSINE else 0.9)
+    text = c.warning() if limit == V.WARN_COSINE else c.problem()
+    assert text is not None and f"cosine {shown}" in text and float(shown) < limit
 
 
 def _threshold_model(c: float, drop: bool = False):
