@@ -97,18 +97,23 @@ def _chains(model: onnx.ModelProto) -> list:
             if None in params:
                 continue
             x, reader, mids, kind = end.input[0], k, [], "bn"
-        elif end.op_type == "Add" and len(end.input) == 2 and sum(source(t) is not None for t in end.input) == 1:
+        elif end.op_type == "Add" and len(end.input) == 2:
             # a frozen batch norm, x * scale + shift (torchvision's FrozenBatchNorm2d in its detection models)
-            y = next(t for t in end.input if source(t) is None)
+            shift = [source(t) for t in end.input]
+            if shift.count(None) != 1:
+                continue
+            y = end.input[shift.index(None)]
             m = producer.get(y)
             if m is None or y in graph_io or y in nested or readers.get(y) != [k]:
                 continue
             mul = g.node[m]
-            if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.output) != 1 or \
-                    len(mul.input) != 2 or sum(source(t) is not None for t in mul.input) != 1:
+            if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.output) != 1 or len(mul.input) != 2:
                 continue
-            params = [source(next(t for t in mul.input if source(t))), source(next(t for t in end.input if source(t)))]
-            x, reader, mids, kind = next(t for t in mul.input if source(t) is None), m, [m], "affine"
+            scale = [source(t) for t in mul.input]
+            if scale.count(None) != 1:
+                continue
+            params = [next(t for t in scale if t), next(t for t in shift if t)]
+            x, reader, mids, kind = mul.input[scale.index(None)], m, [m], "affine"
         else:
             continue
         add = None

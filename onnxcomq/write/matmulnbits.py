@@ -19,8 +19,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import UserError
-from ..graph.layers import unique_name
-from ..graph.modelio import copy_fields, drop_input
+from ..graph.layers import node_attr, unique_name
+from ..graph.modelio import copy_fields, drop_input, drop_weight
 from .qdq import QuantizedWeight
 
 DOMAIN = "com.microsoft"
@@ -73,14 +73,13 @@ def _as_kn(q: QuantizedWeight) -> QuantizedWeight:
 def _gemm(g, node, q, inputs, scales, accuracy_level, taken, inits, spare: set) -> list:
     """The nodes that replace Gemm ``node`` (reading weight ``q`` as B, whose MatMulNBits ``inputs`` hold
     ``scales``): [Transpose of A,] MatMulNBits[, Mul and Add]."""
-    at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    alpha, beta = float(at.get("alpha", 1.0)), float(at.get("beta", 1.0))
+    alpha, beta = float(node_attr(node, "alpha", 1.0)), float(node_attr(node, "beta", 1.0))
     if list(node.input).index(q.name) != 1:
         raise ValueError(f"{node.name or node.op_type} reads {q.name} but not as Gemm input B")
     base = node.name or node.output[0]
     a = node.input[0]
     out = []
-    if at.get("transA", 0):
+    if node_attr(node, "transA", 0):
         a_t = unique_name(f"{base}_A_transposed", taken)
         out.append(helper.make_node("Transpose", [a], [a_t], name=unique_name(f"{base}_transpose_A", taken)))
         a = a_t
@@ -179,9 +178,8 @@ def emit_matmulnbits(model: onnx.ModelProto, weights: list, accuracy_level: int 
     # a Gemm's C that became a MatMulNBits bias, scales that took alpha: read no more (onnxruntime warns of unused
     # initializers)
     unread = spare - {i for n in g.node for i in n.input} - {o.name for o in g.output}
-    for k in reversed([k for k, t in enumerate(g.initializer) if t.name in unread]):
-        drop_input(g, g.initializer[k].name)
-        del g.initializer[k]
+    for t in [t for t in g.initializer if t.name in unread]:
+        drop_weight(g, t)
     if not any(o.domain == DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return out
