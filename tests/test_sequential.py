@@ -261,6 +261,73 @@ def test_plan_stages_contiguous_and_balanced():
         assert max(map(len, stages)) - min(map(len, stages)) <= 1
 
 
+def inverted_residual_model(blocks=4, c=4, hw=6, seed=0):
+    """A stem conv, then ``blocks`` MobileNet blocks x -> 1x1 expand (c -> 4c) -> Relu -> 3x3 depthwise -> Relu ->
+    1x1 project (4c -> c) -> Add(x)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def conv(x, out, shape, **attrs):
+        w = f"w_{out}"
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:])))
+                                             .astype(np.float32), w))
+        nodes.append(helper.make_node("Conv", [x, w], [out], name=f"conv_{out}", **attrs))
+        return out
+
+    x = conv("input", "stem", (c, 3, 3, 3), pads=[1, 1, 1, 1])
+    for b in range(blocks):
+        e = conv(x, f"e{b}", (4 * c, c, 1, 1))
+        nodes.append(helper.make_node("Relu", [e], [f"re{b}"]))
+        d = conv(f"re{b}", f"d{b}", (4 * c, 1, 3, 3), pads=[1, 1, 1, 1], group=4 * c)
+        nodes.append(helper.make_node("Relu", [d], [f"rd{b}"]))
+        p = conv(f"rd{b}", f"p{b}", (c, 4 * c, 1, 1))
+        nodes.append(helper.make_node("Add", [p, x], [f"x{b}"]))
+        x = f"x{b}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                         ["N", 3, hw, hw])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_no_stage_starts_at_a_depthwise_conv():
+    """Stem + 4 MobileNet blocks (13 layers) in 5 stages: by count two stages would start at a depthwise conv; they
+    start at the expand conv before it instead (the nearest other layer, the earlier one on a tie)."""
+    model = inverted_residual_model(blocks=4)
+    layers, _ = find_layers(model)
+    assert [L.node for L in layers][:4] == ["conv_stem", "conv_e0", "conv_d0", "conv_p0"]
+    even = np.linspace(0, len(layers), 6).round().astype(int)[:-1]
+    assert [layers[i].node for i in even] == ["conv_stem", "conv_p0", "conv_d1", "conv_d2", "conv_e3"]
+    assert [s[0].node for s in split_stages(layers, 5)] == ["conv_stem", "conv_p0", "conv_e1", "conv_e2", "conv_e3"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=40), st.integers(1, 45))
+def test_stage_boundaries_property(grouped, n):
+    """Any sequence of depthwise and other convs, any stage count: the stages are contiguous and cover every layer
+    once, as many as asked (at most one per layer); a boundary stays where the count puts it unless that layer is
+    depthwise, moves by at most half a stage, and lands on a depthwise conv only if no other layer was in reach."""
+    from types import SimpleNamespace
+    layers = [SimpleNamespace(base="Conv", groups=8 if g else 1, weight_shape=(8, 1, 3, 3) if g else (8, 8, 3, 3), i=i)
+              for i, g in enumerate(grouped)]
+    stages = split_stages(layers, n)
+    assert [x for s in stages for x in s] == layers
+    k = min(n, len(layers))
+    assert len(stages) == k
+    even = np.linspace(0, len(layers), k + 1).round().astype(int)
+    starts = [s[0].i for s in stages]
+    half = max(1, len(layers) // (2 * k))
+    for j in range(1, k):
+        b, e = starts[j], even[j]
+        if not grouped[e]:
+            assert b == e
+            continue
+        assert abs(b - e) <= half
+        reach = [i for i in range(e - half, e + half + 1) if starts[j - 1] < i < even[j + 1] and not grouped[i]]
+        assert (not grouped[b]) if reach else b == e
+        if reach:  # the nearest, the earlier on a tie
+            assert b == min(reach, key=lambda i: (abs(i - e), i))
+
+
 def deep_mlp(seed):
     return builders.mlp_model([12, 24, 24, 24, 24, 6], seed=seed)
 
