@@ -56,7 +56,7 @@ def _match(pattern: str, layer, index: int, count: int) -> bool:
     if pattern == "last":
         return index == count - 1
     if pattern == "depthwise":
-        return layer.base == "Conv" and layer.groups > 1 and layer.weight_shape[1] == 1
+        return layer.depthwise
     names = [layer.node] + [c for c, _ in layer.consumers]
     return any(fnmatch.fnmatchcase(n, pattern) for n in names) or fnmatch.fnmatchcase(layer.op_type, pattern)
 

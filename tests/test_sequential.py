@@ -307,8 +307,7 @@ def test_stage_boundaries_property(grouped, n):
     once, as many as asked (at most one per layer); a boundary stays where the count puts it unless that layer is
     depthwise, moves by at most half a stage, and lands on a depthwise conv only if no other layer was in reach."""
     from types import SimpleNamespace
-    layers = [SimpleNamespace(base="Conv", groups=8 if g else 1, weight_shape=(8, 1, 3, 3) if g else (8, 8, 3, 3), i=i)
-              for i, g in enumerate(grouped)]
+    layers = [SimpleNamespace(depthwise=g, i=i) for i, g in enumerate(grouped)]
     stages = split_stages(layers, n)
     assert [x for s in stages for x in s] == layers
     k = min(n, len(layers))

@@ -116,27 +116,22 @@ def stage_entries(model: onnx.ModelProto, stage: list) -> set:
 
 def split_stages(layers: list, stages: int) -> list:
     """Split the layers (in graph order) into ``stages`` contiguous groups of about equal count, none starting at a
-    depthwise conv: such a boundary moves to the nearest other layer, by at most half a stage (the
-    earlier one on a tie). A stage's entry layers correct the earlier stages' error, and a depthwise conv's output
-    channel sees one input channel through a few taps, too few weights to correct it: they fit the calibration
-    set instead (docs/experiments.md, "Stage boundaries")."""
+    depthwise conv (``Layer.depthwise``): such a boundary moves to the nearest other layer, by at most half a stage
+    (the earlier one on a tie). A stage's entry layers correct the earlier stages' error, and a depthwise conv's
+    output channel sees one input channel through a few taps, too few weights to correct it: it fits the
+    calibration set instead (docs/experiments.md, "Stage boundaries")."""
     stages = max(1, min(stages, len(layers)))
     bounds = np.linspace(0, len(layers), stages + 1).round().astype(int)
     half = max(1, len(layers) // (2 * stages))
     for k in range(1, stages):
         b = bounds[k]
-        if not _depthwise(layers[b]):
+        if not getattr(layers[b], "depthwise", False):
             continue
         near = [i for d in range(1, half + 1) for i in (b - d, b + d)
-                if bounds[k - 1] < i < bounds[k + 1] and not _depthwise(layers[i])]
+                if bounds[k - 1] < i < bounds[k + 1] and not getattr(layers[i], "depthwise", False)]
         if near:
             bounds[k] = near[0]
     return [layers[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-
-
-def _depthwise(layer) -> bool:
-    """A conv whose outputs each read one input channel (precision.py's "depthwise" pattern)."""
-    return getattr(layer, "base", None) == "Conv" and layer.groups > 1 and layer.weight_shape[1] == 1
 
 
 def capture(model, twin, specs: dict, batches, progress=None, mask_input=None, fold_below: dict | None = None,

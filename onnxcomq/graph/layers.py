@@ -91,6 +91,11 @@ class Layer:
     def out_channels(self) -> int:
         return self.weight_shape[self.axis]
 
+    @property
+    def depthwise(self) -> bool:
+        """A conv whose outputs each read one input channel (through its taps)."""
+        return self.base == "Conv" and self.groups > 1 and self.weight_shape[1] == 1
+
     def to_matrices(self, w: np.ndarray) -> list[np.ndarray]:
         """The stored weight -> one (m, n) matrix per group, rows = output channels, columns = X's columns."""
         if self.op_type in RECURRENT_OPS:  # W/R [num_directions, gates * hidden, n]: one group per direction
