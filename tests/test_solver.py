@@ -322,11 +322,21 @@ def test_batched_groups_equal_one_by_one(xp, scale_update, sweeps, m, n):
         np.testing.assert_allclose(rtn[b].objective, r1.objective, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("order", ["cyclic", "greedy"])
+# how many lambda candidates one solve stacks: all of them (the default's cap), 3 per solve (3 + 3 + 1), one
+STACKS = {"all": None, "3": 3 * 12 * 30, "1": 1}
+
+
+@pytest.mark.parametrize("order", ["cyclic", "greedy", "importance"])
 @pytest.mark.parametrize("kind", ["random", "correlated"])
-def test_lambda_solves_keeps_each_rows_best_full_solve(xp, order, kind):
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_lambda_solves_keeps_each_rows_best_full_solve(xp, order, kind, stack, monkeypatch):
     """lambda_solves = all candidates: per row, the lowest exact objective over full solves from each fixed lambda
-    (brute force: one solve per lambda, rows compared in float64); the reported objective is that of the mix."""
+    (brute force: one solve per lambda, rows compared in float64); the reported objective is that of the mix. The
+    candidates' rows are solved stacked (all at once, or in batches of 3), or one solve each."""
+    from onnxcomq.solve import comq
+
+    if STACKS[stack] is not None:
+        monkeypatch.setattr(comq, "STACK_ELEMENTS", STACKS[stack])
     W, G = problem(12, 30, seed=7, kind=kind)
     grid = SolverConfig().lambda_grid
     cfg = SolverConfig(bits=3, order=order, dtype="float64", lambda_solves=len(grid))
@@ -342,6 +352,34 @@ def test_lambda_solves_keeps_each_rows_best_full_solve(xp, order, kind):
     assert (rows.argmin(axis=0) > 0).any()  # the case is one where some row gains from another grid
     one = comq_quantize(xp.asarray(W), xp.asarray(G), SolverConfig(bits=3, order=order, dtype="float64"))
     assert got.objective < one.objective
+
+
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_group_lambda_solves_keep_each_rows_best_full_solve(xp, stack, monkeypatch):
+    """The batched group solver (depthwise convs) with every lambda candidate: per row of every group, the lowest
+    exact objective over one-group solves from each fixed lambda; stacked or not, the same codes."""
+    from onnxcomq.solve import comq
+    from onnxcomq.solve.comq import comq_quantize_groups
+
+    if STACKS[stack] is not None:
+        monkeypatch.setattr(comq, "STACK_ELEMENTS", STACKS[stack] and 3 * 5 * 3 * 9)
+    probs = [problem(3, 9, seed=s, kind="correlated") for s in range(5)]
+    W3, G3 = np.stack([p[0] for p in probs]), np.stack([p[1] for p in probs])
+    grid = SolverConfig().lambda_grid
+    cfg = SolverConfig(bits=3, dtype="float64", lambda_solves=len(grid))
+    got = comq_quantize_groups(xp.asarray(W3), xp.asarray(G3), cfg)
+    gains = False
+    for b, (W, G) in enumerate(probs):
+        per_lam = [comq_quantize(W, G, SolverConfig(bits=3, dtype="float64", lambda_search=False, lam=lam))
+                   for lam in grid]
+        rows = np.array([[ref.objective(W[i:i + 1], r.qweight[i:i + 1], G) for i in range(len(W))] for r in per_lam])
+        got_rows = np.array([ref.objective(W[i:i + 1], got[b].qweight[i:i + 1], G) for i in range(len(W))])
+        np.testing.assert_allclose(got_rows, rows.min(axis=0), rtol=1e-10)
+        assert got[b].objective == pytest.approx(ref.objective(W, got[b].qweight, G), rel=1e-10)
+        np.testing.assert_allclose(got[b].scale[:, None] * (got[b].codes - got[b].zero_point[:, None]),
+                                   got[b].qweight, rtol=1e-12)
+        gains |= bool((rows.argmin(axis=0) > 0).any())
+    assert gains  # (some row gains from another grid than the best round-to-nearest one)
 
 
 @settings(max_examples=25, deadline=None)
@@ -366,10 +404,14 @@ def test_lambda_solves_rejects_out_of_range():
 
 
 @pytest.mark.parametrize("order", ["cyclic", "greedy"])
-def test_on_sweep_is_called_once_per_sweep_of_every_solve(order):
+@pytest.mark.parametrize("stack", [True, False])
+def test_on_sweep_is_called_once_per_sweep_of_every_solve(order, stack, monkeypatch):
+    from onnxcomq.solve import comq
     from onnxcomq.solve.blockwise import comq_quantize_block
     from onnxcomq.solve.comq import comq_quantize_groups, on_sweep
 
+    if not stack:  # (one candidate per solve: each lambda candidate sweeps on its own)
+        monkeypatch.setattr(comq, "STACK_ELEMENTS", 1)
     rng = np.random.default_rng(0)
     W = rng.standard_normal((6, 16))
     X = rng.standard_normal((40, 16))
@@ -377,7 +419,8 @@ def test_on_sweep_is_called_once_per_sweep_of_every_solve(order):
     calls = []
     with on_sweep(lambda: calls.append(1)):
         comq_quantize(W, G, SolverConfig(order=order, sweeps=3, lambda_search=True, lambda_solves=2), np)
-        assert len(calls) == 3 * 2
+        assert len(calls) == 3 * (1 if stack else 2)  # (stacked: both candidates' rows in one solve's sweeps)
+        calls[:] = [1] * 6
         comq_quantize_groups(np.stack([W, W]), np.stack([G, G]), SolverConfig(sweeps=2, lambda_search=False), np)
         assert len(calls) == 6 + 2
         comq_quantize_block(W, G, SolverConfig(sweeps=4, granularity="block", block_size=8, lambda_search=False), np)

@@ -418,17 +418,54 @@ def comq_quantize(W, G, cfg: SolverConfig = SolverConfig(), xp=None, H=None, G0=
                              top=solves)
     if len(lams) == 1:
         return _comq_solve(cfg, xp, W, G, H, c, lams[0], perm)
-    return _best_rows(lambda lam: [_comq_solve(cfg, xp, W, G, H, c, lam, perm)], lams, c)[0]
+    m, n = W.shape
+    if cfg.order == "importance" and perm is None:  # (from W itself: the stacked copies would round its norms)
+        perm = importance_order(W, xp.diagonal(G))
+
+    def solve(batch):  # the rows of several candidates' solves at once
+        if len(batch) == 1:
+            return [_comq_solve(cfg, xp, W, G, H, c, batch[0], perm)]
+        lam = xp.concatenate([xp.broadcast_to(xp.asarray(v, dtype=W.dtype), (m,)) for v in batch])
+        r = _comq_solve(cfg, xp, xp.concatenate([W] * len(batch)), G, H, c, lam, perm, first=m)
+        rows, r.row_objective = _pick(r.row_objective, len(batch))
+        return [replace(r, codes=r.codes[rows], scale=r.scale[rows], zero_point=r.zero_point[rows],
+                        qweight=r.qweight[rows])]
+
+    return _best_rows(_stacked(solve, lams, m * n), c)[0]
 
 
-def _best_rows(solve, lams, const) -> list:
-    """Per row, the best of the solves ``solve(lam)`` (each a list of QuantResult, one per group) by the rows'
-    objectives (ties: the earlier lam), merged in place into the first solve's results so that only two solves are
-    held at a time. Rows are independent problems with per-channel grids, so mixing rows is exact. ``const``: the
-    constant of each group's objective beyond its rows' (0, or the cross statistics' input-drift term)."""
+STACK_ELEMENTS = 1 << 21  # weights in one stacked solve: only small layers gain (the big ones are GEMM-bound)
+
+
+def _stacked(solve, lams, size: int):
+    """The lambda candidates' solves in batches: ``solve(batch)`` of a list of lams -> the result list (one per
+    group) of each row's best candidate of the batch; as many candidates per batch as keep a solve within
+    ``STACK_ELEMENTS`` weights, in order. Rows are independent problems: stacking k candidates' copies of W solves
+    them in one pass of the coordinate loop (k times fewer, k times wider steps), every row as its own solve would
+    (to the last bits of float32 sums of other widths)."""
+    per = max(1, min(len(lams), STACK_ELEMENTS // max(size, 1)))
+    for i in range(0, len(lams), per):
+        yield solve(lams[i:i + per])
+
+
+def _pick(row_objective, k: int) -> tuple:
+    """For rows stacked as k candidates' copies (``(..., k * m)`` objectives on the host): per row, the index of
+    its best copy among the k * m rows (ties: the earlier candidate, as ``_best_rows``) and its objective."""
+    *lead, km = row_objective.shape
+    m = km // k
+    obj = row_objective.reshape(*lead, k, m)
+    j = np.argmin(obj, axis=-2)[..., None, :]
+    return j[..., 0, :] * m + np.arange(m), np.take_along_axis(obj, j, axis=-2)[..., 0, :]
+
+
+def _best_rows(results, const) -> list:
+    """Per row, the best of the candidate solves ``results`` (an iterable of lists of QuantResult, one per group;
+    one list per lam) by the rows' objectives (ties: the earlier lam), merged in place into the first solve's
+    results so that few solves are held at a time. Rows are independent problems with per-channel grids, so mixing
+    rows is exact. ``const``: the constant of each group's objective beyond its rows' (0, or the cross statistics'
+    input-drift term)."""
     best = None
-    for lam in lams:
-        rs = solve(lam)
+    for rs in results:
         if best is None:
             best = rs
             continue
@@ -445,10 +482,13 @@ def _best_rows(solve, lams, const) -> list:
     return best
 
 
-def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam, perm=None) -> QuantResult:
-    """``comq_quantize`` on prepared arrays from the grid of shrink factor ``lam`` (a number or one per row)."""
+def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam, perm=None, first: int = 0) -> QuantResult:
+    """``comq_quantize`` on prepared arrays from the grid of shrink factor ``lam`` (a number or one per row).
+    ``first`` > 0: W is several candidates' copies stacked (``_stacked``), and the history is the first's, its
+    first ``first`` rows."""
     cross = H is not None
     m, n = W.shape
+    f = slice(0, first or m)
     grid = make_grid(W, cfg.bits, cfg.scheme, cfg.granularity, lam, cfg.zero_in_range)
     g = xp.ascontiguousarray(xp.diagonal(G)).copy()
     gsafe = xp.where(g > 0, g, 1)
@@ -464,11 +504,11 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam, perm=None) -> QuantResul
             _sweep_rows(xp, W, Q, R, G, g, gsafe, grid, order, block)
             _swept()
             level = grid.levels_of(Q)
-            history.append(_objective_from_R(W, Q, R, R0, c0))
+            history.append(_objective_from_R(W[f], Q[f], R[f], R0 if R0 is None else R0[f], c0))
             if cfg.scale_update:
                 R = _scale_update(xp, W, level, R, G, grid, H=H)
                 Q = grid.values(level)
-                history.append(_objective_from_R(W, Q, R, R0, c0))
+                history.append(_objective_from_R(W[f], Q[f], R[f], R0 if R0 is None else R0[f], c0))
         res = _result(xp, W, G, grid, Q, level, history, obj=history[-1])
         res.row_objective = _rows_from_R(W, Q, R, R0, axis=1)
         return res
@@ -495,11 +535,11 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam, perm=None) -> QuantResul
         _sweep_shared(xp, Wt, Qt, Rt, Gp, gp, gsp, grid, block)
         _swept()
         level_t = grid.levels_of(Qt, transposed=True)
-        history.append(_objective_from_R(Wt, Qt, Rt, Rt0, c0))
+        history.append(_objective_from_R(Wt[:, f], Qt[:, f], Rt[:, f], Rt0 if Rt0 is None else Rt0[:, f], c0))
         if cfg.scale_update:
             Rt = _scale_update(xp, Wt, level_t, Rt, Gp, grid, transposed=True, H=Hpt)
             Qt = grid.values(level_t, transposed=True)
-            history.append(_objective_from_R(Wt, Qt, Rt, Rt0, c0))
+            history.append(_objective_from_R(Wt[:, f], Qt[:, f], Rt[:, f], Rt0 if Rt0 is None else Rt0[:, f], c0))
     rows = _rows_from_R(Wt, Qt, Rt, Rt0, axis=0)
     del Wt, Rt, Rt0  # (the solve's arrays go before the result's are made)
     Q, level = xp.empty_like(W), xp.empty_like(W)
@@ -514,12 +554,16 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam, perm=None) -> QuantResul
     return res
 
 
-def _group_results(xp, W3, G3, grid: Grid, Q3, level3, objs, histories) -> list:
+def _group_results(xp, W3, G3, grid: Grid, Q3, level3, objs, histories, pick=None) -> list:
+    """One QuantResult per group; ``pick`` (B, m'), host: the rows of each group to keep (``_pick``)."""
     B, m, n = W3.shape
     codes = to_numpy(grid.codes(level3.reshape(B * m, n))).astype(np.int32).reshape(B, m, n)
     scale = to_numpy(grid.scale).astype(W3.dtype).reshape(B, m)
     zp = to_numpy(grid.zero_point()).astype(np.int32).reshape(B, m)
     Qh = to_numpy(Q3)
+    if pick is not None:
+        codes, Qh = (np.take_along_axis(a, pick[:, :, None], axis=1) for a in (codes, Qh))
+        scale, zp = (np.take_along_axis(a, pick, axis=1) for a in (scale, zp))
     return [QuantResult(codes=codes[b], scale=scale[b], zero_point=zp[b], qweight=Qh[b], objective=float(objs[b]),
                         history=[float(h[b]) for h in histories], bits=grid.bits, scheme=grid.scheme,
                         granularity=grid.granularity) for b in range(B)]
@@ -580,13 +624,23 @@ def comq_quantize_groups(W3, G3, cfg: SolverConfig = SolverConfig(), xp=None, H3
                              top=cfg.lambda_solves)
     if len(lams) == 1:
         return _comq_solve_groups(cfg, xp, W3, G3, H3, c3, lams[0])
-    return _best_rows(lambda lam: _comq_solve_groups(cfg, xp, W3, G3, H3, c3, lam), lams, c3)
+
+    def solve(batch):  # the candidates' rows stacked in each group
+        if len(batch) == 1:
+            return _comq_solve_groups(cfg, xp, W3, G3, H3, c3, batch[0])
+        lam = xp.stack([xp.broadcast_to(xp.asarray(v, dtype=W3.dtype), (B * m,)).reshape(B, m) for v in batch], 1)
+        return _comq_solve_groups(cfg, xp, xp.concatenate([W3] * len(batch), axis=1), G3, H3, c3, lam.reshape(-1),
+                                  first=m)
+
+    return _best_rows(_stacked(solve, lams, W3.size), c3)
 
 
-def _comq_solve_groups(cfg: SolverConfig, xp, W3, G3, H3, c3, lam) -> list:
-    """``comq_quantize_groups`` on prepared arrays from the grid of shrink factor ``lam``."""
+def _comq_solve_groups(cfg: SolverConfig, xp, W3, G3, H3, c3, lam, first: int = 0) -> list:
+    """``comq_quantize_groups`` on prepared arrays from the grid of shrink factor ``lam``. ``first``: as in
+    ``_comq_solve``, per group."""
     cross = H3 is not None
     B, m, n = W3.shape
+    f = slice(0, first or m)
     W2 = W3.reshape(B * m, n)
     grid = make_grid(W2, cfg.bits, cfg.scheme, "channel", lam, cfg.zero_in_range)
     g = xp.ascontiguousarray(xp.diagonal(G3, axis1=1, axis2=2))  # (B, n)
@@ -609,13 +663,16 @@ def _comq_solve_groups(cfg: SolverConfig, xp, W3, G3, H3, c3, lam) -> list:
             R3 += d[:, :, None] * G3[:, None, t, :]
         _swept()
         level3 = grid.levels_of(Q3.reshape(B * m, n)).reshape(B, m, n)
-        histories.append(_group_from_R(W3, Q3, R3, R30, c3))
+        histories.append(_group_from_R(W3[:, f], Q3[:, f], R3[:, f], R30 if R30 is None else R30[:, f], c3))
         if cfg.scale_update:
             R3 = _scale_update(xp, W3, level3, R3, G3, grid, H=H3)
             Q3 = grid.values(level3.reshape(B * m, n)).reshape(B, m, n)
-            histories.append(_group_from_R(W3, Q3, R3, R30, c3))
-    out = _group_results(xp, W3, G3, grid, Q3, level3, histories[-1], histories)
-    rows = _rows_from_R(W3, Q3, R3, R30, axis=2)
+            histories.append(_group_from_R(W3[:, f], Q3[:, f], R3[:, f], R30 if R30 is None else R30[:, f], c3))
+    rows = _rows_from_R(W3, Q3, R3, R30, axis=2)  # (B, m)
+    pick = None
+    if first:  # each group's rows: the best of its stacked candidates' copies
+        pick, rows = _pick(rows, m // first)
+    out = _group_results(xp, W3, G3, grid, Q3, level3, histories[-1], histories, pick)
     for r, row in zip(out, rows):
         r.row_objective = row
     return out
