@@ -382,6 +382,41 @@ def test_group_lambda_solves_keep_each_rows_best_full_solve(xp, stack, monkeypat
     assert gains  # (some row gains from another grid than the best round-to-nearest one)
 
 
+@pytest.mark.parametrize("cap,solves", [(None, 1), (3 * 12 * 30, 3), (1, 7)])
+def test_lambda_candidates_are_stacked_within_the_cap(cap, solves, monkeypatch):
+    """7 candidates of a 12 x 30 layer: one stacked solve by default, 3 + 3 + 1 with a cap of 3 candidates'
+    weights, one solve each without stacking (counted by the sweeps: 2 per solve)."""
+    from onnxcomq.solve import comq
+    from onnxcomq.solve.comq import on_sweep
+
+    if cap is not None:
+        monkeypatch.setattr(comq, "STACK_ELEMENTS", cap)
+    W, G = problem(12, 30, seed=7)
+    calls = []
+    with on_sweep(lambda: calls.append(1)):
+        comq_quantize(W, G, SolverConfig(sweeps=2, lambda_solves=7))
+    assert len(calls) == 2 * solves
+
+
+def test_stack_benchmark_times_every_k_and_restores_the_cap(capsys):
+    """tools/bench/stack.py (in tools/gpu_check.sh): a row per layer with a time per k, the cap put back."""
+    import importlib.util
+    import os
+
+    from onnxcomq.solve import comq
+
+    path = os.path.join(os.path.dirname(__file__), "..", "tools", "bench", "stack.py")
+    spec = importlib.util.spec_from_file_location("bench_stack", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cap = comq.STACK_ELEMENTS
+    bench.main(["--shapes", "16x24", "--groups", "8x9", "--repeats", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r[0].strip() for r in rows[1:]] == ["dense 16x24", "groups 8x9"]
+    assert all(float(t) > 0 for r in rows[1:] for t in r[1:]) and len(rows[1]) == 1 + len(bench.KS)
+    assert comq.STACK_ELEMENTS == cap
+
+
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(1, 6), n=st.integers(2, 30), seed=st.integers(0, 10_000), k=st.integers(1, 7),
        bits=st.integers(2, 5), granularity=st.sampled_from(["channel", "tensor"]))

@@ -18,6 +18,8 @@ echo "== GPU tests: pytest -m gpu"
 "$PY" -m pytest -q -ra -p no:cacheprovider -m gpu tests || rc=1
 echo "== solver: COMQ sweep vs GEMM, NumPy (CPU) and CuPy (GPU)"
 "$PY" tools/bench/gpu.py --device both "$@" || rc=1
+echo "== solver: a layer's 7 lambda candidates solved one by one against stacked (k = 2, 3, 7), CuPy"
+"$PY" tools/bench/stack.py --device gpu --repeats 2 || rc=1
 echo "== whole run: the 7B-width 2-block export, W4 block-128 MatMulNBits, capture and solve on the GPU"
 M=out/llm/7b/optimum/model.onnx
 if [ -f "$M" ] && [ -f out/llm/7b/calib.txt ]; then
