@@ -107,7 +107,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     cross, folds = sequential, damping == "auto"
     if recipe.mixed_precision is None and recipe.activations is None:  # (both need every layer's statistics)
         stages = fit_groups(stages, STATS_SHARE * memory_budget(recipe.data.max_memory), sequential, folds)
-    budget, batch_note, spare = choose_batch(with_rnn_outputs(model, layers), layers, calib, recipe.data.max_memory,
+    budget, batch_note = choose_batch(with_rnn_outputs(model, layers), layers, calib, recipe.data.max_memory,
                                       cross=cross, folds=folds, groups=stages)
     mask_input = resolve_mask_input(model, recipe.data.mask_input)
     acts = ActivationQuantizer(model, layers, recipe.activations, recipe.target, w.max_opset) \
@@ -148,10 +148,8 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     # each group's pass starts from the tensors the earlier passes stored (capture/carry.py)
     carry = twin_carry = None
     if acts is None:
-        # (the stored tensors kept in the room the budget leaves, shared with the twin's; the rest in files)
-        room = spare // 2 if sequential else spare
-        carry = Carry.for_groups(cap_model, cross_specs, memory=room)
-        twin_carry = Carry.for_groups(cap_model, [layer_specs(st) for st in stages], twin=True, memory=room) \
+        carry = Carry.for_groups(cap_model, cross_specs)
+        twin_carry = Carry.for_groups(cap_model, [layer_specs(st) for st in stages], twin=True) \
             if sequential and carry is not None else None
     pool = open_pool(sv.workers) if sv.workers else None  # None: the solves run here, one after the other
     try:

@@ -79,38 +79,6 @@ def test_carried_group_passes_give_the_whole_prefix_statistics_and_clean_up(monk
     assert not glob.glob(str(tmp_path / "onnxcomq-carry-*"))
 
 
-@pytest.mark.parametrize("memory", ["all", "two batches"])
-def test_stored_tensors_kept_in_memory_give_the_bytes_of_stored_files(monkeypatch, tmp_path, memory):
-    """Within ``memory`` bytes the stored tensors stay in memory (read-only), beyond it they go to files; either
-    way each group's statistics are the bytes of the passes that read files, and the memory is given back when no
-    later group reads them."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    model = _model()
-    groups = [[L] for L in find_layers(model)[0]]
-    batch_bytes = 4 * D * 4  # (b and f: 4 rows of D float32 a batch)
-    limit = 10 ** 9 if memory == "all" else 2 * batch_bytes
-    on_disk = Carry.for_groups(model, [layer_specs(g) for g in groups])
-    kept = Carry.for_groups(model, [layer_specs(g) for g in groups], memory=limit)
-    feeds = _feeds()
-    for g, group in enumerate(groups):
-        specs = layer_specs(group)
-        want, _ = capture(model, None, specs, feeds, carry=on_disk, group=g)
-        got, _ = capture(model, None, specs, feeds, carry=kept, group=g)
-        for spec in specs:
-            assert got[spec].part().x.G.tobytes() == want[spec].part().x.G.tobytes()
-        assert kept.held <= limit
-        files = glob.glob(os.path.join(kept.folder, "*.npy")) if kept.folder else []
-        if g == 1:  # group 1 stored b for 3 batches: all in memory, or 2 in memory and 1 in a file
-            assert len(kept.kept) == (3 if memory == "all" else 2) and len(files) == (0 if memory == "all" else 1)
-            with pytest.raises(ValueError, match="read-only"):
-                kept.load(2, 0)["b"][0, 0] = 1.0
-    assert kept.held == 0 and not kept.kept  # (the last group read them all)
-    assert memory != "all" or kept.folder is None  # (no file was needed)
-    for c in (on_disk, kept):
-        c.close()
-    assert not glob.glob(str(tmp_path / "onnxcomq-carry-*"))
-
-
 def _scalar_model(seed=0) -> onnx.ModelProto:
     """x -> mm0 = a; n = Gather(Shape(a), 0), a 0-d tensor (the batch size, as TorchScript exports of attention
     compute it), which two Reshapes read: b = Reshape(relu(a), [n, D]) -> mm1 = c; Reshape(c, [n, D]) -> mm2."""

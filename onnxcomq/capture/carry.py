@@ -98,11 +98,8 @@ class Carry:
     ``inputs[g]`` (``load``) and stores ``outputs[g]`` (``store``), batch by batch; ``done(g)`` after it, and
     ``close()`` at the end of the run removes the folder."""
 
-    def __init__(self, model: onnx.ModelProto, fetches: list, twin: bool = False, memory: int = 0):
+    def __init__(self, model: onnx.ModelProto, fetches: list, twin: bool = False):
         self.inputs, self.outputs = plan(model, fetches, twin)
-        self.memory = memory  # bytes of stored tensors kept in memory (the rest go to files)
-        self.held = 0
-        self.kept = {}  # (group, batch) -> the arrays its pass stored, kept in memory (read-only views)
         self.twin = twin
         self.last_use = {}
         for g, names in enumerate(self.inputs):
@@ -113,14 +110,12 @@ class Carry:
         self.files = {}  # (group, batch) -> paths of the .npy files its pass stored, one per tensor of outputs[g]
 
     @classmethod
-    def for_groups(cls, model: onnx.ModelProto, group_specs: list, twin: bool = False, memory: int = 0):
+    def for_groups(cls, model: onnx.ModelProto, group_specs: list, twin: bool = False):
         """A Carry for the groups whose XSpecs are ``group_specs`` (one iterable per group, in order), or None
-        where passes cannot start from stored tensors (one group; a node with a subgraph). ``memory``: bytes of
-        stored tensors to keep in memory rather than in files (the room the memory budget leaves)."""
+        where passes cannot start from stored tensors (one group; a node with a subgraph)."""
         if len(group_specs) < 2 or has_subgraphs(model):
             return None
-        return cls(model, [sorted({t for spec in specs for t in spec_tensors(spec)}) for specs in group_specs], twin,
-                   memory)
+        return cls(model, [sorted({t for spec in specs for t in spec_tensors(spec)}) for specs in group_specs], twin)
 
     def value_infos(self, g: int) -> list:
         """Graph inputs for group g's stored tensors (element type and rank of the stored arrays)."""
@@ -132,10 +127,6 @@ class Carry:
         """The stored tensors group g reads, for one batch."""
         out = {}
         for h in range(g):
-            kept = self.kept.get((h, batch))
-            if kept is not None:
-                out.update({t: a for t, a in zip(self.outputs[h], kept) if t in self.inputs[g]})
-                continue
             paths = self.files.get((h, batch), ())
             out.update({t: np.load(path, allow_pickle=False) for t, path in zip(self.outputs[h], paths)
                         if t in self.inputs[g]})
@@ -149,14 +140,6 @@ class Carry:
         arrays = [np.asarray(to_host(values[t]), order="C") for t in self.outputs[g]]
         for t, a in zip(self.outputs[g], arrays):
             self.types[t] = (a.dtype, a.ndim)
-        size = sum(a.nbytes for a in arrays)
-        if self.held + size <= self.memory:  # (the arrays themselves: onnxruntime's outputs, no copy)
-            views = [a.view() for a in arrays]
-            for v in views:
-                v.flags.writeable = False
-            self.kept[(g, batch)] = views
-            self.held += size
-            return
         try:
             if self.folder is None:
                 self.folder = tempfile.mkdtemp(prefix="onnxcomq-carry-twin-" if self.twin else "onnxcomq-carry-")
@@ -166,6 +149,7 @@ class Carry:
             for path, a in zip(paths, arrays):
                 np.save(path, a, allow_pickle=False)
         except OSError as e:
+            size = sum(a.nbytes for a in arrays)
             raise UserError(f"cannot store the tensors that later groups of layers read ({size} bytes a batch) in "
                             f"{self.folder or tempfile.gettempdir()}: {e.strerror or e}; free space there or point "
                             "TMPDIR elsewhere") from None
@@ -177,14 +161,9 @@ class Carry:
                 for path in paths:
                     os.remove(path)
                 del self.files[(h, b)]
-        for (h, b), arrays in list(self.kept.items()):
-            if all(self.last_use.get(t, -1) <= g for t in self.outputs[h]):
-                self.held -= sum(a.nbytes for a in arrays)
-                del self.kept[(h, b)]
 
     def close(self) -> None:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
         self.files = {}
-        self.kept, self.held = {}, 0

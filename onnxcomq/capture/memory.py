@@ -174,20 +174,19 @@ def choose_batch(model, layers, calib, max_memory, cross: bool = False, folds: b
     held beside them. ``groups``: the groups of layers captured one at a time (fit_groups; default: all layers
     at once): the largest group's inputs and statistics count. ``cross``: sequential capture holds two activations
     and three matrices per input; ``folds``: held-out folds double the statistics. A model with a fixed batch keeps
-    it. Returns (budget in bytes, a line saying what was chosen and why, the bytes the budget leaves beside the
-    chosen batch's capture and the statistics: 0 where the batch was not chosen here)."""
+    it. Returns (budget in bytes, a line saying what was chosen and why)."""
     budget = memory_budget(max_memory)
     requested = calib.batch_size
     if getattr(calib, "fixed_batch", False):
-        return budget, f"{calib.batch_size} (the model's fixed batch)", 0
+        return budget, f"{calib.batch_size} (the model's fixed batch)"
     if not reiterable(calib) or requested <= 1:
-        return budget, f"{calib.batch_size} (as given)", 0
+        return budget, f"{calib.batch_size} (as given)"
     groups = groups or [layers]
     inits = {t.name for t in model.graph.initializer}
     wanted = [sorted({t for spec in layer_specs(g) for t in spec_tensors(spec)} - inits) for g in groups]
     first = next(iter(calib))
     if getattr(calib, "fixed_batch", False):  # (known once data was seen)
-        return budget, f"{calib.batch_size} (the model's fixed batch)", 0
+        return budget, f"{calib.batch_size} (the model's fixed batch)"
     one = calib.head(first, 1)
     del first
     tensors = sorted({t for w in wanted for t in w})
@@ -200,7 +199,6 @@ def choose_batch(model, layers, calib, max_memory, cross: bool = False, folds: b
     fixed = current_rss() + held
     batch = batch_for_budget(per * (2 if cross else 1), budget, fixed, requested)
     calib.batch_size = batch
-    spare = budget - fixed - 4 * CHUNK_BYTES - int(CAPTURE_OVERHEAD * per * (2 if cross else 1) * batch)
     note = (f"{batch}: captured activations {per / 2**20:.1f} MiB a sample, memory budget "
             f"{budget / 2**30:.2f} GiB" + ("" if batch == requested else f" (lowered from {requested})"))
     if batch < requested and batch == 1 and fixed + CAPTURE_OVERHEAD * per > budget:
@@ -208,4 +206,4 @@ def choose_batch(model, layers, calib, max_memory, cross: bool = False, folds: b
                     "the run may exceed the budget (--max-memory)", note, held / 2**30)
     else:
         log.info("calibration batch %s", note)
-    return budget, note, max(0, spare)
+    return budget, note
