@@ -72,7 +72,7 @@ def test_carried_group_passes_give_the_whole_prefix_statistics_and_clean_up(monk
         for s in specs:
             ref = full[s].part().x
             np.testing.assert_allclose(carried[s].part().x.G, ref.G, rtol=1e-6, atol=1e-6 * np.abs(ref.G).max())
-        left.append(len(glob.glob(str(tmp_path / "onnxcomq-carry-*" / "*.npy"))))
+        left.append(len(glob.glob(str(tmp_path / "onnxcomq-carry-*" / "*.npz"))))
     # b (stored by group 1's 3 batches) is kept until group 3 has read it; f (group 2) likewise; then nothing
     assert left == [0, 3, 6, 0]
     carry.close()
@@ -211,13 +211,13 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_behind(monkeypatch, tmp_path
     from onnxcomq import UserError
     from onnxcomq.pipeline import run
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    save = np.save
+    savez = np.savez
 
-    def full(path, array, **kw):
-        save(path, array, **kw)  # (a partial file is left, as a real full disk leaves one)
+    def full(path, **arrays):
+        savez(path, **arrays)  # (a partial file is left, as a real full disk leaves one)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "save", full)
+    monkeypatch.setattr(np, "savez", full)
     with pytest.raises(UserError) as e:
         run("models/fmnist_cnn.onnx", "models/fmnist_calib.npz", recipe(bits=4, batch_size=4, max_samples=8,
                                                                        max_memory="1M"))

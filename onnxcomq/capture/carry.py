@@ -107,7 +107,7 @@ class Carry:
                 self.last_use[t] = g
         self.types = {}  # name -> (dtype, ndim), from the stored arrays
         self.folder = None
-        self.files = {}  # (group, batch) -> paths of the .npy files its pass stored, one per tensor of outputs[g]
+        self.files = {}  # (group, batch) -> path of the .npz its pass stored
 
     @classmethod
     def for_groups(cls, model: onnx.ModelProto, group_specs: list, twin: bool = False):
@@ -127,9 +127,10 @@ class Carry:
         """The stored tensors group g reads, for one batch."""
         out = {}
         for h in range(g):
-            paths = self.files.get((h, batch), ())
-            out.update({t: np.load(path, allow_pickle=False) for t, path in zip(self.outputs[h], paths)
-                        if t in self.inputs[g]})
+            want = [(k, t) for k, t in enumerate(self.outputs[h]) if t in self.inputs[g]]
+            if want:
+                with np.load(self.files[(h, batch)], allow_pickle=False) as z:
+                    out.update({t: z[f"t{k}"] for k, t in want})
         return out
 
     def store(self, g: int, batch: int, values: dict) -> None:
@@ -143,11 +144,9 @@ class Carry:
         try:
             if self.folder is None:
                 self.folder = tempfile.mkdtemp(prefix="onnxcomq-carry-twin-" if self.twin else "onnxcomq-carry-")
-            # (plain .npy files: an .npz's zip container and CRC cost as much as the write itself)
-            paths = [os.path.join(self.folder, f"{g}-{batch}-{k}.npy") for k in range(len(arrays))]
-            self.files[(g, batch)] = paths  # (before the writes: close() removes a partial file with the folder)
-            for path, a in zip(paths, arrays):
-                np.save(path, a, allow_pickle=False)
+            path = os.path.join(self.folder, f"{g}-{batch}.npz")
+            self.files[(g, batch)] = path  # (before the write: close() removes a partial file with the folder)
+            np.savez(path, **{f"t{k}": a for k, a in enumerate(arrays)})
         except OSError as e:
             size = sum(a.nbytes for a in arrays)
             raise UserError(f"cannot store the tensors that later groups of layers read ({size} bytes a batch) in "
@@ -156,10 +155,9 @@ class Carry:
 
     def done(self, g: int) -> None:
         """Group g's pass is over: remove what no later group reads."""
-        for (h, b), paths in list(self.files.items()):
+        for (h, b), path in list(self.files.items()):
             if all(self.last_use.get(t, -1) <= g for t in self.outputs[h]):
-                for path in paths:
-                    os.remove(path)
+                os.remove(path)
                 del self.files[(h, b)]
 
     def close(self) -> None:
