@@ -155,23 +155,25 @@ def energy(E, G) -> float:
     return float(EG.sum(dtype="float64"))
 
 
-def _row_products(W, Q, R, R0):
-    """(W - Q) * R (or * (R + R0)): the summands of ``_objective_from_R``, in one new array of W's size."""
-    E = W - Q
-    E *= R if R0 is None else R + R0
+def _row_products(W, Q, R, R0, at=slice(None)):
+    """(W - Q) * R (or * (R + R0)) at index ``at`` of each array: the summands of ``_objective_from_R``, in one new
+    array of W[at]'s size."""
+    E = W[at] - Q[at]
+    E *= R[at] if R0 is None else R[at] + R0[at]
     return E
 
 
-def _objective_from_R(W, Q, R, R0=None, c=0.0) -> float:
+def _objective_from_R(W, Q, R, R0=None, c=0.0, at=slice(None)) -> float:
     """The objective from the maintained R = (W - Q) G: O(mn) instead of a GEMM. Cross statistics (``R0`` = the
-    initial R = W (H^T - G~), ``c`` = the input-drift constant): c + sum (W - Q) * (R + R0) (see cross_objective)."""
-    return float(_row_products(W, Q, R, R0).sum(dtype="float64")) + c
+    initial R = W (H^T - G~), ``c`` = the input-drift constant): c + sum (W - Q) * (R + R0) (see cross_objective).
+    ``at``: of the rows (or columns) it indexes only (the first candidate's of a stacked solve)."""
+    return float(_row_products(W, Q, R, R0, at).sum(dtype="float64")) + c
 
 
-def _rows_from_R(W, Q, R, R0, axis):
+def _rows_from_R(W, Q, R, R0, axis, at=slice(None)):
     """``_objective_from_R`` without the constant, summed over ``axis`` only (per row, or per group), on the host."""
     xp = array_module(W)
-    return to_numpy(_row_products(W, Q, R, R0).sum(axis=axis, dtype=xp.float64))
+    return to_numpy(_row_products(W, Q, R, R0, at).sum(axis=axis, dtype=xp.float64))
 
 
 def cross_objective(W, Q, G0, H, Gt) -> float:
@@ -504,11 +506,11 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam, perm=None, first: int = 
             _sweep_rows(xp, W, Q, R, G, g, gsafe, grid, order, block)
             _swept()
             level = grid.levels_of(Q)
-            history.append(_objective_from_R(W[f], Q[f], R[f], R0 if R0 is None else R0[f], c0))
+            history.append(_objective_from_R(W, Q, R, R0, c0, f))
             if cfg.scale_update:
                 R = _scale_update(xp, W, level, R, G, grid, H=H)
                 Q = grid.values(level)
-                history.append(_objective_from_R(W[f], Q[f], R[f], R0 if R0 is None else R0[f], c0))
+                history.append(_objective_from_R(W, Q, R, R0, c0, f))
         res = _result(xp, W, G, grid, Q, level, history, obj=history[-1])
         res.row_objective = _rows_from_R(W, Q, R, R0, axis=1)
         return res
@@ -535,11 +537,11 @@ def _comq_solve(cfg: SolverConfig, xp, W, G, H, c, lam, perm=None, first: int = 
         _sweep_shared(xp, Wt, Qt, Rt, Gp, gp, gsp, grid, block)
         _swept()
         level_t = grid.levels_of(Qt, transposed=True)
-        history.append(_objective_from_R(Wt[:, f], Qt[:, f], Rt[:, f], Rt0 if Rt0 is None else Rt0[:, f], c0))
+        history.append(_objective_from_R(Wt, Qt, Rt, Rt0, c0, (slice(None), f)))
         if cfg.scale_update:
             Rt = _scale_update(xp, Wt, level_t, Rt, Gp, grid, transposed=True, H=Hpt)
             Qt = grid.values(level_t, transposed=True)
-            history.append(_objective_from_R(Wt[:, f], Qt[:, f], Rt[:, f], Rt0 if Rt0 is None else Rt0[:, f], c0))
+            history.append(_objective_from_R(Wt, Qt, Rt, Rt0, c0, (slice(None), f)))
     rows = _rows_from_R(Wt, Qt, Rt, Rt0, axis=0)
     del Wt, Rt, Rt0  # (the solve's arrays go before the result's are made)
     Q, level = xp.empty_like(W), xp.empty_like(W)
@@ -569,9 +571,9 @@ def _group_results(xp, W3, G3, grid: Grid, Q3, level3, objs, histories, pick=Non
                         granularity=grid.granularity) for b in range(B)]
 
 
-def _group_from_R(W3, Q3, R3, R30, c3):
+def _group_from_R(W3, Q3, R3, R30, c3, at=slice(None)):
     """Per-group ``_objective_from_R``."""
-    return _rows_from_R(W3, Q3, R3, R30, axis=(1, 2)) + c3
+    return _rows_from_R(W3, Q3, R3, R30, (1, 2), at) + c3
 
 
 def _group_objective(E3, G3):
@@ -663,11 +665,11 @@ def _comq_solve_groups(cfg: SolverConfig, xp, W3, G3, H3, c3, lam, first: int = 
             R3 += d[:, :, None] * G3[:, None, t, :]
         _swept()
         level3 = grid.levels_of(Q3.reshape(B * m, n)).reshape(B, m, n)
-        histories.append(_group_from_R(W3[:, f], Q3[:, f], R3[:, f], R30 if R30 is None else R30[:, f], c3))
+        histories.append(_group_from_R(W3, Q3, R3, R30, c3, (slice(None), f)))
         if cfg.scale_update:
             R3 = _scale_update(xp, W3, level3, R3, G3, grid, H=H3)
             Q3 = grid.values(level3.reshape(B * m, n)).reshape(B, m, n)
-            histories.append(_group_from_R(W3[:, f], Q3[:, f], R3[:, f], R30 if R30 is None else R30[:, f], c3))
+            histories.append(_group_from_R(W3, Q3, R3, R30, c3, (slice(None), f)))
     rows = _rows_from_R(W3, Q3, R3, R30, axis=2)  # (B, m)
     pick = None
     if first:  # each group's rows: the best of its stacked candidates' copies
