@@ -4,6 +4,8 @@ The cross solver is checked against a float64 step loop that works on X and X~ t
 scratch at every step), the streamed statistics against X and X~ built from onnxruntime outputs of both models.
 """
 
+from types import SimpleNamespace
+
 import builders
 import numpy as np
 import onnxruntime as ort
@@ -253,7 +255,7 @@ def test_stage_model_keeps_only_what_the_stage_needs():
 
 
 def test_plan_stages_contiguous_and_balanced():
-    layers = list(range(11))
+    layers = [SimpleNamespace(depthwise=False, i=i) for i in range(11)]
     for n in (1, 2, 4, 11, 20):
         stages = split_stages(layers, n)
         assert [x for s in stages for x in s] == layers
@@ -306,7 +308,6 @@ def test_stage_boundaries_property(grouped, n):
     """Any sequence of depthwise and other convs, any stage count: the stages are contiguous and cover every layer
     once, as many as asked (at most one per layer); a boundary stays where the count puts it unless that layer is
     depthwise, moves by at most half a stage, and lands on a depthwise conv only if no other layer was in reach."""
-    from types import SimpleNamespace
     layers = [SimpleNamespace(depthwise=g, i=i) for i, g in enumerate(grouped)]
     stages = split_stages(layers, n)
     assert [x for s in stages for x in s] == layers

@@ -125,10 +125,10 @@ def split_stages(layers: list, stages: int) -> list:
     half = max(1, len(layers) // (2 * stages))
     for k in range(1, stages):
         b = bounds[k]
-        if not getattr(layers[b], "depthwise", False):
+        if not layers[b].depthwise:
             continue
         near = [i for d in range(1, half + 1) for i in (b - d, b + d)
-                if bounds[k - 1] < i < bounds[k + 1] and not getattr(layers[i], "depthwise", False)]
+                if bounds[k - 1] < i < bounds[k + 1] and not layers[i].depthwise]
         if near:
             bounds[k] = near[0]
     return [layers[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
