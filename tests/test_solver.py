@@ -361,8 +361,9 @@ def test_group_lambda_solves_keep_each_rows_best_full_solve(xp, stack, monkeypat
     from onnxcomq.solve import comq
     from onnxcomq.solve.comq import comq_quantize_groups
 
-    if STACKS[stack] is not None:
-        monkeypatch.setattr(comq, "STACK_ELEMENTS", STACKS[stack] and 3 * 5 * 3 * 9)
+    cap = {"all": None, "3": 3 * 5 * 3 * 9, "1": 1}[stack]  # (STACKS for 5 groups of 3 x 9 weights)
+    if cap is not None:
+        monkeypatch.setattr(comq, "STACK_ELEMENTS", cap)
     probs = [problem(3, 9, seed=s, kind="correlated") for s in range(5)]
     W3, G3 = np.stack([p[0] for p in probs]), np.stack([p[1] for p in probs])
     grid = SolverConfig().lambda_grid
