@@ -168,8 +168,9 @@ class Regularization:
 class Sequential:
     """Sequential (error-feeding) capture, on by default: the layers in ``stages`` topological stages; each later
     stage's layers solve min ||X W^T - X~ Q^T||^2 with X~ their input in the model whose earlier stages are
-    quantized. Runs with quantized activations or a mixed-precision budget take one float pass instead (they need
-    every layer's statistics at once); ``null`` turns it off."""
+    quantized. A mixed-precision budget allocates its bits from one float pass over every layer first; runs with
+    quantized activations take one float pass instead (they need every layer's statistics at once); ``null`` turns
+    it off."""
 
     stages: int = 16
     correction: str = "entry"  # which layers fit the float output from X~: entry | all | none
@@ -337,11 +338,10 @@ class Recipe:
                                                           correct_few_rows=seq.few_rows)))
 
     def sequential_capture(self) -> Sequential | None:
-        """The sequential section where it applies. Runs that quantize activations or allocate bits under a size
-        budget need every layer's float statistics at once, and round-to-nearest and the official COMQ code have
-        no input error to fit: those take one float pass whatever the section says."""
-        if self.activations is not None or self.mixed_precision is not None or self.weights.method != "comq" or \
-                self.is_official():
+        """The sequential section where it applies. Runs that quantize activations need every layer's float
+        statistics at once, and round-to-nearest and the official COMQ code have no input error to fit: those take
+        one float pass whatever the section says. (A size budget's bits come from a float pass before the stages.)"""
+        if self.activations is not None or self.weights.method != "comq" or self.is_official():
             return None
         return self.sequential
 

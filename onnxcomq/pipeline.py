@@ -101,14 +101,17 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     comq = w.method == "comq"
     official = recipe.is_official()
     damping = recipe.regularization.damping
-    seq = recipe.sequential_capture()  # (None where it does not apply: activations, a size budget, RTN, official)
+    seq = recipe.sequential_capture()  # (None where it does not apply: activations, RTN, official)
     sequential = seq is not None and len(layers) > 1
     stages = split_stages(layers, seq.stages) if sequential else [layers]
     cross, folds = sequential, damping == "auto"
-    if recipe.mixed_precision is None and recipe.activations is None:  # (both need every layer's statistics)
+    # a size budget allocates its bits from every layer's float statistics at once: in the one pass, or in a float
+    # pass before sequential stages (which then solve with those bits)
+    allocate_first = recipe.mixed_precision is not None and sequential
+    if (recipe.mixed_precision is None or sequential) and recipe.activations is None:  # (else: every layer at once)
         stages = fit_groups(stages, STATS_SHARE * memory_budget(recipe.data.max_memory), sequential, folds)
     budget, batch_note = choose_batch(with_rnn_outputs(model, layers), layers, calib, recipe.data.max_memory,
-                                      cross=cross, folds=folds, groups=stages)
+                                      cross=cross, folds=folds, groups=stages + [layers] if allocate_first else stages)
     mask_input = resolve_mask_input(model, recipe.data.mask_input)
     acts = ActivationQuantizer(model, layers, recipe.activations, recipe.target, w.max_opset) \
         if recipe.activations is not None else None
@@ -116,7 +119,8 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     heads = lm_heads(model, layers) if recipe.layers.lm_head == "int8" else ()
     plan = plan_layers(layers, w, recipe.layers, heads)  # {weight: LayerPlan}
     batches = calib
-    if len(stages) > 1 and not reiterable(calib):  # a one-shot source: keep its batches for the later passes
+    # a one-shot source: its batches kept for the later passes (and a budget's sensitivity samples)
+    if (len(stages) > 1 or recipe.mixed_precision is not None) and not reiterable(calib):
         batches = list(calib)
     held = []  # the first calibration samples, for the check of the output (kept as the first pass streams)
     if recipe.check.enabled:
@@ -153,6 +157,22 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
             if sequential and carry is not None else None
     pool = open_pool(sv.workers) if sv.workers else None  # None: the solves run here, one after the other
     try:
+        if allocate_first:  # the budget's bits from one float pass over every layer, then the sequential stages
+            t0 = time.perf_counter()
+            specs = layer_specs(layers)
+            key = (tuple(sorted(specs, key=repr)), total, mask_input, False)
+            if stats_cache is not None and key in stats_cache:
+                stats, _ = stats_cache[key]
+            else:
+                with bar(total or None, "capture (bits)", "sample") as b:
+                    stats, samples = capture(cap_model, None, specs, batches, b, mask_input, None, total, xp=xp,
+                                             cross_specs=set(specs))
+                if stats_cache is not None:
+                    stats_cache[key] = (stats, samples)
+            t_capture += time.perf_counter() - t0
+            check_stats(stats, [i.name for i in model_inputs(model)])
+            mp = mixed_precision(model, layers, stats, calib, recipe, plan, xp, bar, batches)
+            del stats
         for s, stage in enumerate(stages):
             specs = layer_specs(stage)
             fold_below = {spec: recipe.regularization.few_rows * spec.fan_in for spec in specs} \
@@ -186,8 +206,8 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
             t_capture += time.perf_counter() - t0
             peaks["capture"] = peak_rss_mb()
             check_stats(stats, [i.name for i in model_inputs(model)])
-            if recipe.mixed_precision is not None:  # (one stage: a budget takes no sequential capture)
-                mp = mixed_precision(model, layers, stats, calib, recipe, plan, xp, bar)
+            if recipe.mixed_precision is not None and not allocate_first:  # (one pass: every layer's statistics)
+                mp = mixed_precision(model, layers, stats, calib, recipe, plan, xp, bar, batches)
             t0 = time.perf_counter()
             entry = entries[s]
             if solve_bar is None:

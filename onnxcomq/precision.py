@@ -148,10 +148,11 @@ def output_sensitivity(model: onnx.ModelProto, feeds: list, perturbed: dict, pro
     return out
 
 
-def first_feeds(calib, samples: int) -> list:
-    """The calibration batches holding the first ``samples`` samples."""
+def first_feeds(calib, samples: int, batches=None) -> list:
+    """The calibration batches holding the first ``samples`` samples (of ``batches``, where given: the run's
+    batches, which a one-shot source leaves behind as a list)."""
     feeds, n = [], 0
-    for feed in calib:
+    for feed in calib if batches is None else batches:
         feeds.append(calib.head(feed, samples - n))  # (a fixed batch is taken whole)
         n += batch_samples(feeds[-1])
         if n >= samples:
@@ -167,9 +168,10 @@ def layer_grams(layer, stats) -> list:
     return [sum(stats[spec].stats(k)[0] for _, spec in layer.consumers) for k in range(layer.groups)]
 
 
-def mixed_precision(model, layers, stats, calib, recipe, plan: dict, xp, make_bar) -> dict:
+def mixed_precision(model, layers, stats, calib, recipe, plan: dict, xp, make_bar, batches=None) -> dict:
     """Choose the bits of the layers no pattern pinned (``plan`` is updated) under the recipe's
-    ``mixed_precision.avg_bits``; ``make_bar(total, desc, unit)`` makes a progress bar (or None). Returns
+    ``mixed_precision.avg_bits``; ``make_bar(total, desc, unit)`` makes a progress bar (or None); ``batches``: the
+    run's calibration batches (default: ``calib``'s), whose first samples measure the output sensitivity. Returns
     what the report shows. The layer errors come from the captured G (plain, uncentered: the perturbed model of the
     output sensitivity has no bias re-fit either), the same solver as the final solve (COMQ or RTN)."""
     mp = recipe.mixed_precision
@@ -205,7 +207,7 @@ def mixed_precision(model, layers, stats, calib, recipe, plan: dict, xp, make_ba
     sens = {w: 1.0 for w in relerr}
     if mp.sensitivity == "output" and free:
         bar = make_bar(total=len(free), desc="sensitivity", unit="layer")
-        out_err = output_sensitivity(model, first_feeds(calib, mp.samples), base_w, bar)
+        out_err = output_sensitivity(model, first_feeds(calib, mp.samples, batches), base_w, bar)
         if bar is not None:
             bar.close()
         sens = {w: out_err[w] / relerr[w][recipe.weights.bits] if relerr[w][recipe.weights.bits] > 0 else 0.0 for w in relerr}

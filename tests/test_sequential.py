@@ -395,13 +395,20 @@ def test_only_stage_entries_correct_their_input_error():
     assert stage_entries(two, layers[2:]) == {"head"}
 
 
-def test_one_shot_calibration_source_is_kept_for_later_stages():
+@pytest.mark.parametrize("stages,avg_bits", [(3, None), (3, 5.0), (1, 5.0), (0, 5.0)])
+def test_one_shot_calibration_source_is_kept_for_later_stages(stages, avg_bits):
+    # (a budget's allocation pass comes before the stages: a second pass even with one stage; and its sensitivity
+    # runs the first samples again, in one pass too (0: sequential off))
     model = deep_mlp(0)
     x = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
-    cfg = recipe(bits=4, sequential=True, stages=3)
-    a, _ = run(model, [{"input": x[:32]}, {"input": x[32:]}], cfg)
-    b, _ = run(model, iter([{"input": x[:32]}, {"input": x[32:]}]), cfg)
+    cfg = recipe(bits=4, sequential=True, stages=stages) if stages else recipe(bits=4, sequential=False)
+    if avg_bits is not None:
+        cfg = cfg.updated({"mixed_precision": {"avg_bits": avg_bits, "samples": 8}})
+    a, ra = run(model, [{"input": x[:32]}, {"input": x[32:]}], cfg)
+    b, rb = run(model, iter([{"input": x[:32]}, {"input": x[32:]}]), cfg)
     assert a.SerializeToString() == b.SerializeToString()
+    assert [L.bits for L in ra.layers] == [L.bits for L in rb.layers]
+    assert rb.samples == 64
 
 
 def test_auto_damping_chooses_by_held_out_error():
@@ -577,8 +584,8 @@ def test_mixed_target_statistics_equal_those_of_the_mixed_input(beta):
 
 
 def test_the_default_is_sequential_and_steps_aside_where_it_cannot_apply():
-    # sequential capture is the default; a size budget, quantized activations, RTN, --preset fast and official take
-    # one float pass (the first two need every layer's float statistics at once)
+    # sequential capture is the default; quantized activations, RTN, --preset fast and official take one float pass
+    # (the first needs every layer's float statistics at once)
     from onnxcomq import Recipe
 
     model = "models/fmnist_cnn.onnx"
@@ -589,7 +596,35 @@ def test_the_default_is_sequential_and_steps_aside_where_it_cannot_apply():
     one_pass, _ = run(model, x, recipe(sequential=False))
     assert default.SerializeToString() == explicit.SerializeToString() != one_pass.SerializeToString()
     for r in (Recipe().updated({"weights": {"bits": 8}, "activations": {"bits": 8}}),
-              Recipe().updated({"mixed_precision": {"avg_bits": 5.0, "samples": 4}}),
               Recipe().updated({"weights": {"method": "rtn"}}), Recipe.fast(), Recipe.official()):
         _, rep = run(model, x, r)
         assert rep.config["sequential_stages"] == 0, r
+
+
+def _bits_and_codes(model):
+    """{weight initializer of a DequantizeLinear: (its dtype, its values)} of a quantized model."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    return {n.input[0]: (inits[n.input[0]].data_type, numpy_helper.to_array(inits[n.input[0]]).tobytes())
+            for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+
+
+def test_a_size_budget_takes_its_bits_from_a_float_pass_then_solves_sequentially():
+    """A budget allocates from every layer's float statistics (the same bits as in one pass: the allocation never
+    sees the quantized model), then the stages solve with those bits, fitting the partly quantized model's input:
+    the same as pinning the allocated bits by hand in a sequential run, and not the one-pass solution."""
+    from onnxcomq import Recipe
+
+    model = "models/fmnist_cnn.onnx"
+    x = {"input": np.load("models/fmnist_calib.npz")["input"][:32]}
+    budget = Recipe().updated({"mixed_precision": {"avg_bits": 5.0, "samples": 4}})
+    q_seq, rep_seq = run(model, x, budget)
+    q_one, rep_one = run(model, x, budget.updated({"sequential": None}))
+    assert rep_seq.config["sequential_stages"] == 6 and rep_one.config["sequential_stages"] == 0
+    bits = {L.node: L.bits for L in rep_seq.layers}
+    assert bits == {L.node: L.bits for L in rep_one.layers}
+    assert len(set(bits.values())) > 1 and rep_seq.avg_bits <= 5.0  # (the budget raised some layers, not all)
+    pinned, rep_pin = run(model, x, Recipe().updated({"layers": {"layer_bits": [f"{n}={b}" for n, b in bits.items()]}}))
+    assert {L.node: L.bits for L in rep_pin.layers} == bits
+    assert _bits_and_codes(q_seq) == _bits_and_codes(pinned) != _bits_and_codes(q_one)
