@@ -156,19 +156,23 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
         twin_carry = Carry.for_groups(cap_model, [layer_specs(st) for st in stages], twin=True) \
             if sequential and carry is not None else None
     pool = open_pool(sv.workers) if sv.workers else None  # None: the solves run here, one after the other
+
+    def captured(m, specs, desc, cacheable, fold_below=None, twin=None, **kw):
+        """(stats, samples) of one pass of model ``m`` over ``batches``, looked up in / stored into ``stats_cache`` if
+        ``cacheable`` (a float pass of one group: its statistics depend on the layers' inputs and the data only)."""
+        key = (tuple(sorted(specs, key=repr)), total, mask_input, fold_below is not None)
+        if cacheable and key in stats_cache:
+            return stats_cache[key]
+        with bar(total or None, desc, "sample") as b:
+            got = capture(m, twin, specs, batches, b, mask_input, fold_below, total, xp=xp, **kw)
+        if cacheable:
+            stats_cache[key] = got
+        return got
+
     try:
         if allocate_first:  # the budget's bits from one float pass over every layer, then the sequential stages
             t0 = time.perf_counter()
-            specs = layer_specs(layers)
-            key = (tuple(sorted(specs, key=repr)), total, mask_input, False)
-            if stats_cache is not None and key in stats_cache:
-                stats, _ = stats_cache[key]
-            else:
-                with bar(total or None, "capture (bits)", "sample") as b:
-                    stats, samples = capture(cap_model, None, specs, batches, b, mask_input, None, total, xp=xp,
-                                             cross_specs=set(specs))
-                if stats_cache is not None:
-                    stats_cache[key] = (stats, samples)
+            stats, samples = captured(cap_model, layer_specs(layers), "capture (bits)", stats_cache is not None)
             t_capture += time.perf_counter() - t0
             check_stats(stats, [i.name for i in model_inputs(model)])
             mp = mixed_precision(model, layers, stats, calib, recipe, plan, xp, bar, batches)
@@ -183,19 +187,11 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
                 twin = quantized_twin(cap_model, qweights, apply_bias, deltas) if deltas else \
                     Twin(cap_model, {q.name: q for q in qweights})
             desc = "capture" if len(stages) == 1 else f"capture {s + 1}/{len(stages)}"
-            key = (tuple(sorted(specs, key=repr)), total, mask_input, damping == "auto")
             # (not with groups: each group's pass stores what the next one reads)
-            cached = stats_cache is not None and len(stages) == 1 and acts is None
-            if cached and key in stats_cache:
-                stats, samples = stats_cache[key]
-            else:
-                with bar(total or None, desc, "sample") as b:
-                    stats, samples = capture(cap_model, twin, specs, batches, b, mask_input, fold_below, total,
-                                             observers=acts.observers if acts is not None else None, xp=xp,
-                                             carry=carry, group=s, twin_carry=twin_carry,
-                                             cross_specs=cross_specs[s])
-                if cached:
-                    stats_cache[key] = (stats, samples)
+            cacheable = stats_cache is not None and len(stages) == 1 and acts is None
+            stats, samples = captured(cap_model, specs, desc, cacheable, fold_below, twin,
+                                      observers=acts.observers if acts is not None else None, carry=carry, group=s,
+                                      twin_carry=twin_carry, cross_specs=cross_specs[s])
             if acts is not None:  # activations upstream of a Log, a divisor...: judged by the error at that op
                 acts.judge_sensitive(held or first_feeds(calib, recipe.check.samples), run_model)
             if acts is not None and recipe.activations.aware:  # G from the inputs the deployed layers see

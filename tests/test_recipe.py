@@ -168,6 +168,11 @@ def test_stats_cache_gives_the_same_model_without_a_second_capture():
     run(CNN, calib(), Recipe(), stats_cache=cache)  # sequential stages capture their own statistics
     assert len(cache) == 1
     assert q2.SerializeToString() == q3.SerializeToString()
+    # a budget's allocation pass is that float pass: taken from the cache, the same model as without it
+    budget = Recipe().updated({"mixed_precision": {"avg_bits": 5.0, "samples": 4}})
+    q4, _ = run(CNN, calib(), budget, stats_cache=cache)
+    q5, _ = run(CNN, calib(), budget)
+    assert len(cache) == 1 and q4.SerializeToString() == q5.SerializeToString()
 
 
 def test_an_option_of_the_old_command_line_names_where_it_went(tmp_path, capsys):
