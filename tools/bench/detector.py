@@ -401,30 +401,41 @@ def main(argv=None) -> int:
     calib = {input_name: to_input(sets[0]["x"])}
     np.savez(os.path.join(a.out, "calib.npz"), **calib)
     ev_sets = sets[1:]
-    fsess = session(a.model, a.threads)
+    infer_fn = lambda sess, s: infer(sess, s["x"])  # noqa: E731
+    decode_fn = lambda out, s, score: decode_all(out, s["meta"], score)  # noqa: E731
+    float_boxes(a, ev_sets, infer_fn, decode_fn)
     for s in ev_sets:
-        s["ref"] = decode_all(infer(fsess, s["x"]), s["meta"], a.score)
-        s["n_float"] = int(sum(len(r["boxes"]) for r in s["ref"]))
-        s["views_with_boxes"] = int(sum(len(r["boxes"]) > 0 for r in s["ref"]))
-        s["n_confident"] = int(sum((r["score"] >= CONFIDENT).sum() for r in s["ref"]))
         s["classes"] = {LABELS[c]: int(n) for c, n in zip(*np.unique(np.concatenate(
             [r["cls"] for r in s["ref"]] + [np.zeros(0, int)]), return_counts=True))}
     print(f"detector: float {a.model}; {git_state()}; channels {a.channels}; data and float boxes in "
           f"{time.perf_counter() - t_all:.1f} s", flush=True)
-    s0 = sets[0]
-    print(f"  calibration: {len(s0['x'])} views of {len(s0['photos'])} photos ({s0['scenes']} scenes) of "
-          f"{', '.join(s0['sources'])} -> {os.path.join(a.out, 'calib.npz')}")
+    print(calibration_line(a, sets[0]))
     for s in ev_sets:
         sc = np.concatenate([r["score"] for r in s["ref"]] + [np.zeros(0)])
         print(f"  {s['name']}: {len(s['x'])} views of {len(s['photos'])} photos ({s['scenes']} scenes): "
               f"{s['n_float']} float boxes in {s['views_with_boxes']} views, score median "
               f"{np.median(sc) if len(sc) else float('nan'):.2f}; {s['classes']}")
 
-    results, ref = measure(a, variants, calib, ev_sets, lambda sess, s: infer(sess, s["x"]),
-                           lambda out, s, score: decode_all(out, s["meta"], score))
+    results, ref = measure(a, variants, calib, ev_sets, infer_fn, decode_fn)
     keep = ("name", "role", "sources", "photos", "scenes", "n_float", "n_confident", "views_with_boxes", "classes")
     report(a, "detector", sets, keep, results, ref, t_all, channels=a.channels)
     return 0
+
+
+def float_boxes(a, ev_sets: list, infer_fn, decode_fn) -> None:
+    """The float model's boxes of each set (``s["ref"]``, with ``infer_fn``/``decode_fn`` as ``measure`` takes them)
+    and their counts: all, views with any, scored >= CONFIDENT."""
+    fsess = session(a.model, a.threads)
+    for s in ev_sets:
+        s["ref"] = decode_fn(infer_fn(fsess, s), s, a.score)
+        s["n_float"] = int(sum(len(r["boxes"]) for r in s["ref"]))
+        s["views_with_boxes"] = int(sum(len(r["boxes"]) > 0 for r in s["ref"]))
+        s["n_confident"] = int(sum((r["score"] >= CONFIDENT).sum() for r in s["ref"]))
+
+
+def calibration_line(a, s0: dict) -> str:
+    return (f"  calibration: {len(s0['x'])} views of {len(s0['photos'])} photos ({s0['scenes']} scenes) of "
+            f"{', '.join(s0['sources'])} -> {os.path.join(a.out, 'calib.npz')}")
 
 
 def measure(a, variants, calib: dict, ev_sets: list, infer_fn, decode_fn) -> tuple:

@@ -59,9 +59,8 @@ ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "tools", "export"))
 
-from detector import CONFIDENT, add_args, check_model, extract, iou_matrix, measure, render, report  # noqa: E402
-from detector import image_sets as detector_sets  # noqa: E402
-from eval_imagenet_agreement import session  # noqa: E402 (sets path)
+import detector as det  # noqa: E402 (sets path)
+from detector import iou_matrix  # noqa: E402
 from heldout import git_state, make_recipe, parse_variant  # noqa: E402
 
 MODEL = os.path.join("out", "yolox", "ddddocr_common_det.onnx")
@@ -221,7 +220,7 @@ def image_sets(a) -> list[dict]:
         return make_views(ph, n, seed, a.min_scale, not calib, fonts["calibration" if calib else "other"],
                           CHARS[0 if calib else 1::2])
 
-    return detector_sets(a, views)
+    return det.image_sets(a, views)
 
 
 def float_recall(ref: list, meta: list) -> float:
@@ -240,17 +239,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=MODEL, help=f"ddddocr's common_det.onnx (default {MODEL})")
     ap.add_argument("--wheel", default=None, help="a ddddocr wheel: extract its common_det.onnx to --model first")
-    add_args(ap, "yolox", 160, NMS_SCORE, "ddddocr's")
+    det.add_args(ap, "yolox", 160, NMS_SCORE, "ddddocr's")
     a = ap.parse_args(argv)
     if a.render:
-        return render(a.render)
+        return det.render(a.render)
     os.chdir(ROOT)
     if a.wheel:
-        extract(a.wheel, a.model, "ddddocr/common_det.onnx")
+        det.extract(a.wheel, a.model, "ddddocr/common_det.onnx")
     if not os.path.isfile(a.model):
         raise SystemExit(f"{a.model}: not found; pip download ddddocr==1.6.1 --no-deps -d /tmp/dd, then --wheel "
                          "/tmp/dd/ddddocr-1.6.1-py3-none-any.whl")
-    input_name = check_model(a.model, "ddddocr's common_det.onnx")
+    input_name = det.check_model(a.model, "ddddocr's common_det.onnx")
     variants = [parse_variant(v) for v in (a.variant or DEFAULT_VARIANTS)]
     for _, kw in variants:  # a wrong name fails now, not after the first runs
         make_recipe(kw, a.bits).validate()
@@ -260,30 +259,25 @@ def main(argv=None) -> int:
     calib = {input_name: sets[0]["x"].astype(np.float32)}
     np.savez(os.path.join(a.out, "calib.npz"), **calib)
     ev_sets = sets[1:]
-    fsess = session(a.model, a.threads)
+    infer_fn = lambda sess, s: infer(sess, s["x"])  # noqa: E731
+    decode_fn = lambda out, s, score: [decode(o, score) for o in out]  # noqa: E731
+    det.float_boxes(a, ev_sets, infer_fn, decode_fn)
     for s in ev_sets:
-        s["ref"] = [decode(o, a.score) for o in infer(fsess, s["x"])]
-        s["n_float"] = int(sum(len(r["boxes"]) for r in s["ref"]))
-        s["views_with_boxes"] = int(sum(len(r["boxes"]) > 0 for r in s["ref"]))
-        s["n_confident"] = int(sum((r["score"] >= CONFIDENT).sum() for r in s["ref"]))
         s["drawn"] = int(sum(len(m["truth"]) for m in s["meta"]))
         s["float_recall"] = float_recall(s["ref"], s["meta"])
     print(f"yolox: float {a.model}; {git_state()}; data and float boxes in {time.perf_counter() - t_all:.1f} s",
           flush=True)
-    s0 = sets[0]
-    print(f"  calibration: {len(s0['x'])} views of {len(s0['photos'])} photos ({s0['scenes']} scenes) of "
-          f"{', '.join(s0['sources'])} -> {os.path.join(a.out, 'calib.npz')}")
+    print(det.calibration_line(a, sets[0]))
     for s in ev_sets:
         sc = np.concatenate([r["score"] for r in s["ref"]] + [np.zeros(0)])
         print(f"  {s['name']}: {len(s['x'])} views of {len(s['photos'])} photos ({s['scenes']} scenes): "
               f"{s['drawn']} characters drawn, float recall {s['float_recall']:.3f}; {s['n_float']} float boxes, "
               f"score median {np.median(sc) if len(sc) else float('nan'):.2f}")
 
-    results, ref = measure(a, variants, calib, ev_sets, lambda sess, s: infer(sess, s["x"]),
-                           lambda out, s, score: [decode(o, score) for o in out])
+    results, ref = det.measure(a, variants, calib, ev_sets, infer_fn, decode_fn)
     keep = ("name", "role", "sources", "photos", "scenes", "n_float", "n_confident", "views_with_boxes", "drawn",
             "float_recall")
-    report(a, "yolox", sets, keep, results, ref, t_all)
+    det.report(a, "yolox", sets, keep, results, ref, t_all)
     return 0
 
 
