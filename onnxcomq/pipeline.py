@@ -7,21 +7,34 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import time
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from . import progress as _progress
-from .capture.calib import Calibration, KeepFirst, model_inputs, reiterable, resolve_mask_input
+from .capture.calib import (
+    Batch,
+    Calibration,
+    Feeds,
+    KeepFirst,
+    batch_samples,
+    model_inputs,
+    reiterable,
+    resolve_mask_input,
+)
 from .capture.carry import Carry
 from .capture.gram import check_stats
 from .capture.memory import STATS_SHARE, choose_batch, fit_groups, layer_specs, memory_budget, peak_rss_mb
 from .capture.passes import Twin, capture, split_stages, stage_entries
-from .capture.session import run_model
+from .capture.session import capture_model, make_session, run_model, run_session
 from .config import Recipe
 from .errors import UserError
 from .graph.batchnorm import fold_batch_norms
+from .graph.branches import branch_model, drop_unread, find_branches, outer_constants, splice
 from .graph.layers import (
     RECURRENT_OPS,
     check_weights,
@@ -30,11 +43,12 @@ from .graph.layers import (
     load_weight,
     node_names,
     readers_of,
+    weight_params,
     with_rnn_outputs,
 )
 from .graph.modelio import model_bytes, prepare_model
 from .graph.rewrite import rewrite_to_matmul
-from .precision import conv_taps, first_feeds, mixed_precision, plan_layers
+from .precision import average_bits, conv_taps, first_feeds, mixed_precision, parse_layer_bits, plan_layers
 from .report import RNN_ROLE, LayerReport, Report, bits_summary, layer_row, run_metadata
 from .solve.backend import get_xp
 from .solve.comq import on_sweep
@@ -68,12 +82,13 @@ ORT_MIN_OPSET = 7
 
 
 def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool = False,
-        stats_cache: dict | None = None):
+        stats_cache: dict | None = None, _in_branch: bool = False):
     """Quantize and return ``(quantized ModelProto, Report)``.
 
     ``stats_cache``: a dict in which the float model's layer statistics (one-pass capture in one group) are kept and
     looked up by the layers' inputs and the samples, so that several recipes on one model and one calibration set
-    capture once (benchmarks). Give it only with the same model and calibration data."""
+    capture once (benchmarks). Give it only with the same model and calibration data. (``_in_branch``: the run of an
+    If branch's model, whose layer patterns may name layers elsewhere.)"""
     recipe = (recipe or Recipe()).validate()
     w, sv = recipe.weights, recipe.solver
     t_start = time.perf_counter()
@@ -89,14 +104,33 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     model = rewrite_to_matmul(model) if recipe.layers.rewrite_matmul else model
     layers, skipped = find_layers(model, op_types=tuple(recipe.layers.op_types), exclude=tuple(recipe.layers.exclude),
                                   lm_head_float=recipe.layers.lm_head == "float")
-    if not layers:
-        why = "; ".join(f"{s.node}: {s.reason}" for s in skipped[:5]) or "it has no Conv, Gemm or MatMul node"
+    branches = find_branches(model)  # (If branches that hold layers: each quantized as a model of its own)
+    why = "; ".join(f"{s.node}: {s.reason}" for s in skipped[:5]) or "it has no Conv, Gemm or MatMul node"
+    if not layers and not branches:
+        if _in_branch:
+            return None, None  # (an If branch of no quantizable layer: it stays as it is)
         raise UserError(f"no quantizable layer found ({why})")
     check_weights(model, layers)
     _say_shared_readers(model, layers)
     calib = calibration if isinstance(calibration, Calibration) else Calibration(
         calibration, model_inputs(model), batch_size=recipe.data.batch_size, max_samples=recipe.data.max_samples,
         model=model)
+    source = calib  # what the passes read: a one-shot source's batches kept as a list where it is read twice
+    spliced, untaken = [], []
+    if branches:
+        if not reiterable(calib):
+            source = list(calib)
+        spliced, untaken = _quantize_branches(model, branches, source, recipe, progress)
+    if not layers and not spliced:
+        if _in_branch:
+            return None, None
+        names = ", ".join(f"{b.node} {b.attr}" for b in untaken)
+        raise UserError("no layer was quantized: " + (
+            f"the If branches that hold layers were taken by no calibration batch ({names})" if untaken
+            else f"no quantizable layer found ({why})"))
+    if not layers:
+        return _branches_only(model, source, calib, recipe, (spliced, untaken), skipped, float_opsets, n_folded,
+                              t_start, _in_branch)
 
     comq = w.method == "comq"
     official = recipe.is_official()
@@ -117,11 +151,12 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
         if recipe.activations is not None else None
     model = acts.model if acts else model  # (every node named)
     heads = lm_heads(model, layers) if recipe.layers.lm_head == "int8" else ()
-    plan = plan_layers(layers, w, recipe.layers, heads)  # {weight: LayerPlan}
-    batches = calib
+    # (a pattern may name a layer inside an If branch: checked against every layer once the branches are done)
+    plan = plan_layers(layers, w, recipe.layers, heads, strict=not (branches or _in_branch))  # {weight: LayerPlan}
+    batches = source
     # a one-shot source: its batches kept for the later passes (and a budget's sensitivity samples)
-    if (len(stages) > 1 or recipe.mixed_precision is not None) and not reiterable(calib):
-        batches = list(calib)
+    if (len(stages) > 1 or recipe.mixed_precision is not None) and not reiterable(source):
+        batches = list(source)
     held = []  # the first calibration samples, for the check of the output (kept as the first pass streams)
     if recipe.check.enabled:
         batches = KeepFirst(batches, held, calib, recipe.check.samples)
@@ -281,6 +316,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
         else set_metadata(out, meta, copy=not owned)
     if acts is not None:
         out = acts.insert(out)
+    out = _splice_branches(model, out, spliced, w.max_opset)
     # (after the metadata: the report's only)
     meta["opset"] = opset_change(float_opsets, out, w.max_opset)
     meta["batch_norms_folded"] = n_folded
@@ -288,12 +324,22 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)
     report.recipe = recipe.to_dict()
     bits_summary(report, layers, plan, w.max_opset)
+    _merge_branch_reports(report, spliced, untaken, model)
+    if branches and not _in_branch:
+        _check_patterns(recipe, report)
     report.mixed_precision = mp
     peaks["emit"] = peak_rss_mb()
     report.peak_rss_mb = peaks
     report.total_seconds = time.perf_counter() - t_start
     report.float_bytes = float_bytes
     report.quant_bytes = model_bytes(out)
+    _check(model, out, report, recipe, held, ref, acts)
+    return out, report
+
+
+def _check(model, out, report, recipe: Recipe, held: list, ref, acts) -> None:
+    """The check of the quantized model's outputs against the float model's (``ref``, on ``held``): in the report;
+    raises VerificationError where it fails."""
     if recipe.check.enabled:
         t0 = time.perf_counter()
         checks, n = verify(model, out, held, ref, kernels=recipe.target == "ort")
@@ -314,6 +360,174 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
                     " (a recipe's activations.exclude keeps them float; or quantize weights only)"
             raise VerificationError(f"the quantized model failed its check on {n} calibration sample(s): "
                                     f"{'; '.join(bad)}", out, report, hint)
+
+
+def _quantize_branches(model, branches: list, batches, recipe: Recipe, progress: bool) -> tuple:
+    """Quantize each If branch of ``branches`` as a model of its own (graph/branches.py), calibrated on the outer
+    tensors it reads, captured from the float model on the batches for which its If takes it. Returns [(Branch,
+    quantized branch model, its Report, the outer constants copied in)] for the branches taken on some batch, and
+    the branches taken on none."""
+    inits = {t.name: t for t in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input}
+    consts_outer = outer_constants(model)
+    reads = list(dict.fromkeys([b.cond for b in branches] + [n for b in branches for n in b.reads]))
+    fetch = [n for n in reads if n not in inits and n not in inputs]
+    consts = {n: numpy_helper.to_array(inits[n]) for n in reads if n in inits}
+    feeds: dict = {(b.key, b.attr): [] for b in branches}
+    total = 0
+    sess = make_session(capture_model(model, fetch) if fetch else model, what="the float model (If inputs)")
+    with _progress.bars(progress)(None, "capture (If inputs)", "batch") as bar:
+        for batch in batches:
+            _branch_feeds(sess, fetch, batch, inputs, consts_outer, consts, branches, feeds)
+            total += 1
+            bar.update(1)
+    out, untaken = [], []
+    if recipe.activations is not None:
+        log.warning("activations inside If branches stay float (%s): their weights are quantized",
+                    ", ".join(sorted({b.node for b in branches})))
+    for b in branches:
+        got = feeds[(b.key, b.attr)]
+        if not got:
+            log.warning("If %s: its %s was taken on none of the %d calibration batches: its layers stay float",
+                        b.node, b.attr, total)
+            untaken.append(b)
+            continue
+        mine = {n: consts[n] for n in b.reads if n in consts}
+        log.info("If %s: %s quantized on its own, on the %d of %d calibration batches that take it", b.node,
+                 b.attr, len(got), total)
+        try:
+            q, rep = run(branch_model(model, b, got[0], mine), Feeds(got, f"If {b.node} {b.attr}"),
+                         _branch_recipe(recipe, f"{b.node}/{b.attr}/"), progress, _in_branch=True)
+        except VerificationError as e:
+            raise VerificationError(f"If {b.node}, {b.attr}: {e.problem}", None, e.report, e.hint) from None
+        except UserError as e:
+            raise UserError(f"If {b.node}, {b.attr}: {e}") from None
+        if q is not None:  # (None: no quantizable layer inside after all, e.g. MatMuls of two activations)
+            out.append((b, q, rep, mine))
+    return out, untaken
+
+
+def _branch_recipe(recipe: Recipe, prefix: str) -> Recipe:
+    """The recipe of a branch's run: weights only, and the layer patterns that name its nodes as the report does
+    (``If/branch/node``) cut to the names inside it."""
+    def local(p):
+        return p[len(prefix):] if isinstance(p, str) and p.startswith(prefix) else p
+    L = recipe.layers
+    bits = tuple(local(x) if isinstance(x, str) else (local(x[0]), x[1]) for x in L.layer_bits)
+    layers = dataclasses.replace(L, exclude=tuple(map(local, L.exclude)), keep_8bit=tuple(map(local, L.keep_8bit)),
+                                 layer_bits=bits)
+    return dataclasses.replace(recipe, activations=None, layers=layers)
+
+
+def _check_patterns(recipe: Recipe, report: Report) -> None:
+    """Each keep_8bit / layer_bits pattern of a model with If branches matched a quantized layer somewhere (the
+    runs of the branches and of the top level each see only their own layers)."""
+    L = recipe.layers
+    rows = report.layers
+    for pat, flag in [(p, "layers.keep_8bit") for p in L.keep_8bit] + \
+            [(p, "layers.layer_bits") for p, _ in parse_layer_bits(L.layer_bits)]:
+        if pat in ("first", "last", "depthwise") and rows:
+            continue
+        if not any(fnmatch.fnmatchcase(n, pat) for r in rows for n in (r.node, r.node.rsplit("/", 1)[-1], r.op_type)):
+            raise UserError(f"{flag} {pat!r} matches no quantized layer (names are node names or op types, or "
+                            "'first'/'last'; inside an If branch as the report names them, If/branch/node)")
+
+
+def _branch_feeds(sess, fetch: list, batch, inputs: set, consts_outer: set, consts: dict, branches: list,
+                  feeds: dict) -> None:
+    """One calibration batch through the float model: the outer tensors each If branch reads, kept as a feed of
+    the branch its If takes on the batch (the outer constants computed at run time into ``consts``, once)."""
+    vals = dict(zip(fetch, run_session(sess, fetch, batch, what="onnxruntime cannot run the float model")
+                    if fetch else []))
+    vals.update((k, v) for k, v in batch.items() if k in inputs)
+    for n in fetch:
+        if n in consts_outer and n not in consts:
+            consts[n] = vals[n]
+    for b in branches:
+        cond = np.asarray(consts[b.cond] if b.cond in consts else vals[b.cond])
+        if cond.size != 1:
+            raise UserError(f"If {b.node}: its condition {b.cond} has {cond.size} elements on a calibration batch, "
+                            "expected 1")
+        if bool(cond.reshape(-1)[0]) == (b.attr == "then_branch"):
+            sub = Batch({n: vals[n] for n in b.reads if n not in consts})
+            sub.samples = batch_samples(batch)
+            feeds[(b.key, b.attr)].append(sub)
+
+
+def _splice_branches(model, out, spliced: list, max_opset):
+    """``out`` with each quantized branch in place of its float one (and the float weights only they read gone)."""
+    if not spliced:
+        return out
+    need = max(opset_of(q) for _, q, _, _ in spliced)
+    if opset_of(out) < need:
+        out = upgrade_opset(out, need, "the quantized If branches", max_opset)
+    domains = {o.domain: o for o in out.opset_import}
+    for _, q, _, _ in spliced:
+        for o in q.opset_import:
+            if o.domain not in domains:
+                out.opset_import.append(o)
+                domains[o.domain] = o
+    for b, q, _, consts in spliced:
+        splice(out, b, q, consts)
+    drop_unread(out, {n for b, *_ in spliced for n in b.reads})
+    return out
+
+
+def _merge_branch_reports(report: Report, spliced: list, untaken: list, model) -> None:
+    """The quantized branches' layers, left-out nodes and bits in the run's report, named ``If/branch/node``; the
+    nodes of the branches no calibration batch took, said so."""
+    for s in report.skipped:
+        b = next((b for b in untaken if s["node"].startswith(f"{b.node}/{b.attr}/")), None)
+        if b is not None:
+            s["reason"] = f"inside the {b.attr} of If {b.node}, which no calibration batch took (its condition " \
+                f"{b.cond} was {b.attr == 'else_branch'} on every batch): left float"
+    if not spliced:
+        return
+    total = weight_params(model)
+    params = {L.weight: int(np.prod(L.shape)) for L in report.layers}
+    bits = {L.weight: L.bits for L in report.layers}
+    done = {f"{b.node}/{b.attr}/" for b, *_ in spliced}
+    skipped = [s for s in report.skipped if not any(s["node"].startswith(p) for p in done)]
+    for b, _, rep, _ in spliced:
+        prefix = f"{b.node}/{b.attr}/"
+        for L in rep.layers:
+            L.node, L.weight = prefix + L.node, prefix + L.weight
+            report.layers.append(L)
+            params[L.weight] = int(np.prod(L.shape))
+            bits[L.weight] = L.bits
+        for s in rep.skipped:
+            skipped.append(dict(s, node=prefix + s["node"], share=s["params"] / total if total else 0.0))
+        report.samples = max(report.samples, rep.samples)
+    # (an If whose branches were quantized holds no weight itself: the nodes its other branch left float are listed)
+    report.skipped = [s for s in skipped if not (s["op_type"] == "If" and s["node"] in {b.node for b, *_ in spliced})]
+    report.avg_bits = average_bits(bits, params)
+    report.storage_bits = average_bits({w: 4 if b <= 4 else 8 for w, b in bits.items()}, params)
+
+
+def _branches_only(model, source, calib, recipe: Recipe, spliced: list, skipped: list, float_opsets, n_folded: int,
+                   t_start: float, _in_branch: bool):
+    """A model whose layers are all inside If branches: the branches quantized, the rest as it was, checked."""
+    held = first_feeds(calib, recipe.check.samples, source) if recipe.check.enabled else []
+    ref = float_outputs(model, held) if held else None
+    spliced, untaken = spliced
+    samples = max((rep.samples for _, _, rep, _ in spliced), default=0)
+    meta = run_metadata(recipe, recipe.is_official(), False, samples, None, 1, None)
+    float_bytes = model_bytes(model)
+    out = set_metadata(model, meta, copy=True)
+    out = _splice_branches(model, out, spliced, recipe.weights.max_opset)
+    meta["opset"] = opset_change(float_opsets, out, recipe.weights.max_opset)
+    meta["batch_norms_folded"] = n_folded
+    report = Report([], [dataclasses.asdict(s) for s in skipped], meta, samples,
+                    sum(rep.capture_seconds for _, _, rep, _ in spliced),
+                    sum(rep.solve_seconds for _, _, rep, _ in spliced))
+    report.recipe = recipe.to_dict()
+    _merge_branch_reports(report, spliced, untaken, model)
+    if not _in_branch:
+        _check_patterns(recipe, report)
+    report.total_seconds = time.perf_counter() - t_start
+    report.float_bytes = float_bytes
+    report.quant_bytes = model_bytes(out)
+    _check(model, out, report, recipe, held, ref, None)
     return out, report
 
 

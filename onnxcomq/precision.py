@@ -61,17 +61,18 @@ def _match(pattern: str, layer, index: int, count: int) -> bool:
     return any(fnmatch.fnmatchcase(n, pattern) for n in names) or fnmatch.fnmatchcase(layer.op_type, pattern)
 
 
-def fixed_bits(layers, base: int, keep_8bit=(), layer_bits=()) -> dict:
+def fixed_bits(layers, base: int, keep_8bit=(), layer_bits=(), strict: bool = True) -> dict:
     """{weight: (bits, why)} for the layers a user pinned: ``keep_8bit`` patterns ("first"/"last" = the first/last
     quantized layer in topological order, "depthwise" = depthwise convs, else fnmatch on node names or op types)
     get 8 bits, then ``layer_bits`` (pattern, bits) pairs in order (a later match wins). A pattern matching no
-    layer is an error."""
+    layer is an error where ``strict`` (a model with If branches checks its patterns against every layer, branches
+    included: pipeline._check_patterns)."""
     out = {}
     n = len(layers)
     rules = [(p, 8, "layers.keep_8bit") for p in keep_8bit] + [(p, b, "layers.layer_bits") for p, b in layer_bits]
     for pat, bits, flag in rules:
         hit = [L for i, L in enumerate(layers) if _match(pat, L, i, n)]
-        if not hit:
+        if not hit and strict:
             raise UserError(f"{flag} {pat!r} matches no quantized layer (names are node names or op types, or "
                             "'first'/'last')")
         for L in hit:
@@ -261,12 +262,12 @@ class LayerPlan:
     pinned: bool  # bits set by keep_8bit / layer_bits (mixed precision leaves it alone)
 
 
-def plan_layers(layers, weights, choice, heads=()) -> dict:
+def plan_layers(layers, weights, choice, heads=(), strict: bool = True) -> dict:
     """{weight: LayerPlan} before mixed precision, from the recipe's ``weights`` and ``layers`` sections (``choice``):
     pinned bits, the Conv fallback of block granularity, and MatMulNBits only for MatMul and Gemm weights (the other
     layers stay DequantizeLinear). ``heads``: the nodes of a language model's output projection kept at 8 bits."""
     fixed = {L.weight: (8, "layers.lm_head int8") for L in layers if L.node in heads}
-    fixed.update(fixed_bits(layers, weights.bits, choice.keep_8bit, parse_layer_bits(choice.layer_bits)))
+    fixed.update(fixed_bits(layers, weights.bits, choice.keep_8bit, parse_layer_bits(choice.layer_bits), strict))
     plan = {}
     for L in layers:
         bits, why = fixed.get(L.weight, (weights.bits, ""))

@@ -61,3 +61,34 @@ def test_melspectrogram_w8a8_keeps_what_the_log_magnifies_float(monkeypatch):
     monkeypatch.setattr(activations, "SENSITIVE_OPS", {})  # without the rule: 0.60
     q0, _ = run(MEL, {"input": audio(32, 1)}, r)
     assert np.corrcoef(ref, infer(q0, ev).ravel())[0, 1] < 0.9
+
+
+def _vad_path():
+    return os.path.join(os.path.dirname(MEL), "silero_vad.onnx") if MEL else None
+
+
+def test_silero_vad_with_every_layer_inside_an_if_is_quantized_where_calibration_takes_it():
+    """openwakeword's silero_vad.onnx (silero-vad v4): two networks, 16 and 8 kHz, each the branch of an If on the
+    sample rate input, LSTMs inside a nested If. Calibrated at 16 kHz: that branch is quantized (it was refused:
+    "no quantizable layer found"), the 8 kHz one stays float, exactly."""
+    path = _vad_path()
+
+    def feed(n, seed, sr):
+        return {"input": builders.tones(n, seed, sr, 4096, (1, 4)) / 32768, "sr": np.array(sr, np.int64),
+                "h": np.zeros((2, n, 64), np.float32), "c": np.zeros((2, n, 64), np.float32)}
+
+    q, rep = run(path, feed(16, 1, 16000), Recipe().updated({"weights": {"bits": 8}}))
+    nodes = [L.node for L in rep.layers]
+    assert len(nodes) > 10 and all(n.startswith("If_25/then_branch/") for n in nodes)
+    assert any(L.op_type == "LSTM" and "/If_177/then_branch/" in L.node for L in rep.layers)  # (the nested If)
+    assert all("no calibration batch took" in s["reason"] for s in rep.skipped)
+    assert rep.quant_bytes < 0.8 * rep.float_bytes  # (measured 0.75: the 8 kHz half stays float)
+
+    def vad(model, f):
+        src = model if isinstance(model, str) else model.SerializeToString()
+        return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, f)[0]
+
+    ev8 = feed(4, 2, 8000)
+    np.testing.assert_array_equal(vad(q, ev8), vad(path, ev8))
+    ev = feed(8, 3, 16000)
+    assert np.abs(vad(q, ev) - vad(path, ev)).max() < 0.02  # (speech probabilities 0.02-0.37; measured 0.012)

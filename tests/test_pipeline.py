@@ -364,15 +364,30 @@ def test_official_grid_without_zero_is_stored_as_signed_levels(bits):
     assert deq[1].min() > 0  # the positive row's grid starts above 0
 
 
-def test_if_subgraph_left_float_and_reported():
+def test_if_branch_weights_quantized_where_calibration_takes_the_branch_the_other_left_float_and_reported():
+    """Branch weights held as the branch subgraph's own initializers (tests/test_branches.py: outer initializers and
+    Constant nodes)."""
     m = builders.with_if_subgraph()
     x = np.random.default_rng(0).standard_normal((7, 6)).astype(np.float32)
+    taken = "then" if (x @ numpy_helper.to_array(m.graph.initializer[0])).sum() > 0 else "else"
+    other = {"then": "else", "else": "then"}[taken]
     q, rep = run(m, {"input": x}, recipe(bits=4, device="cpu"))
     onnx.checker.check_model(q, full_check=True)
-    assert [L.node for L in rep.layers] == ["top_mm"]
-    assert any(s["op_type"] == "If" and "subgraph" in s["reason"] for s in rep.skipped)
+    assert [L.node for L in rep.layers] == ["top_mm", f"branch/{taken}_branch/{taken}_mm"]
+    assert [(s["node"], s["op_type"]) for s in rep.skipped] == [(f"branch/{other}_branch/{other}_mm", "MatMul")]
+    assert "no calibration batch took" in rep.skipped[0]["reason"]
+    branches = {a.name: a.g for n in q.graph.node if n.op_type == "If" for a in n.attribute}
+    assert [n.op_type for n in branches[f"{taken}_branch"].node] == ["DequantizeLinear", "MatMul"]
+    assert [n.op_type for n in branches[f"{other}_branch"].node] == ["MatMul"]
     (yq,) = ort_run(q, {"input": x})
-    (yr,) = ort_run(float_twin(q), {"input": x})
+    # (the float model with the top-level weight dequantized, and the branch's taken from the quantized branch)
+    twin = float_twin(q)
+    for n in twin.graph.node:
+        if n.op_type == "If":
+            for a in n.attribute:
+                if a.name == f"{taken}_branch":
+                    a.g.CopyFrom(float_twin(onnx.helper.make_model(a.g)).graph)
+    (yr,) = ort_run(twin, {"input": x})
     np.testing.assert_allclose(yq, yr, rtol=1e-5, atol=1e-5)
 
 

@@ -653,6 +653,24 @@ class Calibration:
                         "were left out", self.fixed_batch, dropped[0])
 
 
+class Feeds(Calibration):
+    """Feeds given as they are, each one batch, never cut or joined (a model made of an If branch: its inputs are
+    tensors of the outer model, captured batch by batch)."""
+
+    def __init__(self, feeds: list, name: str = "branch feeds"):
+        super().__init__(list(feeds), [], name=name)
+        self.num_samples = sum(batch_samples(f) for f in self._source)
+        self.batch_size = self.fixed_batch = max((batch_samples(f) for f in self._source), default=1)
+
+    def _resolve(self, source):
+        return None
+
+    def __iter__(self):
+        if not self._source:
+            raise UserError("calibration data is empty")
+        yield from self._source
+
+
 def _samples_in(layout: Layout, shape: tuple) -> int | None:
     """The samples in an array of ``shape`` laid out as ``layout`` (None for a constant)."""
     if layout.form == "const":

@@ -402,8 +402,9 @@ def find_layers(model: onnx.ModelProto, op_types=SUPPORTED_OPS, exclude=(),
     for name, node in zip(names, g.node):
         if node.op_type in CONTROL_FLOW_OPS or any(True for _ in _subgraphs(node)):
             inner = _subgraph_skips(name, node, src, hold)
-            skip(name, node, "control-flow subgraph: its layers are not quantized" + (
-                f" (the {len(inner)} node(s) inside that hold weights are listed on their own)" if inner else ""))
+            if inner or hold.holds(node, src):  # (a control-flow node of no weights is not listed)
+                skip(name, node, "control-flow subgraph: its layers are not quantized" + (
+                    f" (the {len(inner)} node(s) inside that hold weights are listed on their own)" if inner else ""))
             skipped.extend(inner)
             continue
         if node.op_type == "Einsum" and any(i in inits for i in node.input):

@@ -1,0 +1,174 @@
+"""Layers inside If branches (docs/design.md, "If branches").
+
+An exporter puts a model's layers inside an ``If`` when the model holds two variants and picks one at run time
+(silero-vad's 8 kHz and 16 kHz networks, chosen by the sample rate input). Each branch that holds layers is
+quantized as a model of its own: its inputs are the outer tensors it reads (captured from the float model on the
+calibration batches for which the If takes that branch), the outer constants it reads are copied in, and its
+outputs are the branch's outputs. The quantized model's graph then replaces the branch (``splice``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .layers import SUPPORTED_OPS, _const_sources, _subgraphs, base_op, node_names
+
+
+def _defined(graph) -> set:
+    """The names ``graph`` itself defines: its inputs, initializers and node outputs (not its subgraphs')."""
+    return {i.name for i in graph.input} | {t.name for t in graph.initializer} | \
+        {o for n in graph.node for o in n.output if o}
+
+
+def free_names(graph) -> list:
+    """The names that ``graph`` (its nodes and, at any depth, their subgraphs) reads from enclosing scopes, in the
+    order first read."""
+    out: dict = {}
+
+    def walk(g, scope: set):
+        scope = scope | _defined(g)
+        for n in g.node:
+            for i in n.input:
+                if i and i not in scope:
+                    out.setdefault(i, None)
+            for _, sg in _subgraphs(n):
+                walk(sg, scope)
+    walk(graph, set())
+    return list(out)
+
+
+def _holds_layers(graph) -> bool:
+    return any(base_op(n) in SUPPORTED_OPS or any(_holds_layers(g) for _, g in _subgraphs(n)) for n in graph.node)
+
+
+def defined_names(graph) -> set:
+    """Every name ``graph`` defines, its subgraphs' at any depth included."""
+    out = _defined(graph)
+    for n in graph.node:
+        for _, sg in _subgraphs(n):
+            out |= defined_names(sg)
+    return out
+
+
+@dataclass
+class Branch:
+    """One branch of a top-level If that holds layers."""
+
+    node: str  # the If's name as the report calls it (layers.node_names)
+    key: str  # the If's first output: finds the node again in a rewritten model (node order changes)
+    attr: str  # then_branch | else_branch
+    cond: str  # the If's condition
+    graph: onnx.GraphProto
+    reads: list = field(default_factory=list)  # outer names the branch reads
+
+
+def find_branches(model: onnx.ModelProto) -> list:
+    """The branches of the model's top-level If nodes that hold a Conv, Gemm, MatMul or recurrent layer (at any
+    depth). Loop and Scan bodies are not among them (their layers stay float)."""
+    out = []
+    for name, n in zip(node_names(model), model.graph.node):
+        if n.op_type != "If" or n.domain not in ("", "ai.onnx"):
+            continue
+        for attr, g in _subgraphs(n):
+            if attr in ("then_branch", "else_branch") and _holds_layers(g):
+                out.append(Branch(name, n.output[0], attr, n.input[0], g, free_names(g)))
+    return out
+
+
+def outer_constants(model: onnx.ModelProto) -> set:
+    """Top-level names whose values come from constants only (initializers, Constant nodes, arithmetic on them)."""
+    inputs = {i.name for i in model.graph.input}
+    return {k for k in _const_sources(model.graph, {}) if k not in inputs}
+
+
+def branch_model(model: onnx.ModelProto, branch: Branch, first: dict, consts: dict) -> onnx.ModelProto:
+    """The branch as a model: graph inputs for the outer tensors it reads (typed from ``first``, their values on
+    one calibration batch, every axis free), initializers for the outer constants it reads (``consts``: name ->
+    array), outputs the branch's."""
+    g = onnx.GraphProto()
+    g.CopyFrom(branch.graph)
+    g.name = f"{branch.node}/{branch.attr}"
+    for name in branch.reads:
+        if name in consts:
+            g.initializer.append(numpy_helper.from_array(np.asarray(consts[name]), name))
+        else:
+            v = np.asarray(first[name])
+            g.input.append(helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(v.dtype), [f"{name}_dim{k}" for k in range(v.ndim)]))
+    m = helper.make_model(g, opset_imports=list(model.opset_import), ir_version=max(model.ir_version, 4))
+    return m
+
+
+def _rename(graph, names: dict) -> None:
+    """Rename the tensors of ``names`` wherever ``graph`` (and its subgraphs) defines or reads them."""
+    for t in graph.initializer:
+        t.name = names.get(t.name, t.name)
+    for v in (*graph.input, *graph.output, *graph.value_info):
+        v.name = names.get(v.name, v.name)
+    for n in graph.node:
+        n.input[:] = [names.get(i, i) for i in n.input]
+        n.output[:] = [names.get(o, o) for o in n.output]
+        for _, sg in _subgraphs(n):
+            _rename(sg, names)
+
+
+def all_names(graph) -> set:
+    """Every tensor name ``graph`` and its subgraphs define or read."""
+    out = _defined(graph) | {i for n in graph.node for i in n.input if i}
+    for n in graph.node:
+        for _, sg in _subgraphs(n):
+            out |= all_names(sg)
+    return out
+
+
+def splice(out: onnx.ModelProto, branch: Branch, quantized: onnx.ModelProto, consts: dict) -> None:
+    """Replace ``branch`` of the If in ``out`` (found by its first output) by the graph of ``quantized``, its
+    quantized model, in place. The constants copied in that it left as they were are read from the outer scope
+    again; every name it defines anew (at any depth) that the rest of the model also uses is renamed (a subgraph may
+    not redefine an outer name)."""
+    node = next(n for n in out.graph.node if n.op_type == "If" and n.output and n.output[0] == branch.key)
+    attr = next(a for a in node.attribute if a.name == branch.attr)
+    g = onnx.GraphProto()
+    g.CopyFrom(quantized.graph)
+    del g.input[:]
+    g.name = attr.g.name
+    keep = []
+    for t in g.initializer:  # a copied constant still there, unchanged: the outer one serves
+        if t.name in consts and np.array_equal(numpy_helper.to_array(t), np.asarray(consts[t.name])):
+            continue
+        keep.append(t)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    del g.output[:]
+    g.output.extend(attr.g.output)
+    del g.value_info[:]  # (the sub-model's shapes have free axes; onnxruntime infers them again)
+    own = defined_names(attr.g)
+    attr.g.CopyFrom(onnx.GraphProto())  # (the branch's own names are not outer names)
+    taken = all_names(out.graph)
+    clash = {t for t in defined_names(g) if t in taken and t not in own}
+    inner = all_names(g)
+    names, k = {}, 0
+    for t in sorted(clash):
+        while f"{t}_q{k}" in taken or f"{t}_q{k}" in inner:
+            k += 1
+        names[t] = f"{t}_q{k}"
+        k += 1
+    _rename(g, names)
+    attr.g.CopyFrom(g)
+
+
+def drop_unread(out: onnx.ModelProto, candidates) -> None:
+    """Remove the top-level initializers among ``candidates`` that nothing reads any more (float weights only the
+    spliced branches read)."""
+    read = {o.name for o in out.graph.output}
+    for n in out.graph.node:
+        read.update(i for i in n.input if i)
+        for _, sg in _subgraphs(n):
+            read.update(free_names(sg))
+    gone = [t for t in out.graph.initializer if t.name in set(candidates) and t.name not in read]
+    for t in gone:
+        out.graph.initializer.remove(t)
