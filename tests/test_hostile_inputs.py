@@ -57,10 +57,11 @@ def scalar_input_mlp(sr_type=TensorProto.FLOAT):
     return _model(nodes, [_vi("x", ["N", 6]), _vi("gain", [], sr_type)], [_vi("y", ["N", 5])], [_w("W0", (6, 5))])
 
 
-def stateful(static=False):
+def stateful(static=False, unnamed=False):
     """A recurrent-like cell: y = x @ Wx + mean(state @ Ws); stateN = state @ Ws; state is [2, batch, 4], the batch
-    on axis 1, named like the input's batch axis (or all static: [1, 6] and [2, 1, 4])."""
-    b = 1 if static else "batch"
+    on axis 1, named like the input's batch axis (or all static: [1, 6] and [2, 1, 4]; or every dynamic axis
+    unnamed, as silero-vad's export leaves them)."""
+    b = 1 if static else None if unnamed else "batch"
     nodes = [helper.make_node("MatMul", ["x", "Wx"], ["hx"], name="mm_x"),
              helper.make_node("MatMul", ["state", "Ws"], ["stateN"], name="mm_state"),
              helper.make_node("ReduceMean", ["stateN", "axes0"], ["hs"], keepdims=0),
@@ -359,6 +360,27 @@ def test_state_per_sample_equals_state_stacked_on_its_batch_axis():
     rows = {L.node: L.rows for L in ra.layers}
     assert rows == {"mm_x": 8, "mm_state": 16}  # 2 x 8 state rows
     _close_to_float(m, qa, {"x": x6[:3], "state": state[:, :3]})
+
+
+def test_state_on_an_unnamed_free_axis_is_stacked_there_when_it_holds_every_sample():
+    """silero-vad's state [2, ?, 128] beside input [?, ?]: no name ties the state's free axis to the batch; a state
+    whose free axis holds as many entries as the input has samples is the samples' states (it was fed whole with
+    every batch, and onnxruntime refused the first batch cut shorter); one of another size is a constant."""
+    m = stateful(unnamed=True)
+    state = RNG.standard_normal((2, 8, 4)).astype(np.float32)
+    per_sample = np.ascontiguousarray(np.moveaxis(state, 1, 0)[:, :, None, :])
+    cfg = recipe(bits=4, device="cpu", batch_size=3)
+    qa, ra = run(m, {"x": x6, "state": state}, cfg)
+    qb, _ = run(m, {"x": x6, "state": per_sample}, cfg)  # (one entry per sample: batches of 1 here)
+    assert qa.SerializeToString() == qb.SerializeToString()
+    assert {L.node: L.rows for L in ra.layers} == {"mm_x": 8, "mm_state": 16}
+    batches = list(Calibration({"x": x6, "state": state}, model_inputs(m), batch_size=3))
+    assert [b["state"].shape for b in batches] == [(2, 3, 4), (2, 3, 4), (2, 2, 4)]
+    np.testing.assert_array_equal(np.concatenate([b["state"] for b in batches], axis=1), state)
+    _close_to_float(m, qa, {"x": x6[:3], "state": state[:, :3]})
+    one = state[:, :1]  # (a single state for every sample: fed whole with each batch)
+    batches = list(Calibration({"x": x6, "state": one}, model_inputs(m), batch_size=3))
+    assert [b["state"].shape for b in batches] == [(2, 1, 4)] * 3
 
 
 def test_fully_static_model_takes_one_feed_per_sample():

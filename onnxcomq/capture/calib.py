@@ -8,8 +8,9 @@ to ``batch_size``. Files are read with ``allow_pickle=False``: loading calibrati
 How an array maps to an input (``Layout``), decided once from the first data seen:
 - stacked: the samples are stacked along the input's batch axis (axis 0 when it is dynamic; else the axis that
   carries the same symbolic dim as another input's batch axis, e.g. a recurrent state [2, batch, 128]; else the one
-  axis whose size differs from the model's static shape). A static batch axis (a model exported with batch 1 or N)
-  fixes the batch size.
+  axis whose size differs from the model's static shape; else its one free, unnamed axis where that holds as many
+  entries as the inputs stacked on an unnamed axis 0 have samples: silero-vad's state [2, ?, 128] beside [?, ?]). A
+  static batch axis (a model exported with batch 1 or N) fixes the batch size.
 - per sample: one rank more than the input: entry i is sample i's whole feed (a state per sample, a fixed batch).
 - constant: rank-0 (scalar) inputs, such as a sample rate, and arrays that are exactly the input's static shape
   are fed as they are with every batch.
@@ -385,6 +386,7 @@ class Calibration:
         if self.layouts is not None:
             return
         layouts = {i.name: _layout(where, i, self.inputs, tuple(shapes[i.name])) for i in self.inputs}
+        self._unnamed_batch_axes(layouts, shapes)
         fixed = {n: L.fixed for n, L in layouts.items() if L.form != "const" and L.fixed is not None}
         if all(L.form == "const" or not self._info(n).shape for n, L in layouts.items()):
             # every array is exactly one feed (a fully static model): each is fed as it is, one batch each
@@ -405,6 +407,24 @@ class Calibration:
         if len(set(sizes.values())) > 1:
             raise UserError(f"{where}: inputs have different numbers of samples: "
                             f"{', '.join(f'{n}: {v}' for n, v in sizes.items())}")
+
+    def _unnamed_batch_axes(self, layouts: dict, shapes: dict) -> None:
+        """An array taken for a constant whose input leaves one axis free and unnamed, as the stacked inputs'
+        dynamic axis 0 is (silero-vad's state [2, ?, 128] beside its input [?, ?]), is stacked on that axis where
+        its size there is the stacked inputs' sample count (more than 1): the samples' states, not one state."""
+        counts = {_samples_in(L, tuple(shapes[n])) for n, L in layouts.items() if L.form == "stacked" and L.axis == 0
+                  and not (self._info(n).params and self._info(n).params[0])}
+        counts.discard(None)
+        if len(counts) != 1 or (n_samples := counts.pop()) < 2:
+            return
+        for name, L in layouts.items():
+            info = self._info(name)
+            free = [ax for ax, d in enumerate(info.shape) if d is None]
+            if L.form == "const" and len(free) == 1 and not (info.params and info.params[free[0]]) and \
+                    len(shapes[name]) == len(info.shape) and shapes[name][free[0]] == n_samples:
+                layouts[name] = Layout("stacked", free[0])
+                log.info("input %s: axis %d (free, unnamed) taken as its batch axis: %d samples, as the other "
+                         "inputs have", name, free[0], n_samples)
 
     def _info(self, name: str) -> InputInfo:
         return next(i for i in self.inputs if i.name == name)
