@@ -376,11 +376,11 @@ def _quantize_branches(model, branches: list, batches, recipe: Recipe, progress:
     feeds: dict = {(b.key, b.attr): [] for b in branches}
     total = 0
     sess = make_session(capture_model(model, fetch) if fetch else model, what="the float model (If inputs)")
-    with _progress.bars(progress)(None, "capture (If inputs)", "batch") as bar:
+    with _progress.bars(progress)(getattr(batches, "num_samples", None), "capture (If inputs)", "sample") as bar:
         for batch in batches:
             _branch_feeds(sess, fetch, batch, inputs, consts_outer, consts, branches, feeds)
             total += 1
-            bar.update(1)
+            bar.update(batch_samples(batch))
     out, untaken = [], []
     if recipe.activations is not None:
         log.warning("activations inside If branches stay float (%s): their weights are quantized",

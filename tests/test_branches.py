@@ -240,3 +240,40 @@ def test_an_if_of_no_quantizable_layer_is_left_as_it_is_and_a_model_of_nothing_q
     with pytest.raises(UserError, match="taken by no calibration batch \\(branch then_branch\\)"):
         run(helper.make_model(only, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), feeds([-1, -1]),
             recipe(bits=4, batch_size=8))
+
+
+def test_torch_cond_exported_by_torch_onnx_dynamo(tmp_path):
+    """A real exporter's If: torch.cond exported by torch.onnx (dynamo), the branches' weights top-level
+    initializers; the branch the calibration takes is quantized, and the model stays close to float."""
+    torch = pytest.importorskip("torch", reason="torch (tools/test.sh installs it)")
+    pytest.importorskip("onnxscript", reason="torch.onnx's dynamo exporter needs onnxscript")
+    nn = torch.nn
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+            self.b = nn.Conv2d(8, 4, 3, padding=1)
+            self.head = nn.Linear(4, 5)
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            y = torch.cond(h.mean() > 0.1, lambda t: self.a(t), lambda t: self.b(t), (h,))
+            return self.head(y.mean((2, 3)))
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "cond.onnx")
+    torch.onnx.export(M().eval(), (torch.randn(2, 3, 16, 16),), path, dynamo=True,
+                      dynamic_shapes={"x": {0: "batch"}}, verbose=False)
+    x = np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32) + 1
+    q, rep = run(path, {"x": x}, recipe(bits=8))
+    ifs = [n for n in onnx.load(path).graph.node if n.op_type == "If"]
+    assert len(ifs) == 1
+    inside = [L for L in rep.layers if "_branch/" in L.node]
+    assert len(inside) == 2 and all(L.node.startswith(f"{ifs[0].name}/then_branch/") for L in inside)
+    assert len(rep.layers) == 4  # (the stem and the head too)
+    xe = np.random.default_rng(1).standard_normal((8, 3, 16, 16)).astype(np.float32) + 1
+    f = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": xe})[0]
+    y = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": xe})[0]
+    assert np.linalg.norm(y - f) < 0.02 * np.linalg.norm(f)
