@@ -87,7 +87,7 @@ def outer_constants(model: onnx.ModelProto) -> set:
 
 def branch_model(model: onnx.ModelProto, branch: Branch, first: dict, consts: dict) -> onnx.ModelProto:
     """The branch as a model: graph inputs for the outer tensors it reads (typed from ``first``, their values on
-    one calibration batch, every axis free), initializers for the outer constants it reads (``consts``: name ->
+    one calibration batch, every axis free and named apart), initializers for the outer constants it reads (``consts``: name ->
     array), outputs the branch's."""
     g = onnx.GraphProto()
     g.CopyFrom(branch.graph)
@@ -99,8 +99,7 @@ def branch_model(model: onnx.ModelProto, branch: Branch, first: dict, consts: di
             v = np.asarray(first[name])
             g.input.append(helper.make_tensor_value_info(
                 name, helper.np_dtype_to_tensor_dtype(v.dtype), [f"{name}_dim{k}" for k in range(v.ndim)]))
-    m = helper.make_model(g, opset_imports=list(model.opset_import), ir_version=max(model.ir_version, 4))
-    return m
+    return helper.make_model(g, opset_imports=list(model.opset_import), ir_version=max(model.ir_version, 4))
 
 
 def _rename(graph, names: dict) -> None:
