@@ -57,7 +57,7 @@ from .verify import VerificationError, float_outputs, problems, verify
 from .verify import to_dicts as verify_dicts
 from .verify import warnings as verify_warnings
 from .workers import open_pool, solve_layer
-from .write.activations import ActivationQuantizer
+from .write.activations import ActivationQuantizer, NoActivations
 from .write.bias import apply as apply_bias
 from .write.bias import bias_target, has_bias
 from .write.matmulnbits import emit_matmulnbits
@@ -147,8 +147,14 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     budget, batch_note = choose_batch(with_rnn_outputs(model, layers), layers, calib, recipe.data.max_memory,
                                       cross=cross, folds=folds, groups=stages + [layers] if allocate_first else stages)
     mask_input = resolve_mask_input(model, recipe.data.mask_input)
-    acts = ActivationQuantizer(model, layers, recipe.activations, recipe.target, w.max_opset) \
-        if recipe.activations is not None else None
+    acts = None
+    if recipe.activations is not None:
+        try:
+            acts = ActivationQuantizer(model, layers, recipe.activations, recipe.target, w.max_opset)
+        except NoActivations:
+            if not _in_branch:
+                raise
+            log.info("no activation to quantize in this If branch: its weights only")  # (e.g. an LSTM alone)
     model = acts.model if acts else model  # (every node named)
     heads = lm_heads(model, layers) if recipe.layers.lm_head == "int8" else ()
     # (a pattern may name a layer inside an If branch: checked against every layer once the branches are done)
@@ -382,9 +388,6 @@ def _quantize_branches(model, branches: list, batches, recipe: Recipe, progress:
             total += 1
             bar.update(batch_samples(batch))
     out, untaken = [], []
-    if recipe.activations is not None:
-        log.warning("activations inside If branches stay float (%s): their weights are quantized",
-                    ", ".join(sorted({b.node for b in branches})))
     for b in branches:
         got = feeds[(b.key, b.attr)]
         if not got:
@@ -408,7 +411,7 @@ def _quantize_branches(model, branches: list, batches, recipe: Recipe, progress:
 
 
 def _branch_recipe(recipe: Recipe, prefix: str) -> Recipe:
-    """The recipe of a branch's run: weights only, and the layer patterns that name its nodes as the report does
+    """The recipe of a branch's run: the run's, with the layer patterns that name its nodes as the report does
     (``If/branch/node``) cut to the names inside it."""
     def local(p):
         return p[len(prefix):] if isinstance(p, str) and p.startswith(prefix) else p
@@ -416,7 +419,7 @@ def _branch_recipe(recipe: Recipe, prefix: str) -> Recipe:
     bits = tuple(local(x) if isinstance(x, str) else (local(x[0]), x[1]) for x in L.layer_bits)
     layers = dataclasses.replace(L, exclude=tuple(map(local, L.exclude)), keep_8bit=tuple(map(local, L.keep_8bit)),
                                  layer_bits=bits)
-    return dataclasses.replace(recipe, activations=None, layers=layers)
+    return dataclasses.replace(recipe, layers=layers)
 
 
 def _check_patterns(recipe: Recipe, report: Report) -> None:

@@ -473,6 +473,10 @@ def _close(limit: float, ref: list, got: list) -> bool:
 CULPRIT_SECONDS = 120.0  # how long a failed check may probe its activations one by one (ActivationQuantizer.culprits)
 
 
+class NoActivations(UserError):
+    """No activation tensor of the model can be quantized."""
+
+
 class ActivationQuantizer:
     """Activation quantization of one run: the placement, the observers fed by the capture pass, the Q/DQ insertion."""
 
@@ -492,8 +496,8 @@ class ActivationQuantizer:
         quantized = {c for layer in layers for c, _ in layer.consumers}
         self.placement = place(model, quantized, self.target, tuple(acts.exclude), fold_relu=not self.fmt.symmetric)
         if not self.placement.tensors:
-            raise UserError("activation quantization: no activation tensor to quantize (every candidate is "
-                            "excluded, constant or not float)")
+            raise NoActivations("activation quantization: no activation tensor to quantize (every candidate is "
+                                "excluded, constant or not float)")
         self.observers = {t: make_observer(acts.method, acts.percentile) for t in self.placement.observed}
         self._params = None
         self.float_tensors = []

@@ -25,8 +25,9 @@ probabilities with float's; mean and minimum over the 4 streams.
 
     python tools/bench/silero.py                     # out/silero/silero.md
 
-Recipes: each export at W8 and W4 calibrated at 16 kHz, and the default export at W4 calibrated at 16 and 8 kHz
-(the same chunks at both rates, the Python API's list of feeds), which quantizes both networks. Needs numpy, onnx,
+Recipes: each export at W8 and W4 calibrated at 16 kHz, the default and the op15 export at W8A8 (``--act-bits 8``),
+and the default export at W4 calibrated at 16 and 8 kHz (the same chunks at both rates, the Python API's list of
+feeds), which quantizes both networks. Needs numpy, onnx,
 onnxruntime, scipy and espeak-ng.
 """
 
@@ -199,19 +200,22 @@ def main(argv=None) -> int:
     default = os.path.join(a.out, EXPORTS[0])
     calib = {rate: calibration(default, data[rate][0], rate) for rate in RATES}
     rows = []
-    plan = [(e, b, (16000,)) for e in EXPORTS for b in (8, 4)] + [(EXPORTS[0], 4, (16000, 8000))]
-    for export, bits, rates in plan:
+    w8a8 = {"weights": {"bits": 8}, "activations": {}}
+    plan = [(e, f"W{b}", {"weights": {"bits": b}}, (16000,)) for e in EXPORTS for b in (8, 4)] + \
+        [(e, "W8A8", w8a8, (16000,)) for e in (EXPORTS[0], EXPORTS[2])] + \
+        [(EXPORTS[0], "W4", {"weights": {"bits": 4}}, (16000, 8000))]
+    for export, label, update, rates in plan:
         path = os.path.join(a.out, export)
         feeds = calib[16000] if len(rates) == 1 else [calib[r] for r in rates]  # (a list: one feed per rate)
         t0 = time.perf_counter()
-        q, rep = run(path, feeds, Recipe().updated({"weights": {"bits": bits}}))
+        q, rep = run(path, feeds, Recipe().updated(update))
         seconds = time.perf_counter() - t0
-        row = {"export": export, "bits": bits, "calib": " + ".join(f"{r // 1000} kHz" for r in rates),
+        row = {"export": export, "bits": label, "calib": " + ".join(f"{r // 1000} kHz" for r in rates),
                "seconds": seconds, "size": rep.float_bytes / rep.quant_bytes, "layers": len(rep.layers)}
         for rate in RATES if export == EXPORTS[0] or "ifless" in export else (16000,):
             row[rate] = measure(path, q, data[rate][1], rate)
         rows.append(row)
-        print(row["export"], bits, row["calib"], {r: (np.mean(row[r][0]), np.mean(row[r][1])) for r in RATES
+        print(row["export"], label, row["calib"], {r: (np.mean(row[r][0]), np.mean(row[r][1])) for r in RATES
                                                    if r in row}, f"{seconds:.1f} s", flush=True)
     lines = ["| export | bits | calibrated at | layers | 16 kHz: decisions as float, mean (min) | correlation, mean "
              "(min) | 8 kHz: decisions as float | correlation | size | quantize s |", "|" + "---|" * 10]
@@ -223,7 +227,7 @@ def main(argv=None) -> int:
                 cells += [f"{np.mean(ag):.4f} ({min(ag):.4f})", f"{np.mean(co):.4f} ({min(co):.4f})"]
             else:
                 cells += ["-", "-"]
-        lines.append(f"| {r['export']} | W{r['bits']} | {r['calib']} | {r['layers']} | " + " | ".join(cells)
+        lines.append(f"| {r['export']} | {r['bits']} | {r['calib']} | {r['layers']} | " + " | ".join(cells)
                      + f" | {r['size']:.2f}x | {r['seconds']:.1f} |")
     shares = {rate: next(r[rate][2] for r in rows if rate in r) for rate in RATES}
     lines.append("")
