@@ -48,8 +48,8 @@ from .graph.layers import (
 )
 from .graph.modelio import model_bytes, prepare_model
 from .graph.rewrite import rewrite_to_matmul
-from .precision import average_bits, conv_taps, first_feeds, mixed_precision, parse_layer_bits, plan_layers
-from .report import RNN_ROLE, LayerReport, Report, bits_summary, layer_row, run_metadata
+from .precision import conv_taps, first_feeds, mixed_precision, parse_layer_bits, plan_layers
+from .report import RNN_ROLE, LayerReport, Report, bits_summary, layer_row, merge_branch_reports, run_metadata
 from .solve.backend import get_xp
 from .solve.comq import on_sweep
 from .solve.layer import quantize_layer
@@ -330,7 +330,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)
     report.recipe = recipe.to_dict()
     bits_summary(report, layers, plan, w.max_opset)
-    _merge_branch_reports(report, spliced, untaken, model)
+    merge_branch_reports(report, spliced, untaken, weight_params(model), w.max_opset)
     if branches and not _in_branch:
         _check_patterns(recipe, report)
     report.mixed_precision = mp
@@ -476,37 +476,6 @@ def _splice_branches(model, out, spliced: list, max_opset):
     return out
 
 
-def _merge_branch_reports(report: Report, spliced: list, untaken: list, model) -> None:
-    """The quantized branches' layers, left-out nodes and bits in the run's report, named ``If/branch/node``; the
-    nodes of the branches no calibration batch took, said so."""
-    for s in report.skipped:
-        b = next((b for b in untaken if s["node"].startswith(f"{b.node}/{b.attr}/")), None)
-        if b is not None:
-            s["reason"] = f"inside the {b.attr} of If {b.node}, which no calibration batch took (its condition " \
-                f"{b.cond} was {b.attr == 'else_branch'} on every batch): left float"
-    if not spliced:
-        return
-    total = weight_params(model)
-    params = {L.weight: int(np.prod(L.shape)) for L in report.layers}
-    bits = {L.weight: L.bits for L in report.layers}
-    done = {f"{b.node}/{b.attr}/" for b, *_ in spliced}
-    skipped = [s for s in report.skipped if not any(s["node"].startswith(p) for p in done)]
-    for b, _, rep, _ in spliced:
-        prefix = f"{b.node}/{b.attr}/"
-        for L in rep.layers:
-            L.node, L.weight = prefix + L.node, prefix + L.weight
-            report.layers.append(L)
-            params[L.weight] = int(np.prod(L.shape))
-            bits[L.weight] = L.bits
-        for s in rep.skipped:
-            skipped.append(dict(s, node=prefix + s["node"], share=s["params"] / total if total else 0.0))
-        report.samples = max(report.samples, rep.samples)
-    # (an If whose branches were quantized holds no weight itself: the nodes its other branch left float are listed)
-    report.skipped = [s for s in skipped if not (s["op_type"] == "If" and s["node"] in {b.node for b, *_ in spliced})]
-    report.avg_bits = average_bits(bits, params)
-    report.storage_bits = average_bits({w: 4 if b <= 4 else 8 for w, b in bits.items()}, params)
-
-
 def _branches_only(model, source, calib, recipe: Recipe, spliced: list, skipped: list, float_opsets, n_folded: int,
                    t_start: float, _in_branch: bool):
     """A model whose layers are all inside If branches: the branches quantized, the rest as it was, checked."""
@@ -524,7 +493,7 @@ def _branches_only(model, source, calib, recipe: Recipe, spliced: list, skipped:
                     sum(rep.capture_seconds for _, _, rep, _ in spliced),
                     sum(rep.solve_seconds for _, _, rep, _ in spliced))
     report.recipe = recipe.to_dict()
-    _merge_branch_reports(report, spliced, untaken, model)
+    merge_branch_reports(report, spliced, untaken, weight_params(model), recipe.weights.max_opset)
     if not _in_branch:
         _check_patterns(recipe, report)
     report.total_seconds = time.perf_counter() - t_start

@@ -384,6 +384,40 @@ def layer_row(layer, res, plan, seconds: float) -> LayerReport:
                        note="; ".join(x for x in (RNN_ROLE.get(layer.x.kind, ""), plan.note) if x))
 
 
+def merge_branch_reports(report: Report, spliced: list, untaken: list, total: int, max_opset) -> None:
+    """The quantized If branches' layers, left-out nodes and bits in the run's report, named ``If/branch/node``; the
+    nodes of the branches no calibration batch took, said so. ``spliced``: [(Branch, quantized model, its Report,
+    constants)]; ``total``: the model's float parameters (the left-out nodes' shares)."""
+    from .precision import average_bits
+
+    for s in report.skipped:
+        b = next((b for b in untaken if s["node"].startswith(f"{b.node}/{b.attr}/")), None)
+        if b is not None:
+            s["reason"] = f"inside the {b.attr} of If {b.node}, which no calibration batch took (its condition " \
+                f"{b.cond} was {b.attr == 'else_branch'} on every batch): left float"
+    if not spliced:
+        return
+    params = {L.weight: int(np.prod(L.shape)) for L in report.layers}
+    bits = {L.weight: L.bits for L in report.layers}
+    done = {f"{b.node}/{b.attr}/" for b, *_ in spliced}
+    skipped = [s for s in report.skipped if not any(s["node"].startswith(p) for p in done)]
+    for b, _, rep, _ in spliced:
+        prefix = f"{b.node}/{b.attr}/"
+        for L in rep.layers:
+            L.node, L.weight = prefix + L.node, prefix + L.weight
+            report.layers.append(L)
+            params[L.weight] = int(np.prod(L.shape))
+            bits[L.weight] = L.bits
+        for s in rep.skipped:
+            skipped.append(dict(s, node=prefix + s["node"], share=s["params"] / total if total else 0.0))
+        report.samples = max(report.samples, rep.samples)
+    # (an If whose branches were quantized holds no weight itself: the nodes its other branch left float are listed)
+    report.skipped = [s for s in skipped if not (s["op_type"] == "If" and s["node"] in {b.node for b, *_ in spliced})]
+    report.avg_bits = average_bits(bits, params)
+    int4 = max_opset is None or max_opset >= 21
+    report.storage_bits = average_bits({w: 4 if b <= 4 and int4 else 8 for w, b in bits.items()}, params)
+
+
 def run_metadata(recipe, official: bool, bias_corrected: bool, samples: int, mask_input, stages: int,
                  activations: dict | None) -> dict:
     """What the quantized model's metadata (onnxcomq.config) says about the run that made it."""

@@ -318,3 +318,11 @@ def test_activations_are_quantized_inside_branches_too():
     xs = [{"x": np.random.default_rng(k).standard_normal((8, 6)).astype(np.float32) + 1} for k in range(2)]
     q2, rep2 = run(mm, xs, recipe(bits=8, act_bits=8, batch_size=8))
     assert [L.node for L in rep2.layers] == ["branch/then_branch/mm"]
+
+
+@pytest.mark.parametrize("max_opset, stored", [(None, 4), (17, 8)])
+def test_the_reported_bits_count_the_branch_layers(max_opset, stored):
+    r = recipe(bits=4, batch_size=8).updated({"weights": {"max_opset": max_opset}})
+    q, rep = run(model_with_branches(), feeds([1, -1]), r)
+    assert len(rep.layers) == 5 and rep.avg_bits == 4 and rep.storage_bits == stored
+    assert max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) == (21 if max_opset is None else 17)
