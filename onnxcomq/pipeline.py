@@ -75,6 +75,7 @@ def quantize(model_or_path, calibration, recipe: Recipe | None = None) -> onnx.M
     return run(model_or_path, calibration, recipe)[0]
 
 
+BRANCH_FEEDS_SHARE = 0.1  # the share of the memory budget the feeds of the If branches may hold (else recomputed)
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel scales)
 # onnxruntime implements some ops only from this opset on (Gemm-6: "Could not find an implementation"; "ONNX
 # Runtime only *guarantees* support for models stamped with opset version 7 or above")
@@ -370,7 +371,7 @@ def _check(model, out, report, recipe: Recipe, held: list, ref, acts) -> None:
 
 def _quantize_branches(model, branches: list, batches, recipe: Recipe, progress: bool) -> tuple:
     """Quantize each If branch of ``branches`` as a model of its own (graph/branches.py), calibrated on the outer
-    tensors it reads, captured from the float model on the batches for which its If takes it. Returns [(Branch,
+    tensors it reads, computed by the float model on the batches for which its If takes it. Returns [(Branch,
     quantized branch model, its Report, the outer constants copied in)] for the branches taken on some batch, and
     the branches taken on none."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -379,28 +380,49 @@ def _quantize_branches(model, branches: list, batches, recipe: Recipe, progress:
     reads = list(dict.fromkeys([b.cond for b in branches] + [n for b in branches for n in b.reads]))
     fetch = [n for n in reads if n not in inits and n not in inputs]
     consts = {n: numpy_helper.to_array(inits[n]) for n in reads if n in inits}
-    feeds: dict = {(b.key, b.attr): [] for b in branches}
-    total = 0
     sess = make_session(capture_model(model, fetch) if fetch else model, what="the float model (If inputs)")
+    # a first pass: which branch each batch takes (and the outer constants computed at run time). The feeds are
+    # kept while they fit a tenth of the memory budget (silero-vad's: 2 MB); past it they are computed again at
+    # each pass of a branch's run (_BranchFeeds), as capture streams: one batch in memory
+    count = {id(b): [0, 0, None] for b in branches}  # samples, largest batch, first feed
+    kept: dict | None = {id(b): [] for b in branches}
+    room = BRANCH_FEEDS_SHARE * memory_budget(recipe.data.max_memory)
+    total = 0
     with _progress.bars(progress)(getattr(batches, "num_samples", None), "capture (If inputs)", "sample") as bar:
         for batch in batches:
-            _branch_feeds(sess, fetch, batch, inputs, consts_outer, consts, branches, feeds)
+            vals = _outer_values(sess, fetch, batch, inputs)
+            for n in fetch:
+                if n in consts_outer and n not in consts:
+                    consts[n] = vals[n]
+            for b in branches:
+                sub = _branch_feed(b, vals, consts, batch)
+                if sub is not None:
+                    c = count[id(b)]
+                    c[0], c[1] = c[0] + sub.samples, max(c[1], sub.samples)
+                    c[2] = sub if c[2] is None else c[2]
+                    if kept is not None:
+                        kept[id(b)].append(sub)
+                        room -= sum(np.asarray(v).nbytes for v in sub.values())
+                        kept = kept if room >= 0 else None
             total += 1
             bar.update(batch_samples(batch))
     out, untaken = [], []
     for b in branches:
-        got = feeds[(b.key, b.attr)]
-        if not got:
+        samples, largest, first = count[id(b)]
+        if not samples:
             log.warning("If %s: its %s was taken on none of the %d calibration batches: its layers stay float",
                         b.node, b.attr, total)
             untaken.append(b)
             continue
         mine = {n: consts[n] for n in b.reads if n in consts}
-        log.info("If %s: %s quantized on its own, on the %d of %d calibration batches that take it", b.node,
-                 b.attr, len(got), total)
+        log.info("If %s: %s quantized on its own, on the %d calibration samples that take it", b.node, b.attr,
+                 samples)
+        feeds = Feeds(kept[id(b)] if kept is not None else
+                      _BranchFeeds(sess, [n for n in fetch if n not in consts], batches, inputs, consts, b),
+                      f"If {b.node} {b.attr}", samples, largest)
         try:
-            q, rep = run(branch_model(model, b, got[0], mine), Feeds(got, f"If {b.node} {b.attr}"),
-                         _branch_recipe(recipe, f"{b.node}/{b.attr}/"), progress, _in_branch=True)
+            q, rep = run(branch_model(model, b, first, mine), feeds, _branch_recipe(recipe, f"{b.node}/{b.attr}/"),
+                         progress, _in_branch=True)
         except VerificationError as e:
             raise VerificationError(f"If {b.node}, {b.attr}: {e.problem}", None, e.report, e.hint) from None
         except UserError as e:
@@ -408,6 +430,43 @@ def _quantize_branches(model, branches: list, batches, recipe: Recipe, progress:
         if q is not None:  # (None: no quantizable layer inside after all, e.g. MatMuls of two activations)
             out.append((b, q, rep, mine))
     return out, untaken
+
+
+class _BranchFeeds:
+    """The feeds of one If branch, computed again by the float model at every pass over the calibration batches."""
+
+    def __init__(self, sess, fetch: list, batches, inputs: set, consts: dict, branch):
+        self.sess, self.batches, self.inputs, self.consts, self.branch = sess, batches, inputs, consts, branch
+        mine = set(branch.reads) | {branch.cond}
+        self.fetch = [n for n in fetch if n in mine]
+
+    def __iter__(self):
+        for batch in self.batches:
+            sub = _branch_feed(self.branch, _outer_values(self.sess, self.fetch, batch, self.inputs), self.consts,
+                               batch)
+            if sub is not None:
+                yield sub
+
+
+def _outer_values(sess, fetch: list, batch, inputs: set) -> dict:
+    """The float model's tensors ``fetch`` on one calibration batch, and the batch's graph inputs."""
+    vals = dict(zip(fetch, run_session(sess, fetch, batch, what="onnxruntime cannot run the float model")
+                    if fetch else []))
+    vals.update((k, v) for k, v in batch.items() if k in inputs)
+    return vals
+
+
+def _branch_feed(b, vals: dict, consts: dict, batch):
+    """The feed of branch ``b`` on a batch (the outer tensors it reads), or None where its If takes the other."""
+    cond = np.asarray(consts[b.cond] if b.cond in consts else vals[b.cond])
+    if cond.size != 1:
+        raise UserError(f"If {b.node}: its condition {b.cond} has {cond.size} elements on a calibration batch, "
+                        "expected 1")
+    if bool(cond.reshape(-1)[0]) != (b.attr == "then_branch"):
+        return None
+    sub = Batch({n: vals[n] for n in b.reads if n not in consts})
+    sub.samples = batch_samples(batch)
+    return sub
 
 
 def _branch_recipe(recipe: Recipe, prefix: str) -> Recipe:
@@ -434,27 +493,6 @@ def _check_patterns(recipe: Recipe, report: Report) -> None:
         if not any(fnmatch.fnmatchcase(n, pat) for r in rows for n in (r.node, r.node.rsplit("/", 1)[-1], r.op_type)):
             raise UserError(f"{flag} {pat!r} matches no quantized layer (names are node names or op types, or "
                             "'first'/'last'; inside an If branch as the report names them, If/branch/node)")
-
-
-def _branch_feeds(sess, fetch: list, batch, inputs: set, consts_outer: set, consts: dict, branches: list,
-                  feeds: dict) -> None:
-    """One calibration batch through the float model: the outer tensors each If branch reads, kept as a feed of
-    the branch its If takes on the batch (the outer constants computed at run time into ``consts``, once)."""
-    vals = dict(zip(fetch, run_session(sess, fetch, batch, what="onnxruntime cannot run the float model")
-                    if fetch else []))
-    vals.update((k, v) for k, v in batch.items() if k in inputs)
-    for n in fetch:
-        if n in consts_outer and n not in consts:
-            consts[n] = vals[n]
-    for b in branches:
-        cond = np.asarray(consts[b.cond] if b.cond in consts else vals[b.cond])
-        if cond.size != 1:
-            raise UserError(f"If {b.node}: its condition {b.cond} has {cond.size} elements on a calibration batch, "
-                            "expected 1")
-        if bool(cond.reshape(-1)[0]) == (b.attr == "then_branch"):
-            sub = Batch({n: vals[n] for n in b.reads if n not in consts})
-            sub.samples = batch_samples(batch)
-            feeds[(b.key, b.attr)].append(sub)
 
 
 def _splice_branches(model, out, spliced: list, max_opset):

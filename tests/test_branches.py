@@ -326,3 +326,19 @@ def test_the_reported_bits_count_the_branch_layers(max_opset, stored):
     q, rep = run(model_with_branches(), feeds([1, -1]), r)
     assert len(rep.layers) == 5 and rep.avg_bits == 4 and rep.storage_bits == stored
     assert max(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) == (21 if max_opset is None else 17)
+
+
+def test_branch_feeds_computed_again_at_each_pass_give_the_same_model(monkeypatch):
+    """Past their share of the memory budget the branches' feeds are not kept but computed again by the float model
+    at every pass of the branch's run (as capture streams): the same model, byte for byte."""
+    import onnxcomq.pipeline as pipeline
+
+    m, r = model_with_branches(), recipe(bits=4, batch_size=8)
+    kept, _ = run(m, feeds([1, -1, 1, -1, 1]), r)
+    passes = []
+    real = pipeline._outer_values
+    monkeypatch.setattr(pipeline, "BRANCH_FEEDS_SHARE", 0.0)
+    monkeypatch.setattr(pipeline, "_outer_values", lambda *a: passes.append(1) or real(*a))
+    again, _ = run(m, feeds([1, -1, 1, -1, 1]), r)
+    assert again.SerializeToString() == kept.SerializeToString()
+    assert len(passes) > 2 * 5  # (the first pass, then the branches' own passes, each over the 5 batches)

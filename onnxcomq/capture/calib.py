@@ -675,20 +675,28 @@ class Calibration:
 
 class Feeds(Calibration):
     """Feeds given as they are, each one batch, never cut or joined (a model made of an If branch: its inputs are
-    tensors of the outer model, captured batch by batch)."""
+    tensors of the outer model, computed batch by batch). ``feeds``: a list, or a re-iterable source of them whose
+    ``num_samples`` and largest batch (``batch_size``) are known."""
 
-    def __init__(self, feeds: list, name: str = "branch feeds"):
-        super().__init__(list(feeds), [], name=name)
-        self.num_samples = sum(batch_samples(f) for f in self._source)
-        self.batch_size = self.fixed_batch = max((batch_samples(f) for f in self._source), default=1)
+    def __init__(self, feeds, name: str = "branch feeds", num_samples: int | None = None,
+                 batch_size: int | None = None):
+        super().__init__(feeds if num_samples is not None else list(feeds), [], name=name)
+        if num_samples is None:
+            num_samples = sum(batch_samples(f) for f in self._source)
+            batch_size = max((batch_samples(f) for f in self._source), default=1)
+        self.num_samples = num_samples
+        self.batch_size = self.fixed_batch = batch_size or 1
 
     def _resolve(self, source):
         return None
 
     def __iter__(self):
-        if not self._source:
+        empty = True
+        for feed in self._source:
+            empty = False
+            yield feed
+        if empty:
             raise UserError("calibration data is empty")
-        yield from self._source
 
 
 def _samples_in(layout: Layout, shape: tuple) -> int | None:
