@@ -99,9 +99,11 @@ def test_free_names_are_the_outer_tensors_a_branch_reads_at_any_depth():
 
 def test_each_branch_is_quantized_as_a_model_of_its_own_and_spliced_back():
     m = model_with_branches()
+    before = m.SerializeToString()
     r = recipe(bits=4, batch_size=8)
     batches = feeds([1, -1, 1, -1, 1, -1])
     q, rep = run(m, (b for b in batches), r)  # (a one-shot source: read once for the branches, again for conv0)
+    assert m.SerializeToString() == before  # (the caller's model, branches included, untouched)
     onnx.checker.check_model(q, full_check=True)
     names = {L.node for L in rep.layers}
     assert names == {"conv0", "branch/then_branch/conv_t1", "branch/then_branch/inner_if/then_branch/conv_t2",
