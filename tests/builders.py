@@ -254,3 +254,21 @@ def run_unverified(*args, **kwargs):
     except VerificationError as e:
         assert e.model is not None
         return e.model, e.report
+
+
+def load_bench(name: str):
+    """tools/bench/NAME.py as a module (the script's sys.path additions taken back after the import)."""
+    import importlib.util
+    import os
+    import sys
+
+    path = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location(
+            f"bench_{name}", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "bench",
+                                          f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path[:] = path
+    return mod

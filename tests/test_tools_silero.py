@@ -2,27 +2,15 @@
 context samples of the previous input, the state carried), checked on a hand-made model whose outputs show what
 it was fed (the real models and espeak-ng are not needed)."""
 
-import importlib.util
-import os
-import sys
-
+import builders
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-_BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "bench")
-
 
 @pytest.fixture(scope="module")
 def sv():
-    path = list(sys.path)
-    try:
-        spec = importlib.util.spec_from_file_location("bench_silero", os.path.join(_BENCH, "silero.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path[:] = path
-    return mod
+    return builders.load_bench("silero")
 
 
 def echo_model():

@@ -1,28 +1,16 @@
 """tools/bench/yolox.py: the YOLOX decoding (ddddocr's demo_postprocess and NMS) and the captcha views' drawn
 characters, on hand-made outputs and images (the model and the photos are not needed)."""
 
-import importlib.util
-import os
-import sys
-
+import builders
 import numpy as np
 import pytest
 
 PIL = pytest.importorskip("PIL")
 
-_BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "bench")
-
 
 @pytest.fixture(scope="module")
 def yx():
-    path = list(sys.path)
-    try:  # (the script puts tools/bench and tools/export on sys.path: taken back after the import)
-        spec = importlib.util.spec_from_file_location("bench_yolox", os.path.join(_BENCH, "yolox.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path[:] = path
-    return mod
+    return builders.load_bench("yolox")
 
 
 def _anchor(stride: int, gx: int, gy: int) -> int:
