@@ -11,8 +11,10 @@ bash tools/setup_venv.sh test
 .venv/bin/python -m pip install -q --no-deps openwakeword==0.5.1 \
   || echo "openwakeword not installed: tests/test_audio_real.py will be skipped" >&2
 # a tiny Llama exported with torch.onnx, and onnxruntime-genai's model builder (0.15.2: later builders need
-# transformers 5), for tests/test_llm.py (the tests that need them are skipped where this fails)
+# transformers 5), for tests/test_llm.py (the tests that need them are skipped where this fails); onnxscript for
+# torch.onnx's dynamo exporter (tests/test_branches.py: torch.cond as an If)
 .venv/bin/python -m pip install -q torch==2.13.0 transformers==4.57.6 onnxruntime-genai==0.15.2 onnx-ir \
+  onnxscript==0.7.2 \
   || echo "torch/transformers/onnxruntime-genai not installed: tests/test_llm.py will skip the exported models" >&2
 # Ray, for the --workers ray cases of tests/test_workers.py (a local cluster of 2 CPUs; skipped where this fails)
 .venv/bin/python -m pip install -q ray==2.60.0 \
