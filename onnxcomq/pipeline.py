@@ -423,8 +423,9 @@ def _quantize_branches(model, branches: list, batches, recipe: Recipe, progress:
         try:
             q, rep = run(branch_model(model, b, first, mine), feeds, _branch_recipe(recipe, f"{b.node}/{b.attr}/"),
                          progress, _in_branch=True)
-        except VerificationError as e:
-            raise VerificationError(f"If {b.node}, {b.attr}: {e.problem}", None, e.report, e.hint) from None
+        except VerificationError as e:  # (the whole model's check judges it, --write-unverified included)
+            log.warning("If %s, %s: %s; the whole model's check decides", b.node, b.attr, e.problem)
+            q, rep = e.model, e.report
         except UserError as e:
             raise UserError(f"If {b.node}, {b.attr}: {e}") from None
         if q is not None:  # (None: no quantizable layer inside after all, e.g. MatMuls of two activations)

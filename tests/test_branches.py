@@ -344,3 +344,33 @@ def test_branch_feeds_computed_again_at_each_pass_give_the_same_model(monkeypatc
     again, _ = run(m, feeds([1, -1, 1, -1, 1]), r)
     assert again.SerializeToString() == kept.SerializeToString()
     assert len(passes) > 2 * 5  # (the first pass, then the branches' own passes, each over the 5 batches)
+
+
+def test_a_branch_that_fails_its_check_is_judged_by_the_whole_models_check(tmp_path, capsys, caplog):
+    """y = x @ W - 0.34 (exactly 0 in float; far from it at 2-bit round-to-nearest, tests/test_hostile_inputs.py)
+    inside an If branch: the branch's own check fails, and the whole model's check refuses it as it would at the
+    top level; --write-unverified writes the whole model."""
+    from builders import recipe_args
+
+    w = np.array([[0.34], [1.0], [-1.0]], np.float32)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "W0"], ["h"], name="mm0"),
+                                helper.make_node("Sub", ["h", "c"], ["t"])], "then", [], [_info("t", ["N", 1])])
+    else_g = helper.make_graph([helper.make_node("Slice", ["x", "s0", "s1", "s1"], ["e"])], "else", [],
+                               [_info("e", ["N", 1])])
+    g = helper.make_graph(_cond_nodes() + [
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)],
+        "g", [_info("x", ["N", 3])], [_info("y", ["N", 1])],
+        [numpy_helper.from_array(w, "W0"), numpy_helper.from_array(np.array([0.34], np.float32), "c"),
+         numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([1], np.int64), "s1")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.save(m, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.tile(np.array([[1, 0, 0]], np.float32), (8, 1)))
+    args = ["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"), "--calib",
+            str(tmp_path / "c.npz"), "--bits", "2", *recipe_args(tmp_path, method="rtn")]
+    assert main(args) == 2 and not (tmp_path / "q.onnx").exists()
+    err = capsys.readouterr().err
+    assert any("the whole model's check decides" in r.getMessage() for r in caplog.records)
+    assert "output y is far from the float model's" in err and "--write-unverified writes it anyway" in err
+    assert main(args + ["--write-unverified"]) == 0
+    q = onnx.load(tmp_path / "q.onnx")
+    assert any(n.op_type == "DequantizeLinear" for n in _branch(q, "then_branch").node)
