@@ -233,6 +233,21 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
+def greedy_nms(boxes: np.ndarray, best: np.ndarray, idx: np.ndarray, iou_max: float) -> list:
+    """Class-agnostic NMS over the candidates ``idx``: highest score first (ties in index order), each box kept
+    unless it overlaps a kept one at IoU > ``iou_max``. Returns the kept indices in that order."""
+    idx = idx[np.argsort(-best[idx], kind="stable")]
+    kept = []
+    if len(idx):
+        iou = iou_matrix(boxes[idx], boxes[idx])
+        alive = np.ones(len(idx), bool)
+        for i in range(len(idx)):
+            if alive[i]:
+                kept.append(idx[i])
+                alive &= ~(iou[i] > iou_max)
+    return kept
+
+
 def decode(out: np.ndarray, extent: tuple, score: float) -> dict:
     """nudenet.py's _postprocess on one output [22, A], in input pixels: candidates at class score >= 0.2, corners
     clipped to the photo's extent, class-agnostic NMS (cv2.dnn.NMSBoxes: score >= ``score``, IoU > 0.45 dropped,
@@ -248,16 +263,7 @@ def decode(out: np.ndarray, extent: tuple, score: float) -> dict:
     x2 = x1 + np.minimum(o[:, 2], w - x1)  # nudenet: w = min(w, W - x) after clipping x
     y2 = y1 + np.minimum(o[:, 3], h - y1)
     boxes = np.stack([x1, y1, x2, y2], 1)
-    idx = np.flatnonzero(best >= score)
-    idx = idx[np.argsort(-best[idx], kind="stable")]
-    kept = []
-    if len(idx):
-        iou = iou_matrix(boxes[idx], boxes[idx])
-        alive = np.ones(len(idx), bool)
-        for i in range(len(idx)):
-            if alive[i]:
-                kept.append(idx[i])
-                alive &= ~(iou[i] > NMS_IOU)
+    kept = greedy_nms(boxes, best, np.flatnonzero(best >= score), NMS_IOU)
     kept = np.array([k for k in kept if x2[k] > x1[k] and y2[k] > y1[k]], int)  # clipped to nothing: dropped
     return {"boxes": boxes[kept], "cls": cls[kept], "score": best[kept]}
 

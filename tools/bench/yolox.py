@@ -54,10 +54,7 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(ROOT, "tools", "export"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # detector.py (it puts tools/export on the path)
 
 import detector as det  # noqa: E402 (sets path)
 from detector import iou_matrix  # noqa: E402
@@ -111,18 +108,8 @@ def decode(out: np.ndarray, score: float) -> dict:
     scores = o[:, 4:5] * o[:, 5:]
     cls, best = scores.argmax(1), scores.max(1)
     boxes = np.concatenate([xy - wh / 2, xy + wh / 2], 1)
-    idx = np.flatnonzero(best > score)
-    idx = idx[np.argsort(-best[idx], kind="stable")]
-    kept = []
-    if len(idx):
-        # (ddddocr's nms adds 1 to widths and heights, as integer pixel boxes do; the boxes here are float)
-        iou = iou_matrix(boxes[idx], boxes[idx])
-        alive = np.ones(len(idx), bool)
-        for i in range(len(idx)):
-            if alive[i]:
-                kept.append(idx[i])
-                alive &= ~(iou[i] > NMS_IOU)
-    kept = np.array(kept, int)
+    # (ddddocr's nms adds 1 to widths and heights, as integer pixel boxes do; the boxes here are float)
+    kept = np.array(det.greedy_nms(boxes, best, np.flatnonzero(best > score), NMS_IOU), int)
     return {"boxes": boxes[kept], "cls": cls[kept], "score": best[kept]}
 
 
@@ -243,7 +230,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.render:
         return det.render(a.render)
-    os.chdir(ROOT)
+    os.chdir(det.ROOT)
     if a.wheel:
         det.extract(a.wheel, a.model, "ddddocr/common_det.onnx")
     if not os.path.isfile(a.model):
