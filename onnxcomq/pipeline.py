@@ -330,8 +330,8 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     meta.update(batch_size=calib.batch_size, max_memory=budget, batch_choice=batch_note, groups=len(stages))
     report = Report(reports, [dataclasses.asdict(s) for s in skipped], meta, samples, t_capture, t_solve)
     report.recipe = recipe.to_dict()
-    bits_summary(report, layers, plan, w.max_opset)
-    merge_branch_reports(report, spliced, untaken, weight_params(model), w.max_opset)
+    merge_branch_reports(report, spliced, untaken, weight_params(model))
+    bits_summary(report, w.max_opset)
     if branches and not _in_branch:
         _check_patterns(recipe, report)
     report.mixed_precision = mp
@@ -532,7 +532,8 @@ def _branches_only(model, source, calib, recipe: Recipe, spliced: list, skipped:
                     sum(rep.capture_seconds for _, _, rep, _ in spliced),
                     sum(rep.solve_seconds for _, _, rep, _ in spliced))
     report.recipe = recipe.to_dict()
-    merge_branch_reports(report, spliced, untaken, weight_params(model), recipe.weights.max_opset)
+    merge_branch_reports(report, spliced, untaken, weight_params(model))
+    bits_summary(report, recipe.weights.max_opset)
     if not _in_branch:
         _check_patterns(recipe, report)
     report.total_seconds = time.perf_counter() - t_start

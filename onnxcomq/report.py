@@ -384,12 +384,10 @@ def layer_row(layer, res, plan, seconds: float) -> LayerReport:
                        note="; ".join(x for x in (RNN_ROLE.get(layer.x.kind, ""), plan.note) if x))
 
 
-def merge_branch_reports(report: Report, spliced: list, untaken: list, total: int, max_opset) -> None:
-    """The quantized If branches' layers, left-out nodes and bits in the run's report, named ``If/branch/node``; the
+def merge_branch_reports(report: Report, spliced: list, untaken: list, total: int) -> None:
+    """The quantized If branches' layers and left-out nodes in the run's report, named ``If/branch/node``; the
     nodes of the branches no calibration batch took, said so. ``spliced``: [(Branch, quantized model, its Report,
     constants)]; ``total``: the model's float parameters (the left-out nodes' shares)."""
-    from .precision import average_bits
-
     for s in report.skipped:
         b = next((b for b in untaken if s["node"].startswith(f"{b.node}/{b.attr}/")), None)
         if b is not None:
@@ -397,8 +395,6 @@ def merge_branch_reports(report: Report, spliced: list, untaken: list, total: in
                 f"{b.cond} was {b.attr == 'else_branch'} on every batch): left float"
     if not spliced:
         return
-    params = {L.weight: int(np.prod(L.shape)) for L in report.layers}
-    bits = {L.weight: L.bits for L in report.layers}
     done = {f"{b.node}/{b.attr}/" for b, *_ in spliced}
     skipped = [s for s in report.skipped if not any(s["node"].startswith(p) for p in done)]
     for b, _, rep, _ in spliced:
@@ -406,16 +402,11 @@ def merge_branch_reports(report: Report, spliced: list, untaken: list, total: in
         for L in rep.layers:
             L.node, L.weight = prefix + L.node, prefix + L.weight
             report.layers.append(L)
-            params[L.weight] = int(np.prod(L.shape))
-            bits[L.weight] = L.bits
         for s in rep.skipped:
             skipped.append(dict(s, node=prefix + s["node"], share=s["params"] / total if total else 0.0))
         report.samples = max(report.samples, rep.samples)
     # (an If whose branches were quantized holds no weight itself: the nodes its other branch left float are listed)
     report.skipped = [s for s in skipped if not (s["op_type"] == "If" and s["node"] in {b.node for b, *_ in spliced})]
-    report.avg_bits = average_bits(bits, params)
-    int4 = max_opset is None or max_opset >= 21
-    report.storage_bits = average_bits({w: 4 if b <= 4 and int4 else 8 for w, b in bits.items()}, params)
 
 
 def run_metadata(recipe, official: bool, bias_corrected: bool, samples: int, mask_input, stages: int,
@@ -436,13 +427,13 @@ def run_metadata(recipe, official: bool, bias_corrected: bool, samples: int, mas
     return meta
 
 
-def bits_summary(report: Report, layers: list, plan: dict, max_opset) -> None:
-    """Set the report's average bits (parameter-weighted) and the same as stored (2..4-bit codes take 4 bits as
-    int4, 8 in the int8 containers below opset 21)."""
+def bits_summary(report: Report, max_opset) -> None:
+    """Set the report's average bits over its layer rows (parameter-weighted; If branches' rows included) and the
+    same as stored (2..4-bit codes take 4 bits as int4, 8 in the int8 containers below opset 21)."""
     from .precision import average_bits
 
-    params = {L.weight: int(np.prod(L.weight_shape)) for L in layers}
-    report.avg_bits = average_bits({L.weight: plan[L.weight].bits for L in layers}, params)
+    params = {L.weight: int(np.prod(L.shape)) for L in report.layers}
+    bits = {L.weight: L.bits for L in report.layers}
+    report.avg_bits = average_bits(bits, params)
     int4 = max_opset is None or max_opset >= 21
-    report.storage_bits = average_bits({L.weight: 4 if plan[L.weight].bits <= 4 and int4 else 8 for L in layers},
-                                       params)
+    report.storage_bits = average_bits({w: 4 if b <= 4 and int4 else 8 for w, b in bits.items()}, params)
