@@ -675,17 +675,13 @@ class Calibration:
 
 class Feeds(Calibration):
     """Feeds given as they are, each one batch, never cut or joined (a model made of an If branch: its inputs are
-    tensors of the outer model, computed batch by batch). ``feeds``: a list, or a re-iterable source of them whose
-    ``num_samples`` and largest batch (``batch_size``) are known."""
+    tensors of the outer model, computed batch by batch). ``feeds``: a re-iterable source of them (a list, or one
+    that computes them again), holding ``num_samples`` samples in batches of at most ``batch_size``."""
 
-    def __init__(self, feeds, name: str = "branch feeds", num_samples: int | None = None,
-                 batch_size: int | None = None):
-        super().__init__(feeds if num_samples is not None else list(feeds), [], name=name)
-        if num_samples is None:
-            num_samples = sum(batch_samples(f) for f in self._source)
-            batch_size = max((batch_samples(f) for f in self._source), default=1)
+    def __init__(self, feeds, name: str, num_samples: int, batch_size: int):
+        super().__init__(feeds, [], name=name)
         self.num_samples = num_samples
-        self.batch_size = self.fixed_batch = batch_size or 1
+        self.batch_size = self.fixed_batch = batch_size
 
     def _resolve(self, source):
         return None
