@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .layers import SUPPORTED_OPS, _const_sources, _subgraphs, base_op, node_names
+from .layers import SUPPORTED_OPS, _const_sources, _subgraphs, base_op, node_names, unique_name
 
 
 def _defined(graph) -> set:
@@ -149,14 +149,8 @@ def splice(out: onnx.ModelProto, branch: Branch, quantized: onnx.ModelProto, con
     attr.g.CopyFrom(onnx.GraphProto())  # (the branch's own names are not outer names)
     taken = all_names(out.graph)
     clash = {t for t in defined_names(g) if t in taken and t not in own}
-    inner = all_names(g)
-    names, k = {}, 0
-    for t in sorted(clash):
-        while f"{t}_q{k}" in taken or f"{t}_q{k}" in inner:
-            k += 1
-        names[t] = f"{t}_q{k}"
-        k += 1
-    _rename(g, names)
+    taken |= all_names(g)
+    _rename(g, {t: unique_name(t, taken) for t in sorted(clash)})
     attr.g.CopyFrom(g)
 
 
