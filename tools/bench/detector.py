@@ -160,26 +160,34 @@ def to_input(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) * np.float32(1 / 255.0)
 
 
-def make_views(photos: list[dict], n: int, seed: int, min_scale: float, full_first: bool, channels: str):
-    """n views spread evenly over the photos (round robin, photo order shuffled by seed), as make_crops in
-    tools/export/efficientnet.py, letterboxed as NudeNet does instead of centre-cropped."""
+def photo_crops(photos: list[dict], n: int, seed: int, min_scale: float, full_first: bool):
+    """n crops spread evenly over the photos (round robin, photo order shuffled by seed), as make_crops in
+    tools/export/efficientnet.py: yields (k, rng, photo, box, crop as a PIL image, whether it is the whole photo),
+    the rng for the caller's own draws on each view (after the crop's)."""
     import efficientnet as E
 
     rng = np.random.default_rng(seed)
     order = [photos[i] for i in rng.permutation(len(photos))]
-    x = np.empty((n, 3, SIZE, SIZE), np.uint8)
-    meta, seen, cache = [], set(), {}
+    seen, cache = set(), {}
     for k in range(n):
         p = order[k % len(order)]
         if p["path"] not in cache:
             cache[p["path"]] = E.load_photo(p["path"])
         im = cache[p["path"]]
-        if full_first and p["path"] not in seen:
-            box, flip = (0, 0, im.width, im.height), False
-        else:
-            box, flip = E.random_crop_box(rng, im.width, im.height, min_scale), bool(rng.random() < 0.5)
+        whole = full_first and p["path"] not in seen
+        box = (0, 0, im.width, im.height) if whole else E.random_crop_box(rng, im.width, im.height, min_scale)
         seen.add(p["path"])
-        crop = np.asarray(im.crop((box[0], box[1], box[0] + box[2], box[1] + box[3])))
+        yield k, rng, p, box, im.crop((box[0], box[1], box[0] + box[2], box[1] + box[3])), whole
+
+
+def make_views(photos: list[dict], n: int, seed: int, min_scale: float, full_first: bool, channels: str):
+    """n views (photo_crops; a crop not the whole photo mirrored with probability 1/2), letterboxed as NudeNet
+    does instead of centre-cropped."""
+    x = np.empty((n, 3, SIZE, SIZE), np.uint8)
+    meta = []
+    for k, rng, p, box, crop, whole in photo_crops(photos, n, seed, min_scale, full_first):
+        flip = False if whole else bool(rng.random() < 0.5)
+        crop = np.asarray(crop)
         if flip:
             crop = crop[:, ::-1]
         x[k], extent = letterbox(crop, channels)

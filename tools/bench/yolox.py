@@ -154,23 +154,10 @@ def make_views(photos: list[dict], n: int, seed: int, min_scale: float, full_fir
     """n captcha views spread evenly over the photos (round robin, photo order shuffled by seed), letterboxed as
     ddddocr does: x [n,3,416,416] float BGR, the drawn characters' boxes in x's pixels."""
     import cv2
-    import efficientnet as E
 
-    rng = np.random.default_rng(seed)
-    order = [photos[i] for i in rng.permutation(len(photos))]
     x = np.empty((n, 3, SIZE, SIZE), np.uint8)
-    meta, seen, cache = [], set(), {}
-    for k in range(n):
-        p = order[k % len(order)]
-        if p["path"] not in cache:
-            cache[p["path"]] = E.load_photo(p["path"])
-        im = cache[p["path"]]
-        if full_first and p["path"] not in seen:
-            box = (0, 0, im.width, im.height)
-        else:
-            box = E.random_crop_box(rng, im.width, im.height, min_scale)
-        seen.add(p["path"])
-        crop = im.crop((box[0], box[1], box[0] + box[2], box[1] + box[3]))
+    meta = []
+    for k, rng, p, box, crop, _ in det.photo_crops(photos, n, seed, min_scale, full_first):
         width = int(rng.integers(300, SIZE + 1))
         height = min(SIZE, max(1, round(crop.height * width / crop.width)))
         view = crop.resize((width, height), resample=3).convert("RGB")  # (PIL's BICUBIC, antialiased)
