@@ -411,6 +411,27 @@ def test_npz_state_stacked_on_axis_1_is_streamed(tmp_path):
     np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), x6[:7])
 
 
+@pytest.mark.parametrize("names", [("seq", "batch"), ("T", "N"), ("time", "batch_size")])
+def test_a_time_major_sequence_is_cut_and_joined_along_its_named_batch_axis(names):
+    """x [seq, batch, 4] with the state [1, batch, 4] (an LSTM's default layout, nn.LSTM without batch_first): the
+    samples are the batch axis the model names, not time; a sequence axis named like a batch as well leaves axis 0
+    (the name decides nothing then)."""
+    seq, bat = names
+    m = _model([helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("MatMul", ["h", "W"], ["z"])],
+               [_vi("x", [seq, bat, 4]), _vi("h", [1, bat, 4])], [_vi("y", [seq, bat, 4]), _vi("z", [1, bat, 4])],
+               [_w("W", (4, 4))])
+    x = RNG.standard_normal((7, 8, 4)).astype(np.float32)
+    h = RNG.standard_normal((1, 8, 4)).astype(np.float32)
+    batches = list(Calibration({"x": x, "h": h}, model_inputs(m), batch_size=3))
+    assert [b["x"].shape for b in batches] == [(7, 3, 4), (7, 3, 4), (7, 2, 4)]
+    assert [b["h"].shape for b in batches] == [(1, 3, 4), (1, 3, 4), (1, 2, 4)]
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches], axis=1), x)
+    both = _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_vi("x", ["batch", "batch_size", 4])],
+                  [_vi("y", ["batch", "batch_size", 4])], [_w("W", (4, 4))])
+    assert [b["x"].shape for b in Calibration({"x": x}, model_inputs(both), batch_size=3)] == [(3, 8, 4)] * 2 + \
+        [(1, 8, 4)]
+
+
 def test_negative_dim_value_is_a_dynamic_batch():
     """Paddle2ONNX writes a dynamic batch as dim_value -1: not a static batch (nor an empty calibration)."""
     m = _mlp_with_weight(_weight_with(1.0))

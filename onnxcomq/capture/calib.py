@@ -6,7 +6,8 @@ Every source is validated against the model's inputs (names, rank, static dims, 
 to ``batch_size``. Files are read with ``allow_pickle=False``: loading calibration data never runs code.
 
 How an array maps to an input (``Layout``), decided once from the first data seen:
-- stacked: the samples are stacked along the input's batch axis (axis 0 when it is dynamic; else the axis that
+- stacked: the samples are stacked along the input's batch axis (axis 0 when it is dynamic, unless another dynamic
+  axis alone is named as a batch (batch, batch_size, N, B...): a time-major [seq, batch, features]; else the axis that
   carries the same symbolic dim as another input's batch axis, e.g. a recurrent state [2, batch, 128]; else the one
   axis whose size differs from the model's static shape; else its one free, unnamed axis where that holds as many
   entries as the inputs stacked on an unnamed axis 0 have samples: silero-vad's state [2, ?, 128] beside [?, ?]). A
@@ -213,15 +214,32 @@ class Layout:
 RANDOM_SIDE = 64
 
 
+BATCH_NAMES = ("n", "b", "bs", "batch", "batch_size", "batchsize", "nbatch", "num_batches")
+
+
+def _batch_like(name: str) -> bool:
+    return bool(name) and (name.lower() in BATCH_NAMES or "batch" in name.lower())
+
+
+def _own_batch_axis(info: InputInfo) -> int | None:
+    """Axis 0 if it is dynamic, unless the one other dynamic axis named as a batch is (time-major [seq, batch, ...])."""
+    if not info.shape or info.shape[0] is not None:
+        return None
+    named = [ax for ax, p in enumerate(info.params) if ax and info.shape[ax] is None and _batch_like(p)]
+    return named[0] if len(named) == 1 and not _batch_like(info.params[0] if info.params else "") else 0
+
+
 def model_batch_axis(info: InputInfo, inputs: list) -> int | None:
-    """The input's batch axis as the model declares it: axis 0 if it is dynamic, else the dynamic axis named like
-    another input's dynamic axis 0 (a recurrent state [2, batch, 128] beside an input [batch, seq]); None if the
-    model does not say."""
+    """The input's batch axis as the model declares it: axis 0 if it is dynamic (unless the one dynamic axis named
+    as a batch is another: a time-major sequence [seq, batch, features] is cut and joined along the batch), else the
+    dynamic axis named like another input's batch axis (a recurrent state [2, batch, 128] beside an input [batch,
+    seq]); None if the model does not say."""
     if not info.shape:
         return None
-    if info.shape[0] is None:
-        return 0
-    names = {i.params[0] for i in inputs if i.shape and i.shape[0] is None and i.params and i.params[0]}
+    own = _own_batch_axis(info)
+    if own is not None:
+        return own
+    names = {i.params[a] for i in inputs if (a := _own_batch_axis(i)) is not None and len(i.params) > a and i.params[a]}
     return next((ax for ax, p in enumerate(info.params) if p and p in names and info.shape[ax] is None), None)
 
 
