@@ -34,9 +34,19 @@ from .capture.session import capture_model, make_session, run_model, run_session
 from .config import Recipe
 from .errors import UserError
 from .graph.batchnorm import fold_batch_norms
-from .graph.branches import branch_model, drop_unread, find_branches, outer_constants, splice
+from .graph.branches import (
+    LOOP_OPS,
+    branch_model,
+    drop_unread,
+    find_branches,
+    free_names,
+    outer_constants,
+    splice,
+    with_iteration_outputs,
+)
 from .graph.layers import (
     RECURRENT_OPS,
+    _subgraphs,
     check_weights,
     find_layers,
     lm_heads,
@@ -75,7 +85,8 @@ def quantize(model_or_path, calibration, recipe: Recipe | None = None) -> onnx.M
     return run(model_or_path, calibration, recipe)[0]
 
 
-BRANCH_FEEDS_SHARE = 0.1  # the share of the memory budget the feeds of the If branches may hold (else recomputed)
+BRANCH_FEEDS_SHARE = 0.1  # the share of the memory budget the feeds of If branches and loop bodies may hold
+ITERATIONS_PER_BATCH = 64  # the iterations of a Loop / Scan body that calibrate it, per calibration batch
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis (per-channel scales)
 # onnxruntime implements some ops only from this opset on (Gemm-6: "Could not find an implementation"; "ONNX
 # Runtime only *guarantees* support for models stamped with opset version 7 or above")
@@ -89,7 +100,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     ``stats_cache``: a dict in which the float model's layer statistics (one-pass capture in one group) are kept and
     looked up by the layers' inputs and the samples, so that several recipes on one model and one calibration set
     capture once (benchmarks). Give it only with the same model and calibration data. (``_in_branch``: the run of an
-    If branch's model, whose layer patterns may name layers elsewhere.)"""
+    If branch's or a loop body's model, whose layer patterns may name layers elsewhere.)"""
     recipe = (recipe or Recipe()).validate()
     w, sv = recipe.weights, recipe.solver
     t_start = time.perf_counter()
@@ -105,7 +116,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     model = rewrite_to_matmul(model) if recipe.layers.rewrite_matmul else model
     layers, skipped = find_layers(model, op_types=tuple(recipe.layers.op_types), exclude=tuple(recipe.layers.exclude),
                                   lm_head_float=recipe.layers.lm_head == "float")
-    branches = find_branches(model)  # (If branches that hold layers: each quantized as a model of its own)
+    branches = find_branches(model)  # (If branches, loop bodies that hold layers: each quantized on its own)
     why = "; ".join(f"{s.node}: {s.reason}" for s in skipped[:5]) or "it has no Conv, Gemm or MatMul node"
     if not layers and not branches:
         if _in_branch:
@@ -125,9 +136,9 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     if not layers and not spliced:
         if _in_branch:
             return None, None
-        names = ", ".join(f"{b.node} {b.attr}" for b in untaken)
+        names = ", ".join(f"{b.op} {b.node} {b.attr}" for b in untaken)
         raise UserError("no layer was quantized: " + (
-            f"the If branches that hold layers were taken by no calibration batch ({names})" if untaken
+            f"the If branches and loop bodies that hold layers were calibrated on no batch ({names})" if untaken
             else f"no quantizable layer found ({why})"))
     if not layers:
         return _branches_only(model, source, calib, recipe, (spliced, untaken), skipped, float_opsets, n_folded,
@@ -370,33 +381,51 @@ def _check(model, out, report, recipe: Recipe, held: list, ref, acts) -> None:
 
 
 def _quantize_branches(model, branches: list, batches, recipe: Recipe, progress: bool) -> tuple:
-    """Quantize each If branch of ``branches`` as a model of its own (graph/branches.py), calibrated on the outer
-    tensors it reads, computed by the float model on the batches for which its If takes it. Returns [(Branch,
-    quantized branch model, its Report, the outer constants copied in)] for the branches taken on some batch, and
-    the branches taken on none."""
+    """Quantize each If branch and Loop / Scan body of ``branches`` as a model of its own (graph/branches.py),
+    calibrated on the outer tensors it reads, computed by the float model on the batches for which its If takes it,
+    and, for a body, on its own inputs at each iteration. Returns [(Branch, quantized model, its Report, the outer
+    constants copied in)] for those calibrated on some batch, and the others (each with its ``left`` reason)."""
     inits = {t.name: t for t in model.graph.initializer}
     inputs = {i.name for i in model.graph.input}
     consts_outer = outer_constants(model)
-    reads = list(dict.fromkeys([b.cond for b in branches] + [n for b in branches for n in b.reads]))
+    reads = list(dict.fromkeys([b.cond for b in branches if b.cond] + [n for b in branches for n in b.reads]))
     fetch = [n for n in reads if n not in inits and n not in inputs]
     consts = {n: numpy_helper.to_array(inits[n]) for n in reads if n in inits}
-    sess = make_session(capture_model(model, fetch) if fetch else model, what="the float model (If inputs)")
+    untaken = []
+    try:
+        sess, fetch_all, vals0 = _branch_session(model, branches, fetch, batches, inputs)
+    except UserError as e:  # (a body whose inputs change shape between iterations cannot be stacked)
+        bodies = [b for b in branches if b.op in LOOP_OPS]
+        if not bodies:
+            raise
+        for b in bodies:
+            log.warning("%s: its inputs could not be captured at each iteration (%s): its layers stay float",
+                        b.where, e)
+            b.left = f"inside the {b.attr} of {b.op} {b.node}, whose inputs could not be captured at each " \
+                "iteration: left float"
+        untaken += bodies
+        branches = [b for b in branches if b.op not in LOOP_OPS]
+        if not branches:
+            return [], untaken
+        sess, fetch_all, vals0 = _branch_session(model, branches, fetch, batches, inputs)
     # a first pass: which branch each batch takes (and the outer constants computed at run time). The feeds are
     # kept while they fit a tenth of the memory budget (silero-vad's: 2 MB); past it they are computed again at
     # each pass of a branch's run (_BranchFeeds), as capture streams: one batch in memory
-    count = {id(b): [0, 0, None] for b in branches}  # samples, largest batch, first feed
+    count = {id(b): [0, 0, None, 0] for b in branches}  # feeds' samples, largest feed, first feed, batches' samples
     kept: dict | None = {id(b): [] for b in branches}
     room = BRANCH_FEEDS_SHARE * memory_budget(recipe.data.max_memory)
     total = 0
-    with _progress.bars(progress)(getattr(batches, "num_samples", None), "capture (If inputs)", "sample") as bar:
+    with _progress.bars(progress)(getattr(batches, "num_samples", None), "capture (If and loop inputs)",
+                                  "sample") as bar:
         for batch in batches:
-            vals = _outer_values(sess, fetch, batch, inputs)
+            vals = vals0 if total == 0 else _outer_values(sess, fetch_all, batch, inputs)
             for n in fetch:
                 if n in consts_outer and n not in consts:
                     consts[n] = vals[n]
             for b in branches:
-                sub = _branch_feed(b, vals, consts, batch)
-                if sub is not None:
+                subs = _branch_feeds(b, vals, consts, batch)
+                count[id(b)][3] += batch_samples(batch) if subs else 0
+                for sub in subs:
                     c = count[id(b)]
                     c[0], c[1] = c[0] + sub.samples, max(c[1], sub.samples)
                     c[2] = sub if c[2] is None else c[2]
@@ -406,47 +435,73 @@ def _quantize_branches(model, branches: list, batches, recipe: Recipe, progress:
                         kept = kept if room >= 0 else None
             total += 1
             bar.update(batch_samples(batch))
-    out, untaken = [], []
+    out = []
     for b in branches:
-        samples, largest, first = count[id(b)]
+        samples, largest, first, seen = count[id(b)]
         if not samples:
-            log.warning("If %s: its %s was taken on none of the %d calibration batches: its layers stay float",
-                        b.node, b.attr, total)
+            if b.op == "If":
+                log.warning("If %s: its %s was taken on none of the %d calibration batches: its layers stay float",
+                            b.node, b.attr, total)
+                b.left = f"inside the {b.attr} of If {b.node}, which no calibration batch took (its condition " \
+                    f"{b.cond} was {b.attr == 'else_branch'} on every batch): left float"
+            else:
+                log.warning("%s %s ran no iteration on the %d calibration batches: its layers stay float", b.op,
+                            b.node, total)
+                b.left = f"inside the body of {b.op} {b.node}, which ran no iteration on the calibration batches: " \
+                    "left float"
             untaken.append(b)
             continue
         mine = {n: consts[n] for n in b.reads if n in consts}
-        log.info("If %s: %s quantized on its own, on the %d calibration samples that take it", b.node, b.attr,
-                 samples)
+        log.info("%s quantized on its own, on %d calibration %s", b.where, samples,
+                 "samples that take it" if b.op == "If" else "sample-iterations")
         feeds = Feeds(kept[id(b)] if kept is not None else
-                      _BranchFeeds(sess, [n for n in fetch if n not in consts], batches, inputs, consts, b),
-                      f"If {b.node} {b.attr}", samples, largest)
+                      _BranchFeeds(sess, [n for n in fetch_all if n not in consts], batches, inputs, consts, b),
+                      b.where, samples, largest)
         try:
             q, rep = run(branch_model(model, b, first, mine), feeds, _branch_recipe(recipe, f"{b.node}/{b.attr}/"),
                          progress, _in_branch=True)
         except VerificationError as e:  # (the whole model's check judges it, --write-unverified included)
-            log.warning("If %s, %s: %s; the whole model's check decides", b.node, b.attr, e.problem)
+            log.warning("%s: %s; the whole model's check decides", b.where, e.problem)
             q, rep = e.model, e.report
         except UserError as e:
-            raise UserError(f"If {b.node}, {b.attr}: {e}") from None
+            if b.op == "If":
+                raise UserError(f"{b.where}: {e}") from None
+            # (a body run on its own inputs can fail where the model does not: a sequence it reads, started empty)
+            log.warning("%s: quantized on its own, it fails (%s): its layers stay float", b.where, e)
+            b.left = f"inside the body of {b.op} {b.node}, which failed to run on its own: left float"
+            untaken.append(b)
+            continue
         if q is not None:  # (None: no quantizable layer inside after all, e.g. MatMuls of two activations)
+            rep.samples = seen  # (calibration samples, not a body's sample-iterations)
             out.append((b, q, rep, mine))
     return out, untaken
 
 
+def _branch_session(model, branches: list, fetch: list, batches, inputs: set) -> tuple:
+    """The float model's session that computes what the branches read (a body's inputs stacked over its
+    iterations too), the names it fetches, and its values on the first calibration batch (a body whose inputs
+    cannot be stacked fails there)."""
+    bodies = [b for b in branches if b.op in LOOP_OPS]
+    base = with_iteration_outputs(model, bodies) if bodies else model
+    fetch_all = fetch + [n for b in bodies for n in b.stacked if n]
+    sess = make_session(capture_model(base, fetch) if fetch else base, what="the float model (If and loop inputs)")
+    first = next(iter(batches), None)
+    return sess, fetch_all, (_outer_values(sess, fetch_all, first, inputs) if first is not None else {})
+
+
 class _BranchFeeds:
-    """The feeds of one If branch, computed again by the float model at every pass over the calibration batches."""
+    """The feeds of one If branch or loop body, computed again by the float model at every pass over the
+    calibration batches."""
 
     def __init__(self, sess, fetch: list, batches, inputs: set, consts: dict, branch):
         self.sess, self.batches, self.inputs, self.consts, self.branch = sess, batches, inputs, consts, branch
-        mine = set(branch.reads) | {branch.cond}
+        mine = set(branch.reads) | {branch.cond} | {n for n in branch.stacked if n}
         self.fetch = [n for n in fetch if n in mine]
 
     def __iter__(self):
         for batch in self.batches:
-            sub = _branch_feed(self.branch, _outer_values(self.sess, self.fetch, batch, self.inputs), self.consts,
-                               batch)
-            if sub is not None:
-                yield sub
+            yield from _branch_feeds(self.branch, _outer_values(self.sess, self.fetch, batch, self.inputs),
+                                     self.consts, batch)
 
 
 def _outer_values(sess, fetch: list, batch, inputs: set) -> dict:
@@ -457,17 +512,30 @@ def _outer_values(sess, fetch: list, batch, inputs: set) -> dict:
     return vals
 
 
-def _branch_feed(b, vals: dict, consts: dict, batch):
-    """The feed of branch ``b`` on a batch (the outer tensors it reads), or None where its If takes the other."""
-    cond = np.asarray(consts[b.cond] if b.cond in consts else vals[b.cond])
-    if cond.size != 1:
-        raise UserError(f"If {b.node}: its condition {b.cond} has {cond.size} elements on a calibration batch, "
-                        "expected 1")
-    if bool(cond.reshape(-1)[0]) != (b.attr == "then_branch"):
-        return None
-    sub = Batch({n: vals[n] for n in b.reads if n not in consts})
-    sub.samples = batch_samples(batch)
-    return sub
+def _branch_feeds(b, vals: dict, consts: dict, batch) -> list:
+    """The feeds of branch ``b`` on a batch (the outer tensors it reads): none where its If takes the other; for a
+    body, one per iteration (its own inputs at that iteration), at most ``ITERATIONS_PER_BATCH`` evenly spaced."""
+    outer = {n: vals[n] for n in b.reads if n not in consts}
+    if b.op == "If":
+        cond = np.asarray(consts[b.cond] if b.cond in consts else vals[b.cond])
+        if cond.size != 1:
+            raise UserError(f"If {b.node}: its condition {b.cond} has {cond.size} elements on a calibration batch, "
+                            "expected 1")
+        if bool(cond.reshape(-1)[0]) != (b.attr == "then_branch"):
+            return []
+        steps, stacks = [None], []
+    else:
+        stacks = [(f, np.asarray(vals[n])) for f, n in zip(b.formals, b.stacked) if n]
+        n = stacks[0][1].shape[0] if stacks and stacks[0][1].ndim else 0
+        steps = np.unique(np.linspace(0, n - 1, ITERATIONS_PER_BATCH).round().astype(int)) \
+            if n > ITERATIONS_PER_BATCH else range(n)
+    out = []
+    for t in steps:
+        sub = Batch(outer)
+        sub.update((f, np.asarray(s[t])) for f, s in stacks)
+        sub.samples = batch_samples(batch)
+        out.append(sub)
+    return out
 
 
 def _branch_recipe(recipe: Recipe, prefix: str) -> Recipe:
@@ -483,8 +551,8 @@ def _branch_recipe(recipe: Recipe, prefix: str) -> Recipe:
 
 
 def _check_patterns(recipe: Recipe, report: Report) -> None:
-    """Each keep_8bit / layer_bits pattern of a model with If branches matched a quantized layer somewhere (the
-    runs of the branches and of the top level each see only their own layers)."""
+    """Each keep_8bit / layer_bits pattern of a model with If branches or loop bodies matched a quantized layer
+    somewhere (the runs of the branches and of the top level each see only their own layers)."""
     L = recipe.layers
     rows = report.layers
     for pat, flag in [(p, "layers.keep_8bit") for p in L.keep_8bit] + \
@@ -493,7 +561,8 @@ def _check_patterns(recipe: Recipe, report: Report) -> None:
             continue
         if not any(fnmatch.fnmatchcase(n, pat) for r in rows for n in (r.node, r.node.rsplit("/", 1)[-1], r.op_type)):
             raise UserError(f"{flag} {pat!r} matches no quantized layer (names are node names or op types, or "
-                            "'first'/'last'; inside an If branch as the report names them, If/branch/node)")
+                            "'first'/'last'; inside an If branch or a loop body as the report names them, "
+                            "If/then_branch/node, Loop/body/node)")
 
 
 def _splice_branches(model, out, spliced: list, max_opset):
@@ -522,7 +591,8 @@ def _branches_only(model, source, calib, recipe: Recipe, spliced: list, skipped:
     ref = float_outputs(model, held) if held else None
     spliced, untaken = spliced
     samples = max((rep.samples for _, _, rep, _ in spliced), default=0)
-    meta = run_metadata(recipe, recipe.is_official(), False, samples, None, 1, None)
+    meta = run_metadata(recipe, recipe.is_official(), any(L.bias_corrected for _, _, rep, _ in spliced
+                                                         for L in rep.layers), samples, None, 1, None)
     float_bytes = model_bytes(model)
     out = set_metadata(model, meta, copy=True)
     out = _splice_branches(model, out, spliced, recipe.weights.max_opset)
@@ -549,7 +619,8 @@ def _say_shared_readers(model, layers) -> None:
     readers: dict = {}
     for name, n in zip(node_names(model), model.graph.node):
         if n.op_type not in ("Shape", "Size"):
-            for i in set(n.input):
+            # (an If branch or a loop body reads outer names too: a body left float then reads the quantized weight)
+            for i in set(n.input) | {f for _, g in _subgraphs(n) for f in free_names(g)}:
                 readers.setdefault(i, []).append((name, n.op_type))
     for layer in layers:
         mine = {c for c, _ in layer.consumers}

@@ -385,14 +385,14 @@ def layer_row(layer, res, plan, seconds: float) -> LayerReport:
 
 
 def merge_branch_reports(report: Report, spliced: list, untaken: list, total: int) -> None:
-    """The quantized If branches' layers and left-out nodes in the run's report, named ``If/branch/node``; the
-    nodes of the branches no calibration batch took, said so. ``spliced``: [(Branch, quantized model, its Report,
-    constants)]; ``total``: the model's float parameters (the left-out nodes' shares)."""
+    """The quantized If branches' and loop bodies' layers and left-out nodes in the run's report, named
+    ``If/branch/node`` (``Loop/body/node``); the nodes of the branches no calibration batch took, said so (their
+    ``left`` reason). ``spliced``: [(Branch, quantized model, its Report, constants)]; ``total``: the model's float
+    parameters (the left-out nodes' shares)."""
     for s in report.skipped:
         b = next((b for b in untaken if s["node"].startswith(f"{b.node}/{b.attr}/")), None)
         if b is not None:
-            s["reason"] = f"inside the {b.attr} of If {b.node}, which no calibration batch took (its condition " \
-                f"{b.cond} was {b.attr == 'else_branch'} on every batch): left float"
+            s["reason"] = b.left
     if not spliced:
         return
     done = {f"{b.node}/{b.attr}/" for b, *_ in spliced}
@@ -405,8 +405,10 @@ def merge_branch_reports(report: Report, spliced: list, untaken: list, total: in
         for s in rep.skipped:
             skipped.append(dict(s, node=prefix + s["node"], share=s["params"] / total if total else 0.0))
         report.samples = max(report.samples, rep.samples)
-    # (an If whose branches were quantized holds no weight itself: the nodes its other branch left float are listed)
-    report.skipped = [s for s in skipped if not (s["op_type"] == "If" and s["node"] in {b.node for b, *_ in spliced})]
+    # (an If whose branches were quantized, a loop whose body was, holds no weight itself: the nodes its other branch
+    # left float are listed)
+    report.skipped = [s for s in skipped if not (s["op_type"] in ("If", "Loop", "Scan") and
+                                                 s["node"] in {b.node for b, *_ in spliced})]
 
 
 def run_metadata(recipe, official: bool, bias_corrected: bool, samples: int, mask_input, stages: int,

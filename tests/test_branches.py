@@ -240,7 +240,7 @@ def test_an_if_of_no_quantizable_layer_is_left_as_it_is_and_a_model_of_nothing_q
             [_info("t")]), else_branch=helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
                                                          [_info("e")]))],
         "g", [_info("x", ["N", C, 6, 6])], [_info("y")], [numpy_helper.from_array(_w(0), "W0")])
-    with pytest.raises(UserError, match="taken by no calibration batch \\(branch then_branch\\)"):
+    with pytest.raises(UserError, match="calibrated on no batch \\(If branch then_branch\\)"):
         run(helper.make_model(only, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), feeds([-1, -1]),
             recipe(bits=4, batch_size=8))
 

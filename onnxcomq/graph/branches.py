@@ -1,10 +1,12 @@
-"""Layers inside If branches (docs/design.md, "If branches").
+"""Layers inside If branches and Loop / Scan bodies (docs/design.md, "If branches, Loop and Scan bodies").
 
 An exporter puts a model's layers inside an ``If`` when the model holds two variants and picks one at run time
-(silero-vad's 8 kHz and 16 kHz networks, chosen by the sample rate input). Each branch that holds layers is
+(silero-vad's 8 kHz and 16 kHz networks, chosen by the sample rate input), and inside a ``Loop`` or ``Scan`` body
+when it steps a cell over a sequence (a scripted for loop, ``torch.scan``). Each such subgraph that holds layers is
 quantized as a model of its own: its inputs are the outer tensors it reads (captured from the float model on the
-calibration batches for which the If takes that branch), the outer constants it reads are copied in, and its
-outputs are the branch's outputs. The quantized model's graph then replaces the branch (``splice``).
+calibration batches for which the If takes that branch) and, for a body, its own inputs (captured at every
+iteration: ``with_iteration_outputs``), the outer constants it reads are copied in, and its outputs are the
+subgraph's outputs. The quantized model's graph then replaces the subgraph (``splice``).
 """
 
 from __future__ import annotations
@@ -56,27 +58,77 @@ def defined_names(graph) -> set:
 
 @dataclass
 class Branch:
-    """One branch of a top-level If that holds layers."""
+    """One branch of a top-level If, or the body of a top-level Loop or Scan, that holds layers."""
 
-    node: str  # the If's name as the report calls it (layers.node_names)
-    key: str  # the If's first output: finds the node again in a rewritten model (node order changes)
-    attr: str  # then_branch | else_branch
-    cond: str  # the If's condition
+    node: str  # the node's name as the report calls it (layers.node_names)
+    key: str  # the node's first output: finds it again in a rewritten model (node order changes)
+    attr: str  # then_branch | else_branch | body
+    cond: str  # the If's condition ("" for a body)
     graph: onnx.GraphProto
-    reads: list = field(default_factory=list)  # outer names the branch reads
+    reads: list = field(default_factory=list)  # outer names the subgraph reads
+    op: str = "If"  # If | Loop | Scan
+    # a body's own inputs (Loop: iteration number, condition, carried values; Scan: states, then the scan
+    # inputs' slices) and the capture model's outputs that stack each over the iterations (with_iteration_outputs)
+    formals: list = field(default_factory=list)
+    stacked: list = field(default_factory=list)
+    left: str = ""  # why its layers stay float, where they do (the report's reason)
+
+    @property
+    def where(self) -> str:
+        """How messages name it: "If X, then_branch" / "Loop X, body"."""
+        return f"{self.op} {self.node}, {self.attr}"
+
+
+LOOP_OPS = ("Loop", "Scan")
 
 
 def find_branches(model: onnx.ModelProto) -> list:
-    """The branches of the model's top-level If nodes that hold a Conv, Gemm, MatMul or recurrent layer (at any
-    depth). Loop and Scan bodies are not among them (their layers stay float)."""
+    """The branches of the model's top-level If nodes, and the bodies of its top-level Loop and Scan nodes, that
+    hold a Conv, Gemm, MatMul or recurrent layer (at any depth). (Scan before opset 9 had a batch axis in front of
+    its scan axis: its body stays float.)"""
     out = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     for name, n in zip(node_names(model), model.graph.node):
-        if n.op_type != "If" or n.domain not in ("", "ai.onnx"):
+        if n.op_type == "Scan" and opset < 9:
+            continue
+        if n.domain not in ("", "ai.onnx"):
             continue
         for attr, g in _subgraphs(n):
-            if attr in ("then_branch", "else_branch") and _holds_layers(g):
+            if n.op_type == "If" and attr in ("then_branch", "else_branch") and _holds_layers(g):
                 out.append(Branch(name, n.output[0], attr, n.input[0], g, free_names(g)))
+            elif n.op_type in LOOP_OPS and attr == "body" and _holds_layers(g):
+                out.append(Branch(name, n.output[0], attr, "", g, free_names(g), n.op_type,
+                                  [i.name for i in g.input]))
     return out
+
+
+def with_iteration_outputs(model: onnx.ModelProto, bodies: list) -> onnx.ModelProto:
+    """A copy of ``model`` whose Loop and Scan nodes of ``bodies`` also output, as graph outputs, each of their
+    body's tensor inputs stacked over the iterations (extra scan outputs: [iterations, *the input's shape]); sets
+    each body's ``stacked`` to those outputs' names (None for an input that is not a tensor)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    taken = all_names(m.graph)
+    nodes = {n.output[0]: n for n in m.graph.node if n.output}
+    for b in bodies:
+        node = nodes[b.key]
+        body = next(a for a in node.attribute if a.name == "body").g
+        b.stacked = []
+        for i in list(body.input):
+            if not i.type.HasField("tensor_type"):  # (a sequence carried from one iteration to the next: a list
+                b.stacked.append(None)              # appended to; branch_model starts it empty)
+                continue
+            inner, outer = unique_name(f"{i.name}_iteration", taken), unique_name(f"{b.key}_{i.name}_stacked", taken)
+            body.node.append(helper.make_node("Identity", [i.name], [inner]))
+            elem = i.type.tensor_type.elem_type or onnx.TensorProto.FLOAT
+            body.output.append(helper.make_tensor_value_info(inner, elem, None))
+            node.output.append(outer)
+            m.graph.output.append(helper.make_tensor_value_info(outer, elem, None))
+            b.stacked.append(outer)
+            for a in node.attribute:  # (Scan: each scan output's axis and direction, where given)
+                if a.name in ("scan_output_axes", "scan_output_directions"):
+                    a.ints.append(0)
+    return m
 
 
 def outer_constants(model: onnx.ModelProto) -> set:
@@ -86,12 +138,17 @@ def outer_constants(model: onnx.ModelProto) -> set:
 
 
 def branch_model(model: onnx.ModelProto, branch: Branch, first: dict, consts: dict) -> onnx.ModelProto:
-    """The branch as a model: graph inputs for the outer tensors it reads (typed from ``first``, their values on
-    one calibration batch, every axis free and named apart), initializers for the outer constants it reads (``consts``: name ->
-    array), outputs the branch's."""
+    """The branch (or body) as a model: graph inputs for the outer tensors it reads (typed from ``first``, their
+    values on one calibration batch, every axis free and named apart) after a body's own inputs, initializers for
+    the outer constants it reads (``consts``: name -> array), outputs the subgraph's."""
     g = onnx.GraphProto()
     g.CopyFrom(branch.graph)
     g.name = f"{branch.node}/{branch.attr}"
+    for i in list(g.input):  # a body's sequence input (TorchScript's list appended to at each iteration): made
+        if i.type.HasField("sequence_type"):  # empty inside instead (splice takes the stand-in out again)
+            g.input.remove(i)
+            elem = i.type.sequence_type.elem_type.tensor_type.elem_type or onnx.TensorProto.FLOAT
+            g.node.insert(0, helper.make_node("SequenceEmpty", [], [i.name], dtype=elem))
     for name in branch.reads:
         if name in consts:
             g.initializer.append(numpy_helper.from_array(np.asarray(consts[name]), name))
@@ -125,15 +182,19 @@ def all_names(graph) -> set:
 
 
 def splice(out: onnx.ModelProto, branch: Branch, quantized: onnx.ModelProto, consts: dict) -> None:
-    """Replace ``branch`` of the If in ``out`` (found by its first output) by the graph of ``quantized``, its
-    quantized model, in place. The constants copied in that it left as they were are read from the outer scope
-    again; every name it defines anew (at any depth) that the rest of the model also uses is renamed (a subgraph may
-    not redefine an outer name)."""
-    node = next(n for n in out.graph.node if n.op_type == "If" and n.output and n.output[0] == branch.key)
+    """Replace ``branch`` of the If, Loop or Scan in ``out`` (found by its first output) by the graph of
+    ``quantized``, its quantized model, in place. The inputs that stood for outer tensors are outer names again (a
+    body keeps its own); the constants copied in that it left as they were are read from the outer scope again;
+    every name it defines anew (at any depth) that the rest of the model also uses is renamed (a subgraph may not
+    redefine an outer name)."""
+    node = next(n for n in out.graph.node if n.op_type == branch.op and n.output and n.output[0] == branch.key)
     attr = next(a for a in node.attribute if a.name == branch.attr)
     g = onnx.GraphProto()
     g.CopyFrom(quantized.graph)
     del g.input[:]
+    g.input.extend(attr.g.input)
+    for n in [n for n in g.node if n.op_type == "SequenceEmpty" and n.output[0] in branch.formals]:
+        g.node.remove(n)  # (branch_model's stand-in for a sequence input)
     g.name = attr.g.name
     keep = []
     for t in g.initializer:  # a copied constant still there, unchanged: the outer one serves
