@@ -37,6 +37,8 @@ ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools", "export"))
 
+import minilm  # noqa: E402  (tools/export: the Debian descriptions, parsed and de-duplicated)
+
 SETS = ["calibration", "dev", "E1", "E2", "E3"]
 RECIPES = [("RTN W4", {"weights": {"method": "rtn"}}), ("COMQ W4", {}), ("COMQ W3", {"weights": {"bits": 3}}),
            ("COMQ W8", {"weights": {"bits": 8}})]
@@ -44,9 +46,7 @@ RECIPES = [("RTN W4", {"weights": {"method": "rtn"}}), ("COMQ W4", {}), ("COMQ W
 
 def text_sets(calib: int) -> dict:
     """{set name: [long description, ...]} split by crc32(package) as heldout.py's text sets."""
-    import minilm as M
-
-    records = M.usable_records(M.parse_dpkg_status(), max_records=10 ** 9)
+    records = minilm.usable_records(minilm.parse_dpkg_status(), max_records=10 ** 9)
 
     def which(pkg: str) -> str:
         h = zlib.crc32(pkg.encode())
