@@ -40,6 +40,7 @@ from .graph.branches import (
     drop_unread,
     find_branches,
     free_names,
+    hoist_carried_constants,
     outer_constants,
     splice,
     with_iteration_outputs,
@@ -106,6 +107,10 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     t_start = time.perf_counter()
     model = prepare_model(model_or_path)
     model, n_folded = fold_batch_norms(model)
+    model, n_hoisted = hoist_carried_constants(model)  # (tf2onnx's loops carry their weights as loop values)
+    if n_hoisted:
+        log.info("%d constant(s) that a Loop or Scan carried through its body unchanged are read from the outer "
+                 "scope instead", n_hoisted)
     float_opsets = onnx.ModelProto(opset_import=model.opset_import)  # (the report's input opset: the file's)
     if (recipe.activations is not None or opset_of(model) < ORT_MIN_OPSET) and \
             (w.max_opset is None or w.max_opset >= PER_CHANNEL_OPSET):
@@ -532,7 +537,7 @@ def _branch_feeds(b, vals: dict, consts: dict, batch) -> list:
     out = []
     for t in steps:
         sub = Batch(outer)
-        sub.update((f, np.asarray(s[t])) for f, s in stacks)
+        sub.update((f, np.array(s[t])) for f, s in stacks)  # (copies: a kept feed holds its iteration only)
         sub.samples = batch_samples(batch)
         out.append(sub)
     return out

@@ -5,6 +5,7 @@ model) and the outer tensors it reads, and spliced back."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -17,10 +18,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomq import pipeline, run
 from onnxcomq.errors import UserError
-from onnxcomq.graph.branches import find_branches, with_iteration_outputs
+from onnxcomq.graph.branches import find_branches, hoist_carried_constants, with_iteration_outputs
 
 H = 6  # state width
 T = 5  # iterations
+MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 
 
 def _mats(seed: int):
@@ -261,53 +263,39 @@ def test_a_body_that_fails_on_its_own_stays_float_and_the_rest_is_quantized(capl
     assert np.linalg.norm(_sess(q).run(None, x)[0] - f) < 0.02 * np.linalg.norm(f)
 
 
-def _torch_rnn():
-    torch = pytest.importorskip("torch", reason="torch (tools/test.sh installs it)")
-    nn = torch.nn
-
-    class Cell(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
-
-    torch.manual_seed(0)
-    return torch, Cell
-
-
-def test_torchscript_loop_exported_by_torch_onnx(tmp_path):
-    """A real exporter's Loop: a scripted for loop over time, exported by torch.onnx's TorchScript exporter; the
-    body reads the graph input and the weights from the outer scope, and appends each step's state to a list (a
-    sequence carried by the Loop, which cannot be stacked: the body's run starts it empty)."""
-    torch, Cell = _torch_rnn()
-
-    class M(Cell):
-        def forward(self, x):  # x: (T, N, 8)
-            h = torch.zeros(x.shape[1], 16)
-            outs: list[torch.Tensor] = []
-            for t in range(x.shape[0]):
-                h = torch.tanh(self.a(x[t]) + self.b(h))
-                outs.append(h)
-            return self.head(torch.stack(outs))
-
-    path = str(tmp_path / "loop.onnx")
-    torch.onnx.export(torch.jit.script(M().eval()), (torch.randn(T, 2, 8),), path, dynamo=False,
-                      input_names=["x"], dynamic_axes={"x": {0: "T", 1: "N"}})
-    body = _body(onnx.load(path))
-    assert [i.type.WhichOneof("value") for i in body.input][-1] == "sequence_type"
-    q = _check_torch_export(path, "Loop")
-    assert "sequence_type" in [i.type.WhichOneof("value") for i in _body(q).input]
-
-
-SCAN_EXPORT = """
+CELL = """
 import sys
 import torch
-from torch._higher_order_ops.scan import scan
 
-class M(torch.nn.Module):
+
+class Cell(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.a, self.b, self.head = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+"""
 
+LOOP_EXPORT = CELL + """
+
+class M(Cell):
+    def forward(self, x):  # x: (T, N, 8)
+        h = torch.zeros(x.shape[1], 16)
+        outs: list[torch.Tensor] = []
+        for t in range(x.shape[0]):
+            h = torch.tanh(self.a(x[t]) + self.b(h))
+            outs.append(h)
+        return self.head(torch.stack(outs))
+
+
+torch.manual_seed(0)
+torch.onnx.export(torch.jit.script(M().eval()), (torch.randn(int(sys.argv[2]), 2, 8),), sys.argv[1], dynamo=False,
+                  input_names=["x"], dynamic_axes={"x": {0: "T", 1: "N"}})
+"""
+
+SCAN_EXPORT = CELL + """
+from torch._higher_order_ops.scan import scan
+
+
+class M(Cell):
     def forward(self, x):  # x: (T, 2, 8)
         def step(h, xt):
             h2 = torch.tanh(self.a(xt) + self.b(h))
@@ -315,20 +303,41 @@ class M(torch.nn.Module):
         h, _ = scan(step, torch.zeros(2, 16), x)
         return self.head(h)
 
+
 torch.manual_seed(0)
 torch.onnx.export(M().eval(), (torch.randn(int(sys.argv[2]), 2, 8),), sys.argv[1], dynamo=True, verbose=False)
 """
 
 
-def test_torch_scan_exported_by_torch_onnx_dynamo(tmp_path):
-    """A real exporter's Scan: torch's scan (torch._higher_order_ops) exported by torch.onnx's dynamo exporter (in
-    a process of its own: the exporter leaves ctypes types for the cycle collector, which a later test of the
-    solver's own cycles would count)."""
+def _export(script: str, path: str) -> None:
+    """Run a torch export in a process of its own: the exporters leave objects for the cycle collector (the dynamo
+    exporter's ctypes types) and memory behind, which later tests of the solver's cycles and of memory budgets
+    would count."""
     pytest.importorskip("torch", reason="torch (tools/test.sh installs it)")
+    file = os.path.join(os.path.dirname(path), "export.py")  # (TorchScript reads the source of what it scripts)
+    with open(file, "w") as f:
+        f.write(script)
+    done = subprocess.run([sys.executable, file, path, str(T)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_torchscript_loop_exported_by_torch_onnx(tmp_path):
+    """A real exporter's Loop: a scripted for loop over time, exported by torch.onnx's TorchScript exporter; the
+    body reads the graph input and the weights from the outer scope, and appends each step's state to a list (a
+    sequence carried by the Loop, which cannot be stacked: the body's run starts it empty)."""
+    path = str(tmp_path / "loop.onnx")
+    _export(LOOP_EXPORT, path)
+    body = _body(onnx.load(path))
+    assert [i.type.WhichOneof("value") for i in body.input][-1] == "sequence_type"
+    q = _check_torch_export(path, "Loop")
+    assert "sequence_type" in [i.type.WhichOneof("value") for i in _body(q).input]
+
+
+def test_torch_scan_exported_by_torch_onnx_dynamo(tmp_path):
+    """A real exporter's Scan: torch's scan (torch._higher_order_ops) exported by torch.onnx's dynamo exporter."""
     pytest.importorskip("onnxscript", reason="torch.onnx's dynamo exporter needs onnxscript")
     path = str(tmp_path / "scan.onnx")
-    done = subprocess.run([sys.executable, "-c", SCAN_EXPORT, path, str(T)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _export(SCAN_EXPORT, path)
     _check_torch_export(path, "Scan")
 
 
@@ -347,3 +356,72 @@ def _check_torch_export(path: str, op: str):
     y = _sess(q).run(None, {"x": xe})[0]
     assert np.linalg.norm(y - f) < 0.1 * np.linalg.norm(f)
     return q
+
+
+def carried_weights_model() -> onnx.ModelProto:
+    """tf2onnx's way: the Loop carries its weights W (through an Identity) and b (returned as it came) through the
+    body unchanged; g, also passed through, starts from the graph input (not a constant); k, passed through, is a
+    graph output; h is the state."""
+    W, b, _ = _mats(9)
+    body = helper.make_graph([
+        helper.make_node("MatMul", ["h_in", "W_in"], ["hw"], name="mm"),
+        helper.make_node("Add", ["hw", "b_in"], ["hb"]),
+        helper.make_node("Mul", ["hb", "g_in"], ["hg"]),
+        helper.make_node("Tanh", ["hg"], ["h_out"]),
+        helper.make_node("Identity", ["W_in"], ["W_out"]),
+        helper.make_node("Identity", ["g_in"], ["g_out"]),
+        helper.make_node("Identity", ["k_in"], ["k_out"]),
+        helper.make_node("Identity", ["c_in"], ["c_out"]),
+    ], "body", [_info("i", TensorProto.INT64, []), _info("c_in", TensorProto.BOOL, []), _info("h_in"),
+                _info("W_in", shape=[H, H]), _info("b_in", shape=[H]), _info("g_in"), _info("k_in", shape=[H])],
+        [_info("c_out", TensorProto.BOOL, []), _info("h_out"), _info("W_out", shape=[H, H]), _info("b_in", shape=[H]),
+         _info("g_out"), _info("k_out", shape=[H])])
+    g = helper.make_graph([
+        helper.make_node("Loop", ["n", "yes", "x", "W", "b", "x", "k"], ["h", "W_final", "b_final", "g_final", "kf"],
+                         body=body, name="rnn"),
+        helper.make_node("Add", ["h", "b_final"], ["y"]),
+    ], "g", [_info("x")], [_info("y"), _info("kf", shape=[H])],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(b, "b"),
+         numpy_helper.from_array(np.ones(H, np.float32), "k"),
+         numpy_helper.from_array(np.array(4, np.int64), "n"), numpy_helper.from_array(np.array(True), "yes")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_constants_carried_through_a_body_unchanged_are_read_from_the_outer_scope():
+    """W and b become outer reads (the Loop loses those two carried values, the top-level read of b's final value
+    reads b); g (not a constant) and k (a graph output) stay carried; the outputs are unchanged."""
+    m = carried_weights_model()
+    onnx.checker.check_model(m, full_check=True)
+    h, count = hoist_carried_constants(m)
+    assert count == 2
+    onnx.checker.check_model(h, full_check=True)
+    loop = next(n for n in h.graph.node if n.op_type == "Loop")
+    assert list(loop.input) == ["n", "yes", "x", "x", "k"] and list(loop.output) == ["h", "g_final", "kf"]
+    body = _body(h)
+    assert [i.name for i in body.input] == ["i", "c_in", "h_in", "g_in", "k_in"]
+    mm = next(n for n in body.node if n.name == "mm")
+    assert list(mm.input) == ["h_in", "W"] and "W_out" not in {o for n in body.node for o in n.output}
+    assert next(n for n in h.graph.node if n.op_type == "Add").input[1] == "b"
+    x = {"x": np.random.default_rng(10).standard_normal((4, H)).astype(np.float32)}
+    for a, b in zip(_sess(m).run(None, x), _sess(h).run(None, x)):
+        np.testing.assert_array_equal(a, b)
+    q, rep = run(m, x, recipe(bits=8))
+    assert [L.node for L in rep.layers] == ["rnn/body/mm"]
+
+
+@pytest.mark.parametrize("name, feed, inside", [("tf_simplernn_loop", "x", 2), ("tf1_rnn_scan", "x:0", 2)])
+def test_tf2onnx_recurrent_exports_quantize_their_loop_layers(name, feed, inside):
+    """Real tf2onnx exports (tools/export/keras_loops.py): a Keras SimpleRNN, whose Loop carries its kernels as loop
+    values, and a TF1 dynamic_rnn, a Scan reading the outer weights: every MatMul in the body is quantized on every
+    step's rows, and the model is closer to float than round-to-nearest on other inputs."""
+    path = os.path.join(MODELS, f"{name}.onnx")
+    rng = np.random.default_rng(11)
+    calib = {feed: rng.standard_normal((32, 16, 8)).astype(np.float32)}
+    q, rep = run(path, calib, recipe(bits=4))
+    loops = [L for L in rep.layers if "/body/" in L.node]
+    assert len(loops) == inside and all(L.rows == 32 * 16 for L in loops)
+    rtn, _ = run(path, calib, recipe(bits=4, method="rtn"))
+    xe = {feed: rng.standard_normal((64, 16, 8)).astype(np.float32)}
+    f = _sess(onnx.load(path)).run(None, xe)[0]
+    err = np.linalg.norm(_sess(q).run(None, xe)[0] - f) / np.linalg.norm(f)
+    assert err < 0.2 and err < np.linalg.norm(_sess(rtn).run(None, xe)[0] - f) / np.linalg.norm(f)

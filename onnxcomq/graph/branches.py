@@ -131,6 +131,80 @@ def with_iteration_outputs(model: onnx.ModelProto, bodies: list) -> onnx.ModelPr
     return m
 
 
+def _rename_reads(graph, names: dict) -> None:
+    """Rename the tensors of ``names`` where ``graph``'s nodes (and its subgraphs') read them."""
+    for n in graph.node:
+        n.input[:] = [names.get(i, i) for i in n.input]
+        for _, sg in _subgraphs(n):
+            _rename_reads(sg, names)
+    for o in graph.output:
+        o.name = names.get(o.name, o.name)
+
+
+def _reads(graph) -> set:
+    out = {i for n in graph.node for i in n.input if i} | {o.name for o in graph.output}
+    for n in graph.node:
+        for _, sg in _subgraphs(n):
+            out |= free_names(sg)
+    return out
+
+
+def hoist_carried_constants(model: onnx.ModelProto) -> tuple:
+    """(model, count): the values that a top-level Loop carries (or a Scan keeps as a state) through its body
+    unchanged, starting from a top-level constant, become reads of that constant from the outer scope. tf2onnx's
+    exports of TF2 code carry every ``tf.Variable`` a while loop reads (a Keras RNN's kernels) into the loop this way,
+    so the body's MatMul reads its weight as a body input, not as a constant. A value whose final value is a graph
+    output is left as it is. The model computes the same outputs."""
+    if not any(n.op_type in LOOP_OPS for n in model.graph.node):
+        return model, 0
+    consts = outer_constants(model)
+    outputs = {o.name for o in model.graph.output}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    count = 0
+    for node in out.graph.node:
+        if node.op_type not in LOOP_OPS or node.domain not in ("", "ai.onnx") or (node.op_type == "Scan" and opset < 9):
+            continue
+        body = next((a.g for a in node.attribute if a.name == "body"), None)
+        if body is None:
+            continue
+        if node.op_type == "Loop":
+            n, offsets = len(node.input) - 2, (2, 2, 1, 0)  # (node input, body input, body output, node output)
+        else:
+            scans = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0)
+            n, offsets = len(node.input) - scans, (0, 0, 0, 0)
+        a, b, c, d = offsets
+        if len(body.input) < b + n or len(body.output) < c + n:
+            continue
+        inside = defined_names(body)
+        drop = []
+        for k in range(n):
+            init, formal, ret = node.input[a + k], body.input[b + k].name, body.output[c + k].name
+            final = node.output[d + k] if d + k < len(node.output) else ""
+            through = ret == formal or any(m.op_type == "Identity" and list(m.input) == [formal] and
+                                           list(m.output) == [ret] for m in body.node)
+            if init and init in consts and through and final not in outputs and init not in inside:
+                drop.append((k, init, formal, ret, final))
+        for k, init, formal, ret, final in reversed(drop):
+            del body.output[c + k]
+            del body.input[b + k]
+            del node.input[a + k]
+            if d + k < len(node.output):
+                del node.output[d + k]
+            for v in [v for v in body.value_info if v.name == formal]:
+                body.value_info.remove(v)
+            _rename_reads(body, {formal: init})
+            if final:
+                _rename_reads(out.graph, {final: init})
+            if ret != formal and ret not in _reads(body):
+                body.node.remove(next(m for m in body.node if list(m.output) == [ret]))
+                for v in [v for v in body.value_info if v.name == ret]:
+                    body.value_info.remove(v)
+        count += len(drop)
+    return (out if count else model), count
+
+
 def outer_constants(model: onnx.ModelProto) -> set:
     """Top-level names whose values come from constants only (initializers, Constant nodes, arithmetic on them)."""
     inputs = {i.name for i in model.graph.input}
