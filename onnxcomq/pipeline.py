@@ -193,6 +193,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
     t_capture = t_solve = 0.0
     peaks = {}
     total = calib.num_samples or 0
+    unit = getattr(calib, "unit", "sample")  # (a loop body's run counts sample-iterations)
     ref = None  # the float model's outputs on the check's samples
 
     bar = _progress.bars(progress)
@@ -221,7 +222,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
         key = (tuple(sorted(specs, key=repr)), total, mask_input, fold_below is not None)
         if cacheable and key in stats_cache:
             return stats_cache[key]
-        with bar(total or None, desc, "sample") as b:
+        with bar(total or None, desc, unit) as b:
             got = capture(m, twin, specs, batches, b, mask_input, fold_below, total, xp=xp, **kw)
         if cacheable:
             stats_cache[key] = got
@@ -254,7 +255,7 @@ def run(model_or_path, calibration, recipe: Recipe | None = None, progress: bool
                 acts.judge_sensitive(held or first_feeds(calib, recipe.check.samples), run_model)
             if acts is not None and recipe.activations.aware:  # G from the inputs the deployed layers see
                 def second_pass(m, sp):
-                    with bar(total or None, "capture (quantized activations)", "sample") as b:
+                    with bar(total or None, "capture (quantized activations)", unit) as b:
                         return capture(m, None, sp, calib, b, mask_input, None, total)
                 stats = acts.aware_stats(specs, calib, second_pass)
             t_capture += time.perf_counter() - t0
@@ -461,7 +462,7 @@ def _quantize_branches(model, branches: list, batches, recipe: Recipe, progress:
                  "samples that take it" if b.op == "If" else "sample-iterations")
         feeds = Feeds(kept[id(b)] if kept is not None else
                       _BranchFeeds(sess, [n for n in fetch_all if n not in consts], batches, inputs, consts, b),
-                      b.where, samples, largest)
+                      b.where, samples, largest, "sample" if b.op == "If" else "sample-iteration")
         try:
             q, rep = run(branch_model(model, b, first, mine), feeds, _branch_recipe(recipe, f"{b.node}/{b.attr}/"),
                          progress, _in_branch=True)

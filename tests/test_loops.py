@@ -425,3 +425,21 @@ def test_tf2onnx_recurrent_exports_quantize_their_loop_layers(name, feed, inside
     f = _sess(onnx.load(path)).run(None, xe)[0]
     err = np.linalg.norm(_sess(q).run(None, xe)[0] - f) / np.linalg.norm(f)
     assert err < 0.2 and err < np.linalg.norm(_sess(rtn).run(None, xe)[0] - f) / np.linalg.norm(f)
+
+
+def test_the_cli_quantizes_a_scan_model_and_counts_its_sample_iterations(tmp_path, capsys):
+    """CLI end to end on the shipped TF1 Scan export: the report lists the body's layers, the progress lines of the
+    body's run count sample-iterations (16 steps of 8 samples), the summary the calibration samples."""
+    import json
+
+    from onnxcomq.cli import main
+
+    np.savez(tmp_path / "c.npz", **{"x:0": np.random.default_rng(12).standard_normal((8, 16, 8)).astype(np.float32)})
+    out, js = tmp_path / "q.onnx", tmp_path / "r.json"
+    assert main(["quantize", os.path.join(MODELS, "tf1_rnn_scan.onnx"), "-o", str(out), "--calib",
+                 str(tmp_path / "c.npz"), "--bits", "4", "--report", str(js)]) == 0
+    said = capsys.readouterr()
+    assert "128/128 sample-iterations" in said.err and "with 8 calibration samples" in said.err + said.out
+    rows = json.loads(js.read_text())["layers"]
+    assert len(rows) == 2 and all("/body/" in r["node"] and r["rows"] == 128 for r in rows)
+    onnx.checker.check_model(onnx.load(str(out)))

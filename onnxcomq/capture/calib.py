@@ -696,10 +696,11 @@ class Feeds(Calibration):
     tensors of the outer model, computed batch by batch). ``feeds``: a re-iterable source of them (a list, or one
     that computes them again), holding ``num_samples`` samples in batches of at most ``batch_size``."""
 
-    def __init__(self, feeds, name: str, num_samples: int, batch_size: int):
+    def __init__(self, feeds, name: str, num_samples: int, batch_size: int, unit: str = "sample"):
         super().__init__(feeds, [], name=name)
         self.num_samples = num_samples
         self.batch_size = self.fixed_batch = batch_size
+        self.unit = unit  # what num_samples counts (a loop body's feeds: sample-iterations), for progress lines
 
     def _resolve(self, source):
         return None
