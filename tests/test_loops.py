@@ -358,16 +358,21 @@ def _check_torch_export(path: str, op: str):
     return q
 
 
-def carried_weights_model() -> onnx.ModelProto:
+def carried_weights_model(nested: bool = False) -> onnx.ModelProto:
     """tf2onnx's way: the Loop carries its weights W (through an Identity) and b (returned as it came) through the
     body unchanged; g, also passed through, starts from the graph input (not a constant); k, passed through, is a
-    graph output; h is the state."""
+    graph output; h is the state. ``nested``: the Tanh inside an If in the body (always taken)."""
     W, b, _ = _mats(9)
+    tanh = helper.make_node("Tanh", ["hg"], ["h_out"])
+    if nested:
+        tanh = helper.make_node("If", ["c_in"], ["h_out"], then_branch=helper.make_graph(
+            [helper.make_node("Tanh", ["hg"], ["t"])], "then", [], [_info("t")]), else_branch=helper.make_graph(
+            [helper.make_node("Identity", ["hg"], ["e"])], "else", [], [_info("e")]))
     body = helper.make_graph([
         helper.make_node("MatMul", ["h_in", "W_in"], ["hw"], name="mm"),
         helper.make_node("Add", ["hw", "b_in"], ["hb"]),
         helper.make_node("Mul", ["hb", "g_in"], ["hg"]),
-        helper.make_node("Tanh", ["hg"], ["h_out"]),
+        tanh,
         helper.make_node("Identity", ["W_in"], ["W_out"]),
         helper.make_node("Identity", ["g_in"], ["g_out"]),
         helper.make_node("Identity", ["k_in"], ["k_out"]),
@@ -387,10 +392,11 @@ def carried_weights_model() -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def test_constants_carried_through_a_body_unchanged_are_read_from_the_outer_scope():
+@pytest.mark.parametrize("nested", [False, True])
+def test_constants_carried_through_a_body_unchanged_are_read_from_the_outer_scope(nested):
     """W and b become outer reads (the Loop loses those two carried values, the top-level read of b's final value
     reads b); g (not a constant) and k (a graph output) stay carried; the outputs are unchanged."""
-    m = carried_weights_model()
+    m = carried_weights_model(nested)
     onnx.checker.check_model(m, full_check=True)
     h, count = hoist_carried_constants(m)
     assert count == 2

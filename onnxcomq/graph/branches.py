@@ -145,7 +145,7 @@ def _reads(graph) -> set:
     out = {i for n in graph.node for i in n.input if i} | {o.name for o in graph.output}
     for n in graph.node:
         for _, sg in _subgraphs(n):
-            out |= free_names(sg)
+            out.update(free_names(sg))
     return out
 
 
