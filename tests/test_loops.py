@@ -35,16 +35,20 @@ def _info(name, t=TensorProto.FLOAT, shape=("N", H)):
     return helper.make_tensor_value_info(name, t, shape)
 
 
+def _cell() -> list:
+    """The recurrence's nodes, h_out = tanh(h_in W + b + xt U), shared by the Loop and the Scan body."""
+    return [helper.make_node("MatMul", ["h_in", "W"], ["hw"], name="mm_h"),
+            helper.make_node("MatMul", ["xt", "U"], ["xu"], name="mm_x"),
+            helper.make_node("Add", ["hw", "b"], ["hb"]),
+            helper.make_node("Add", ["hb", "xu"], ["pre"]),
+            helper.make_node("Tanh", ["pre"], ["h_out"])]
+
+
 def loop_model(W, b, U) -> onnx.ModelProto:
     """h_{t+1} = tanh(h_t W + b + x[t] U) over the T steps of x (T, N, H), a Loop with the trip count T; W and
     b are initializers of the body, U an initializer of the outer graph."""
     body = helper.make_graph([
-        helper.make_node("Gather", ["x", "i"], ["xt"], axis=0, name="take"),
-        helper.make_node("MatMul", ["h_in", "W"], ["hw"], name="mm_h"),
-        helper.make_node("MatMul", ["xt", "U"], ["xu"], name="mm_x"),
-        helper.make_node("Add", ["hw", "b"], ["hb"]),
-        helper.make_node("Add", ["hb", "xu"], ["pre"]),
-        helper.make_node("Tanh", ["pre"], ["h_out"]),
+        helper.make_node("Gather", ["x", "i"], ["xt"], axis=0, name="take"), *_cell(),
         helper.make_node("Identity", ["c_in"], ["c_out"]),
     ], "body", [_info("i", TensorProto.INT64, []), _info("c_in", TensorProto.BOOL, []), _info("h_in")],
         [_info("c_out", TensorProto.BOOL, []), _info("h_out")],
@@ -62,14 +66,8 @@ def loop_model(W, b, U) -> onnx.ModelProto:
 
 def scan_model(W, b, U) -> onnx.ModelProto:
     """The same recurrence as a Scan over x (axis 0), outputting every step's h; the body's weights outer."""
-    body = helper.make_graph([
-        helper.make_node("MatMul", ["h_in", "W"], ["hw"], name="mm_h"),
-        helper.make_node("MatMul", ["xt", "U"], ["xu"], name="mm_x"),
-        helper.make_node("Add", ["hw", "b"], ["hb"]),
-        helper.make_node("Add", ["hb", "xu"], ["pre"]),
-        helper.make_node("Tanh", ["pre"], ["h_out"]),
-        helper.make_node("Identity", ["h_out"], ["y"]),
-    ], "body", [_info("h_in"), _info("xt")], [_info("h_out"), _info("y")])
+    body = helper.make_graph([*_cell(), helper.make_node("Identity", ["h_out"], ["y"])], "body",
+                             [_info("h_in"), _info("xt")], [_info("h_out"), _info("y")])
     g = helper.make_graph([
         helper.make_node("Gather", ["x", "zero"], ["h0"], axis=0),
         helper.make_node("Scan", ["h0", "x"], ["h", "ys"], body=body, num_scan_inputs=1, name="steps",

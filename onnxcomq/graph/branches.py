@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .layers import SUPPORTED_OPS, _const_sources, _subgraphs, base_op, node_names, unique_name
+from .modelio import opset_of
 
 
 def _defined(graph) -> set:
@@ -87,7 +88,7 @@ def find_branches(model: onnx.ModelProto) -> list:
     hold a Conv, Gemm, MatMul or recurrent layer (at any depth). (Scan before opset 9 had a batch axis in front of
     its scan axis: its body stays float.)"""
     out = []
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = opset_of(model)
     for name, n in zip(node_names(model), model.graph.node):
         if n.op_type == "Scan" and opset < 9:
             continue
@@ -142,6 +143,7 @@ def _rename_reads(graph, names: dict) -> None:
 
 
 def _reads(graph) -> set:
+    """The names ``graph``'s nodes read (its subgraphs' outer reads included) and its outputs."""
     out = {i for n in graph.node for i in n.input if i} | {o.name for o in graph.output}
     for n in graph.node:
         for _, sg in _subgraphs(n):
@@ -159,7 +161,7 @@ def hoist_carried_constants(model: onnx.ModelProto) -> tuple:
         return model, 0
     consts = outer_constants(model)
     outputs = {o.name for o in model.graph.output}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = opset_of(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     count = 0
@@ -292,11 +294,7 @@ def splice(out: onnx.ModelProto, branch: Branch, quantized: onnx.ModelProto, con
 def drop_unread(out: onnx.ModelProto, candidates) -> None:
     """Remove the top-level initializers among ``candidates`` that nothing reads any more (float weights only the
     spliced branches read)."""
-    read = {o.name for o in out.graph.output}
-    for n in out.graph.node:
-        read.update(i for i in n.input if i)
-        for _, sg in _subgraphs(n):
-            read.update(free_names(sg))
+    read = _reads(out.graph)
     gone = [t for t in out.graph.initializer if t.name in set(candidates) and t.name not in read]
     for t in gone:
         out.graph.initializer.remove(t)

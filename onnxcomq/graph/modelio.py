@@ -80,6 +80,14 @@ QUANTIZED_OPS = frozenset({
     "MatMulBnb4", "GatherBlockQuantized"})
 
 
+def opset_of(model: onnx.ModelProto) -> int:
+    """The model's default-domain (ai.onnx) opset."""
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    raise UserError("model has no default-domain (ai.onnx) opset import")
+
+
 def prepare_model(model_or_path) -> onnx.ModelProto:
     """Load (if a path) and fold constant subgraphs so that weights held in ``Constant`` nodes or behind
     ``Identity`` become initializers. The caller's ModelProto is never modified."""

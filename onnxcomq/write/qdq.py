@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper, version_converter
 from .. import __version__
 from ..errors import UserError
 from ..graph.layers import unique_name
-from ..graph.modelio import drop_weight
+from ..graph.modelio import drop_weight, opset_of
 
 
 @dataclass
@@ -140,16 +140,6 @@ def _in_whole_blocks(w: QuantizedWeight) -> QuantizedWeight:
     return replace(w, scale=scale, zero_point=zero_point, block_size=block)
 
 
-def _opset(model) -> int:
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            return o.version
-    raise UserError("model has no default-domain (ai.onnx) opset import")
-
-
-opset_of = _opset
-
-
 def weight_opset(w: "QuantizedWeight", dtype) -> tuple[int, str]:
     """(the opset the DequantizeLinear of ``w`` stored as ``dtype`` needs, why): a per-channel axis needs 13, float16
     scales 19, int4/uint4 and int16 inputs and block_size 21."""
@@ -170,12 +160,12 @@ def upgrade_opset(model: onnx.ModelProto, target: int, why: str = "", max_opset:
     the error when ``max_opset`` is lower)."""
     if max_opset is not None and target > max_opset:
         raise UserError(f"weights.max_opset {max_opset}: {why or 'the quantized model'} needs opset {target}")
-    if _opset(model) >= target:
+    if opset_of(model) >= target:
         return model
     try:
         converted = version_converter.convert_version(model, target)
     except Exception as e:  # the converter raises plain RuntimeErrors with its own text
-        raise UserError(f"cannot convert the model from opset {_opset(model)} to {target} (needed for the "
+        raise UserError(f"cannot convert the model from opset {opset_of(model)} to {target} (needed for the "
                         f"quantized weights): {str(e).splitlines()[0]}") from None
     if converted.ir_version < 4:  # (there every initializer is listed as an input too, and is a constant; from IR 4
         # on such a listing makes it an input the caller may override, which onnxruntime then neither folds nor fuses)
@@ -196,9 +186,9 @@ def emit_qdq(model: onnx.ModelProto, weights: list[QuantizedWeight], metadata: d
     the highest opset the output may have (2..4-bit codes then go in int8/uint8 containers below 21)."""
     if not weights:
         raise UserError("no layer was quantized: nothing to write")
-    if max_opset is not None and _opset(model) > max_opset:
-        raise UserError(f"weights.max_opset {max_opset}: the model is already at opset {_opset(model)} (onnxcomq does not "
-                        "lower a model's opset)")
+    if max_opset is not None and opset_of(model) > max_opset:
+        raise UserError(f"weights.max_opset {max_opset}: the model is already at opset {opset_of(model)} (onnxcomq "
+                        "does not lower a model's opset)")
     weights = [_in_whole_blocks(w) for w in weights]  # (here: MatMulNBits pads a partial block itself)
     stored = [(w,) + tuple(w.storage(max_opset)) for w in weights]
     target, why = max((weight_opset(w, dt) for w, *_, dt in stored), key=lambda t: t[0])
@@ -277,7 +267,7 @@ def opset_change(before: onnx.ModelProto, after: onnx.ModelProto, max_opset: int
         top = max(cands, key=lambda c: c[0])
         if top[0] > need:
             need, why = top
-    a, b = _opset(before), _opset(after)
+    a, b = opset_of(before), opset_of(after)
     out = {"input": a, "output": b, "reason": why if b > a else ""}
     if max_opset is not None:
         out["max"] = max_opset
