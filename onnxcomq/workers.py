@@ -207,7 +207,10 @@ class LocalPool(_Pool):
             for p in list((getattr(ex, "_processes", None) or {}).values()):
                 if p.is_alive():
                     p.terminate()
-        ex.shutdown(wait=not kill, cancel_futures=True)
+        # (waits for the executor's manager thread even after a kill, which ends once the killed workers are gone:
+        # left running, CPython 3.11's exit handler raced it to the closed wake-up pipe and printed a traceback
+        # after the one-line error, "OSError: [Errno 9] Bad file descriptor")
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 class RayPool(_Pool):

@@ -199,6 +199,17 @@ def test_a_failing_local_worker_is_a_one_line_error(fn, needle, tmp_path):
     assert rc == 1 and len(lines) == 1 and lines[0].startswith("onnxcomq: error:") and needle in lines[0], err
 
 
+def test_a_failed_local_run_kills_the_workers_still_solving(tmp_path):
+    """local:2, one pass: the first layer's solve fails while the other worker's runs for minutes; the run ends
+    with the first error, the busy worker killed (closing waits for the pool's manager thread, not for the task)."""
+    t0 = time.perf_counter()
+    rc, err = _cli_with_solve("_solve_raises_or_hangs", "local:2", tmp_path, extra=("--preset", "fast"))
+    lines = builders.error_lines(err)
+    assert rc == 1 and len(lines) == 1, err
+    assert "features.0.0/Conv: the solve failed in a worker: ValueError: a bug" in lines[0], err
+    assert time.perf_counter() - t0 < 120, "the run waited for the tasks still running"
+
+
 def test_a_failing_ray_task_is_a_one_line_error(tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install ray; tools/test.sh installs it)")
     rc, err = _cli_with_solve("_solve_raises", "ray", tmp_path, ray=True)
